@@ -1,0 +1,7 @@
+"""``python -m geometry``: see :mod:`geometry.cli`."""
+
+import sys
+
+from geometry.cli import main
+
+sys.exit(main())

@@ -1,0 +1,172 @@
+"""Core data types of Adapter Atlas: adapters, their LoRA modules and module keys.
+
+A LoRA module adapts one linear layer ``W0`` of shape ``(m, n)`` (``m`` outputs, ``n`` inputs) with
+factors ``A`` of shape ``(r, n)`` and ``B`` of shape ``(m, r)``. Its *task vector* is
+
+    tau = s * B @ A,    s = lora_alpha / r    (or lora_alpha / sqrt(r) with use_rslora)
+
+always oriented as the linear map ``(out, in)``, also for GPT-2 ``Conv1D`` layers
+(``fan_in_fan_out = True``) whose stored weight is the transpose: peft stores ``A`` as
+``[r, in]`` and ``B`` as ``[out, r]`` in both cases, so ``tau`` is the same expression.
+
+Nothing here ever forms ``B @ A`` except :meth:`LoraModule.dense`, which exists for tests,
+element-wise merges (one module at a time) and small models.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+#: Canonical projection kinds, in display order. Fused kinds are kept when they cannot be split.
+CANONICAL_KINDS: tuple[str, ...] = (
+    "q", "k", "v", "o", "qkv",
+    "gate", "up", "down", "gate_up",
+    "cross_q", "cross_k", "cross_v", "cross_o",
+    "fc_in", "fc_out", "embed",
+)
+#: Stacks: ``model`` for a single-stack model, ``encoder`` / ``decoder`` for T5-like models,
+#: ``raw`` for module names that could not be mapped (kept, never dropped).
+STACKS: tuple[str, ...] = ("model", "encoder", "decoder", "raw")
+
+
+@dataclass(frozen=True, order=True)
+class ModuleKey:
+    """Where a module sits: ``(stack, layer, kind)``.
+
+    ``layer`` is the block index (``-1`` when the module is outside the repeated blocks or
+    unmapped). For an unmapped module, ``stack == "raw"`` and ``kind`` is its full peft path.
+    """
+
+    stack: str
+    layer: int
+    kind: str
+
+    @property
+    def label(self) -> str:
+        """Short human label, e.g. ``model.3.v`` or ``encoder.0.cross_q``."""
+        if self.stack == "raw":
+            return self.kind
+        return f"{self.stack}.{self.layer}.{self.kind}"
+
+
+@dataclass
+class LoraModule:
+    """One adapted linear map: ``tau = scale * B @ A`` with ``A (r, n)``, ``B (m, r)``.
+
+    ``name`` is the peft module path (``bert.encoder.layer.0.attention.self.query``). For a fused
+    projection split into parts (GPT-2 ``c_attn`` into q / k / v), ``name`` stays the fused path
+    and ``rows`` gives the slice of the fused output rows this part holds (``B`` is already
+    sliced; ``A`` is shared by the parts).
+
+    DoRA (``magnitude`` set): the stored update is only the LoRA direction; the effective weight is
+    ``m * (W0 + s B A) / ||W0 + s B A||_col``, which depends on ``W0``. Adapter Atlas analyses the
+    LoRA part ``s B A`` as the task vector and reports the magnitude vector separately.
+    Embedding LoRA (``is_embedding``): peft stores ``lora_embedding_A (r, vocab)`` and
+    ``lora_embedding_B (dim, r)``; the task vector is ``s * (B @ A)`` of shape ``(dim, vocab)``,
+    the transpose of the embedding table's update.
+    """
+
+    name: str
+    key: ModuleKey
+    A: torch.Tensor
+    B: torch.Tensor
+    r: int
+    alpha: float
+    scale: float
+    fan_in_fan_out: bool = False
+    magnitude: torch.Tensor | None = None
+    is_embedding: bool = False
+    rows: tuple[int, int] | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(m, n)`` of the task vector."""
+        return (int(self.B.shape[0]), int(self.A.shape[1]))
+
+    @property
+    def rank(self) -> int:
+        """Nominal rank ``r`` (number of LoRA components; the numerical rank can be lower)."""
+        return int(self.A.shape[0])
+
+    @property
+    def n_params(self) -> int:
+        return int(self.A.numel() + self.B.numel())
+
+    def dense(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The dense task vector ``scale * B @ A`` (m x n). For tests and one-module-at-a-time work."""
+        return self.scale * (self.B.to(dtype) @ self.A.to(dtype))
+
+
+def lora_scale(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """peft's scaling: ``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA."""
+    return float(alpha) / (math.sqrt(r) if use_rslora else float(r))
+
+
+@dataclass
+class AdapterConfig:
+    """The fields of ``adapter_config.json`` that matter for geometry; ``raw`` keeps them all."""
+
+    r: int = 8
+    lora_alpha: float = 8.0
+    use_rslora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    target_modules: list[str] | str | None = None
+    fan_in_fan_out: bool = False
+    use_dora: bool = False
+    modules_to_save: list[str] | None = None
+    base_model_name_or_path: str | None = None
+    task_type: str | None = None
+    peft_type: str = "LORA"
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Adapter:
+    """A loaded LoRA adapter: its config, its LoRA modules by key, and its other tensors.
+
+    ``other_tensors`` holds every non-LoRA tensor of the weights file (classification heads such
+    as ``classifier.*`` or ``score.weight``, ``modules_to_save`` copies), by their stored key.
+    ``unmapped`` lists peft module names whose kind could not be recognised (they are in
+    ``modules`` under ``ModuleKey("raw", -1, name)``).
+    """
+
+    name: str
+    config: AdapterConfig
+    modules: dict[ModuleKey, LoraModule]
+    other_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    unmapped: list[str] = field(default_factory=list)
+    source: str = ""
+    content_hash: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+    def kinds(self) -> list[str]:
+        """Projection kinds present, canonical ones first in canonical order."""
+        present = {k.kind for k in self.modules}
+        ordered = [k for k in CANONICAL_KINDS if k in present]
+        return ordered + sorted(present - set(ordered))
+
+    def stacks(self) -> list[str]:
+        present = {k.stack for k in self.modules}
+        return [s for s in STACKS if s in present]
+
+    def layers(self, kind: str | None = None, stack: str | None = None) -> list[int]:
+        """Sorted layer indices having a module of ``kind`` (any kind if None) in ``stack``."""
+        return sorted(
+            {k.layer for k in self.modules if (kind is None or k.kind == kind) and (stack is None or k.stack == stack)}
+        )
+
+    def n_params(self) -> int:
+        """LoRA parameters (fused modules split into parts count their shared A once)."""
+        seen: set[str] = set()
+        total = 0
+        for m in self.modules.values():
+            total += int(m.B.numel())
+            if m.name not in seen:
+                seen.add(m.name)
+                total += int(m.A.numel())
+        return total
