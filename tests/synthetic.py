@@ -1,0 +1,98 @@
+"""Random LoRA factors and adapters built directly from factors (no peft, no model): for tests and benches.
+
+    from tests.synthetic import random_adapter, random_factors
+    ad = random_adapter("a", layers=4, kinds={"q": (32, 24), "v": (16, 24)}, r=4, seed=0)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from geometry.types import Adapter, AdapterConfig, LoraModule, ModuleKey, lora_scale
+
+LLAMA3_8B_SHAPES: dict[str, tuple[int, int]] = {
+    "q": (4096, 4096),
+    "k": (1024, 4096),
+    "v": (1024, 4096),
+    "o": (4096, 4096),
+    "gate": (14336, 4096),
+    "up": (14336, 4096),
+    "down": (4096, 14336),
+}
+
+
+def random_factors(
+    m: int,
+    n: int,
+    r: int,
+    *,
+    seed: int | torch.Generator = 0,
+    dtype: torch.dtype = torch.float64,
+    rank_b: int | None = None,
+    rank_a: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``B (m, r)``, ``A (r, n)`` with N(0, 1 / sqrt(dim)) entries (LoRA-like magnitudes).
+
+    ``rank_b`` / ``rank_a`` below ``r`` make the factor exactly rank-deficient: the extra columns
+    of B (rows of A) are copies of the first ones (exact in any dtype).
+    """
+    gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
+    B = torch.randn(m, r, generator=gen, dtype=torch.float64) / m**0.5
+    A = torch.randn(r, n, generator=gen, dtype=torch.float64) / n**0.5
+    if rank_b is not None and rank_b < r:
+        B[:, rank_b:] = B[:, torch.arange(r - rank_b) % max(rank_b, 1)] if rank_b > 0 else 0.0
+    if rank_a is not None and rank_a < r:
+        A[rank_a:, :] = A[torch.arange(r - rank_a) % max(rank_a, 1), :] if rank_a > 0 else 0.0
+    return B.to(dtype), A.to(dtype)
+
+
+def random_adapter(
+    name: str,
+    layers: int | Iterable[int] = 4,
+    kinds: Mapping[str, tuple[int, int]] | None = None,
+    r: int | Mapping[str, int] = 4,
+    *,
+    seed: int = 0,
+    alpha: float | None = None,
+    dtype: torch.dtype = torch.float32,
+    stack: str = "model",
+    base: str | None = "synthetic/base",
+    generator: torch.Generator | None = None,
+) -> Adapter:
+    """An :class:`Adapter` whose modules ``(stack, layer, kind)`` hold random factors.
+
+    ``kinds`` maps kind -> ``(m, n)`` (default q and v, 16 x 12); ``r`` is one rank or one per
+    kind; ``alpha`` defaults to ``2 r`` (scale 2). Deterministic in ``seed``.
+    """
+    kinds = dict(kinds or {"q": (16, 12), "v": (16, 12)})
+    layer_list = list(range(layers)) if isinstance(layers, int) else list(layers)
+    gen = generator or torch.Generator().manual_seed(seed)
+    ranks = {k: (r[k] if isinstance(r, Mapping) else r) for k in kinds}
+    base_r = max(ranks.values()) if ranks else 1
+    a = float(alpha if alpha is not None else 2 * base_r)
+    modules: dict[ModuleKey, LoraModule] = {}
+    for layer in layer_list:
+        for kind, (m, n) in kinds.items():
+            rk = ranks[kind]
+            B, A = random_factors(m, n, rk, seed=gen, dtype=dtype)
+            key = ModuleKey(stack, layer, kind)
+            modules[key] = LoraModule(
+                name=f"{stack}.layers.{layer}.{kind}_proj",
+                key=key,
+                A=A,
+                B=B,
+                r=rk,
+                alpha=a,
+                scale=lora_scale(rk, a),
+            )
+    config = AdapterConfig(
+        r=base_r,
+        lora_alpha=a,
+        target_modules=[f"{k}_proj" for k in kinds],
+        base_model_name_or_path=base,
+        rank_pattern={f"{k}_proj": v for k, v in ranks.items() if v != base_r},
+        raw={"r": base_r, "lora_alpha": a},
+    )
+    return Adapter(name=name, config=config, modules=modules, source=f"synthetic:{name}", content_hash=f"synthetic-{name}-{seed}")
