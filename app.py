@@ -1,0 +1,32 @@
+"""Adapter Atlas dashboard: ``streamlit run app.py``.
+
+The entry script: page setup, navigation between the thin page files in ``pages/``, and the
+shared sidebar holding the session's adapter set (see ``ui/sidebar.py``).
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from ui import quiet_environment
+
+quiet_environment()
+
+import torch  # noqa: E402  (after the environment is set)
+
+from ui import sidebar  # noqa: E402
+
+torch.set_num_threads(1)
+
+st.set_page_config(layout="wide", page_title="Adapter Atlas", page_icon=":material/hub:")
+
+PAGES = [
+    st.Page("pages/home.py", title="Overview", icon=":material/home:", url_path="overview", default=True),
+    st.Page("pages/anatomy.py", title="Anatomy", icon=":material/biotech:", url_path="anatomy"),
+    st.Page("pages/distances.py", title="Distances", icon=":material/grid_on:", url_path="distances"),
+    st.Page("pages/inclusion.py", title="Inclusion", icon=":material/join_inner:", url_path="inclusion"),
+]
+
+page = st.navigation(PAGES, position="sidebar")
+sidebar.render()
+page.run()

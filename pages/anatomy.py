@@ -1,0 +1,97 @@
+"""Anatomy page: where an adapter puts its weight, and how many directions each module uses."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from ui import compute, controls, downloads, figures, state
+
+st.title("Adapter anatomy")
+st.caption("Per module: the size of the update (‖τ‖_F), its singular spectrum and its effective / stable rank.")
+controls.how_to_read(
+    """
+Each LoRA module adds the task vector **τ = s·B·A** (shape out × in, rank ≤ r) to one linear layer.
+
+* The **heatmap** shows ‖τ‖_F for every layer (rows) and module kind (columns): where the adapter
+  changed the base model most. Compare two adapters side by side on one colour scale.
+* The **spectrum** of a module lists its singular values σ_1 ≥ σ_2 ≥ … (exact, from the factors:
+  no out × in matrix is formed). A fast decay means the update uses few directions.
+* **Effective rank** (exp of the Shannon entropy of the normalized spectrum) and **stable rank**
+  (‖τ‖_F² / σ_1²) count the directions actually used, between 1 and r.
+""",
+    [
+        r"\lVert\tau\rVert_F = \sqrt{\textstyle\sum_i \sigma_i^2} \qquad "
+        r"\mathrm{erank}(\tau) = \exp\Big(-\sum_i p_i \log p_i\Big),\ p_i = \frac{\sigma_i}{\sum_j \sigma_j}"
+        r"\qquad \mathrm{srank}(\tau) = \frac{\lVert\tau\rVert_F^2}{\sigma_1^2}",
+    ],
+)
+
+aset = state.adapter_set()
+if not len(aset):
+    st.info("No adapters loaded: add some in the sidebar.")
+    st.stop()
+
+names = aset.names
+c1, c2, c3 = st.columns([3, 2, 3])
+with c1:
+    first = st.selectbox("Adapter", names, key="adapter", bind=controls.URL)
+with c2:
+    compare = st.toggle("Compare with a second adapter", key="compare2", bind=controls.URL, disabled=len(names) < 2)
+second = None
+if compare and len(names) > 1:
+    with c3:
+        others = [n for n in names if n != first]
+        second = st.selectbox("Second adapter", others, key="adapter2", bind=controls.URL)
+
+shown = [first] + ([second] if second else [])
+tables = {name: compute.anatomy(aset[name]) for name in shown}
+stacks = list(dict.fromkeys(s for t in tables.values() for s in t["stack"]))
+stack = st.selectbox("Stack", stacks, key="stack_a") if len(stacks) > 1 else stacks[0]
+parts = {name: t[t["stack"] == stack] for name, t in tables.items()}
+zmax = max(float(p["fro_norm"].max()) for p in parts.values() if len(p)) if second else None
+
+cols = st.columns(len(shown))
+for col, name in zip(cols, shown):
+    part = parts[name]
+    with col:
+        st.markdown(f"#### {name}")
+        if part.empty:
+            st.warning(f"{name} has no module in the {stack} stack.")
+            continue
+        fig = figures.norm_heatmap(
+            part, adapter=name, zmax=zmax,
+            title=f"‖τ‖_F by layer and module kind · {name}" + (" (shared colour scale)" if second else ""),
+        )
+        export = part.drop(columns=["singular_values"])
+        downloads.show(fig, f"anatomy_norms_{name}", export, key=f"norms_{name}")
+        fig_r = figures.rank_lines(part, adapter=name, title=f"Effective and stable rank by layer · {name}")
+        downloads.show(fig_r, f"anatomy_ranks_{name}", key=f"ranks_{name}")
+
+st.subheader("Singular spectrum of one module")
+base = parts[first]
+kinds = list(dict.fromkeys(base["kind"]))
+layers = sorted(base["layer"].unique())
+k1, k2 = st.columns(2)
+with k1:
+    kind = st.selectbox("Module kind", kinds, key="a_kind", bind=controls.URL)
+with k2:
+    layer = (
+        st.select_slider("Layer", options=layers, value=layers[-1], key="a_layer", bind=controls.URL)
+        if len(layers) > 1 else layers[0]
+    )
+spectra = {}
+for name in shown:
+    row = parts[name][(parts[name]["layer"] == layer) & (parts[name]["kind"] == kind)]
+    if len(row):
+        spectra[name] = list(map(float, row.iloc[0]["singular_values"]))
+if spectra:
+    fig_s = figures.spectra_bars(
+        spectra, title=f"Singular values of τ at {stack} layer {layer}, {kind}", detail=f"layer {layer} · {kind}"
+    )
+    frame = pd.DataFrame(
+        [{"adapter": n, "i": i + 1, "sigma": v} for n, s in spectra.items() for i, v in enumerate(s)]
+    )
+    downloads.show(fig_s, f"spectrum_{stack}_{layer}_{kind}", frame, key="spectrum")
+else:
+    st.info(f"No {kind} module at layer {layer}.")

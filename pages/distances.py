@@ -1,0 +1,136 @@
+"""Distances page: adapter x adapter distances per layer and projection, a 2-D map, layer profiles."""
+
+from __future__ import annotations
+
+import itertools
+
+import pandas as pd
+import streamlit as st
+
+from ui import compute, controls, downloads, figures, views
+
+st.title("Distances between adapters")
+st.caption(
+    "How far apart are the task vectors τ = s·B·A of two adapters, module by module? "
+    "Computed once per adapter set; the controls below only re-slice."
+)
+controls.how_to_read(
+    """
+For each pair of adapters *i, j*, each layer *k* and each projection kind (query, value, ...),
+the library measures one distance between their task vectors, giving the tensor **T_d(i, j, k)**.
+The heatmap shows its mean over the layers you choose (**T̄_d**); the paper also uses the mean
+over the last *k* layers (*k* = 5 of 12 correlated best with merge losses).
+
+* **L2**: absolute position; too strict to be informative in the paper.
+* **Cosine distance**: direction only, from 0 (same direction) to 2 (opposite).
+* **Grassmann distance**: angle between the column spaces Im(τ1), Im(τ2): ignores scale and sign,
+  suits low-rank updates. For adapters of **different ranks** r1 ≠ r2 there are min(r1, r2)
+  principal angles, and the convention used is stated under the controls.
+* **Factor**: BA is the task vector itself; *A alone* and *B alone* measure the down- and
+  up-projections (the 2024 paper finds that B carries the task: clustering on B ≈ clustering on BA).
+
+The 2-D map places adapters by the rows of T̄_d (PCA, classical MDS, or UMAP): nearby points have
+similar distance profiles. Read distances from the heatmap; the map only shows the layout.
+""",
+    [
+        r"d_{L2} = \lVert \tau_1 - \tau_2 \rVert_F \qquad d_{\cos} = 1 - \frac{\langle \tau_1, \tau_2\rangle_F}{\lVert\tau_1\rVert_F\,\lVert\tau_2\rVert_F}",
+        r"d_G = \sqrt{\textstyle\sum_i \theta_i^2}, \quad \cos\theta_i = \sigma_i(Q_1^\top Q_2) \qquad \bar T_d(i,j) = \frac{1}{|K|}\sum_{k\in K} T_d(i,j,k)",
+    ],
+)
+
+adapters = controls.compared_adapters()
+names = [a.name for a in adapters]
+dists = compute.distances(adapters)
+if not dists:
+    st.warning("These adapters have no module in common.")
+    st.stop()
+
+stacks = views.stacks_of(dists)
+c1, c2, c3, c4 = st.columns([3, 3, 3, 2])
+with c1:
+    metric = st.segmented_control(
+        "Metric", list(views.METRIC_LABELS), format_func=views.METRIC_LABELS.get, default="cosine",
+        required=True, key="metric", bind=controls.URL,
+    )
+with c2:
+    factor = st.segmented_control(
+        "Factor", list(views.FACTOR_LABELS), format_func=views.FACTOR_LABELS.get, default="ba",
+        required=True, key="factor", bind=controls.URL,
+    )
+with c4:
+    stack = (
+        st.selectbox("Stack", stacks, key="stack", bind=controls.URL) if len(stacks) > 1 else stacks[0]
+    )
+kinds = views.kinds_of(dists, stack)
+with c3:
+    kind = st.segmented_control(
+        "Projection", kinds, default="v" if "v" in kinds else kinds[0], required=True, key="kind",
+        bind=controls.URL, format_func=lambda k: {"q": "query (q)", "v": "value (v)"}.get(k, k),
+    )
+
+tensor = dists.get((metric, factor, stack, kind))
+if tensor is None:
+    st.warning(f"No {metric} / {factor} distances for {stack} · {kind}.")
+    st.stop()
+choice = controls.layer_control(tensor.layers)
+matrix, used = views.distance_matrix(tensor, choice)
+where = choice.describe(used)
+unit = views.METRIC_UNITS[metric]
+if metric == "grassmann":
+    st.caption(f":material/info: Grassmann convention for different ranks: {compute.grassmann_convention()}")
+
+left, right = st.columns(2)
+with left:
+    fig = figures.matrix_heatmap(
+        matrix, names,
+        title=f"{views.METRIC_LABELS[metric]} distance · {views.FACTOR_LABELS[factor]} · {kind} · {where}",
+        value_label=unit, detail=f"kind: {kind}<br>{where}",
+    )
+    downloads.show(fig, f"distance_{metric}_{factor}_{kind}_{choice.spec}", views.matrix_frame(matrix, names, unit),
+                   index=True, key="heatmap")
+with right:
+    method = st.segmented_control(
+        "2-D map", ["pca", "mds", "umap"], format_func=str.upper, default="pca", required=True,
+        key="map", bind=controls.URL,
+    )
+    if len(names) < 3 and method != "pca":
+        st.caption("MDS and UMAP need at least 3 adapters; showing PCA.")
+        method = "pca"
+    with st.spinner(f"{method.upper()} embedding..."):
+        coords = compute.embedding(matrix, method)
+    fig_map = figures.embedding_scatter(
+        coords, names, method=method.upper(),
+        title=f"Adapters placed by their {views.METRIC_LABELS[metric]} distances ({kind}, {where})",
+    )
+    frame = pd.DataFrame({"adapter": names, "x": coords[:, 0], "y": coords[:, 1]})
+    downloads.show(fig_map, f"map_{method}_{metric}_{factor}_{kind}_{choice.spec}", frame, key="map")
+
+st.subheader("Layer by layer")
+all_pairs = [f"{a} ↔ {b}" for a, b in itertools.combinations(names, 2)]
+pairs = st.multiselect("Pairs", all_pairs, default=all_pairs[: min(4, len(all_pairs))], key="pairs")
+chosen = [tuple(p.split(" ↔ ")) for p in pairs]
+profile = views.pair_layer_frame(tensor, chosen)
+fig_lines = figures.layer_lines(
+    profile, title=f"{views.METRIC_LABELS[metric]} distance per layer · {views.FACTOR_LABELS[factor]} · {kind}",
+    value_label=unit,
+)
+downloads.show(fig_lines, f"layers_{metric}_{factor}_{kind}", profile, key="lines")
+
+qv = [k for k in ("q", "v") if (metric, factor, stack, k) in dists]
+side = st.toggle(
+    "Query vs value side by side (the paper's Figure 3)", key="qv", bind=controls.URL, disabled=len(qv) < 2,
+    help="Needs both query and value modules in every compared adapter.",
+)
+if side and len(qv) == 2:
+    mats = {k: views.distance_matrix(dists[(metric, factor, stack, k)], choice)[0] for k in qv}
+    fig_qv = figures.side_by_side_heatmaps(
+        mats, names, title=f"{views.METRIC_LABELS[metric]} distance · {views.FACTOR_LABELS[factor]} · {where}",
+        value_label=unit, detail=where,
+    )
+    long = pd.concat([views.matrix_frame(m, names, unit).assign(kind=k) for k, m in mats.items()])
+    downloads.show(fig_qv, f"query_vs_value_{metric}_{factor}_{choice.spec}", long, index=True, key="qv")
+
+with st.expander("Full table T_d(i, j, k) for this metric, factor and kind"):
+    full = tensor.to_frame()
+    st.dataframe(full, hide_index=True, height=260)
+    downloads.csv_button(full, f"T_{metric}_{factor}_{stack}_{kind}", key="csv_full")

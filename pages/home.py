@@ -1,0 +1,40 @@
+"""Overview page: what the dashboard shows and what is in the session's adapter set."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from ui import downloads, state
+
+st.title("Adapter Atlas")
+st.markdown(
+    "Explore the geometry of LoRA adapters, layer by layer. A LoRA module adds the task vector "
+    "**τ = s·B·A** to one linear layer; every number here is computed exactly from the factors "
+    "(no out × in matrix is formed), once per adapter set, and cached."
+)
+c1, c2, c3 = st.columns(3)
+with c1:
+    st.page_link("pages/anatomy.py", label="Anatomy", icon=":material/biotech:")
+    st.caption("Norms, singular spectra and ranks of each adapter's modules.")
+with c2:
+    st.page_link("pages/distances.py", label="Distances", icon=":material/grid_on:")
+    st.caption("L2, cosine and Grassmann distances per layer and projection; 2-D maps.")
+with c3:
+    st.page_link("pages/inclusion.py", label="Inclusion", icon=":material/join_inner:")
+    st.caption("Spectral inclusion τ1 → τ2: REC, L1, entropies, t-tests.")
+
+aset = state.adapter_set()
+st.subheader(f"Adapter set ({len(aset)})")
+if not len(aset):
+    st.info("No adapters loaded. Use the sidebar to upload a .zip, a config + weights pair, or a hub id.")
+    st.stop()
+summary = aset.summary()
+st.dataframe(summary, hide_index=True, width="stretch")
+downloads.csv_button(summary, "adapter_set", key="csv_set")
+for name in aset.names:
+    adapter = aset[name]
+    notes = list(adapter.warnings) + [f"unmapped module kept as raw: {u}" for u in adapter.unmapped]
+    if notes:
+        with st.expander(f"{name}: {len(notes)} note(s) from the loader"):
+            for note in notes:
+                st.markdown(f"- {note}")

@@ -1,0 +1,176 @@
+"""The dashboard's compute layer: library calls cached by adapter content hash.
+
+Two cache levels: ``st.cache_data`` in memory (per server process, keyed by content hashes only,
+so renaming an adapter costs nothing) and ``geometry.diskcache`` under ``cache/`` (survives a
+restart). Heavy results are computed once per adapter set; pages then only re-slice them
+(``ui.views``). Results are keyed by content, and display names are put back on afterwards.
+
+Progress: a cached function must not draw (Streamlit replays what a cached function drew), so
+the slow first computation runs outside ``st.cache_data`` with a progress bar, writes the disk
+cache, and the in-memory layer then reads it back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from geometry.types import Adapter
+from ui.views import relabel
+
+#: Bump when the meaning of a cached result changes (it is part of every cache key).
+CACHE_VERSION = "dashboard-1"
+
+Progress = Callable[[int, int, str], None]
+
+
+class _Miss(Exception):
+    """Raised by the memory layer when the disk cache does not hold a result yet."""
+
+
+def content_key(adapters: Sequence[Adapter]) -> tuple[str, ...]:
+    """The content hashes of ``adapters`` in order (the cache key of an adapter set)."""
+    return tuple(a.content_hash or f"unhashed:{id(a)}" for a in adapters)
+
+
+def _disk_get(namespace: str, key: tuple) -> object:
+    from geometry.diskcache import cached
+
+    def missing():
+        raise _Miss(namespace)
+
+    return cached(namespace, (CACHE_VERSION, *key), missing)
+
+
+def _disk_compute(namespace: str, key: tuple, compute: Callable[[], object]) -> object:
+    from geometry.diskcache import cached
+
+    return cached(namespace, (CACHE_VERSION, *key), compute)
+
+
+@contextmanager
+def progress_bar(label: str):
+    """``st.status`` with a progress bar; yields a ``progress(done, total, message)`` callback."""
+    with st.status(label, expanded=False) as status:
+        bar = st.progress(0.0, text=label)
+
+        def update(done: int, total: int, message: str = "") -> None:
+            frac = 0.0 if total <= 0 else min(1.0, max(0.0, done / total))
+            bar.progress(frac, text=f"{label} {done}/{total} {message}".strip())
+
+        yield update
+        status.update(label=f"{label} done", state="complete")
+
+
+# -- distances ----------------------------------------------------------------------------------
+@st.cache_data(show_spinner=False, max_entries=16)
+def _distances_memory(key: tuple[str, ...]) -> dict:
+    return _disk_get("all_distances", key)
+
+
+def distances(adapters: Sequence[Adapter]) -> dict:
+    """``geometry.distances.all_distances`` of the set, labelled with the current display names.
+
+    Keys are ``(metric, factor, stack, kind)``; values are ``DistanceTensor``.
+    """
+    from geometry.distances import all_distances
+
+    key = content_key(adapters)
+    names = [a.name for a in adapters]
+    try:
+        raw = _distances_memory(key)
+    except _Miss:
+        with progress_bar("Computing distances (once per adapter set)") as update:
+            raw = _disk_compute("all_distances", key, lambda: all_distances(list(adapters), progress=update))
+        try:
+            raw = _distances_memory(key)
+        except _Miss:  # the disk cache is not writable: keep the fresh result
+            pass
+    return {k: relabel(v, names) for k, v in raw.items()}
+
+
+# -- anatomy ------------------------------------------------------------------------------------
+@st.cache_data(show_spinner=False, max_entries=64)
+def _anatomy_memory(content_hash: str, _adapter: Adapter) -> pd.DataFrame:
+    from geometry.anatomy import anatomy
+
+    return _disk_compute("anatomy", (content_hash,), lambda: anatomy(_adapter))
+
+
+def anatomy(adapter: Adapter) -> pd.DataFrame:
+    """``geometry.anatomy.anatomy(adapter)``: one row per module (norms, spectra, ranks)."""
+    with st.spinner(f"Decomposing {adapter.name} (once per adapter)..."):
+        return _anatomy_memory(adapter.content_hash or f"unhashed:{id(adapter)}", adapter)
+
+
+# -- inclusion ----------------------------------------------------------------------------------
+@st.cache_data(show_spinner=False, max_entries=1024)
+def _inclusion_memory(h1: str, h2: str, lam: float, _a1: Adapter, _a2: Adapter) -> pd.DataFrame:
+    from geometry.inclusion import inclusion
+
+    return _disk_compute("inclusion", (h1, h2, float(lam)), lambda: inclusion(_a1, _a2, lam=float(lam)))
+
+
+def inclusion_pair(a1: Adapter, a2: Adapter, lam: float = 0.0) -> pd.DataFrame:
+    """``geometry.inclusion.inclusion(a1, a2, lam)``: ``tau1 -> tau2``, one row per common module."""
+    return _inclusion_memory(a1.content_hash, a2.content_hash, float(lam), a1, a2)
+
+
+def inclusion_all_pairs(adapters: Sequence[Adapter], lam: float = 0.0) -> dict[tuple[int, int], pd.DataFrame]:
+    """Inclusion tables of every ordered pair ``(i, j), i != j``, with a progress bar on first use."""
+    pairs = [(i, j) for i in range(len(adapters)) for j in range(len(adapters)) if i != j]
+    out: dict[tuple[int, int], pd.DataFrame] = {}
+    todo = []
+    for i, j in pairs:
+        try:
+            out[(i, j)] = _inclusion_cached_only(adapters[i].content_hash, adapters[j].content_hash, float(lam))
+        except _Miss:
+            todo.append((i, j))
+    if todo:
+        with progress_bar(f"Spectral inclusion for {len(todo)} ordered pairs (λ = {lam:g})") as update:
+            for done, (i, j) in enumerate(todo):
+                update(done, len(todo), f"{adapters[i].name} → {adapters[j].name}")
+                out[(i, j)] = inclusion_pair(adapters[i], adapters[j], lam)
+            update(len(todo), len(todo), "")
+    return dict(sorted(out.items()))
+
+
+def _inclusion_cached_only(h1: str, h2: str, lam: float) -> pd.DataFrame:
+    """The pair's table when a cache level already has it; ``_Miss`` otherwise."""
+    return _inclusion_disk_memory(h1, h2, lam)
+
+
+@st.cache_data(show_spinner=False, max_entries=1024)
+def _inclusion_disk_memory(h1: str, h2: str, lam: float) -> pd.DataFrame:
+    return _disk_get("inclusion", (h1, h2, float(lam)))
+
+
+# -- maps ---------------------------------------------------------------------------------------
+@st.cache_data(show_spinner=False, max_entries=256)
+def embedding(matrix: np.ndarray, method: str, seed: int = 0) -> np.ndarray:
+    """``geometry.maps.embed_2d`` of a distance matrix (memoised: UMAP takes seconds)."""
+    from geometry.maps import embed_2d
+
+    return np.asarray(embed_2d(np.nan_to_num(np.asarray(matrix, dtype=float)), method=method, seed=seed))
+
+
+# -- compatibility ------------------------------------------------------------------------------
+def compatible_default(adapters: Sequence[Adapter]) -> list[str]:
+    """Names of the largest group of adapters sharing a base model (the default comparison set)."""
+    groups: dict[str, list[str]] = {}
+    for a in adapters:
+        groups.setdefault(str(a.config.base_model_name_or_path or "?"), []).append(a.name)
+    if not groups:
+        return []
+    return max(groups.values(), key=len)
+
+
+def check(adapters: Sequence[Adapter]) -> list[str]:
+    """``geometry.align.check_compatible``: warnings, or raises ``IncompatibleAdaptersError``."""
+    from geometry.align import check_compatible
+
+    return list(check_compatible(list(adapters)))

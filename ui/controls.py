@@ -1,0 +1,91 @@
+"""Widgets shared by the pages: adapter choice, layer control, "how to read this" notes.
+
+Widgets that describe the view are bound to the URL (``bind="query-params"``): their key is the
+query parameter, so a copied link reopens the same metric, kind and layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import streamlit as st
+
+from geometry.errors import AtlasError
+from geometry.types import Adapter
+from ui import compute, state
+from ui.views import LAYER_MODES, LayerChoice
+
+URL = "query-params"
+
+
+def how_to_read(markdown: str, formulas: Sequence[str] = ()) -> None:
+    """A collapsed "How to read this" note: plain words first, then the formulas."""
+    with st.expander("How to read this", icon=":material/help:"):
+        st.markdown(markdown)
+        for formula in formulas:
+            st.latex(formula)
+
+
+def compared_adapters(key: str = "compare", min_count: int = 2, label: str = "Adapters compared") -> list[Adapter]:
+    """Multiselect of the set's adapters to compare (default: the largest group on one base model).
+
+    Stops the page with a specific message when fewer than ``min_count`` are chosen or when the
+    library finds them incompatible (``IncompatibleAdaptersError``: different bases or shapes).
+    """
+    aset = state.adapter_set()
+    if len(aset) < min_count:
+        st.info(f"This page needs at least {min_count} adapters in the set (sidebar: Add adapters).")
+        st.stop()
+    default = compute.compatible_default(aset.adapters)
+    if key in st.session_state and not all(n in aset for n in st.session_state[key] or []):
+        del st.session_state[key]  # an adapter was removed or renamed: back to the default choice
+    chosen = st.multiselect(
+        label,
+        aset.names,
+        default=default,
+        key=key,
+        bind=URL,
+        help="Adapters must share a base model (same module shapes) to be compared.",
+    )
+    if len(chosen) < min_count:
+        st.info(f"Choose at least {min_count} adapters.")
+        st.stop()
+    adapters = aset.subset(chosen)
+    try:
+        for warning in compute.check(adapters):
+            st.caption(f":material/warning: {warning}")
+    except AtlasError as exc:
+        st.error(str(exc), icon=":material/error:")
+        st.stop()
+    return adapters
+
+
+def layer_control(layers: Sequence[int], key: str = "layers") -> LayerChoice:
+    """Pick one layer, a range, all layers or the last k (``T_d`` is averaged over the choice)."""
+    layers = sorted(int(v) for v in layers)
+    if not layers:
+        return LayerChoice("all")
+    lo, hi = layers[0], layers[-1]
+    modes = list(LAYER_MODES) if hi > lo else ["all"]
+    c1, c2 = st.columns([2, 3])
+    with c1:
+        mode = st.segmented_control(
+            "Layers",
+            modes,
+            format_func=LAYER_MODES.get,
+            default="all",
+            required=True,
+            key=key,
+            bind=URL,
+        )
+    with c2:
+        if mode == "one":
+            layer = st.slider("Layer", lo, hi, value=hi, key="layer", bind=URL)
+            return LayerChoice("one", layer=layer)
+        if mode == "range":
+            start, stop = st.slider("Layer range", lo, hi, value=(lo, hi), key="layer_range", bind=URL)
+            return LayerChoice("range", start=start, stop=stop)
+        if mode == "last":
+            k = st.slider("k (last layers)", 1, len(layers), value=min(5, len(layers)), key="last_k", bind=URL)
+            return LayerChoice("last", k=k)
+    return LayerChoice("all")

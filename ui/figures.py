@@ -1,0 +1,381 @@
+"""Plotly figure builders for the dashboard: data in, ``go.Figure`` out.
+
+Pure functions (no Streamlit import) so that tests and the bench build exactly the figures the
+pages show. Every figure has a title, axis titles (with units where there are any) and hover text
+naming the adapters, the layer and the module kind. Colours are fixed perceptual scales (Viridis,
+Cividis, RdBu) that read on both light and dark backgrounds; the pages draw them with
+``st.plotly_chart(theme="streamlit")`` so fonts, grid and background follow the app theme.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+#: Sequential scale for distances / norms (low = dark purple, high = yellow).
+SEQUENTIAL = "Viridis"
+#: Scale for similarity-like scores in [0, 1] (REC): high = similar.
+SIMILARITY = "Cividis"
+#: Qualitative colours that keep contrast on white and on near-black backgrounds.
+QUALITATIVE = (
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+    "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f",
+)
+#: Height of a square matrix figure; the width follows the container.
+MATRIX_HEIGHT = 520
+MARGIN = dict(l=10, r=10, t=60, b=10)
+
+
+def plotly_config(filename: str) -> dict:
+    """``st.plotly_chart(config=...)``: the modebar camera button saves ``filename.png``."""
+    return {
+        "displaylogo": False,
+        "toImageButtonOptions": {"format": "png", "filename": filename, "scale": 2},
+    }
+
+
+def _base_layout(fig: go.Figure, title: str, height: int | None = None) -> go.Figure:
+    fig.update_layout(
+        title=dict(text=title, x=0.0, xanchor="left"),
+        margin=MARGIN,
+        hoverlabel=dict(namelength=-1),
+        legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
+    )
+    if height is not None:
+        fig.update_layout(height=height)
+    fig.update_xaxes(automargin=True)
+    fig.update_yaxes(automargin=True)
+    return fig
+
+
+def _cell_text(values: np.ndarray, n: int) -> str | None:
+    """Print numbers in the cells of small matrices only (they become unreadable beyond ~12)."""
+    if n > 12 or not np.isfinite(values).any():
+        return None
+    return "%{z:.3g}"
+
+
+def matrix_heatmap(
+    matrix: np.ndarray,
+    names: Sequence[str],
+    *,
+    title: str,
+    value_label: str,
+    detail: str = "",
+    colorscale: str = SEQUENTIAL,
+    zmin: float | None = None,
+    zmax: float | None = None,
+    row_label: str = "adapter",
+    col_label: str = "adapter",
+) -> go.Figure:
+    """Adapter x adapter heatmap; hover names both adapters, the value and ``detail`` (kind, layers).
+
+    Row ``i`` is drawn at the top for ``i = 0`` (matrix order, like a printed table).
+    """
+    matrix = np.asarray(matrix, dtype=float)
+    names = [str(n) for n in names]
+    custom = np.empty(matrix.shape + (2,), dtype=object)
+    for i, a in enumerate(names):
+        for j, b in enumerate(names):
+            custom[i, j, 0] = a
+            custom[i, j, 1] = b
+    hover = (
+        f"{row_label}: %{{customdata[0]}}<br>{col_label}: %{{customdata[1]}}<br>"
+        f"{value_label}: %{{z:.4g}}" + (f"<br>{detail}" if detail else "") + "<extra></extra>"
+    )
+    fig = go.Figure(
+        go.Heatmap(
+            z=matrix,
+            x=names,
+            y=names,
+            customdata=custom,
+            hovertemplate=hover,
+            colorscale=colorscale,
+            zmin=zmin,
+            zmax=zmax,
+            texttemplate=_cell_text(matrix, len(names)),
+            colorbar=dict(title=dict(text=value_label, side="right")),
+        )
+    )
+    fig.update_yaxes(autorange="reversed", title_text=row_label, type="category")
+    fig.update_xaxes(title_text=col_label, type="category", tickangle=-35)
+    return _base_layout(fig, title, MATRIX_HEIGHT)
+
+
+def side_by_side_heatmaps(
+    matrices: Mapping[str, np.ndarray],
+    names: Sequence[str],
+    *,
+    title: str,
+    value_label: str,
+    detail: str = "",
+    colorscale: str = SEQUENTIAL,
+) -> go.Figure:
+    """One heatmap per module kind on a shared colour scale (the paper's Figure 3: query | value)."""
+    kinds = list(matrices)
+    names = [str(n) for n in names]
+    fig = make_subplots(
+        rows=1, cols=len(kinds), subplot_titles=[f"{k} projections" for k in kinds], horizontal_spacing=0.08
+    )
+    finite = [np.asarray(m, float)[np.isfinite(m)] for m in matrices.values()]
+    zmax = max((float(f.max()) for f in finite if f.size), default=1.0)
+    zmin = min((float(f.min()) for f in finite if f.size), default=0.0)
+    for c, kind in enumerate(kinds, start=1):
+        matrix = np.asarray(matrices[kind], dtype=float)
+        custom = np.array([[[a, b] for b in names] for a in names], dtype=object)
+        fig.add_trace(
+            go.Heatmap(
+                z=matrix,
+                x=names,
+                y=names,
+                customdata=custom,
+                zmin=zmin,
+                zmax=zmax,
+                colorscale=colorscale,
+                showscale=c == len(kinds),
+                texttemplate=_cell_text(matrix, len(names)),
+                colorbar=dict(title=dict(text=value_label, side="right")),
+                hovertemplate=(
+                    f"kind: {kind}<br>adapter: %{{customdata[0]}}<br>adapter: %{{customdata[1]}}"
+                    f"<br>{value_label}: %{{z:.4g}}" + (f"<br>{detail}" if detail else "") + "<extra></extra>"
+                ),
+            ),
+            row=1,
+            col=c,
+        )
+        fig.update_yaxes(autorange="reversed", type="category", row=1, col=c, showticklabels=c == 1)
+        fig.update_xaxes(type="category", tickangle=-35, row=1, col=c)
+    return _base_layout(fig, title, MATRIX_HEIGHT)
+
+
+def embedding_scatter(coords: np.ndarray, names: Sequence[str], *, title: str, method: str) -> go.Figure:
+    """Labelled 2-D map of the adapters (rows of the distance matrix embedded by PCA / MDS / UMAP)."""
+    coords = np.asarray(coords, dtype=float)
+    names = [str(n) for n in names]
+    colors = [QUALITATIVE[i % len(QUALITATIVE)] for i in range(len(names))]
+    fig = go.Figure(
+        go.Scatter(
+            x=coords[:, 0] if len(coords) else [],
+            y=coords[:, 1] if len(coords) else [],
+            mode="markers+text",
+            text=names,
+            textposition="top center",
+            marker=dict(size=13, color=colors, line=dict(width=1, color="#444")),
+            hovertemplate=f"adapter: %{{text}}<br>{method} 1: %{{x:.3g}}<br>{method} 2: %{{y:.3g}}<extra></extra>",
+            cliponaxis=False,
+        )
+    )
+    fig.update_xaxes(title_text=f"{method} component 1 (arbitrary units)", zeroline=False)
+    fig.update_yaxes(title_text=f"{method} component 2 (arbitrary units)", zeroline=False)
+    return _base_layout(fig, title, MATRIX_HEIGHT)
+
+
+def layer_lines(
+    frame: pd.DataFrame,
+    *,
+    title: str,
+    value_label: str,
+    series: str = "series",
+    x: str = "layer",
+    y: str = "value",
+    facet: str | None = None,
+    y_range: tuple[float, float] | None = None,
+) -> go.Figure:
+    """One line per ``series`` value over layers; optional facets side by side (e.g. per kind).
+
+    ``frame`` columns: ``series``, ``x``, ``y`` and optionally ``facet``; hover names the series
+    (a pair of adapters, a direction, a kind), the layer and the value.
+    """
+    facets = list(dict.fromkeys(frame[facet])) if facet and len(frame) else [None]
+    fig = make_subplots(
+        rows=1,
+        cols=len(facets),
+        shared_yaxes=True,
+        subplot_titles=[f"{f} projections" for f in facets] if facet else None,
+        horizontal_spacing=0.05,
+    )
+    names = list(dict.fromkeys(frame[series])) if len(frame) else []
+    for c, fv in enumerate(facets, start=1):
+        part = frame if fv is None else frame[frame[facet] == fv]
+        for s_i, name in enumerate(names):
+            sub = part[part[series] == name].sort_values(x)
+            if sub.empty:
+                continue
+            label = f"{fv} · " if fv is not None else ""
+            fig.add_trace(
+                go.Scatter(
+                    x=sub[x],
+                    y=sub[y],
+                    mode="lines+markers",
+                    name=str(name),
+                    legendgroup=str(name),
+                    showlegend=c == 1,
+                    line=dict(color=QUALITATIVE[s_i % len(QUALITATIVE)]),
+                    hovertemplate=(
+                        f"{label}{name}<br>layer: %{{x}}<br>{value_label}: %{{y:.4g}}<extra></extra>"
+                    ),
+                ),
+                row=1,
+                col=c,
+            )
+        fig.update_xaxes(title_text="layer", dtick=1, row=1, col=c)
+    fig.update_yaxes(title_text=value_label, row=1, col=1)
+    if y_range is not None:
+        fig.update_yaxes(range=list(y_range))
+    return _base_layout(fig, title, 420)
+
+
+def grid_curves(
+    frame: pd.DataFrame,
+    *,
+    title: str,
+    rows: Sequence[str],
+    cols: Sequence[str],
+    row_labels: Mapping[str, str],
+    series: str = "direction",
+    col_key: str = "kind",
+) -> go.Figure:
+    """The paper's Figure 2: metrics (rows: L1, REC) x kinds (cols: q, v), one line per direction.
+
+    ``frame``: long table with columns ``series``, ``col_key``, ``layer`` and one column per metric
+    in ``rows``.
+    """
+    titles = [f"{row_labels.get(r, r)} · {c} projections" for r in rows for c in cols]
+    fig = make_subplots(
+        rows=len(rows), cols=len(cols), subplot_titles=titles, vertical_spacing=0.16, horizontal_spacing=0.08
+    )
+    names = list(dict.fromkeys(frame[series])) if len(frame) else []
+    for ri, metric in enumerate(rows, start=1):
+        for ci, kind in enumerate(cols, start=1):
+            part = frame[frame[col_key] == kind]
+            for s_i, name in enumerate(names):
+                sub = part[part[series] == name].sort_values("layer")
+                if sub.empty:
+                    continue
+                fig.add_trace(
+                    go.Scatter(
+                        x=sub["layer"],
+                        y=sub[metric],
+                        mode="lines+markers",
+                        name=str(name),
+                        legendgroup=str(name),
+                        showlegend=ri == 1 and ci == 1,
+                        line=dict(color=QUALITATIVE[s_i % len(QUALITATIVE)]),
+                        hovertemplate=(
+                            f"{name}<br>kind: {kind}<br>layer: %{{x}}<br>{row_labels.get(metric, metric)}: "
+                            "%{y:.4g}<extra></extra>"
+                        ),
+                    ),
+                    row=ri,
+                    col=ci,
+                )
+            fig.update_xaxes(title_text="layer", dtick=1, row=ri, col=ci)
+            if ci == 1:
+                fig.update_yaxes(title_text=row_labels.get(metric, metric), row=ri, col=ci)
+    return _base_layout(fig, title, 300 * len(rows) + 80)
+
+
+def norm_heatmap(frame: pd.DataFrame, *, adapter: str, title: str, zmax: float | None = None) -> go.Figure:
+    """Layer x module-kind heatmap of ``||tau||_F`` from an anatomy table (one stack).
+
+    ``frame`` columns: ``layer``, ``kind``, ``fro_norm`` and optionally ``r``, ``rank``, ``m``, ``n``.
+    """
+    kinds = list(dict.fromkeys(frame["kind"])) if len(frame) else []
+    layers = sorted(frame["layer"].unique()) if len(frame) else []
+    z = np.full((len(layers), len(kinds)), np.nan)
+    custom = np.full((len(layers), len(kinds), 3), "", dtype=object)
+    li = {v: i for i, v in enumerate(layers)}
+    ki = {v: i for i, v in enumerate(kinds)}
+    for row in frame.itertuples(index=False):
+        i, j = li[row.layer], ki[row.kind]
+        z[i, j] = float(row.fro_norm)
+        shape = f"{getattr(row, 'm', '?')} x {getattr(row, 'n', '?')}"
+        custom[i, j] = [adapter, shape, str(getattr(row, "rank", getattr(row, "r", "?")))]
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=kinds,
+            y=[str(v) for v in layers],
+            customdata=custom,
+            colorscale=SEQUENTIAL,
+            zmin=0.0,
+            zmax=zmax,
+            texttemplate="%{z:.3g}" if z.size and z.size <= 200 else None,
+            colorbar=dict(title=dict(text="‖τ‖_F", side="right")),
+            hovertemplate=(
+                "adapter: %{customdata[0]}<br>layer: %{y}<br>kind: %{x}<br>‖τ‖_F: %{z:.4g}"
+                "<br>shape (out x in): %{customdata[1]}<br>numerical rank: %{customdata[2]}<extra></extra>"
+            ),
+        )
+    )
+    fig.update_xaxes(title_text="module kind", type="category")
+    fig.update_yaxes(title_text="layer", type="category", autorange="reversed")
+    return _base_layout(fig, title, max(320, 28 * len(layers) + 160))
+
+
+def spectra_bars(spectra: Mapping[str, Sequence[float]], *, title: str, detail: str = "") -> go.Figure:
+    """Grouped bars of singular values (index i = 1..r), one group per named spectrum."""
+    fig = go.Figure()
+    for s_i, (name, values) in enumerate(spectra.items()):
+        values = np.asarray(values, dtype=float)
+        fig.add_trace(
+            go.Bar(
+                x=np.arange(1, len(values) + 1),
+                y=values,
+                name=str(name),
+                marker_color=QUALITATIVE[s_i % len(QUALITATIVE)],
+                hovertemplate=(
+                    f"{name}" + (f"<br>{detail}" if detail else "") + "<br>i = %{x}<br>σ_i: %{y:.4g}<extra></extra>"
+                ),
+            )
+        )
+    fig.update_layout(barmode="group")
+    fig.update_xaxes(title_text="singular value index i", dtick=1)
+    fig.update_yaxes(title_text="singular value σ_i")
+    return _base_layout(fig, title, 380)
+
+
+def rank_lines(frame: pd.DataFrame, *, adapter: str, title: str) -> go.Figure:
+    """Effective rank (exp of spectral entropy) and stable rank (‖τ‖_F² / σ_1²) by layer, per kind."""
+    fig = make_subplots(
+        rows=1, cols=2, subplot_titles=["effective rank", "stable rank"], horizontal_spacing=0.1
+    )
+    kinds = list(dict.fromkeys(frame["kind"])) if len(frame) else []
+    for c, col in enumerate(("effective_rank", "stable_rank"), start=1):
+        for k_i, kind in enumerate(kinds):
+            sub = frame[frame["kind"] == kind].sort_values("layer")
+            fig.add_trace(
+                go.Scatter(
+                    x=sub["layer"],
+                    y=sub[col],
+                    mode="lines+markers",
+                    name=kind,
+                    legendgroup=kind,
+                    showlegend=c == 1,
+                    line=dict(color=QUALITATIVE[k_i % len(QUALITATIVE)]),
+                    hovertemplate=(
+                        f"adapter: {adapter}<br>kind: {kind}<br>layer: %{{x}}<br>{col.replace('_', ' ')}: "
+                        "%{y:.3g}<extra></extra>"
+                    ),
+                ),
+                row=1,
+                col=c,
+            )
+        fig.update_xaxes(title_text="layer", dtick=1, row=1, col=c)
+        fig.update_yaxes(title_text="rank (number of directions)", rangemode="tozero", row=1, col=c)
+    return _base_layout(fig, title, 380)
+
+
+def figure_arrays(fig: go.Figure) -> list[np.ndarray]:
+    """The numeric payload (``z`` or ``y``) of each trace, for tests that compare figures."""
+    out = []
+    for trace in fig.data:
+        values = getattr(trace, "z", None)
+        if values is None:
+            values = getattr(trace, "y", None)
+        out.append(np.asarray(values, dtype=float) if values is not None else np.array([]))
+    return out

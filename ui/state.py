@@ -1,0 +1,76 @@
+"""Session state of the dashboard: the adapter set, its load messages, and the URL's ``adapters``.
+
+The set lives in ``st.session_state["adapter_set"]`` (a :class:`ui.adapter_set.AdapterSet`). On a
+session's first run it holds the sample adapters, restricted to the ``adapters`` query parameter
+when the link names some (only sample adapters can be named in a URL: uploads are not on the
+server for the next visitor).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from ui.adapter_set import AdapterSet, list_sample_adapters, load_sample_set, sample_name, samples_dir
+
+SET_KEY = "adapter_set"
+ERRORS_KEY = "load_errors"
+NOTICES_KEY = "load_notices"
+URL_ADAPTERS = "adapters"
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _sample_set(paths: tuple[str, ...], stamps: tuple[float, ...], root: str) -> tuple[AdapterSet, list[str]]:
+    """Load the sample adapters once per server (``st.cache_data`` hands each session a copy)."""
+    return load_sample_set([Path(p) for p in paths], root)
+
+
+def sample_paths(root: Path | None = None) -> list[Path]:
+    return list_sample_adapters(root or samples_dir())
+
+
+def fresh_sample_set(names: list[str] | None = None, root: Path | None = None) -> tuple[AdapterSet, list[str]]:
+    """The sample set (only ``names`` when given and any of them exist), plus load errors."""
+    root = root or samples_dir()
+    paths = sample_paths(root)
+    if names:
+        wanted = [p for p in paths if sample_name(p, root) in set(names)]
+        paths = wanted or paths
+    stamps = tuple((p / "adapter_config.json").stat().st_mtime for p in paths)
+    return _sample_set(tuple(str(p) for p in paths), stamps, str(root))
+
+
+def adapter_set() -> AdapterSet:
+    """The session's adapter set, created from the sample adapters (and the URL) on first use."""
+    if SET_KEY not in st.session_state:
+        named = [n for n in st.query_params.get_all(URL_ADAPTERS) if n]
+        aset, errors = fresh_sample_set(named or None)
+        st.session_state[SET_KEY] = aset
+        st.session_state[ERRORS_KEY] = list(errors)
+    return st.session_state[SET_KEY]
+
+
+def replace_set(aset: AdapterSet) -> None:
+    st.session_state[SET_KEY] = aset
+
+
+def report(errors: list[str], notices: list[str] | None = None) -> None:
+    """Queue load messages for the sidebar to show on this run."""
+    st.session_state[ERRORS_KEY] = list(errors)
+    st.session_state[NOTICES_KEY] = list(notices or [])
+
+
+def messages() -> tuple[list[str], list[str]]:
+    return list(st.session_state.get(ERRORS_KEY, [])), list(st.session_state.get(NOTICES_KEY, []))
+
+
+def sync_url(aset: AdapterSet) -> None:
+    """Write the sample adapters of the set to the URL (nothing when it is the full sample set)."""
+    samples = aset.sample_names()
+    all_samples = [sample_name(p) for p in sample_paths()]
+    if samples and samples != all_samples:
+        if st.query_params.get_all(URL_ADAPTERS) != samples:
+            st.query_params[URL_ADAPTERS] = samples
+    elif URL_ADAPTERS in st.query_params:
+        del st.query_params[URL_ADAPTERS]
