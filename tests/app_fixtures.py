@@ -64,3 +64,37 @@ def write_sample_set(root: Path, n: int = 3, layers: int = 4) -> Path:
     for k in range(n):
         write_adapter(Path(root) / f"task{k}", seed=k, layers=layers)
     return Path(root)
+
+
+APP = Path(__file__).resolve().parents[1] / "app.py"
+
+
+def app_test(monkeypatch, tmp_path: Path, n: int = 3, layers: int = 4, query: dict | None = None):
+    """An ``AppTest`` of ``app.py`` on ``n`` tiny sample adapters, with its own disk cache, run once."""
+    from streamlit.testing.v1 import AppTest
+
+    samples = write_sample_set(tmp_path / "samples", n=n, layers=layers)
+    monkeypatch.setenv("ADAPTER_ATLAS_SAMPLES", str(samples))
+    monkeypatch.setenv("ADAPTER_ATLAS_CACHE", str(tmp_path / "cache"))
+    at = AppTest.from_file(str(APP), default_timeout=120)
+    for key, value in (query or {}).items():
+        at.query_params[key] = value
+    return at.run()
+
+
+def plotly_specs(at) -> list[dict]:
+    """The figure JSON of every ``st.plotly_chart`` on the page, in order."""
+    return [json.loads(el.proto.spec) for el in at.get("plotly_chart")]
+
+
+def decode(array) -> list:
+    """A figure-JSON array as a nested list (Plotly 7 writes numeric arrays as base64 ``bdata``)."""
+    import base64
+
+    import numpy as np
+
+    if isinstance(array, dict) and "bdata" in array:
+        values = np.frombuffer(base64.b64decode(array["bdata"]), dtype=np.dtype(array["dtype"]))
+        shape = [int(s) for s in str(array.get("shape", len(values))).split(",")]
+        return values.reshape(shape).tolist()
+    return array

@@ -84,8 +84,12 @@ class AdapterSet:
         return [self._items[n] for n in names if n in self._items]
 
     def sample_names(self) -> list[str]:
-        """Display names of the adapters that came from ``sample_adapters/`` (they fit in a URL)."""
-        return [n for n in self._items if self.origin.get(n, "").startswith("sample:")]
+        """Folder names of the adapters that came from ``sample_adapters/`` (they fit in a URL).
+
+        A renamed sample keeps its folder name here: a link reopens it under that name.
+        """
+        origins = (self.origin.get(n, "") for n in self._items)
+        return [o.removeprefix("sample:") for o in origins if o.startswith("sample:")]
 
     # -- editing -------------------------------------------------------------------------------
     def unique_name(self, wanted: str) -> str:

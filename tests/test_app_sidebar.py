@@ -1,0 +1,92 @@
+"""The sidebar's adapter set in AppTest: samples by default, uploads, a bad upload, rename, remove, URL."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.app_fixtures import adapter_zip_bytes, app_test
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def _names(at) -> list[str]:
+    return list(at.sidebar.dataframe[0].value["name"])
+
+
+def test_samples_loaded_by_default(monkeypatch, tmp_path):
+    at = app_test(monkeypatch, tmp_path, n=3)
+    assert not at.exception
+    assert _names(at) == ["task0", "task1", "task2"]
+    table = at.sidebar.dataframe[0].value
+    assert list(table.columns) == ["name", "base", "r", "alpha", "targets", "modules", "parameters"]
+    assert list(table["r"]) == [4, 4, 4] and list(table["modules"]) == [8, 8, 8]
+
+
+def test_upload_zip_adds_an_adapter(monkeypatch, tmp_path):
+    at = app_test(monkeypatch, tmp_path, n=2)
+    at.sidebar.file_uploader[0].set_value(("mine.zip", adapter_zip_bytes(seed=7), "application/zip"))
+    at.run()
+    assert not at.exception and not at.sidebar.error
+    assert _names(at) == ["task0", "task1", "mine"]
+
+
+def test_bad_upload_shows_error_and_keeps_the_set(monkeypatch, tmp_path):
+    at = app_test(monkeypatch, tmp_path, n=2)
+    at.sidebar.file_uploader[0].set_value(
+        [("broken.zip", b"PK\x03\x04 not really a zip", "application/zip"),
+         ("good.zip", adapter_zip_bytes(seed=3), "application/zip")]
+    )
+    at.run()
+    assert not at.exception
+    errors = [e.value for e in at.sidebar.error]
+    assert len(errors) == 1 and "broken.zip" in errors[0]
+    assert _names(at) == ["task0", "task1", "good"]  # the good file of the batch still loads
+
+
+def test_bad_config_pair_names_the_problem(monkeypatch, tmp_path):
+    at = app_test(monkeypatch, tmp_path, n=2)
+    at.sidebar.file_uploader[0].set_value(
+        [("adapter_config.json", b"{not json", "application/json"),
+         ("adapter_model.safetensors", b"\x00" * 16, "application/octet-stream")]
+    )
+    at.run()
+    assert not at.exception
+    errors = [e.value for e in at.sidebar.error]
+    assert len(errors) == 1 and "adapter_config.json" in errors[0]
+    assert _names(at) == ["task0", "task1"]
+
+
+def test_rename_and_remove(monkeypatch, tmp_path):
+    at = app_test(monkeypatch, tmp_path, n=3)
+    at.sidebar.selectbox(key="rename_from").set_value("task1")
+    at.sidebar.text_input(key="rename_to").set_value("sentiment")
+    at.sidebar.button[1].click()  # Load from hub is [0]; Rename is [1]
+    at.run()
+    assert _names(at) == ["task0", "sentiment", "task2"]
+    at.sidebar.text_input(key="rename_to").set_value("task0")  # duplicate name: refused
+    at.sidebar.selectbox(key="rename_from").set_value("task2")
+    at.sidebar.button[1].click()
+    at.run()
+    assert "already in the set" in at.sidebar.error[0].value
+    assert _names(at) == ["task0", "sentiment", "task2"]
+    at.sidebar.multiselect(key="remove_names").set_value(["task0"])
+    at.sidebar.button[2].click()
+    at.run()
+    assert _names(at) == ["sentiment", "task2"]
+    assert at.query_params.get("adapters") == ["task1", "task2"]  # sample folders, renamed or not
+
+
+def test_hub_failure_is_an_error_not_a_traceback(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    at = app_test(monkeypatch, tmp_path, n=2)
+    at.sidebar.text_input(key="hub_id").set_value("nobody/no-such-adapter")
+    at.sidebar.button[0].click()
+    at.run()
+    assert not at.exception
+    assert "nobody/no-such-adapter" in at.sidebar.error[0].value
+    assert _names(at) == ["task0", "task1"]
+
+
+def test_url_names_the_sample_adapters(monkeypatch, tmp_path):
+    at = app_test(monkeypatch, tmp_path, n=3, query={"adapters": ["task0", "task2"]})
+    assert _names(at) == ["task0", "task2"]

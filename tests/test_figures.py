@@ -1,0 +1,109 @@
+"""Figure builders and view slicing of the dashboard (pure functions, no Streamlit)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ui import figures, views
+
+
+def _names(n):
+    return [f"task{i}" for i in range(n)]
+
+
+def test_matrix_heatmap_carries_values_names_and_hover():
+    m = np.arange(9.0).reshape(3, 3)
+    fig = figures.matrix_heatmap(m, _names(3), title="T", value_label="d_G (radians)", detail="kind: v")
+    trace = fig.data[0]
+    np.testing.assert_array_equal(np.asarray(trace.z), m)
+    assert list(trace.x) == _names(3) and list(trace.y) == _names(3)
+    assert trace.customdata[0][2][1] == "task2"  # hover names the column adapter of cell (0, 2)
+    assert "kind: v" in trace.hovertemplate and "d_G (radians)" in trace.hovertemplate
+    assert fig.layout.title.text == "T"
+    assert fig.layout.xaxis.title.text and fig.layout.yaxis.title.text
+    assert fig.layout.yaxis.autorange == "reversed"  # row 0 on top, like the printed matrix
+
+
+def test_side_by_side_shares_one_colour_scale():
+    q, v = np.full((2, 2), 0.2), np.full((2, 2), 0.9)
+    fig = figures.side_by_side_heatmaps({"q": q, "v": v}, _names(2), title="Q vs V", value_label="cos")
+    assert len(fig.data) == 2
+    assert {t.zmin for t in fig.data} == {0.2} and {t.zmax for t in fig.data} == {0.9}
+    assert [t.showscale for t in fig.data] == [False, True]
+    titles = [a.text for a in fig.layout.annotations]
+    assert titles == ["q projections", "v projections"]
+
+
+def test_embedding_scatter_labels_points():
+    coords = np.array([[0.0, 1.0], [1.0, 0.0], [2.0, 2.0]])
+    fig = figures.embedding_scatter(coords, _names(3), title="map", method="PCA")
+    assert list(fig.data[0].text) == _names(3)
+    np.testing.assert_array_equal(np.asarray(fig.data[0].x), coords[:, 0])
+    assert "PCA" in fig.layout.xaxis.title.text
+
+
+def test_layer_lines_one_trace_per_series_and_facet():
+    frame = pd.DataFrame(
+        {
+            "series": ["a ↔ b"] * 4 + ["a ↔ c"] * 4,
+            "layer": [0, 1, 0, 1] * 2,
+            "value": np.arange(8.0),
+            "kind": ["q", "q", "v", "v"] * 2,
+        }
+    )
+    fig = figures.layer_lines(frame, title="t", value_label="cos", facet="kind")
+    assert len(fig.data) == 4
+    assert sum(bool(t.showlegend) for t in fig.data) == 2
+    assert all("layer" in t.hovertemplate for t in fig.data)
+
+
+def test_norm_heatmap_grid_matches_table():
+    frame = pd.DataFrame(
+        {"layer": [0, 0, 1, 1], "kind": ["q", "v", "q", "v"], "fro_norm": [1.0, 2.0, 3.0, 4.0],
+         "m": 8, "n": 8, "rank": 4}
+    )
+    fig = figures.norm_heatmap(frame, adapter="x", title="norms")
+    np.testing.assert_array_equal(np.asarray(fig.data[0].z), [[1.0, 2.0], [3.0, 4.0]])
+    assert list(fig.data[0].x) == ["q", "v"]
+    assert "adapter: %{customdata[0]}" in fig.data[0].hovertemplate
+
+
+def test_grid_curves_is_metrics_by_kinds():
+    rows = []
+    for direction in ("a → b", "b → a"):
+        for kind in ("q", "v"):
+            for layer in range(3):
+                rows.append({"direction": direction, "kind": kind, "layer": layer, "l1": layer, "rec": 0.5})
+    fig = figures.grid_curves(pd.DataFrame(rows), title="fig2", rows=["l1", "rec"], cols=["q", "v"],
+                              row_labels=views.INCLUSION_METRICS)
+    assert len(fig.data) == 2 * 2 * 2
+    assert len(fig.layout.annotations) == 4
+
+
+def test_plotly_config_names_png():
+    cfg = figures.plotly_config("distance_cosine")
+    assert cfg["toImageButtonOptions"] == {"format": "png", "filename": "distance_cosine", "scale": 2}
+
+
+@pytest.mark.parametrize(
+    "choice, spec",
+    [
+        (views.LayerChoice("all"), "all"),
+        (views.LayerChoice("one", layer=3), "3"),
+        (views.LayerChoice("range", start=4, stop=1), "1-4"),
+        (views.LayerChoice("last", k=2), "last:2"),
+    ],
+)
+def test_layer_choice_spec(choice, spec):
+    assert choice.spec == spec
+
+
+def test_inclusion_matrix_from_tables_is_row_to_column_mean():
+    t01 = pd.DataFrame({"kind": ["q", "v"], "rec": [0.2, 0.4]})
+    t10 = pd.DataFrame({"kind": ["q", "v"], "rec": [0.6, 1.0]})
+    m = views.inclusion_matrix_from_tables({(0, 1): t01, (1, 0): t10}, 2, "rec")
+    assert m[0, 1] == pytest.approx(0.3) and m[1, 0] == pytest.approx(0.8)
+    assert np.isnan(m[0, 0])
+    assert views.inclusion_matrix_from_tables({(0, 1): t01}, 2, "rec", kind="v")[0, 1] == pytest.approx(0.4)
