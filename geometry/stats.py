@@ -1,0 +1,61 @@
+"""Student t-tests between per-module metric samples of two projections (the paper's Table 5).
+
+The spectral-inclusion paper compares, e.g., the REC values of ``SUM -> NER`` over all LoRA
+modules (one value per query / value projection of each layer) with those of
+``SUM -> 10% SENT``, with a two-sided test (``H1: mean(a) != mean(b)``) and a one-sided test
+(``H1: mean(a) > mean(b)`` for REC, where higher means more overlap; ``H1: mean(a) < mean(b)``
+for L1, where lower means more overlap). :func:`ttest` returns all three p-values at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy import stats as _stats
+
+__all__ = ["ttest"]
+
+
+def ttest(a: Any, b: Any, paired: bool = False, equal_var: bool = True) -> dict[str, float]:
+    """Student t-test of ``mean(a)`` against ``mean(b)``.
+
+    ``a`` and ``b`` are samples of one metric (one value per module), e.g. the ``rec`` column of
+    two :func:`geometry.inclusion.inclusion` frames. NaN values (degenerate modules) are dropped.
+
+    * ``paired=False`` (default): independent two-sample Student test (``scipy.stats.ttest_ind``;
+      ``equal_var=False`` gives Welch's test instead).
+    * ``paired=True``: paired test on matched modules (``scipy.stats.ttest_rel``); ``a`` and ``b``
+      must have the same length and a pair is dropped when either value is NaN.
+
+    Returns ``t``, ``p_two_sided`` (``H1: mean a != mean b``), ``p_greater`` (``H1: mean a > mean b``),
+    ``p_less`` (``H1: mean a < mean b``), ``mean_a``, ``mean_b``, ``n_a``, ``n_b``.
+    """
+    x = np.asarray(a, dtype=np.float64).ravel()
+    y = np.asarray(b, dtype=np.float64).ravel()
+    if paired:
+        if x.shape != y.shape:
+            raise ValueError(f"a paired t-test needs samples of equal length, got {x.size} and {y.size}")
+        keep = ~(np.isnan(x) | np.isnan(y))
+        x, y = x[keep], y[keep]
+    else:
+        x, y = x[~np.isnan(x)], y[~np.isnan(y)]
+    if x.size < 2 or y.size < 2:
+        raise ValueError(f"a t-test needs at least 2 values per sample, got {x.size} and {y.size}")
+
+    def run(alternative: str):
+        if paired:
+            return _stats.ttest_rel(x, y, alternative=alternative)
+        return _stats.ttest_ind(x, y, equal_var=equal_var, alternative=alternative)
+
+    two = run("two-sided")
+    return {
+        "t": float(two.statistic),
+        "p_two_sided": float(two.pvalue),
+        "p_greater": float(run("greater").pvalue),
+        "p_less": float(run("less").pvalue),
+        "mean_a": float(x.mean()),
+        "mean_b": float(y.mean()),
+        "n_a": int(x.size),
+        "n_b": int(y.size),
+    }
