@@ -1,0 +1,114 @@
+"""Merging LoRA adapters: one function per method, a registry by name, one call shape.
+
+Every method is ``method(adapters, weights=None, **params) -> MergedAdapter`` (mergekit's
+``merge_methods/`` in spirit): ``weights`` gives one ``lambda_t`` per task or per task and layer
+(:mod:`geometry.merging.weights`); each adapter's own scale ``s_t`` (``alpha/r``, rsLoRA,
+``rank_pattern`` / ``alpha_pattern``, already resolved in ``LoraModule.scale``) is applied exactly.
+Each task keeps its own head (``MergedAdapter.heads``).
+
+========================  ===========  ==========================================================
+name                      form         update per module
+========================  ===========  ==========================================================
+``lora_average``          factored     ``(sum w_t sqrt(s_t) B_t)(sum w_t sqrt(s_t) A_t)`` (cross terms)
+``task_arithmetic``       factored     ``sum_t l_t s_t B_t A_t`` exact (rank sum), or truncated
+``ties``                  dense        trim top ``density``, elect sign, disjoint mean
+``dare_linear``           dense        drop ``1-density`` at random, rescale, sum
+``dare_ties``             dense        drop and rescale, elect sign, disjoint mean
+``multislerp``            dense        spherical barycentre of the task vectors
+``magnitude_prune``       dense        trim top ``density``, sum
+========================  ===========  ==========================================================
+
+Differences from peft's ``LoraModel.add_weighted_adapter`` (cross-checked in
+``tests/test_merge_peft.py``):
+
+- ``cat`` equals exact ``task_arithmetic`` (same factors); ``svd`` equals ``task_arithmetic`` with
+  ``rank`` up to the signs of singular vectors, but peft builds every ``m x n`` update and runs a
+  full SVD (see ``bench/merge_bench.py``); ``ties_svd`` / ``dare_*_svd`` / ``magnitude_prune_svd``
+  with ``svd_rank = min(m, n)`` equal our dense ``ties`` / ``dare_*`` / ``magnitude_prune``.
+- peft's ``linear`` is the LoRA-level average with weights under a square root: peft ``linear``
+  with weights ``w_t^2`` equals our ``lora_average`` with ``w_t``. peft's ``ties`` / ``dare_*`` /
+  ``magnitude_prune`` (without ``_svd``) trim and elect **on the factors A and B separately**, then
+  multiply: that is not TIES on task vectors and has cross terms; we only define the task-vector
+  versions.
+- peft bugs avoided here: the combined adapter inherits ``use_rslora`` from the first adapter while
+  setting ``lora_alpha = r``, so its scale is ``sqrt(r)`` instead of 1 (peft PR #3449, issue #3761);
+  ``rank_pattern`` sources make element-wise factor merges fail to reload (issue #3737) or fail on
+  unequal per-module ranks; negative weights lose their sign in ``linear`` (issue #3004). Here the
+  scale of each input is folded in before combining, and the output always has
+  ``lora_alpha = r`` per module (``alpha_pattern`` = ``rank_pattern``), ``use_rslora = False``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from geometry.errors import AtlasError
+from geometry.merging.base import MergedAdapter, MergedModule, PeftUpdate
+from geometry.merging.dare import dare_linear, dare_ties
+from geometry.merging.lora_average import lora_average
+from geometry.merging.magnitude_prune import magnitude_prune
+from geometry.merging.multislerp import multislerp
+from geometry.merging.task_arithmetic import task_arithmetic
+from geometry.merging.ties import ties
+from geometry.types import Adapter
+
+#: name -> method function ``(adapters, weights=None, **params) -> MergedAdapter``
+MERGE_METHODS: dict[str, Callable[..., MergedAdapter]] = {
+    "lora_average": lora_average,
+    "task_arithmetic": task_arithmetic,
+    "ties": ties,
+    "dare_linear": dare_linear,
+    "dare_ties": dare_ties,
+    "multislerp": multislerp,
+    "magnitude_prune": magnitude_prune,
+}
+
+#: parameters (besides ``weights``) each method accepts
+METHOD_PARAMS: dict[str, tuple[str, ...]] = {
+    "lora_average": (),
+    "task_arithmetic": ("rank",),
+    "ties": ("density", "majority_sign_method", "rank"),
+    "dare_linear": ("density", "seed", "rank"),
+    "dare_ties": ("density", "seed", "majority_sign_method", "rank"),
+    "multislerp": ("rank",),
+    "magnitude_prune": ("density", "rank"),
+}
+
+
+class UnknownMergeMethodError(AtlasError, ValueError):
+    """A merge method name that is not in :data:`MERGE_METHODS`."""
+
+
+def merge(adapters: Sequence[Adapter], method: str, weights: Any = None, **params: Any) -> MergedAdapter:
+    """Merge ``adapters`` with the method registered as ``method``.
+
+    Parameters that are ``None`` are dropped (the method's default applies); a parameter the method
+    does not take raises ``ValueError`` naming the ones it does take.
+    """
+    if method not in MERGE_METHODS:
+        raise UnknownMergeMethodError(f"unknown merge method {method!r}; choose one of {', '.join(MERGE_METHODS)}")
+    params = {k: v for k, v in params.items() if v is not None}
+    unknown = sorted(set(params) - set(METHOD_PARAMS[method]) - {"dtype"})
+    if unknown:
+        takes = ", ".join(METHOD_PARAMS[method]) or "only weights"
+        raise ValueError(f"merge method {method!r} does not take {', '.join(unknown)} (it takes {takes})")
+    return MERGE_METHODS[method](list(adapters), weights, **params)
+
+
+__all__ = [
+    "MERGE_METHODS",
+    "METHOD_PARAMS",
+    "MergedAdapter",
+    "MergedModule",
+    "PeftUpdate",
+    "UnknownMergeMethodError",
+    "dare_linear",
+    "dare_ties",
+    "lora_average",
+    "magnitude_prune",
+    "merge",
+    "multislerp",
+    "task_arithmetic",
+    "ties",
+]
