@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import transformers
 from transformers.utils import logging as hf_logging
 
@@ -258,3 +259,16 @@ def peft_delta(peft_model, module_name: str, adapter_name: str = "default") -> t
     delta = layer.get_delta_weight(adapter_name).detach().to(torch.float64)
     transposed = getattr(layer, "fan_in_fan_out", False) or adapter_name in getattr(layer, "lora_embedding_A", {})
     return delta.T if transposed else delta
+
+
+def legacy_forward(x, A, B, enable, scale):
+    """peft 0.2 MergedLinear LoRA branch: zero_pad(conv1d(A x, B, groups)) * scale, for inputs x (batch, in)."""
+    groups = sum(enable)
+    out = B.shape[0] // groups * len(enable)
+    after_a = x @ A.T
+    after_b = F.conv1d(after_a.unsqueeze(-1), B, groups=groups).squeeze(-1)
+    ind = torch.zeros(len(enable), out // len(enable), dtype=torch.bool)
+    ind[torch.tensor(enable)] = True
+    result = x.new_zeros(x.shape[0], out)
+    result[:, ind.view(-1)] = after_b
+    return result * scale

@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import geometry.loader as loader
 from geometry.errors import AdapterLoadError
 from geometry.loader import adapter_summary, load_adapter, load_files, load_hub, load_zip_bytes
 from geometry.types import ModuleKey
-from tests.families import FAMILIES, peft_delta, save_adapter
+from tests.families import FAMILIES, legacy_forward, peft_delta, save_adapter
 
 ATOL = 1e-6
 
@@ -399,19 +398,6 @@ def test_content_hash_changes_with_weights_and_config(tmp_path):
 
 
 # --- legacy peft <= 0.2 merged LoRA --------------------------------------------------------------
-
-
-def legacy_forward(x, A, B, enable, scale):
-    """peft 0.2 MergedLinear LoRA branch: zero_pad(conv1d(A x, B, groups)) * scale, for inputs x (batch, in)."""
-    groups = sum(enable)
-    out = B.shape[0] // groups * len(enable)
-    after_a = x @ A.T
-    after_b = F.conv1d(after_a.unsqueeze(-1), B, groups=groups).squeeze(-1)
-    ind = torch.zeros(len(enable), out // len(enable), dtype=torch.bool)
-    ind[torch.tensor(enable)] = True
-    result = x.new_zeros(x.shape[0], out)
-    result[:, ind.view(-1)] = after_b
-    return result * scale
 
 
 def _legacy(tmp_path, name, module, n, enable, r=2, alpha=6):
