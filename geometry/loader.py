@@ -87,8 +87,11 @@ def load_adapter(source: Any, name: str | None = None, **limits: int) -> Adapter
         if path.name == CONFIG_NAME or path.name in WEIGHT_NAMES:
             return load_folder(path.parent, name=name)
         raise AdapterLoadError(f"{path}: not a folder, a .zip, {CONFIG_NAME} or one of {', '.join(WEIGHT_NAMES)}")
-    if isinstance(source, str) and _HUB_ID_RE.match(text) and not text.startswith((".", "/")):
-        return load_hub(text, name=name)
+    if isinstance(source, str) and _HUB_ID_RE.match(text) and not Path(text.split("/")[0]).exists():
+        try:
+            return load_hub(text, name=name)
+        except AdapterLoadError as exc:
+            raise AdapterLoadError(f"{text}: no such file or folder, and as a hub id: {exc}") from exc
     raise AdapterLoadError(f"{text}: no such file or folder")
 
 

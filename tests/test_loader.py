@@ -243,6 +243,8 @@ def test_hub_download_is_mocked(llama_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(loader, "snapshot_download", failing)
     with pytest.raises(AdapterLoadError, match="hub:someone/missing: download failed"):
         load_adapter("hub:someone/missing")
+    with pytest.raises(AdapterLoadError, match="no such file or folder, and as a hub id: .*offline"):
+        load_adapter("someone/missing")
 
 
 def test_bin_weights_through_weights_only(tmp_path):
@@ -323,6 +325,20 @@ def test_unmapped_names_are_kept_and_float16_kept(tmp_path):
     assert adapter.modules[ModuleKey("model", 0, "q")].A.dtype == torch.float16
     assert list(adapter.other_tensors) == ["base_model.model.score.weight"]
     assert adapter_summary(adapter)["other_tensors"] == {"base_model.model.score.weight": [3, 8]}
+
+
+def test_keys_with_adapter_name_or_without_prefix(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    A, B = torch.randn(2, 8, generator=g), torch.randn(8, 2, generator=g)
+    named = {P + "q_proj.lora_A.default.weight": A, P + "q_proj.lora_B.default.weight": B}
+    bare = {"model.layers.0.self_attn.q_proj.lora_A.weight": A, "model.layers.0.self_attn.q_proj.lora_B.weight": B}
+    for tensors in (named, bare):
+        m = load_adapter(_write(tmp_path / str(len(list(tmp_path.iterdir()))), CFG, tensors)).modules[
+            ModuleKey("model", 0, "q")]
+        torch.testing.assert_close(m.dense(), 2.0 * (B.double() @ A.double()))
+    two = {**named, P + "v_proj.lora_A.other.weight": A.clone(), P + "v_proj.lora_B.other.weight": B.clone()}
+    with pytest.raises(AdapterLoadError, match="several adapters"):
+        load_adapter(_write(tmp_path / "two", CFG, two))
 
 
 def test_colliding_keys_fall_back_to_raw(tmp_path):
