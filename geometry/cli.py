@@ -68,3 +68,104 @@ def _add_info_parser(sub: argparse._SubParsersAction) -> None:
 
 
 _REGISTRY.append(_add_info_parser)
+
+
+def _merge_params(args: argparse.Namespace) -> tuple[list[float] | None, dict]:
+    """``--weights`` / ``--density`` / ``--seed`` / ``--rank`` as merge arguments (unset ones omitted)."""
+    from geometry.merging import METHOD_PARAMS
+
+    weights = None
+    if args.weights:
+        try:
+            weights = [float(w) for w in args.weights.split(",")]
+        except ValueError:
+            raise ValueError(f"--weights {args.weights!r}: expected comma-separated numbers, e.g. 0.5,0.5") from None
+    takes = METHOD_PARAMS.get(args.method, ())
+    params = {}
+    for name in ("density", "seed", "rank"):
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if name not in takes:
+            if name == "rank":  # e.g. lora_average: truncate when writing instead
+                continue
+            raise ValueError(f"--{name} does not apply to --method {args.method} (it takes {', '.join(takes) or 'only --weights'})")
+        params[name] = value
+    return weights, params
+
+
+def _add_merge_options(p: argparse.ArgumentParser) -> None:
+    from geometry.merging import MERGE_METHODS
+
+    p.add_argument("paths", nargs="+", metavar="PATH", help="adapter folders or .zip files (same base model)")
+    p.add_argument("--method", required=True, choices=list(MERGE_METHODS), help="merge method")
+    p.add_argument("--weights", default=None, metavar="W1,W2,...", help="one weight per adapter (method default if unset)")
+    p.add_argument("--density", type=float, default=None, help="fraction of entries kept (ties, dare_*, magnitude_prune)")
+    p.add_argument("--rank", type=int, default=None, help="truncate each merged module to this rank (energy kept reported)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (dare_*)")
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Merge adapters and write a peft adapter folder (PeftModel.from_pretrained loads it)."""
+    import json
+
+    from geometry.loader import load_adapter
+    from geometry.merging import merge
+
+    weights, params = _merge_params(args)
+    merged = merge([load_adapter(p) for p in args.paths], args.method, weights, **params)
+    write_rank = args.rank if "rank" not in params else None
+    folder = merged.to_peft_folder(args.out, rank=write_rank, head=args.head)
+    info = json.loads((folder / "merge_info.json").read_text())
+    ranks = sorted(set(info["ranks"].values()))
+    print(f"wrote {folder}: {args.method} of {len(args.paths)} adapters, {len(info['ranks'])} modules, "
+          f"rank {ranks[0] if len(ranks) == 1 else f'{ranks[0]}-{ranks[-1]}'}, "
+          f"energy kept {100 * info['energy_kept_total']:.4g}%, head {info['head']}")
+    return 0
+
+
+def _add_merge_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="merge LoRA adapters into one peft adapter folder")
+    _add_merge_options(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="output peft adapter folder")
+    p.add_argument("--head", default=None, metavar="NAME", help="whose head goes in the weights (default: first); all go to heads/")
+    p.set_defaults(func=cmd_merge)
+
+
+_REGISTRY.append(_add_merge_parser)
+
+
+def cmd_pairwise(args: argparse.Namespace) -> int:
+    """Merge every pair of adapters, score each task with its own head: merge loss delta(i, j) and pairwise ANP."""
+    import json
+
+    from geometry.loader import load_adapter
+    from geometry.merge_eval import correlation_study, pairwise_study
+
+    weights, params = _merge_params(args)
+    adapters = [load_adapter(p) for p in args.paths]
+    result = pairwise_study(adapters, args.tasks, args.method, weights=weights, max_examples=args.max_examples,
+                            show_progress=sys.stderr.isatty(), **params)
+    if args.format == "csv":
+        print(result.to_frame().to_csv(index=False), end="")
+        return 0
+    out = result.to_dict()
+    if args.correlations:
+        corr = correlation_study(adapters, result.delta)
+        out["correlations"] = corr.to_dict(orient="records")
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+def _add_pairwise_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pairwise", help="pairwise merge study: merge loss delta(i, j), pairwise ANP, geometry correlations")
+    _add_merge_options(p)
+    p.add_argument("--tasks", required=True, metavar="DIR", help="folder holding one task folder per adapter (test.jsonl)")
+    p.add_argument("--format", choices=("json", "csv"), default="json")
+    p.add_argument("--max-examples", type=int, default=None, help="score only the first N test examples of each task")
+    p.add_argument("--correlations", action="store_true",
+                   help="json: add the Spearman correlations of delta(i, .) with each distance (paper's Table 3)")
+    p.set_defaults(func=cmd_pairwise)
+
+
+_REGISTRY.append(_add_pairwise_parser)

@@ -1,0 +1,347 @@
+"""What merging costs each task, and whether the geometry predicted it.
+
+Definitions (DivMerge 2025; task-vector geometry paper, TALN 2024):
+
+- ``P(theta, t)``: performance of model ``theta`` on the test split of task ``t`` (accuracy for
+  classification, ROUGE-L F1 for generation), with task ``t``'s own head.
+- **ANP** (Average Normalized Performance) of a merge of ``T`` tasks:
+  ``ANP = (1/T) sum_t P(merged, t) / P(theta_t, t)``, in %; ``theta_t`` is the fine-tuned model of
+  task ``t`` (here: the base model plus adapter ``t``).
+- **Merge loss** of the pair ``(i, j)``: ``delta(i, j) = P(theta_i, i) - P(merge(i, j), i)``
+  (asymmetric; ``delta(i, i) = 0``). The pairwise ANP of ``(i, j)`` is the ANP of that 2-task merge.
+- **Geometry vs loss** (the geometry paper's Table 3): for each task ``i``, the Spearman
+  correlation between ``delta(i, .)`` and ``Tbar_d(i, .)`` over the partners ``j != i``, where
+  ``Tbar_d(i, j)`` is distance ``d`` (L2, cosine, Grassmann) between the task vectors of ``i`` and
+  ``j`` averaged over the chosen layers (all, or the last ``k``), for one projection kind (q or v);
+  reported as mean and standard deviation (population, ``ddof = 0``) over tasks.
+
+Each adapter's task data is found under ``tasks_dir`` by :func:`find_task_dir` (its
+``training_info.json`` ``task`` field, else its name). Scores come from
+:func:`geometry.evaluate.evaluate`, cached on disk by content hash (merge method, parameters and
+source adapters; task file; example limit).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from geometry.errors import AtlasError, IncompatibleAdaptersError
+from geometry.types import Adapter
+
+Progress = Callable[[int, int, str], None]
+
+
+class MissingTaskDataError(AtlasError):
+    """An adapter's task data (``<tasks_dir>/<task>/test.jsonl``) cannot be found."""
+
+
+# ------------------------------------------------------------------------------------------ tasks
+def adapter_task_name(adapter: Adapter) -> str:
+    """The task an adapter was trained on: ``training_info.json``'s ``task`` next to it, else its name."""
+    if adapter.source:
+        info = Path(adapter.source) / "training_info.json"
+        if info.is_file():
+            try:
+                task = json.loads(info.read_text(encoding="utf-8")).get("task")
+            except (json.JSONDecodeError, AttributeError):
+                task = None
+            if isinstance(task, str) and task:
+                return task
+    return adapter.name
+
+
+def find_task_dir(adapter: Adapter, tasks_dir: str | Path, split: str = "test") -> Path:
+    """``tasks_dir/<task>`` holding ``<split>.jsonl`` for ``adapter`` (see :func:`adapter_task_name`)."""
+    tasks_dir = Path(tasks_dir)
+    if not tasks_dir.is_dir():
+        raise MissingTaskDataError(f"task folder {tasks_dir} does not exist")
+    tried = []
+    for name in dict.fromkeys([adapter_task_name(adapter), adapter.name]):
+        folder = tasks_dir / name
+        tried.append(str(folder / f"{split}.jsonl"))
+        if (folder / f"{split}.jsonl").is_file():
+            return folder
+    raise MissingTaskDataError(f"no task data for adapter {adapter.name!r}: looked for {' and '.join(tried)}")
+
+
+def _metric(result: dict[str, Any]) -> float:
+    return float(result["rouge_l"] if "rouge_l" in result else result["accuracy"])
+
+
+def performance(source: Any, task_dir: str | Path, head: str | None = None, max_examples: int | None = None,
+                use_cache: bool = True) -> float:
+    """``P(source, task)``: accuracy (classification) or ROUGE-L (generation) on the test split."""
+    from geometry.evaluate import evaluate
+
+    return _metric(evaluate(source, task_dir, "test", limit=max_examples, head=head, use_cache=use_cache))
+
+
+def anp(merged: Sequence[float], finetuned: Sequence[float]) -> float:
+    """``100 / T * sum_t merged_t / finetuned_t``."""
+    m, f = np.asarray(merged, dtype=float), np.asarray(finetuned, dtype=float)
+    if len(m) == 0 or len(m) != len(f):
+        raise ValueError(f"ANP needs as many merged as fine-tuned scores, got {len(m)} and {len(f)}")
+    if np.any(f <= 0):
+        raise ValueError("ANP is undefined when a fine-tuned model scores 0 on its task")
+    return float(100.0 * np.mean(m / f))
+
+
+def _unique_names(adapters: Sequence[Adapter]) -> None:
+    names = [a.name for a in adapters]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise IncompatibleAdaptersError(f"adapter names must be unique to keep one head per task; repeated: {dup}")
+
+
+# ------------------------------------------------------------------------------- one merge, T tasks
+@dataclass
+class MergeEvaluation:
+    """Per-task scores of one merge: ``frame`` has task, adapter, finetuned, merged, normalized (%)."""
+
+    method: str
+    params: dict[str, Any]
+    frame: pd.DataFrame
+    anp: float
+
+
+def evaluate_merge(
+    adapters: Sequence[Adapter],
+    tasks_dir: str | Path,
+    method: str = "task_arithmetic",
+    weights: Any = None,
+    *,
+    max_examples: int | None = None,
+    progress: Progress | None = None,
+    merged: Any = None,
+    **params: Any,
+) -> MergeEvaluation:
+    """Merge ``adapters`` (or take ``merged``) and score it on every task with that task's head."""
+    from geometry.merging import merge
+
+    adapters = list(adapters)
+    _unique_names(adapters)
+    dirs = [find_task_dir(a, tasks_dir) for a in adapters]
+    if merged is None:
+        merged = merge(adapters, method, weights, **params)
+    rows = []
+    total = 2 * len(adapters)
+    for t, (ad, folder) in enumerate(zip(adapters, dirs)):
+        if progress:
+            progress(2 * t, total, f"{ad.name}: fine-tuned")
+        ft = performance(ad, folder, max_examples=max_examples)
+        if progress:
+            progress(2 * t + 1, total, f"{ad.name}: merged")
+        mg = performance(merged, folder, head=ad.name, max_examples=max_examples)
+        rows.append({"task": folder.name, "adapter": ad.name, "finetuned": ft, "merged": mg,
+                     "normalized": 100.0 * mg / ft if ft > 0 else math.nan})
+    if progress:
+        progress(total, total, "done")
+    frame = pd.DataFrame(rows)
+    return MergeEvaluation(merged.method, dict(merged.params), frame, anp(frame["merged"], frame["finetuned"]))
+
+
+# -------------------------------------------------------------------------------------- pairwise
+@dataclass
+class PairwiseResult:
+    """All 2-task merges of ``n`` adapters with one method.
+
+    ``finetuned[i] = P(theta_i, i)``; ``merged[i, j] = P(merge(i, j), i)`` (diagonal: fine-tuned);
+    ``delta = finetuned[:, None] - merged`` (diagonal 0); ``anp[i, j]`` symmetric pairwise ANP in %
+    (diagonal 100).
+    """
+
+    adapters: list[str]
+    tasks: list[str]
+    method: str
+    params: dict[str, Any]
+    finetuned: np.ndarray
+    merged: np.ndarray
+    max_examples: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def delta(self) -> np.ndarray:
+        d = self.finetuned[:, None] - self.merged
+        np.fill_diagonal(d, 0.0)
+        return d
+
+    @property
+    def anp(self) -> np.ndarray:
+        ratio = self.merged / self.finetuned[:, None]
+        out = 50.0 * (ratio + ratio.T)
+        np.fill_diagonal(out, 100.0)
+        return out
+
+    @property
+    def mean_anp(self) -> float:
+        """Mean pairwise ANP over the pairs ``i < j`` (DivMerge's Table 3 statistic)."""
+        iu = np.triu_indices(len(self.adapters), k=1)
+        return float(np.mean(self.anp[iu])) if len(iu[0]) else math.nan
+
+    @property
+    def std_anp(self) -> float:
+        iu = np.triu_indices(len(self.adapters), k=1)
+        return float(np.std(self.anp[iu])) if len(iu[0]) else math.nan
+
+    def to_frame(self) -> pd.DataFrame:
+        """Long table, one row per ordered pair ``i != j``."""
+        rows = []
+        delta, anp_m = self.delta, self.anp
+        for i, j in np.ndindex(len(self.adapters), len(self.adapters)):
+            if i == j:
+                continue
+            rows.append({
+                "i": i, "j": j, "adapter_i": self.adapters[i], "adapter_j": self.adapters[j],
+                "task_i": self.tasks[i], "finetuned_i": float(self.finetuned[i]),
+                "merged_i": float(self.merged[i, j]), "delta": float(delta[i, j]), "anp": float(anp_m[i, j]),
+            })
+        return pd.DataFrame(rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method, "params": self.params, "adapters": self.adapters, "tasks": self.tasks,
+            "max_examples": self.max_examples, "finetuned": self.finetuned.tolist(),
+            "merged": self.merged.tolist(), "delta": self.delta.tolist(), "anp": self.anp.tolist(),
+            "mean_anp": self.mean_anp, "std_anp": self.std_anp,
+        }
+
+
+def pairwise_study(
+    adapters: Sequence[Adapter],
+    tasks_dir: str | Path,
+    method: str = "lora_average",
+    *,
+    weights: Any = None,
+    max_examples: int | None = None,
+    progress: Progress | None = None,
+    show_progress: bool = True,
+    **params: Any,
+) -> PairwiseResult:
+    """Merge every pair with ``method`` and score each merge on both tasks (with each task's head).
+
+    ``weights`` (one per member of a pair, e.g. ``[0.5, 0.5]``) applies to every pair. Cost:
+    ``n`` fine-tuned and ``n (n - 1)`` merged evaluations, each cached on disk.
+    """
+    from tqdm.auto import tqdm
+
+    from geometry.merging import merge
+
+    adapters = list(adapters)
+    if len(adapters) < 2:
+        raise IncompatibleAdaptersError(f"the pairwise study needs at least 2 adapters, got {len(adapters)}")
+    _unique_names(adapters)
+    dirs = [find_task_dir(a, tasks_dir) for a in adapters]
+    n = len(adapters)
+    pairs = list(combinations(range(n), 2))
+    total = n + len(pairs)
+    bar = tqdm(total=total, desc=f"pairwise {method}", unit="eval", disable=not show_progress, leave=False)
+    done = 0
+
+    def tick(message: str) -> None:
+        nonlocal done
+        done += 1
+        bar.update(1)
+        bar.set_postfix_str(message, refresh=False)
+        if progress:
+            progress(done, total, message)
+
+    finetuned = np.zeros(n)
+    for i, (ad, folder) in enumerate(zip(adapters, dirs)):
+        finetuned[i] = performance(ad, folder, max_examples=max_examples)
+        tick(f"{ad.name} fine-tuned")
+    merged_scores = np.diag(finetuned).astype(float)
+    params_used: dict[str, Any] = {}
+    for i, j in pairs:
+        m = merge([adapters[i], adapters[j]], method, weights, **params)
+        params_used = dict(m.params)
+        merged_scores[i, j] = performance(m, dirs[i], head=adapters[i].name, max_examples=max_examples)
+        merged_scores[j, i] = performance(m, dirs[j], head=adapters[j].name, max_examples=max_examples)
+        tick(f"{adapters[i].name} + {adapters[j].name}")
+    bar.close()
+    return PairwiseResult([a.name for a in adapters], [d.name for d in dirs], method, params_used,
+                          finetuned, merged_scores, max_examples)
+
+
+# ---------------------------------------------------------------------------- geometry vs loss
+def layer_selections(n_layers: int) -> list[tuple[str, int]]:
+    """``[("all", L), ("last:1", 1), ..., ("last:L", L)]``."""
+    return [("all", n_layers)] + [(f"last:{k}", k) for k in range(1, n_layers + 1)]
+
+
+def row_spearman(delta: np.ndarray, dist: np.ndarray) -> np.ndarray:
+    """Per row ``i``: Spearman correlation of ``delta[i, j]`` and ``dist[i, j]`` over ``j != i``.
+
+    NaN for a row where either side is constant (the correlation is undefined).
+    """
+    from scipy.stats import spearmanr
+
+    n = delta.shape[0]
+    out = np.full(n, np.nan)
+    for i in range(n):
+        mask = np.arange(n) != i
+        x, y = delta[i, mask], dist[i, mask]
+        if len(x) >= 2 and np.ptp(x) > 0 and np.ptp(y) > 0:
+            out[i] = float(spearmanr(x, y).statistic)
+    return out
+
+
+def correlation_study(
+    adapters: Sequence[Adapter],
+    delta: np.ndarray,
+    *,
+    metrics: Sequence[str] = ("l2", "cosine", "grassmann"),
+    kinds: Sequence[str] = ("q", "v"),
+    factor: str = "ba",
+    stack: str | None = None,
+    progress: Progress | None = None,
+) -> pd.DataFrame:
+    """The geometry paper's Table 3 on these adapters and merge losses ``delta [n, n]``.
+
+    One row per (metric, kind, layer selection): ``layers`` (``all`` / ``last:k``), ``k``,
+    ``mean`` and ``std`` over tasks of the per-task Spearman correlation, ``n_tasks`` (tasks with
+    a defined correlation) and ``per_task`` (list). Kinds absent from the adapters are skipped.
+    """
+    from geometry.distances import pairwise_distances
+
+    adapters = list(adapters)
+    delta = np.asarray(delta, dtype=float)
+    if delta.shape != (len(adapters), len(adapters)):
+        raise ValueError(f"delta must be {len(adapters)} x {len(adapters)}, got {delta.shape}")
+    present = set.intersection(*(set(a.kinds()) for a in adapters))
+    jobs = [(m, k) for m in metrics for k in kinds if k in present]
+    if not jobs:
+        raise IncompatibleAdaptersError(f"none of the kinds {list(kinds)} is present in every adapter")
+    rows = []
+    for step, (metric, kind) in enumerate(jobs):
+        if progress:
+            progress(step, len(jobs), f"{metric} {kind}")
+        tensor = pairwise_distances(adapters, metric=metric, factor=factor, kind=kind, stack=stack)
+        for spec, k in layer_selections(len(tensor.layers)):
+            rho = row_spearman(delta, tensor.reduce(layers=spec))
+            valid = rho[~np.isnan(rho)]
+            rows.append({
+                "metric": metric, "kind": kind, "layers": spec, "k": k,
+                "mean": float(valid.mean()) if len(valid) else math.nan,
+                "std": float(valid.std()) if len(valid) else math.nan,
+                "n_tasks": int(len(valid)), "per_task": [None if np.isnan(r) else float(r) for r in rho],
+            })
+    if progress:
+        progress(len(jobs), len(jobs), "done")
+    return pd.DataFrame(rows)
+
+
+def correlation_table(frame: pd.DataFrame, layers: Sequence[str] | None = None) -> pd.DataFrame:
+    """Wide table like the paper's Table 3: rows = kind, columns = (metric, layers), cells ``mean (std)``."""
+    sel = frame if layers is None else frame[frame["layers"].isin(list(layers))]
+    cells = sel.assign(cell=[f"{m:.2f} ({s:.2f})" if not math.isnan(m) else "n/a" for m, s in zip(sel["mean"], sel["std"])])
+    table = cells.pivot_table(index="kind", columns=["metric", "layers"], values="cell", aggfunc="first")
+    return table

@@ -1,0 +1,69 @@
+"""``python -m geometry merge``: peft folder output, exact rank-sum by default, precise errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from geometry.cli import main
+from geometry.loader import load_adapter
+from tests.families import save_adapter
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    a, _ = save_adapter("bert", root / "a", seed=1, r=4, lora_alpha=8)
+    b, _ = save_adapter("bert", root / "b", seed=2, r=2, lora_alpha=8)
+    return a, b
+
+
+def test_merge_task_arithmetic_keeps_exact_rank_sum(pair, tmp_path, capsys):
+    out = tmp_path / "m"
+    assert main(["merge", str(pair[0]), str(pair[1]), "--method", "task_arithmetic", "--weights", "1,-0.5",
+                 "--out", str(out)]) == 0
+    assert "energy kept 100%" in capsys.readouterr().out
+    merged, a, b = load_adapter(out), load_adapter(pair[0]), load_adapter(pair[1])
+    for key, mod in merged.modules.items():
+        assert mod.rank == 6 and mod.scale == 1.0
+        ref = a.modules[key].dense() - 0.5 * b.modules[key].dense()
+        assert torch.allclose(mod.dense(), ref, atol=1e-6 * float(ref.abs().max()))
+    info = json.loads((out / "merge_info.json").read_text())
+    assert info["params"]["weights"] == [1.0, -0.5] and info["energy_kept_total"] == 1.0
+
+
+def test_merge_ties_with_rank_reports_energy(pair, tmp_path, capsys):
+    out = tmp_path / "t"
+    assert main(["merge", str(pair[0]), str(pair[1]), "--method", "ties", "--density", "0.3", "--rank", "2",
+                 "--out", str(out)]) == 0
+    line = capsys.readouterr().out
+    assert "rank 2" in line and "energy kept 100%" not in line
+    assert {m.rank for m in load_adapter(out).modules.values()} == {2}
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "lora_average"], "lora_average needs equal ranks per module: model.0.down: a r=4, b r=2"),
+    (["--method", "ties", "--weights", "1"], "got 1 merge weights for 2 adapters"),
+    (["--method", "ties", "--weights", "1,x"], "--weights '1,x': expected comma-separated numbers"),
+    (["--method", "task_arithmetic", "--density", "0.5"], "--density does not apply to --method task_arithmetic"),
+    (["--method", "ties", "--density", "1.5"], "density must be in (0, 1]"),
+])
+def test_merge_errors_are_one_line(pair, tmp_path, capsys, extra, message):
+    assert main(["merge", str(pair[0]), str(pair[1]), *extra, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_merge_different_bases(tmp_path, capsys):
+    a, _ = save_adapter("bert", tmp_path / "a", seed=1)
+    b, _ = save_adapter("bert", tmp_path / "b", seed=2)
+    cfg = json.loads((b / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "org/other-base"
+    (b / "adapter_config.json").write_text(json.dumps(cfg))
+    cfg = json.loads((a / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "org/base"
+    (a / "adapter_config.json").write_text(json.dumps(cfg))
+    assert main(["merge", str(a), str(b), "--method", "ties", "--out", str(tmp_path / "x")]) == 2
+    assert "different base models (a: org/base, b: org/other-base)" in capsys.readouterr().err
