@@ -98,13 +98,20 @@ def load_adapter(source: Any, name: str | None = None, **limits: int) -> Adapter
 def _find_adapter_dir(root: Path) -> Path:
     if (root / CONFIG_NAME).is_file():
         return root
-    found = sorted(p.parent for p in root.rglob(CONFIG_NAME) if p.is_file())
+    found = sorted(str(p.relative_to(root).as_posix()) for p in root.rglob(CONFIG_NAME) if p.is_file())
     if not found:
         raise AdapterLoadError(f"{root}: no {CONFIG_NAME} in this folder or its subfolders")
-    if len(found) > 1:
-        listed = ", ".join(str(p.relative_to(root)) for p in found[:5])
-        raise AdapterLoadError(f"{root}: several adapters in this folder ({listed}); pass one of them")
-    return found[0]
+    return root / PurePosixPath(_shallowest(found, str(root), "folder")[0]).parent
+
+
+def _shallowest(configs: list[str], where: str, what: str) -> list[str]:
+    """The one least nested config path (a training output with ``checkpoint-N/`` copies below it)."""
+    depth = min(len(PurePosixPath(c).parts) for c in configs)
+    top = [c for c in configs if len(PurePosixPath(c).parts) == depth]
+    if len(top) > 1:
+        raise AdapterLoadError(
+            f"{where}: several {CONFIG_NAME} at the same level of this {what} ({', '.join(top[:5])}); give one adapter")
+    return top
 
 
 def load_folder(path: str | Path, name: str | None = None) -> Adapter:
@@ -177,8 +184,7 @@ def load_zip_bytes(
         configs = sorted(f for f in files if PurePosixPath(f).name == CONFIG_NAME)
         if not configs:
             raise AdapterLoadError(f"{source}: no {CONFIG_NAME} in the zip archive")
-        if len(configs) > 1:
-            raise AdapterLoadError(f"{source}: several {CONFIG_NAME} in the zip ({', '.join(configs[:5])}); zip one adapter")
+        configs = _shallowest(configs, source, "zip")
         folder = PurePosixPath(configs[0]).parent
         wanted = {CONFIG_NAME: configs[0]}
         for wname in WEIGHT_NAMES:

@@ -124,10 +124,12 @@ def test_old_config_lacking_fields_loads(llama_dir, tmp_path):
     _check_against_peft(adapter, pm)
 
 
-def test_folder_name_file_path_and_summary(llama_dir):
+def test_folder_name_file_path_and_summary(llama_dir, tmp_path):
     path, _ = llama_dir
     adapter = load_adapter(path)
     assert adapter.name == "my_llama"
+    shutil.copytree(path, tmp_path / "outer" / "inner")
+    assert load_adapter(tmp_path / "outer").name == "inner"
     assert load_adapter(path / "adapter_config.json").content_hash == adapter.content_hash
     s = adapter_summary(adapter)
     assert s["r"] == 4 and s["alpha"] == 8 and s["scale_rule"] == "alpha/r" and s["scale"] == 2.0
@@ -191,6 +193,9 @@ def test_zip_symlink_oversize_and_count_limits(llama_dir):
         load_zip_bytes(_zip_bytes(_members(path)), max_members=2)
     with pytest.raises(AdapterLoadError, match="several adapter_config.json"):
         load_zip_bytes(_zip_bytes({**_members(path, "a/"), **_members(path, "b/")}))
+    # a training output: the adapter on top, checkpoint copies below it -> the top one
+    nested = load_zip_bytes(_zip_bytes({**_members(path, "run/"), **_members(path, "run/checkpoint-5/")}))
+    assert nested.name == "run"
     with pytest.raises(AdapterLoadError, match="no adapter_config.json"):
         load_zip_bytes(_zip_bytes({"readme.txt": b"hi"}))
     with pytest.raises(AdapterLoadError, match="not a readable zip"):
@@ -396,6 +401,11 @@ def test_bad_files(tmp_path):
         load_adapter(folder)
     with pytest.raises(AdapterLoadError, match="no such file or folder"):
         load_adapter(tmp_path / "missing")
+    two = tmp_path / "two"
+    for sub in ("a", "b"):
+        shutil.copytree(tmp_path / "j", two / sub)
+    with pytest.raises(AdapterLoadError, match="several adapter_config.json"):
+        load_adapter(two)
     (tmp_path / "empty").mkdir()
     with pytest.raises(AdapterLoadError, match="no adapter_config.json"):
         load_adapter(tmp_path / "empty")
