@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,7 +41,6 @@ class Family:
     expected: dict[str, list[tuple[str, int, str]]]
     fan_in_fan_out: bool = False
     task_type: str | None = "CAUSAL_LM"
-    extra: dict = field(default_factory=dict)
 
 
 def _decoder(cls_name: str, **kw) -> Callable[[], transformers.PretrainedConfig]:
