@@ -169,3 +169,116 @@ def _add_pairwise_parser(sub: argparse._SubParsersAction) -> None:
 
 
 _REGISTRY.append(_add_pairwise_parser)
+
+
+def _write_records(frame, fmt: str, out: str | None, list_columns: Sequence[str]) -> None:
+    """``frame`` as CSV (list columns as JSON arrays) or a JSON list of records (NaN as null)."""
+    import json
+    import math
+
+    def clean(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value.item() if hasattr(value, "item") else value
+
+    records = [{k: clean(v) for k, v in row.items()} for row in frame.to_dict(orient="records")]
+    if fmt == "json":
+        text = "[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n"
+    else:
+        table = frame.copy()
+        for col in list_columns:
+            table[col] = [json.dumps(clean(list(v))) for v in table[col]]
+        text = table.to_csv(index=False)
+    if out:
+        with open(out, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    else:
+        sys.stdout.write(text)
+
+
+def _kinds_option(value: str | None) -> list[str] | None:
+    return [k.strip() for k in value.split(",") if k.strip()] if value else None
+
+
+def cmd_inclusion(args: argparse.Namespace) -> int:
+    """Spectral inclusion tau1 -> tau2 (closed form): one record per common module."""
+    import torch
+
+    from geometry.errors import IncompatibleAdaptersError
+    from geometry.inclusion import inclusion
+    from geometry.loader import load_adapter
+
+    torch.set_num_threads(1)
+    if not args.lam >= 0:
+        raise ValueError(f"--lambda must be >= 0, got {args.lam}")
+    ad1, ad2 = load_adapter(args.path1), load_adapter(args.path2)
+    frame = inclusion(ad1, ad2, lam=args.lam, kinds=_kinds_option(args.kind), objective=args.objective)
+    if frame.empty:
+        raise IncompatibleAdaptersError(
+            f"{args.path1} and {args.path2} share no LoRA module"
+            + (f" of kind {args.kind}" if args.kind else "")
+            + " (same (stack, layer, kind) keys expected)"
+        )
+    _write_records(frame, args.format, args.out, ["s1", "s2"])
+    return 0
+
+
+def _add_inclusion_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "inclusion",
+        help="spectral inclusion tau1 -> tau2 per module: S1, projected S2, L1, L2 (raw and normalized), REC, entropies",
+        description=(
+            "Project tau2 on the singular basis of tau1 (closed form): S2 = argmin_{S>=0} ||U S V^T - tau2||_F "
+            "+ lambda ||S||_1. Keys: stack, layer, kind, rank, s1, s2, l1, l2, l1_normalized, l2_normalized, "
+            "rec, h1, h2."
+        ),
+    )
+    p.add_argument("path1", metavar="PATH1", help="adapter whose basis is used (tau1): folder, .zip or hub:<repo_id>")
+    p.add_argument("path2", metavar="PATH2", help="adapter projected (tau2)")
+    p.add_argument("--lambda", dest="lam", type=float, default=0.0, metavar="L", help="sparsity weight lambda >= 0 (default 0)")
+    p.add_argument(
+        "--objective", choices=("frobenius", "squared"), default="frobenius",
+        help="frobenius: the paper's ||.||_F + lambda ||S||_1 (threshold lambda * optimal residual); "
+        "squared: ||.||_F^2 + lambda ||S||_1 (threshold lambda / 2). Identical for lambda = 0",
+    )
+    p.add_argument("--kind", default=None, metavar="K[,K...]", help="only these module kinds (e.g. q,v)")
+    p.add_argument("--format", choices=("csv", "json"), default="csv", help="csv (default; s1, s2 as JSON arrays) or json records")
+    p.add_argument("--out", default=None, metavar="FILE", help="write to FILE instead of stdout")
+    p.set_defaults(func=cmd_inclusion)
+
+
+_REGISTRY.append(_add_inclusion_parser)
+
+
+def cmd_anatomy(args: argparse.Namespace) -> int:
+    """Per-module anatomy of one adapter: norms, singular values, effective and stable rank."""
+    import torch
+
+    from geometry.anatomy import anatomy
+    from geometry.loader import load_adapter
+
+    torch.set_num_threads(1)
+    frame = anatomy(load_adapter(args.path), kinds=_kinds_option(args.kind))
+    _write_records(frame, args.format, args.out, ["singular_values"])
+    return 0
+
+
+def _add_anatomy_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "anatomy",
+        help="per-module anatomy: ||tau||_F, singular values, numerical / effective / stable rank",
+        description=(
+            "Keys: stack, layer, kind, name, m, n, r, scale, rank, fro_norm, spectral_norm, singular_values, "
+            "effective_rank (exp of the spectral entropy), entropy (normalized, 0 to 1), stable_rank."
+        ),
+    )
+    p.add_argument("path", metavar="PATH", help="adapter folder, .zip or hub:<repo_id>")
+    p.add_argument("--kind", default=None, metavar="K[,K...]", help="only these module kinds")
+    p.add_argument("--format", choices=("csv", "json"), default="csv", help="csv (default; singular_values as JSON arrays) or json records")
+    p.add_argument("--out", default=None, metavar="FILE", help="write to FILE instead of stdout")
+    p.set_defaults(func=cmd_anatomy)
+
+
+_REGISTRY.append(_add_anatomy_parser)

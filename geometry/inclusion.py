@@ -53,8 +53,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from geometry.align import check_compatible, common_keys
 from geometry.anatomy import AdapterSVD, decompose_adapter, ordered_keys, stack_factors
-from geometry.errors import IncompatibleAdaptersError
 from geometry.factored import LowRankSVD, diff_fro_norm
 from geometry.spectra import entropy, lp, rec
 from geometry.types import Adapter, ModuleKey
@@ -349,21 +349,12 @@ def common_modules(
 ) -> list[ModuleKey]:
     """Keys present in both adapters (optionally of ``kinds`` / ``stack``), in display order.
 
-    Raises :class:`IncompatibleAdaptersError` when a common module has different shapes.
+    Raises :class:`IncompatibleAdaptersError` (:func:`geometry.align.check_compatible`) when a
+    common module has different shapes in the two adapters.
     """
+    check_compatible([ad1, ad2])
     kind_set = None if kinds is None else set(kinds)
-    keys = ordered_keys(
-        k for k in ad1.modules.keys() & ad2.modules.keys()
-        if (kind_set is None or k.kind in kind_set) and (stack is None or k.stack == stack)
-    )
-    for k in keys:
-        s1, s2 = ad1.modules[k].shape, ad2.modules[k].shape
-        if s1 != s2:
-            raise IncompatibleAdaptersError(
-                f"module {k.label} ({ad1.modules[k].name}) has shape {s1[0]}x{s1[1]} in adapter "
-                f"{ad1.name!r} but {s2[0]}x{s2[1]} in adapter {ad2.name!r}: expected the same base model"
-            )
-    return keys
+    return ordered_keys(k for k in common_keys([ad1, ad2], stack=stack) if kind_set is None or k.kind in kind_set)
 
 
 def _batches(dec1: AdapterSVD, ad2: Adapter, keys: list[ModuleKey], need_rho: bool) -> list[_Batch]:

@@ -71,3 +71,27 @@ def test_decompose_adapter_single_module_view_is_the_thin_svd():
     svd = dec.get(key)
     torch.testing.assert_close(svd.dense(), ad.modules[key].dense(), rtol=1e-12, atol=1e-14)
     assert svd.rank == 3 and key in dec
+
+
+def test_cli_anatomy_csv_and_json(tmp_path, capsys):
+    import io
+    import json
+
+    import pandas as pd
+
+    from geometry.cli import main
+    from geometry.loader import load_adapter
+    from tests.app_fixtures import write_adapter
+
+    path = write_adapter(tmp_path / "ad", seed=3, layers=2)
+    assert main(["anatomy", str(path)]) == 0
+    frame = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    expected = anatomy(load_adapter(path))
+    assert list(frame.columns) == list(ANATOMY_COLUMNS) and len(frame) == 4
+    np.testing.assert_allclose(frame.fro_norm, expected.fro_norm, rtol=1e-12)
+    assert json.loads(frame.singular_values[0]) == pytest.approx(expected.singular_values[0], rel=1e-12)
+    assert main(["anatomy", str(path), "--format", "json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert records[0]["stable_rank"] == pytest.approx(expected.stable_rank[0])
+    assert main(["anatomy", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.startswith("error:")

@@ -297,9 +297,10 @@ def test_zero_adapters_give_nan_metrics_not_errors():
 def test_incompatible_shapes_and_no_common_module():
     a, _, _ = _adapters()
     other = random_adapter("other", layers=3, kinds={"q": (20, 16)}, r=4, seed=9)
-    with pytest.raises(IncompatibleAdaptersError, match=r"model\.0\.q.*24x16.*'a'.*20x16.*'other'"):
+    with pytest.raises(IncompatibleAdaptersError, match=r"'other'.*model\.0\.q.*20x16.*'a'.*24x16"):
         inclusion(a, other, device=CPU)
-    assert inclusion(a, other, kinds=["v"], device=CPU).empty
+    disjoint = random_adapter("k_only", layers=3, kinds={"k": (8, 16)}, r=4, seed=9)
+    assert inclusion(a, disjoint, device=CPU).empty
 
 
 # -- t-tests (the paper's Table 5) -----------------------------------------------------------------
@@ -321,3 +322,45 @@ def test_ttest_matches_scipy_and_one_sided_halves():
     assert with_nan["n_a"] == 64 and with_nan["t"] == pytest.approx(out["t"])
     with pytest.raises(ValueError, match="equal length"):
         ttest(x, y[:5], paired=True)
+
+
+# -- command line ----------------------------------------------------------------------------------
+
+
+def test_cli_inclusion_csv_and_json(tmp_path, capsys):
+    import json
+
+    import pandas as pd
+
+    from geometry.cli import main
+    from geometry.loader import load_adapter
+    from tests.app_fixtures import write_adapter
+
+    p1, p2 = write_adapter(tmp_path / "one", seed=1, layers=2), write_adapter(tmp_path / "two", seed=2, layers=2, r=3)
+    assert main(["inclusion", str(p1), str(p2)]) == 0
+    frame = pd.read_csv(__import__("io").StringIO(capsys.readouterr().out))
+    for key in ("stack", "layer", "kind", "s1", "s2", "l1", "l2", "l1_normalized", "l2_normalized", "rec", "h1", "h2"):
+        assert key in frame.columns
+    expected = inclusion(load_adapter(p1), load_adapter(p2))
+    assert len(frame) == len(expected) == 4
+    np.testing.assert_allclose(frame.rec, expected.rec, rtol=1e-12)
+    assert json.loads(frame.s2[0]) == pytest.approx(expected.s2[0], rel=1e-12)
+    assert main(["inclusion", str(p1), str(p2), "--lambda", "0.05", "--format", "json", "--kind", "q"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    by_lam = inclusion(load_adapter(p1), load_adapter(p2), lam=0.05, kinds=["q"])
+    assert [r["kind"] for r in records] == ["q", "q"]
+    assert records[1]["s2"] == pytest.approx(by_lam.s2[1], rel=1e-12)
+
+
+def test_cli_inclusion_errors_are_one_line(tmp_path, capsys):
+    from geometry.cli import main
+    from tests.app_fixtures import write_adapter
+
+    p1 = write_adapter(tmp_path / "one", seed=1, layers=2)
+    assert main(["inclusion", str(p1), str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "missing" in err and err.count("\n") == 1
+    assert main(["inclusion", str(p1), str(p1), "--lambda", "-1"]) == 2
+    assert "--lambda" in capsys.readouterr().err
+    assert main(["inclusion", str(p1), str(p1), "--kind", "gate"]) == 2
+    assert "share no LoRA module of kind gate" in capsys.readouterr().err
