@@ -1,0 +1,105 @@
+"""2-D maps of adapters from a distance matrix ``D [n, n]`` (e.g. ``Tbar_d`` of :mod:`geometry.distances`).
+
+* ``pca``: as in the task-vector geometry paper, PCA on the **rows** of ``D`` (each adapter is
+  described by its distances to all adapters); the first two principal component scores.
+* ``mds``: classical (Torgerson) MDS: ``K = -1/2 J D^2 J`` with ``J = I - 11^T / n``, coordinates
+  ``v_i sqrt(lambda_i)`` of the two largest eigenvalues (negative ones clipped to 0). Euclidean
+  distances are reproduced exactly when ``D`` is Euclidean of dimension <= 2.
+* ``umap``: ``umap-learn`` with ``metric="precomputed"``, ``n_neighbors = min(15, n - 1)`` and
+  ``random_state=seed``. UMAP needs at least :data:`UMAP_MIN_POINTS` adapters; below that
+  :func:`embed_2d` raises :class:`AtlasError` saying to use PCA or MDS.
+
+Axes are only defined up to sign (and rotation for UMAP): each PCA / MDS axis is flipped so that
+its largest-magnitude coordinate is positive, making maps reproducible. ``n = 1`` maps to the
+origin; ``n = 2`` to two points on the first axis.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from geometry.errors import AtlasError
+
+METHODS: tuple[str, ...] = ("pca", "mds", "umap")
+UMAP_MIN_POINTS = 4
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _check(D: np.ndarray) -> np.ndarray:
+    D = np.asarray(D, dtype=np.float64)
+    if D.ndim != 2 or D.shape[0] != D.shape[1]:
+        raise AtlasError(f"a distance matrix must be square [n, n]; got shape {D.shape}")
+    if not np.all(np.isfinite(D)):
+        raise AtlasError("the distance matrix has NaN or infinite entries (undefined distances); cannot map it")
+    return (D + D.T) / 2
+
+
+def _orient(X: np.ndarray) -> np.ndarray:
+    for k in range(X.shape[1]):
+        col = X[:, k]
+        if col.size and col[np.argmax(np.abs(col))] < 0:
+            X[:, k] = -col
+    return X
+
+
+def _two_columns(X: np.ndarray, n: int) -> np.ndarray:
+    out = np.zeros((n, 2))
+    out[:, : min(2, X.shape[1])] = X[:, :2]
+    return out
+
+
+def pca_rows(D: np.ndarray) -> np.ndarray:
+    """PCA scores of the rows of ``D`` on the first two components, ``[n, 2]``."""
+    X = D - D.mean(axis=0, keepdims=True)
+    U, S, _ = np.linalg.svd(X, full_matrices=False)
+    return _orient(_two_columns(U * S, D.shape[0]))
+
+
+def classical_mds(D: np.ndarray) -> np.ndarray:
+    """Classical MDS coordinates ``[n, 2]`` (double centering of ``D^2``, top-2 eigenpairs)."""
+    n = D.shape[0]
+    J = np.eye(n) - np.ones((n, n)) / n
+    K = -0.5 * J @ (D * D) @ J
+    vals, vecs = np.linalg.eigh((K + K.T) / 2)
+    order = np.argsort(vals)[::-1][:2]
+    coords = vecs[:, order] * np.sqrt(np.clip(vals[order], 0.0, None))
+    return _orient(_two_columns(coords, n))
+
+
+def umap_embed(D: np.ndarray, seed: int = 0) -> np.ndarray:
+    """UMAP on the precomputed distances (``umap-learn``, imported lazily)."""
+    n = D.shape[0]
+    if n < UMAP_MIN_POINTS:
+        raise AtlasError(
+            f"UMAP needs at least {UMAP_MIN_POINTS} adapters to build a neighbour graph (got {n}); use PCA or MDS"
+        )
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(REPO / "cache" / "numba"))
+    import umap  # slow import (numba): only when asked for
+
+    reducer = umap.UMAP(
+        n_components=2, metric="precomputed", n_neighbors=min(15, n - 1), random_state=seed, init="random" if n < 8 else "spectral"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # precomputed-metric and random_state/n_jobs notices
+        return np.asarray(reducer.fit_transform(D), dtype=np.float64)
+
+
+def embed_2d(D: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
+    """2-D coordinates ``[n, 2]`` of the ``n`` adapters whose distance matrix is ``D``."""
+    D = _check(D)
+    n = D.shape[0]
+    if n == 0:
+        return np.zeros((0, 2))
+    if n == 1:
+        return np.zeros((1, 2))
+    if method == "pca":
+        return pca_rows(D)
+    if method == "mds":
+        return classical_mds(D)
+    if method == "umap":
+        return umap_embed(D, seed)
+    raise AtlasError(f"unknown map method {method!r}; expected one of {', '.join(METHODS)}")
