@@ -282,3 +282,90 @@ def _add_anatomy_parser(sub: argparse._SubParsersAction) -> None:
 
 
 _REGISTRY.append(_add_anatomy_parser)
+
+
+def cmd_distances(args: argparse.Namespace) -> int:
+    """Distance matrix (mean over the chosen layers) or per-layer records between adapters."""
+    import json
+    import math
+
+    from geometry.align import check_compatible
+    from geometry.distances import pairwise_distances, select_layers
+    from geometry.loader import load_adapter
+
+    if len(args.paths) < 2:
+        raise AtlasError("distances need at least two adapters (PATH PATH [PATH...])")
+    adapters = [load_adapter(p) for p in args.paths]
+    seen: dict[str, int] = {}
+    for ad in adapters:  # two folders with the same stem: keep the names apart
+        seen[ad.name] = seen.get(ad.name, 0) + 1
+        if seen[ad.name] > 1:
+            ad.name = f"{ad.name}#{seen[ad.name]}"
+    warnings = check_compatible(adapters)  # printed after a successful run (errors stay one line)
+    dt = pairwise_distances(adapters, args.metric, args.factor, kind=args.kind, stack=args.stack, pad=args.pad)
+    layers = select_layers(dt.layers, args.layers)
+    names = list(dt.adapters)
+
+    def num(v: float) -> float | None:
+        return float(v) if math.isfinite(v) else None
+
+    if args.per_layer:
+        idx = [dt.layers.index(v) for v in layers]
+        records = [
+            {"i": i, "j": j, "layer": layer, "kind": dt.kind, "value": num(dt.values[i, j, k])}
+            for i in range(len(names))
+            for j in range(len(names))
+            for layer, k in zip(layers, idx)
+        ]
+        if args.format == "json":
+            text = json.dumps(records, indent=1) + "\n"
+        else:
+            rows = ["i,j,layer,kind,value"]
+            rows += [f"{r['i']},{r['j']},{r['layer']},{r['kind']},{'' if r['value'] is None else repr(r['value'])}" for r in records]
+            text = "\n".join(rows) + "\n"
+    else:
+        matrix = dt.reduce(layers)
+        if args.format == "json":
+            payload = {
+                "adapters": names,
+                "metric": dt.metric,
+                "factor": dt.factor,
+                "kind": dt.kind,
+                "stack": dt.stack,
+                "layers": layers,
+                "matrix": [[num(v) for v in row] for row in matrix],
+                "convention": dt.convention,
+            }
+            text = json.dumps(payload, indent=1) + "\n"
+        else:
+            rows = [",".join(["adapter", *(json.dumps(n) if "," in n else n for n in names)])]
+            for name, row in zip(names, matrix):
+                cells = ["" if num(v) is None else repr(float(v)) for v in row]
+                rows.append(",".join([json.dumps(name) if "," in name else name, *cells]))
+            text = "\n".join(rows) + "\n"
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    else:
+        sys.stdout.write(text)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def _add_distances_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("distances", help="L2 / cosine / Grassmann distances between adapters, per layer or averaged")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="two or more adapter folders, .zip files, or hub:<repo_id>")
+    p.add_argument("--metric", choices=("l2", "cosine", "grassmann"), default="cosine")
+    p.add_argument("--factor", choices=("ba", "a", "b"), default="ba", help="tau = s B A (default), A alone, or B alone")
+    p.add_argument("--kind", default=None, help="projection kind (q, k, v, o, gate, up, down, ...); default v if present")
+    p.add_argument("--stack", default=None, help="model / encoder / decoder (default: the first having the kind)")
+    p.add_argument("--layers", default="all", help="all | last:K | N,N | A-B (mean over these layers)")
+    p.add_argument("--per-layer", action="store_true", help="one record per (i, j, layer) instead of the mean matrix")
+    p.add_argument("--pad", action="store_true", help="Grassmann: count |r1 - r2| extra right angles")
+    p.add_argument("--format", choices=("csv", "json"), default="json")
+    p.add_argument("--out", default=None, metavar="FILE", help="write here instead of stdout")
+    p.set_defaults(func=cmd_distances)
+
+
+_REGISTRY.append(_add_distances_parser)

@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import torch
 
@@ -21,6 +23,9 @@ LLAMA3_8B_SHAPES: dict[str, tuple[int, int]] = {
     "up": (14336, 4096),
     "down": (4096, 14336),
 }
+
+
+_LLAMA_PARENT = {"gate": "mlp", "up": "mlp", "down": "mlp"}
 
 
 def random_factors(
@@ -79,7 +84,7 @@ def random_adapter(
             B, A = random_factors(m, n, rk, seed=gen, dtype=dtype)
             key = ModuleKey(stack, layer, kind)
             modules[key] = LoraModule(
-                name=f"{stack}.layers.{layer}.{kind}_proj",
+                name=f"model.layers.{layer}.{_LLAMA_PARENT.get(kind, 'self_attn')}.{kind}_proj",
                 key=key,
                 A=A,
                 B=B,
@@ -96,3 +101,32 @@ def random_adapter(
         raw={"r": base_r, "lora_alpha": a},
     )
     return Adapter(name=name, config=config, modules=modules, source=f"synthetic:{name}", content_hash=f"synthetic-{name}-{seed}")
+
+
+def save_peft_folder(adapter: Adapter, folder: str | Path) -> Path:
+    """Write ``adapter`` as a peft folder (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    Llama-style module names (``model.layers.L.self_attn.q_proj``, ``mlp.down_proj``); one rank
+    and alpha for all modules must hold (``rank_pattern`` is written for per-kind ranks).
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for mod in adapter.modules.values():
+        tensors[f"base_model.model.{mod.name}.lora_A.weight"] = mod.A.contiguous()
+        tensors[f"base_model.model.{mod.name}.lora_B.weight"] = mod.B.contiguous()
+    cfg = adapter.config
+    config = {
+        "peft_type": "LORA",
+        "r": cfg.r,
+        "lora_alpha": cfg.lora_alpha,
+        "target_modules": cfg.target_modules,
+        "rank_pattern": cfg.rank_pattern,
+        "base_model_name_or_path": cfg.base_model_name_or_path,
+        "task_type": "CAUSAL_LM",
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    return folder

@@ -1,0 +1,77 @@
+"""``python -m geometry distances``: JSON / CSV matrix and per-layer forms, errors as one line."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from geometry.cli import main
+from geometry.distances import pairwise_distances
+from geometry.loader import load_adapter
+from tests.synthetic import random_adapter, save_peft_folder
+
+KINDS = {"q": (16, 12), "v": (8, 12), "down": (12, 20)}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return [
+        str(save_peft_folder(random_adapter(f"ad{i}", layers=4, kinds=KINDS, r=3 + i, seed=i), root / f"ad{i}"))
+        for i in range(3)
+    ]
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_json_matrix_defaults_to_v_and_matches_the_library(capsys, folders):
+    code, out, _ = run(capsys, "distances", *folders, "--metric", "grassmann", "--layers", "last:2")
+    assert code == 0
+    data = json.loads(out)
+    assert data["adapters"] == ["ad0", "ad1", "ad2"]
+    assert (data["metric"], data["factor"], data["kind"], data["layers"]) == ("grassmann", "ba", "v", [2, 3])
+    ref = pairwise_distances([load_adapter(f) for f in folders], "grassmann", "ba", "v", device=torch.device("cpu"))
+    np.testing.assert_allclose(np.array(data["matrix"]), ref.reduce("last:2"), rtol=1e-12)
+
+
+def test_per_layer_records_and_csv(capsys, folders, tmp_path):
+    code, out, _ = run(capsys, "distances", *folders[:2], "--metric", "l2", "--kind", "down", "--per-layer", "--layers", "1,3")
+    records = json.loads(out)
+    assert code == 0 and len(records) == 2 * 2 * 2
+    assert set(records[0]) == {"i", "j", "layer", "kind", "value"}
+    assert {r["layer"] for r in records} == {1, 3} and all(r["kind"] == "down" for r in records)
+    target = tmp_path / "m.csv"
+    code, out, _ = run(capsys, "distances", *folders, "--metric", "cosine", "--factor", "b", "--format", "csv", "--out", str(target))
+    rows = list(csv.reader(io.StringIO(target.read_text())))
+    assert code == 0 and out == ""
+    assert rows[0] == ["adapter", "ad0", "ad1", "ad2"] and rows[1][1] == "0.0"
+    assert rows[1][2] == ""  # cosine on B alone between r=3 and r=4: undefined (NaN) -> empty cell
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--kind", "gate"], "kind 'gate' is not common"),
+        (["--layers", "last:x"], "layers"),
+        (["--layers", "7"], "not available"),
+    ],
+)
+def test_errors_are_one_line(capsys, folders, argv, needle):
+    code, out, err = run(capsys, "distances", *folders[:2], *argv)
+    assert code == 2 and err.startswith("error:") and needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_missing_path_and_single_adapter(capsys, folders, tmp_path):
+    code, _, err = run(capsys, "distances", folders[0], str(tmp_path / "nope"))
+    assert code == 2 and err.startswith("error:") and "nope" in err
+    code, _, err = run(capsys, "distances", folders[0])
+    assert code == 2 and "at least two adapters" in err
