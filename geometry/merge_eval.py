@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
@@ -302,6 +302,7 @@ def correlation_study(
     kinds: Sequence[str] = ("q", "v"),
     factor: str = "ba",
     stack: str | None = None,
+    distances: Mapping[tuple[str, str, str, str], Any] | None = None,
     progress: Progress | None = None,
 ) -> pd.DataFrame:
     """The geometry paper's Table 3 on these adapters and merge losses ``delta [n, n]``.
@@ -309,10 +310,15 @@ def correlation_study(
     One row per (metric, kind, layer selection): ``layers`` (``all`` / ``last:k``), ``k``,
     ``mean`` and ``std`` over tasks of the per-task Spearman correlation, ``n_tasks`` (tasks with
     a defined correlation) and ``per_task`` (list). Kinds absent from the adapters are skipped.
+    ``distances``: precomputed ``geometry.distances.all_distances`` output (keys ``(metric,
+    factor, stack, kind)``, adapters in the same order) to reuse instead of recomputing.
     """
     from geometry.distances import pairwise_distances
 
     adapters = list(adapters)
+    if stack is None:
+        stacks = adapters[0].stacks() if adapters else []
+        stack = "model" if "model" in stacks or not stacks else stacks[0]
     delta = np.asarray(delta, dtype=float)
     if delta.shape != (len(adapters), len(adapters)):
         raise ValueError(f"delta must be {len(adapters)} x {len(adapters)}, got {delta.shape}")
@@ -324,7 +330,9 @@ def correlation_study(
     for step, (metric, kind) in enumerate(jobs):
         if progress:
             progress(step, len(jobs), f"{metric} {kind}")
-        tensor = pairwise_distances(adapters, metric=metric, factor=factor, kind=kind, stack=stack)
+        tensor = (distances or {}).get((metric, factor, stack, kind))
+        if tensor is None:
+            tensor = pairwise_distances(adapters, metric=metric, factor=factor, kind=kind, stack=stack)
         for spec, k in layer_selections(len(tensor.layers)):
             rho = row_spearman(delta, tensor.reduce(layers=spec))
             valid = rho[~np.isnan(rho)]

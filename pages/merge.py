@@ -1,0 +1,199 @@
+"""Merge page: merge adapters, score each task with its own head (ANP), pairwise merge losses vs geometry."""
+
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+
+from geometry.errors import AtlasError
+from geometry.merge_eval import (
+    MissingTaskDataError,
+    correlation_study,
+    correlation_table,
+    evaluate_merge,
+    find_task_dir,
+    pairwise_study,
+)
+from geometry.merging import MERGE_METHODS, METHOD_PARAMS, merge
+from ui import compute, controls, downloads, figures, merge_figures
+from ui.adapter_set import samples_dir
+
+METHOD_LABELS = {
+    "lora_average": "LoRA-level average (paper; cross terms)",
+    "task_arithmetic": "Task arithmetic (exact)",
+    "ties": "TIES",
+    "dare_linear": "DARE (linear)",
+    "dare_ties": "DARE (TIES)",
+    "multislerp": "Multi-SLERP",
+    "magnitude_prune": "Magnitude pruning",
+}
+
+st.title("Merging adapters")
+st.caption(
+    "Combine task vectors with a merge method, then score the merged model on each task with that "
+    "task's own classification head: what does merging cost each task, and did the geometry predict it?"
+)
+controls.how_to_read(
+    """
+**Methods.** *LoRA-level average* averages the factors A and B (the geometry paper's merge; it adds
+cross terms B₁A₂ that belong to neither task). *Task arithmetic* adds λₜ·τₜ exactly (kept as a
+rank-Σrₜ product; optionally truncated to a rank, with the energy kept shown). *TIES*, *DARE*,
+*Multi-SLERP* and *magnitude pruning* work entry by entry on each module's dense task vector.
+Each adapter's own scale (α/r, rsLoRA, per-module patterns) is applied before combining.
+
+**Scores.** P(θ, t) is accuracy on task t's test split (ROUGE-L for generation). **ANP** is the mean,
+over the merged tasks, of the merged model's score divided by the fine-tuned adapter's score (%).
+The **pairwise study** merges every pair (i, j): the merge loss **δ(i, j) = P(θᵢ, i) − P(merge(i, j), i)**
+(row i = the task scored) and the pair's ANP. The **correlation table** is the 2024 paper's Table 3:
+per task i, the Spearman correlation between δ(i, ·) and the distance T̄_d(i, ·) over the partners,
+mean (std) over tasks, for each metric, projection and layer selection (all layers or the last k).
+Scores are cached on disk, so a second run is instant.
+""",
+    [
+        r"\mathrm{ANP} = \frac{100}{T}\sum_{t=1}^{T}\frac{P(\theta_{\mathrm{merged}}, t)}{P(\theta_t, t)}"
+        r"\qquad \delta(i,j) = P(\theta_i, i) - P(\theta_{i \oplus j}, i)",
+        r"\Delta W_{\mathrm{TA}} = \sum_t \lambda_t s_t B_t A_t = [\lambda_1 s_1 B_1, \dots, \lambda_T s_T B_T]\,[A_1; \dots; A_T]",
+    ],
+)
+
+adapters = controls.compared_adapters(key="merge_set", label="Adapters merged")
+names = [a.name for a in adapters]
+
+c1, c2 = st.columns([3, 2])
+with c1:
+    tasks_dir = st.text_input(
+        "Task data folder", value=str(samples_dir() / "tasks"), key="merge_tasks",
+        help="Holds one folder per task (test.jsonl + labels.json). Each adapter's task is read from its "
+        "training_info.json, else its name.",
+    )
+with c2:
+    max_examples = int(st.number_input(
+        "Test examples per task", min_value=10, max_value=100000, value=200, step=50, key="merge_max",
+        help="Scores use the first N test examples of each task (fewer = faster).",
+    ))
+task_errors = []
+for a in adapters:
+    try:
+        find_task_dir(a, tasks_dir)
+    except MissingTaskDataError as exc:
+        task_errors.append(str(exc))
+can_score = not task_errors
+if task_errors:
+    st.warning("Scoring is off: " + "; ".join(task_errors), icon=":material/warning:")
+
+m1, m2, m3, m4 = st.columns([3, 3, 2, 2])
+with m1:
+    method = st.selectbox("Method", list(MERGE_METHODS), format_func=METHOD_LABELS.get, key="merge_method",
+                          bind=controls.URL)
+takes = METHOD_PARAMS[method]
+params: dict = {}
+with m2:
+    weights_text = st.text_input(
+        "Weights λ (one per adapter, comma-separated)", value="", key="merge_weights",
+        placeholder="method default", help="Empty: 1/T for the averages and Multi-SLERP, 1 otherwise.",
+    )
+with m3:
+    if "density" in takes:
+        default = 0.2 if method in ("ties", "magnitude_prune") else 0.5
+        params["density"] = st.slider("Density (kept)", 0.05, 1.0, default, 0.05, key=f"merge_density_{method}")
+    if "seed" in takes:
+        params["seed"] = int(st.number_input("Seed", 0, 2**31 - 1, 0, key="merge_seed"))
+with m4:
+    rank = int(st.number_input("Rank (0 = exact)", 0, 4096, 0, key="merge_rank",
+                               help="Truncate each merged module to this rank by its SVD; the energy kept is shown."))
+    if rank and "rank" in takes:
+        params["rank"] = rank
+
+weights = None
+if weights_text.strip():
+    try:
+        weights = [float(w) for w in weights_text.split(",")]
+    except ValueError:
+        st.error(f"Weights {weights_text!r}: expected comma-separated numbers such as 0.5, 0.5.")
+        st.stop()
+
+try:
+    merged = merge(adapters, method, weights, **params)
+except (AtlasError, ValueError) as exc:
+    st.error(str(exc), icon=":material/error:")
+    st.stop()
+
+write_rank = rank if rank and "rank" not in takes else None
+summary = merged.summary()
+s1, s2, s3 = st.columns(3)
+s1.metric("Modules merged", summary["n_modules"])
+s2.metric("Dense modules", summary["n_dense"], help="Element-wise methods produce dense updates; the download "
+          "stores them as an exact SVD factorisation.")
+s3.metric("Energy kept", f"{100 * summary['energy_kept']:.2f}%", help="Σ kept σ² / Σ σ² over all modules.")
+
+d1, d2 = st.columns([2, 3])
+with d1:
+    head = st.selectbox("Head in the download", names, key="merge_head",
+                        help="The chosen task's classifier goes in the peft weights; every head is in heads/.")
+with d2:
+    st.download_button(
+        ":material/download: Merged adapter (.zip, peft format)",
+        merged.to_zip_bytes(rank=write_rank, head=head),
+        file_name=f"merged_{method}.zip", mime="application/zip", key="merge_zip", on_click="ignore",
+    )
+
+run_key = ("merge", merged.content_hash, tasks_dir, max_examples)
+if st.button("Score the merged model on every task", disabled=not can_score, key="merge_run", type="primary"):
+    with compute.progress_bar("Scoring fine-tuned and merged models") as update:
+        try:
+            st.session_state["merge_eval"] = (run_key, evaluate_merge(
+                adapters, tasks_dir, merged=merged, max_examples=max_examples, progress=update))
+        except AtlasError as exc:
+            st.error(str(exc), icon=":material/error:")
+            st.stop()
+stored = st.session_state.get("merge_eval")
+if stored and stored[0] == run_key:
+    result = stored[1]
+    st.metric("ANP (average normalized performance)", f"{result.anp:.2f}%")
+    fig = merge_figures.performance_bars(result.frame, title=f"{METHOD_LABELS[method]}: merged vs fine-tuned, per task")
+    downloads.show(fig, f"merge_{method}_performance", result.frame, key="merge_bars")
+
+st.subheader("Pairwise study")
+st.caption(f"Merges every pair of the {len(adapters)} adapters with the method above (each pair with the method's "
+           "default weights) and scores both tasks: n fine-tuned and n(n − 1) merged evaluations.")
+pair_params = {k: v for k, v in params.items()}
+pair_key = ("pairwise", tuple(a.content_hash for a in adapters), method, tuple(sorted(pair_params.items())),
+            tasks_dir, max_examples)
+if st.button("Run the pairwise study", disabled=not can_score, key="merge_pairwise"):
+    with compute.progress_bar(f"Pairwise {method} merges") as update:
+        try:
+            st.session_state["merge_pairs"] = (pair_key, pairwise_study(
+                adapters, tasks_dir, method, max_examples=max_examples, progress=update, show_progress=False,
+                **pair_params))
+        except AtlasError as exc:
+            st.error(str(exc), icon=":material/error:")
+            st.stop()
+stored = st.session_state.get("merge_pairs")
+if stored and stored[0] == pair_key:
+    res = stored[1]
+    res.adapters = names  # display names of this run
+    st.metric("Mean pairwise ANP", f"{res.mean_anp:.2f}%", help=f"std over pairs {res.std_anp:.2f}")
+    h1, h2 = st.columns(2)
+    with h1:
+        fig = figures.matrix_heatmap(res.delta, names, title="Merge loss δ(i, j) (row i: task scored)",
+                                     value_label="δ", row_label="task i (scored)", col_label="merged with j",
+                                     colorscale="RdBu_r", zmin=-float(np.abs(res.delta).max() or 1),
+                                     zmax=float(np.abs(res.delta).max() or 1))
+        downloads.show(fig, f"pairwise_delta_{method}", res.to_frame(), key="merge_delta")
+    with h2:
+        fig = figures.matrix_heatmap(res.anp, names, title="Pairwise ANP (%)", value_label="ANP %",
+                                     colorscale=figures.SIMILARITY)
+        downloads.show(fig, f"pairwise_anp_{method}", key="merge_anp")
+
+    st.subheader("Does the geometry predict the merge loss?")
+    if len(adapters) < 3:
+        st.info("Spearman correlations over partners need at least 3 adapters.")
+    else:
+        with st.spinner("Correlating merge losses with distances..."):
+            corr = correlation_study(adapters, res.delta, distances=compute.distances(adapters))
+        table = correlation_table(corr, layers=["all", *sorted({s for s in corr["layers"] if s != "all"},
+                                                                key=lambda s: int(s.split(":")[1]))])
+        st.dataframe(table, width="stretch")
+        downloads.csv_button(corr.drop(columns=["per_task"]), f"correlations_{method}", key="merge_corr_csv")
+        fig = merge_figures.correlation_lines(corr, title="Spearman correlation of δ(i, ·) with T̄_d(i, ·), last k layers")
+        downloads.show(fig, f"correlations_{method}_vs_k", key="merge_corr")
