@@ -111,7 +111,8 @@ def anatomy(
     Columns: ``stack, layer, kind, name, m, n, r, scale, rank, fro_norm, spectral_norm,
     singular_values (list), effective_rank, entropy, stable_rank``; rows in display order.
     """
-    keys = [k for k in adapter.modules if kinds is None or k.kind in set(kinds)]
+    kind_set = None if kinds is None else {kinds} if isinstance(kinds, str) else set(kinds)
+    keys = [k for k in adapter.modules if kind_set is None or k.kind in kind_set]
     dec = decompose_adapter(adapter, keys, device=device)
     rows: dict[ModuleKey, dict] = {}
     for group_keys, svd in dec.groups:

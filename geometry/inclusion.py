@@ -39,6 +39,8 @@ from the difference of squares, which loses half the digits when ``tau2`` lies a
 
 The paper solved the problem with Adam (its Algorithm 1); :func:`adam_spectrum`,
 :func:`adam_inclusion` and :func:`adam_inclusion_dense` reproduce it as a cross-check only.
+Its Table 5 t-tests between per-module metric samples are :func:`geometry.stats.ttest`
+(re-exported here).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from geometry.align import check_compatible, common_keys
 from geometry.anatomy import AdapterSVD, decompose_adapter, ordered_keys, stack_factors
 from geometry.factored import LowRankSVD, diff_fro_norm
 from geometry.spectra import entropy, lp, rec
+from geometry.stats import ttest
 from geometry.types import Adapter, ModuleKey
 
 Objective = Literal["frobenius", "squared"]
@@ -71,6 +74,7 @@ __all__ = [
     "inclusion_matrices",
     "inclusion_matrix",
     "lambda_sweep",
+    "ttest",
     "projection_coefficients",
     "projection_residual",
     "solve_spectrum",
@@ -353,7 +357,7 @@ def common_modules(
     common module has different shapes in the two adapters.
     """
     check_compatible([ad1, ad2])
-    kind_set = None if kinds is None else set(kinds)
+    kind_set = None if kinds is None else {kinds} if isinstance(kinds, str) else set(kinds)
     return ordered_keys(k for k in common_keys([ad1, ad2], stack=stack) if kind_set is None or k.kind in kind_set)
 
 

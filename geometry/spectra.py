@@ -23,12 +23,12 @@ inside REC. Its numbers are not the sum-normalised L1 (that would be ``2 * (1 - 
 fixed source task the L1 hardly depends on the target (NER->SUM 0.660 and NER->10% SENT 0.660;
 SUM->NER 0.271 and SUM->10% SENT 0.277), i.e. it is dominated by ``||S1||_1`` with a small ``S2``;
 and in the appendix-A sweep (Table 6) L1 only grows from 0.660 to 0.675 at ``lambda = 1``, where
-the exact minimiser is ``S2 = 0`` (see :mod:`geometry.inclusion`), so ``||S1||_1`` is about 0.675.
-Spectra normalised by their maximum or by their Euclidean norm would give ``L1 >= 1`` for
-``S2 = 0``, which those values exclude. This cannot be fully established from the text (the paper
-solved the problem with Adam, whose ``lambda = 1`` iterate is not exactly 0, and the raw
-magnitudes depend on training), so the tool shows both the raw (``l1``) and the sum-normalised
-(``l1_normalized``) variants, labelled.
+the exact minimiser of eq. 4 is ``S2 = 0`` (see :mod:`geometry.inclusion`): if the paper's Adam
+iterate was near it, ``||S1||_1`` is about 0.675. Spectra normalised by their maximum or by their
+Euclidean norm would give ``L1 >= 1`` for ``S2 = 0``, which those values exclude. This cannot be
+fully established from the text (the paper solved the problem with Adam, whose iterates are not
+exactly the minimiser, and it prints no raw singular values), so the tool shows both the raw
+(``l1``, the paper's definition) and the sum-normalised (``l1_normalized``) variants, labelled.
 
 Degenerate inputs: a spectrum summing to 0 has no distribution, so REC, the normalised L_p and
 the entropy are NaN for it. A single-component spectrum (``n = 1``) has normalised entropy 0 by

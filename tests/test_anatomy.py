@@ -60,6 +60,7 @@ def test_rows_in_display_order_and_kind_filter():
     frame = anatomy(ad, device="cpu")
     assert list(zip(frame.layer, frame.kind))[:3] == [(0, "q"), (0, "v"), (0, "down")]
     assert set(anatomy(ad, kinds=["v"], device="cpu").kind) == {"v"}
+    assert set(anatomy(ad, kinds="down", device="cpu").kind) == {"down"}  # a single kind as a string
     keys = [ModuleKey("raw", -1, "zz"), ModuleKey("decoder", 0, "q"), ModuleKey("model", 1, "o"), ModuleKey("model", 1, "k")]
     assert ordered_keys(keys) == [keys[3], keys[2], keys[1], keys[0]]
 

@@ -264,6 +264,7 @@ def test_inclusion_matrix_rows_project_columns_and_equal_frame_means():
     assert M[0, 1] != pytest.approx(M[1, 0])
     v = inclusion_matrix([a, b, c], metric="l1", kind="v", device=CPU)
     assert np.isnan(v[0, 2]) and v[0, 1] == pytest.approx(inclusion(a, b, kinds=["v"], device=CPU).l1.mean())
+    assert set(inclusion(a, b, kinds="v", device=CPU).kind) == {"v"}
     with pytest.raises(ValueError, match="unknown inclusion metric"):
         inclusion_matrix([a, b], metric="cosine")
 
@@ -364,3 +365,24 @@ def test_cli_inclusion_errors_are_one_line(tmp_path, capsys):
     assert "--lambda" in capsys.readouterr().err
     assert main(["inclusion", str(p1), str(p1), "--kind", "gate"]) == 2
     assert "share no LoRA module of kind gate" in capsys.readouterr().err
+
+
+def test_real_qwen_adapters_with_different_ranks_match_dense(real_adapters_dir):
+    """r12 -> r6 and back on the published Qwen2.5-0.5B adapters: closed form == dense clip(lstsq)."""
+    from geometry.loader import load_adapter
+
+    r12 = load_adapter(real_adapters_dir / "MatthewZhang473__LoRA_Qwen0.5B__r12_alpha32")
+    r6 = load_adapter(real_adapters_dir / "MatthewZhang473__LoRA_Qwen0.5B__r6_alpha32")
+    for ad1, ad2 in ((r12, r6), (r6, r12)):
+        frame = inclusion(ad1, ad2, kinds=["v"], device=CPU)
+        assert len(frame) == 24 and set(frame["rank"]) == {ad1.config.r}
+        assert frame.rec.between(0, 1).all() and frame.h1.between(0, 1).all()
+        for layer in (0, 23):
+            key = ModuleKey("model", layer, "v")
+            tau1 = ad1.modules[key].dense().numpy()
+            tau2 = ad2.modules[key].dense().numpy()
+            U, S1, V = _dense_basis(tau1)
+            c = np.einsum("mi,mn,ni->i", U, tau2, V)
+            row = frame[frame.layer == layer].iloc[0]
+            np.testing.assert_allclose(row.s1, S1, rtol=1e-9)
+            np.testing.assert_allclose(row.s2, np.clip(c, 0, None), rtol=1e-8, atol=1e-12 * S1[0])
