@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from scipy import stats as _stats
 
-__all__ = ["ttest"]
+__all__ = ["ttest", "compare_projections"]
 
 
 def ttest(a: Any, b: Any, paired: bool = False, equal_var: bool = True) -> dict[str, float]:
@@ -59,3 +59,21 @@ def ttest(a: Any, b: Any, paired: bool = False, equal_var: bool = True) -> dict[
         "n_a": int(x.size),
         "n_b": int(y.size),
     }
+
+
+def compare_projections(frame_a, frame_b, metric: str = "rec", paired: bool = False, **kwargs) -> dict[str, float]:
+    """:func:`ttest` of one metric column between two :func:`geometry.inclusion.inclusion` frames.
+
+    E.g. ``compare_projections(inclusion(sum_, ner), inclusion(sum_, sent), "rec")`` is the paper's
+    ``REC(SUM -> NER)`` vs ``REC(SUM -> 10% SENT)``: ``p_greater`` is its one-sided test for REC
+    (higher = more overlap), ``p_less`` the one for L1 (lower = more overlap). With ``paired=True``
+    the modules are matched on ``(stack, layer, kind)`` (those in both frames only).
+    """
+    for name, frame in (("first", frame_a), ("second", frame_b)):
+        if metric not in frame.columns:
+            raise ValueError(f"the {name} frame has no column {metric!r} (columns: {', '.join(map(str, frame.columns))})")
+    if not paired:
+        return ttest(frame_a[metric].to_numpy(float), frame_b[metric].to_numpy(float), **kwargs)
+    keys = ["stack", "layer", "kind"]
+    merged = frame_a[keys + [metric]].merge(frame_b[keys + [metric]], on=keys, suffixes=("_a", "_b"))
+    return ttest(merged[f"{metric}_a"].to_numpy(float), merged[f"{metric}_b"].to_numpy(float), paired=True, **kwargs)

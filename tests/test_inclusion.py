@@ -386,3 +386,22 @@ def test_real_qwen_adapters_with_different_ranks_match_dense(real_adapters_dir):
             row = frame[frame.layer == layer].iloc[0]
             np.testing.assert_allclose(row.s1, S1, rtol=1e-9)
             np.testing.assert_allclose(row.s2, np.clip(c, 0, None), rtol=1e-8, atol=1e-12 * S1[0])
+
+
+def test_compare_projections_like_table_5():
+    from scipy import stats
+
+    from geometry.stats import compare_projections
+
+    a, b, _ = _adapters()
+    c = random_adapter("c2", layers=3, kinds={"q": (24, 16), "v": (8, 16)}, r=4, seed=5)
+    ab, ac = inclusion(a, b, device=CPU), inclusion(a, c, device=CPU)
+    assert ac.rec.isna().sum() == 1  # one module whose c is all negative: S2 = 0, REC undefined, dropped
+    out = compare_projections(ab, ac, "rec")
+    assert out["n_b"] == 5
+    assert out["p_two_sided"] == pytest.approx(stats.ttest_ind(ab.rec, ac.rec.dropna()).pvalue)
+    paired = compare_projections(ab, ac.iloc[::-1], "rec", paired=True)  # matched on keys, not on row order
+    keep = ac.rec.notna().to_numpy()
+    assert paired["p_two_sided"] == pytest.approx(stats.ttest_rel(ab.rec[keep], ac.rec[keep]).pvalue)
+    with pytest.raises(ValueError, match="no column 'cosine'"):
+        compare_projections(ab, ac, "cosine")
