@@ -370,14 +370,18 @@ def _batches(dec1: AdapterSVD, ad2: Adapter, keys: list[ModuleKey], need_rho: bo
     out = []
     for (g, _), items in groups.items():
         svd = dec1.groups[g][1]
-        idx = torch.tensor([i for i, _ in items], device=svd.S.device)
-        rank = torch.as_tensor(svd.rank, device=svd.S.device).reshape(-1)[idx]
-        sub = LowRankSVD(svd.U[idx], svd.S[idx], svd.V[idx], rank)
+        positions = [i for i, _ in items]
+        rank = torch.as_tensor(svd.rank, device=svd.S.device).reshape(-1)
+        if positions == list(range(svd.S.shape[0])):  # the whole group, in order: no copy
+            sub = LowRankSVD(svd.U, svd.S, svd.V, rank)
+        else:
+            idx = torch.tensor(positions, device=svd.S.device)
+            sub = LowRankSVD(svd.U[idx], svd.S[idx], svd.V[idx], rank[idx])
         sub_keys = [k for _, k in items]
         B2, A2, s2 = stack_factors(ad2, sub_keys, svd.S.device)
         c = projection_coefficients(sub, B2, A2, s2)
         rho = projection_residual(sub, B2, A2, s2, c=c) if need_rho else None
-        out.append(_Batch(sub_keys, sub.S, c, rank.cpu().numpy(), rho))
+        out.append(_Batch(sub_keys, sub.S, c, sub.rank.cpu().numpy(), rho))
     return out
 
 
