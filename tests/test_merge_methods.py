@@ -193,3 +193,12 @@ def test_unknown_method_and_bad_density():
         merge(ads, "avg")
     with pytest.raises(ValueError, match=r"density must be in \(0, 1\]"):
         merge(ads, "ties", density=0.0)
+
+
+def test_dora_and_empty_inputs_rejected():
+    ad = random_adapter("d", kinds=KINDS)
+    ad.config.use_dora = True
+    with pytest.raises(IncompatibleAdaptersError, match="d: DoRA adapter"):
+        merge([ad, random_adapter("e", kinds=KINDS)], "task_arithmetic")
+    with pytest.raises(IncompatibleAdaptersError, match="give at least one adapter"):
+        merge([], "ties")

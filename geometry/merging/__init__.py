@@ -30,6 +30,9 @@ Differences from peft's ``LoraModel.add_weighted_adapter`` (cross-checked in
   ``magnitude_prune`` (without ``_svd``) trim and elect **on the factors A and B separately**, then
   multiply: that is not TIES on task vectors and has cross terms; we only define the task-vector
   versions.
+- peft refuses to combine adapters that each save a head (``modules_to_save``: "Cannot add weighted
+  adapters if they target the same module with modules_to_save"); here every task keeps its head
+  (``MergedAdapter.heads``, written to ``heads/`` next to the merged weights).
 - peft bugs avoided here: the combined adapter inherits ``use_rslora`` from the first adapter while
   setting ``lora_alpha = r``, so its scale is ``sqrt(r)`` instead of 1 (peft PR #3449, issue #3761);
   ``rank_pattern`` sources make element-wise factor merges fail to reload (issue #3737) or fail on
