@@ -70,6 +70,38 @@ def _add_info_parser(sub: argparse._SubParsersAction) -> None:
 _REGISTRY.append(_add_info_parser)
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Score a peft adapter on a task split: accuracy and macro F1, or ROUGE-L for generation."""
+    import json
+
+    from geometry.evaluate import evaluate
+
+    result = evaluate(args.adapter, args.task, split=args.split, batch_size=args.batch_size, limit=args.limit,
+                      use_cache=not args.no_cache)
+    result = {"adapter": args.adapter, **result}
+    if args.format == "csv":
+        print(",".join(result))
+        print(",".join(str(v) for v in result.values()))
+    else:
+        print(json.dumps(result, indent=1))
+    return 0
+
+
+def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="score an adapter on a task split (accuracy + macro F1, or ROUGE-L)")
+    p.add_argument("adapter", metavar="ADAPTER", help="peft adapter folder")
+    p.add_argument("--task", required=True, metavar="DIR_OR_JSONL", help="task folder ({split}.jsonl + labels.json) or a .jsonl")
+    p.add_argument("--split", default="test", help="split of a task folder (default: test)")
+    p.add_argument("--format", choices=("json", "csv"), default="json")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N examples")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--no-cache", action="store_true", help="recompute instead of reading cache/")
+    p.set_defaults(func=cmd_evaluate)
+
+
+_REGISTRY.append(_add_evaluate_parser)
+
+
 def _merge_params(args: argparse.Namespace) -> tuple[list[float] | None, dict]:
     """``--weights`` / ``--density`` / ``--seed`` / ``--rank`` as merge arguments (unset ones omitted)."""
     from geometry.merging import METHOD_PARAMS
