@@ -18,7 +18,9 @@ from ui import sidebar  # noqa: E402
 
 torch.set_num_threads(1)
 
-st.set_page_config(layout="wide", page_title="Adapter Atlas", page_icon=":material/hub:")
+st.set_page_config(
+    layout="wide", page_title="Adapter Atlas", page_icon=":material/hub:", initial_sidebar_state=400
+)
 
 PAGES = [
     st.Page("pages/home.py", title="Overview", icon=":material/home:", url_path="overview", default=True),

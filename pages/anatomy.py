@@ -51,22 +51,30 @@ stack = st.selectbox("Stack", stacks, key="stack_a") if len(stacks) > 1 else sta
 parts = {name: t[t["stack"] == stack] for name, t in tables.items()}
 zmax = max(float(p["fro_norm"].max()) for p in parts.values() if len(p)) if second else None
 
-cols = st.columns(len(shown))
-for col, name in zip(cols, shown):
+def _draw(name: str, norms_box, ranks_box) -> None:
     part = parts[name]
-    with col:
-        st.markdown(f"#### {name}")
-        if part.empty:
-            st.warning(f"{name} has no module in the {stack} stack.")
-            continue
-        fig = figures.norm_heatmap(
-            part, adapter=name, zmax=zmax,
-            title=f"‖τ‖_F by layer and module kind · {name}" + (" (shared colour scale)" if second else ""),
-        )
-        export = part.drop(columns=["singular_values"])
-        downloads.show(fig, f"anatomy_norms_{name}", export, key=f"norms_{name}")
-        fig_r = figures.rank_lines(part, adapter=name, title=f"Effective and stable rank by layer · {name}")
+    if part.empty:
+        norms_box.warning(f"{name} has no module in the {stack} stack.")
+        return
+    fig = figures.norm_heatmap(
+        part, adapter=name, zmax=zmax,
+        title=f"‖τ‖_F by layer and module kind · {name}" + (" (shared colour scale)" if second else ""),
+    )
+    with norms_box:
+        downloads.show(fig, f"anatomy_norms_{name}", part.drop(columns=["singular_values"]), key=f"norms_{name}")
+    fig_r = figures.rank_lines(part, adapter=name, title=f"Effective and stable rank by layer · {name}")
+    with ranks_box:
         downloads.show(fig_r, f"anatomy_ranks_{name}", key=f"ranks_{name}")
+
+
+if second:  # two adapters: one column each, heatmaps on one colour scale
+    cols = st.columns(2)
+    for col, name in zip(cols, shown):
+        col.markdown(f"#### {name}")
+        _draw(name, col.container(), col.container())
+else:  # one adapter: norms and ranks side by side
+    left, right = st.columns([1, 1])
+    _draw(first, left, right)
 
 st.subheader("Singular spectrum of one module")
 base = parts[first]

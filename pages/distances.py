@@ -46,7 +46,7 @@ if not dists:
     st.stop()
 
 stacks = views.stacks_of(dists)
-c1, c2, c3, c4 = st.columns([3, 3, 3, 2])
+c1, c2, c3, c4 = st.columns([3, 3, 4, 2])
 with c1:
     metric = st.segmented_control(
         "Metric", list(views.METRIC_LABELS), format_func=views.METRIC_LABELS.get, default="cosine",
@@ -65,8 +65,9 @@ kinds = views.kinds_of(dists, stack)
 with c3:
     kind = st.segmented_control(
         "Projection", kinds, default="v" if "v" in kinds else kinds[0], required=True, key="kind",
-        bind=controls.URL, format_func=lambda k: {"q": "query (q)", "v": "value (v)"}.get(k, k),
+        bind=controls.URL, format_func=lambda k: views.KIND_LABELS.get(k, k),
     )
+kind_label = views.KIND_LABELS.get(kind, kind)
 
 tensor = dists.get((metric, factor, stack, kind))
 if tensor is None:
@@ -77,13 +78,14 @@ matrix, used = views.distance_matrix(tensor, choice)
 where = choice.describe(used)
 unit = views.METRIC_UNITS[metric]
 if metric == "grassmann":
-    st.caption(f":material/info: Grassmann convention for different ranks: {compute.grassmann_convention()}")
+    st.caption(f":material/info: Convention for different ranks: {tensor.convention}")
 
 left, right = st.columns(2)
 with left:
     fig = figures.matrix_heatmap(
         matrix, names,
-        title=f"{views.METRIC_LABELS[metric]} distance · {views.FACTOR_LABELS[factor]} · {kind} · {where}",
+        title=f"{views.METRIC_LABELS[metric].capitalize()} distance, {kind_label} projections\n"
+        f"factor {views.FACTOR_LABELS[factor]} · {where}",
         value_label=unit, detail=f"kind: {kind}<br>{where}",
     )
     downloads.show(fig, f"distance_{metric}_{factor}_{kind}_{choice.spec}", views.matrix_frame(matrix, names, unit),
@@ -100,7 +102,7 @@ with right:
         coords = compute.embedding(matrix, method)
     fig_map = figures.embedding_scatter(
         coords, names, method=method.upper(),
-        title=f"Adapters placed by their {views.METRIC_LABELS[metric]} distances ({kind}, {where})",
+        title=f"2-D map ({method.upper()}) of the distance rows\n{views.METRIC_LABELS[metric]} · {kind_label} · {where}",
     )
     frame = pd.DataFrame({"adapter": names, "x": coords[:, 0], "y": coords[:, 1]})
     downloads.show(fig_map, f"map_{method}_{metric}_{factor}_{kind}_{choice.spec}", frame, key="map")
@@ -111,7 +113,9 @@ pairs = st.multiselect("Pairs", all_pairs, default=all_pairs[: min(4, len(all_pa
 chosen = [tuple(p.split(" ↔ ")) for p in pairs]
 profile = views.pair_layer_frame(tensor, chosen)
 fig_lines = figures.layer_lines(
-    profile, title=f"{views.METRIC_LABELS[metric]} distance per layer · {views.FACTOR_LABELS[factor]} · {kind}",
+    profile,
+    title=f"{views.METRIC_LABELS[metric].capitalize()} distance per layer, {kind_label} projections\n"
+    f"factor {views.FACTOR_LABELS[factor]} · one line per pair of adapters",
     value_label=unit,
 )
 downloads.show(fig_lines, f"layers_{metric}_{factor}_{kind}", profile, key="lines")
@@ -124,7 +128,9 @@ side = st.toggle(
 if side and len(qv) == 2:
     mats = {k: views.distance_matrix(dists[(metric, factor, stack, k)], choice)[0] for k in qv}
     fig_qv = figures.side_by_side_heatmaps(
-        mats, names, title=f"{views.METRIC_LABELS[metric]} distance · {views.FACTOR_LABELS[factor]} · {where}",
+        mats, names,
+        title=f"Query vs value: {views.METRIC_LABELS[metric]} distance (the paper's Figure 3)\n"
+        f"factor {views.FACTOR_LABELS[factor]} · {where}",
         value_label=unit, detail=where,
     )
     long = pd.concat([views.matrix_frame(m, names, unit).assign(kind=k) for k, m in mats.items()])

@@ -80,10 +80,10 @@ def layer_control(layers: Sequence[int], key: str = "layers") -> LayerChoice:
         )
     with c2:
         if mode == "one":
-            layer = st.slider("Layer", lo, hi, value=hi, key="layer", bind=URL)
+            layer = st.select_slider("Layer", options=layers, value=hi, key="layer", bind=URL)
             return LayerChoice("one", layer=layer)
         if mode == "range":
-            start, stop = st.slider("Layer range", lo, hi, value=(lo, hi), key="layer_range", bind=URL)
+            start, stop = st.select_slider("Layer range", options=layers, value=(lo, hi), key="layer_range", bind=URL)
             return LayerChoice("range", start=start, stop=stop)
         if mode == "last":
             k = st.slider("k (last layers)", 1, len(layers), value=min(5, len(layers)), key="last_k", bind=URL)

@@ -51,9 +51,7 @@ def show(
     """Draw ``fig`` themed like the app, with HTML (and CSV of ``frame``) download buttons under it."""
     key = key or slug(name)
     st.plotly_chart(fig, theme="streamlit", config=plotly_config(slug(name)), key=f"chart_{key}")
-    cols = st.columns([1, 1, 6])
-    with cols[0]:
+    with st.container(horizontal=True, gap="small"):
         html_button(fig, name, key=f"html_{key}")
-    if frame is not None:
-        with cols[1]:
+        if frame is not None:
             csv_button(frame, name, index=index, key=f"csv_{key}")

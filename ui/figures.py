@@ -39,9 +39,11 @@ def plotly_config(filename: str) -> dict:
 
 
 def _base_layout(fig: go.Figure, title: str, height: int | None = None) -> go.Figure:
+    """Title (a second line after ``\n`` becomes the subtitle), margins, hover and legend placement."""
+    main, _, sub = title.partition("\n")
     fig.update_layout(
-        title=dict(text=title, x=0.0, xanchor="left"),
-        margin=MARGIN,
+        title=dict(text=main, x=0.0, xanchor="left", subtitle=dict(text=sub) if sub else None),
+        margin=dict(MARGIN, t=84 if sub else MARGIN["t"]),
         hoverlabel=dict(namelength=-1),
         legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
     )
@@ -73,6 +75,9 @@ def matrix_heatmap(
     col_label: str = "adapter",
 ) -> go.Figure:
     """Adapter x adapter heatmap; hover names both adapters, the value and ``detail`` (kind, layers).
+
+    ``title``: one line, or two separated by ``\n`` (the second becomes the subtitle), as in
+    every builder here.
 
     Row ``i`` is drawn at the top for ``i = 0`` (matrix order, like a printed table).
     """

@@ -74,9 +74,13 @@ def render() -> None:
             hide_index=True,
             width="stretch",
             column_config={
-                "name": st.column_config.TextColumn("name", width="medium"),
-                "parameters": st.column_config.NumberColumn("params", format="compact"),
+                "name": st.column_config.TextColumn("name", width="small", pinned=True),
+                "base": st.column_config.TextColumn("base", width="small"),
+                "r": st.column_config.NumberColumn("r", width=28),
+                "alpha": st.column_config.NumberColumn("α", width=36, format="%g"),
                 "targets": st.column_config.TextColumn("targets", width="small"),
+                "modules": st.column_config.NumberColumn("mods", width=44),
+                "parameters": st.column_config.NumberColumn("params", format="compact", width=56),
             },
         )
     else:

@@ -24,8 +24,10 @@ LAYER_MODES: dict[str, str] = {
 }
 #: Metric labels (distances).
 METRIC_LABELS: dict[str, str] = {"l2": "L2", "cosine": "cosine", "grassmann": "Grassmann"}
+#: Projection kinds as researchers say them.
+KIND_LABELS: dict[str, str] = {"q": "query (q)", "k": "key (k)", "v": "value (v)", "o": "output (o)"}
 #: Factor labels: which matrix each distance is taken on.
-FACTOR_LABELS: dict[str, str] = {"ba": "BA (task vector)", "a": "A alone", "b": "B alone"}
+FACTOR_LABELS: dict[str, str] = {"ba": "BA (τ)", "a": "A only", "b": "B only"}
 #: Unit / meaning of each distance, for axis and colour-bar titles.
 METRIC_UNITS: dict[str, str] = {
     "l2": "‖τ1 − τ2‖_F",

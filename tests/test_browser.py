@@ -1,0 +1,245 @@
+"""Real-browser end-to-end test of the dashboard: Debian's chromium driven by Python playwright.
+
+Starts ``streamlit run app.py`` on a free local port (tiny sample adapters, private disk cache),
+opens every page, uploads a real adapter .zip through the file uploader, moves the layer slider
+and switches query / value on the Distances page (the heatmap data must change), and saves
+screenshots at two laptop widths into ``test-artifacts/`` (git-ignored) for a person to look at.
+
+Skips when ``chromium`` is not installed (``.ci/run`` installs it with apt). Never runs
+``playwright install``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.app_fixtures import adapter_zip_bytes, write_sample_set
+
+pytestmark = pytest.mark.browser
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM = shutil.which("chromium")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+UPLOADED = "MatthewZhang473__LoRA_Qwen0.5B__r6_alpha32"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    if CHROMIUM is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    tmp = tmp_path_factory.mktemp("browser")
+    samples = write_sample_set(tmp / "samples", n=4, layers=6)
+    port = _free_port()
+    env = dict(os.environ, ADAPTER_ATLAS_SAMPLES=str(samples), ADAPTER_ATLAS_CACHE=str(tmp / "cache"),
+               HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    log = open(tmp / "streamlit.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.headless", "true",
+         "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
+         "--server.fileWatcherType", "none"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail(f"streamlit did not start: {(tmp / 'streamlit.log').read_text()[-2000:]}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def upload_zip(tmp_path_factory, request) -> Path:
+    """A real third-party adapter zipped (from ../shared when present), else a tiny generated one."""
+    out = tmp_path_factory.mktemp("upload")
+    real = REPO.parent / "shared" / "real_adapters" / UPLOADED
+    target = out / f"{UPLOADED if real.is_dir() else 'uploaded'}.zip"
+    if real.is_dir():
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            for f in sorted(real.iterdir()):
+                if f.name in ("adapter_config.json", "adapter_model.safetensors"):
+                    zf.write(f, f.name)
+        target.write_bytes(buf.getvalue())
+    else:
+        target.write_bytes(adapter_zip_bytes(seed=11))
+    return target
+
+
+def _idle(page, timeout: float = 60.0) -> None:
+    """Wait until the script run finished (the 'Running...' status widget is gone)."""
+    page.wait_for_timeout(300)
+    page.wait_for_function(
+        "() => !document.querySelector('[data-testid=\"stStatusWidget\"] [data-testid=\"stStatusWidgetRunningIcon\"]')"
+        " && !document.querySelector('[data-testid=\"stSkeleton\"]')",
+        timeout=timeout * 1000,
+    )
+    page.wait_for_timeout(400)
+
+
+def _plots(page) -> list:
+    """The data of each Plotly figure on the page: [[z or y of each trace], ...]."""
+    return page.evaluate(
+        """() => Array.from(document.querySelectorAll('.js-plotly-plot')).map(
+               d => (d.data || []).map(t => JSON.stringify(t.z !== undefined ? t.z : t.y)))"""
+    )
+
+
+def _wait_plots(page, n: int, timeout: float = 60.0) -> None:
+    page.wait_for_function(
+        f"() => document.querySelectorAll('.js-plotly-plot .main-svg').length >= {n}", timeout=timeout * 1000
+    )
+
+
+def _wait_change(page, before, index: int = 0, timeout: float = 30.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        now = _plots(page)
+        if len(now) > index and now[index] and now[index] != before[index]:
+            return now
+        page.wait_for_timeout(250)
+    _shot(page, "failure_figure_did_not_change")
+    raise AssertionError(f"figure {index} did not change (screenshot test-artifacts/failure_figure_did_not_change.png)")
+
+
+def _shot(page, name: str) -> None:
+    """Screenshot of the whole page: Streamlit scrolls inside its main container, so the viewport is
+    stretched to the content height for the shot (capped), then restored."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    size = page.viewport_size
+    height = page.evaluate(
+        "() => Math.max(...['[data-testid=\"stMain\"]', '[data-testid=\"stSidebarContent\"]'].map("
+        "s => (document.querySelector(s) || {scrollHeight: 0}).scrollHeight))"
+    )
+    page.set_viewport_size({"width": size["width"], "height": int(min(max(height, size["height"]), 6000))})
+    page.wait_for_timeout(600)  # plotly relayout after the resize
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+    page.set_viewport_size(size)
+
+
+def _nav(page, label: str) -> None:
+    page.locator('[data-testid="stSidebarNav"]').get_by_text(label, exact=True).click()
+    _idle(page)
+
+
+def test_dashboard_end_to_end(server, upload_zip):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1366, "height": 768})
+            page.set_default_timeout(60_000)
+            page.goto(server)
+            page.get_by_role("heading", name="Adapter Atlas").wait_for()
+            _idle(page)
+            _shot(page, "01_overview_1366")
+
+            # Upload a real adapter zip through the sidebar's file uploader.
+            page.locator('[data-testid="stSidebar"]').get_by_text("Add adapters").click()
+            page.locator('[data-testid="stSidebar"] input[type="file"]').set_input_files(str(upload_zip))
+            loaded = f"loaded {upload_zip.stem}"
+            page.get_by_text(loaded).wait_for(timeout=60_000)
+            _idle(page)
+            assert not page.locator('[data-testid="stSidebar"] [data-testid="stAlertContentError"]').count()
+            _shot(page, "02_uploaded")
+
+            # Anatomy: pick the uploaded adapter; its norm heatmap appears.
+            _nav(page, "Anatomy")
+            _wait_plots(page, 3)
+            page.locator('[data-testid="stMain"] [data-testid="stSelectbox"]').first.click()
+            page.get_by_role("option", name=upload_zip.stem).click()
+            _idle(page)
+            _wait_plots(page, 3)
+            page.get_by_text(f"‖τ‖_F by layer and module kind · {upload_zip.stem}").first.wait_for()
+            _shot(page, "03_anatomy_uploaded")
+
+            # Distances: the layer slider and the query / value switch change the heatmap.
+            _nav(page, "Distances")
+            _wait_plots(page, 3)
+            _shot(page, "04_distances_all_layers")
+            before = _plots(page)
+            page.get_by_text("one layer", exact=True).click()
+            _idle(page)
+            after_one = _wait_change(page, before)
+            slider = page.locator('[data-testid="stSlider"] [aria-label="Layer"]').first
+            box = slider.bounding_box()
+            page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+            page.mouse.down()
+            page.mouse.move(box["x"] - 200, box["y"] + box["height"] / 2, steps=8)
+            page.mouse.up()
+            _idle(page)
+            after_move = _wait_change(page, after_one)
+            assert after_move[0] != after_one[0]
+            _shot(page, "05_distances_slider_moved")
+            page.get_by_text("query (q)", exact=True).click()
+            _idle(page)
+            after_q = _wait_change(page, after_move)
+            assert after_q[0] != after_move[0]
+            page.get_by_text("Query vs value side by side").click()
+            _idle(page)
+            _wait_plots(page, 4)
+            _shot(page, "06_distances_query_vs_value")
+
+            # Inclusion: one pair (Figure 2 layout), then all pairs (the asymmetric matrix).
+            _nav(page, "Inclusion")
+            _wait_plots(page, 2)
+            _shot(page, "07_inclusion_pair")
+            page.get_by_text("all pairs (matrix)", exact=True).click()
+            _idle(page)
+            _wait_plots(page, 1)
+            page.get_by_text("Direction: row τ_i → column τ_j").wait_for()
+            _shot(page, "08_inclusion_matrix")
+
+            # A narrower laptop and the dark theme.
+            page.set_viewport_size({"width": 1280, "height": 800})
+            _nav(page, "Distances")
+            _wait_plots(page, 3)
+            _shot(page, "09_distances_1280")
+            dark = browser.new_page(viewport={"width": 1280, "height": 800}, color_scheme="dark")
+            dark.goto(f"{server}/distances")
+            _wait_plots(dark, 3)
+            _idle(dark)
+            _shot(dark, "10_distances_dark")
+            dark.goto(f"{server}/anatomy")
+            _wait_plots(dark, 3)
+            _idle(dark)
+            _shot(dark, "11_anatomy_dark")
+            errors = dark.locator('[data-testid="stException"]').count() + page.locator(
+                '[data-testid="stException"]').count()
+            assert errors == 0
+        finally:
+            browser.close()
