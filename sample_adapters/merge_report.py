@@ -164,7 +164,15 @@ def main(argv: list[str] | None = None) -> int:
             best_line,
             "",
         ]
-    lines += [
+        _write(out_file, lines, summary_rows, sections, methods, t_start)
+    return 0
+
+
+def _write(out_file: Path, head: list[str], summary_rows: list[str], sections: list[str], methods: list[str],
+           t_start: float) -> None:
+    """Write what is done so far (after each method: a long run leaves a usable file)."""
+    todo = methods[len(summary_rows):]
+    lines = head + [
         "## Summary",
         "",
         "| method | pairwise ANP, mean (std) over pairs | ANP of the all-task merge | time (pairs + all) |",
@@ -177,13 +185,13 @@ def main(argv: list[str] | None = None) -> int:
         "0.74 and 0.77 over the last 5 of 12.",
         "",
         *sections,
-        f"Total {time.perf_counter() - t_start:.0f} s on {platform.machine()} with 1 torch thread "
-        "(scores cached in `cache/`; a re-run only formats).",
+        (f"Not run yet: {', '.join(todo)}." if todo else
+         f"Total {time.perf_counter() - t_start:.0f} s on {platform.machine()} with 1 torch thread "
+         "(scores cached in `cache/`; a re-run only formats)."),
         "",
     ]
     out_file.write_text("\n".join(lines))
-    print(f"wrote {out_file}")
-    return 0
+    print(f"wrote {out_file} ({len(summary_rows)}/{len(methods)} methods)", flush=True)
 
 
 if __name__ == "__main__":
