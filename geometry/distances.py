@@ -27,15 +27,18 @@ factor     ``l2`` and ``cosine`` compare            ``grassmann`` compares
   Grassmann on ``a`` / ``b`` does not.
 
 Exact factored computation (never ``B @ A``, never an ``m x n`` SVD). Per adapter and kind, once,
-batched over layers: ``B = Qb Rb``, ``A^T = Qa Ra`` (Householder QR, float64), the SVD of the
-``r x r`` core ``Rb Ra^T``, and orthonormal bases of ``Im(B)``, ``Im(A^T)`` in ``Qb`` / ``Qa``
-coordinates. Per pair, the only large products are ``G = Q1^T Q2`` on each side. With
-``Q2 = Q1 G + P T`` (``P`` orthonormal, orthogonal to ``Q1``) every matrix of both adapters has exact
-coordinates in the joint orthonormal basis ``[Q1, P]`` of dimension ``r1 + r2``, where all metrics
-are computed on tiny matrices: differences are formed there (no ``||a||^2 + ||b||^2 - 2<a, b>``
-cancellation) and small principal angles come from sines (``geometry.factored.principal_angles``).
-``T`` is the Cholesky factor of ``I - G^T G`` when every cosine satisfies ``cos^2 <= 1/2`` (then
-it is perfectly conditioned) and the R factor of the explicit residual ``Q2 - Q1 G`` otherwise.
+batched over layers: ``B = Qb Rb``, ``A^T = Qa Ra`` (float64), the SVD of the ``r x r`` core
+``Rb Ra^T``, and orthonormal bases of ``Im(B)``, ``Im(A^T)`` in ``Qb`` / ``Qa`` coordinates. The QR
+is a Cholesky QR (``R = chol(M^T M)``, ``Q = M R^-1`` kept implicit) for layers whose factor has
+condition number ``<= COND_MAX`` (100: orthogonality error ``~ eps cond^2 <= 1e-12``) and a
+Householder QR for the others (rank-deficient or ill-conditioned factors). Per pair, the only
+large products are ``X1^T X2`` on each side (``G = Q1^T Q2``). With ``Q2 = Q1 G + P T`` (``P``
+orthonormal, orthogonal to ``Q1``) every matrix of both adapters has exact coordinates in the joint
+orthonormal basis ``[Q1, P]`` of dimension ``r1 + r2``, where all metrics are computed on tiny
+matrices: differences are formed there (no ``||a||^2 + ||b||^2 - 2<a, b>`` cancellation) and small
+principal angles come from sines (``geometry.factored.principal_angles``). ``T`` is the Cholesky
+factor of ``I - G^T G`` when every cosine satisfies ``cos^2 <= 1/2`` (then it is perfectly
+conditioned) and the R factor of the explicit residual ``Q2 - Q1 G`` otherwise.
 """
 
 from __future__ import annotations
@@ -180,12 +183,22 @@ def select_layers(layers: Sequence[int], spec: str | Iterable[int] | range | Non
 # Per-adapter decomposition (once per adapter and (stack, kind); batched over layers)
 @dataclass
 class _Side:
-    """One factor side, batched over layers: ``M = Q R`` (``M = B`` or ``A^T``), basis ``Q W`` of ``Im(M)``."""
+    """One factor side, batched over layers: ``M = Q R`` (``M = B`` or ``A^T``), basis ``Q W`` of ``Im(M)``.
 
-    Q: torch.Tensor  # (L, d, k) orthonormal
+    ``Q = X @ Rinv`` is kept implicit: ``X = M`` and ``Rinv = R^-1`` for layers on the Cholesky path,
+    ``X = Q`` (Householder) and ``Rinv = I`` for the others.
+    """
+
+    X: torch.Tensor  # (L, d, k)
+    Rinv: torch.Tensor  # (L, k, k)
     R: torch.Tensor  # (L, k, r)
     W: torch.Tensor  # (L, k, k) basis coordinates, tail zeroed
     rank: torch.Tensor  # (L,)
+    in_place: bool = False  # X is the input M itself (a view of the shared buffer)
+
+    def Q(self, idx: torch.Tensor) -> torch.Tensor:
+        """Explicit orthonormal ``Q`` of the layers ``idx``."""
+        return self.X[idx] @ self.Rinv[idx]
 
 
 @dataclass
@@ -199,44 +212,106 @@ class _Decomp:
     r: torch.Tensor  # (L,) nominal ranks
 
 
+#: Largest condition number of a factor for the Cholesky path (errors ~ eps * cond^2 <= 1e-12).
+COND_MAX = 100.0
+
+
 def _side(M: torch.Tensor) -> _Side:
-    Q, R = torch.linalg.qr(M)
-    Ur, Sr, _ = torch.linalg.svd(R, full_matrices=False)
-    keep = rank_mask(Sr, M.shape[-2], M.shape[-1])
-    W = torch.zeros(*R.shape[:-1], R.shape[-2], dtype=R.dtype, device=R.device)
+    """``M (L, d, r)`` float64. Cholesky of ``M^T M`` where ``cond(M) <= COND_MAX``, Householder QR elsewhere."""
+    nl, d, r = M.shape
+    eye = torch.eye(r, dtype=M.dtype, device=M.device).expand(nl, r, r)
+    if d >= r and r > 0:
+        C, info = torch.linalg.cholesky_ex(M.mT @ M)
+        R = C.mT
+        Ur, Sr, _ = torch.linalg.svd(R)
+        ok = (info == 0) & (Sr[:, -1] * COND_MAX > Sr[:, 0])
+        Rinv = torch.linalg.solve_triangular(torch.where(ok[:, None, None], R, eye), eye, upper=True)
+        X = M
+    else:
+        ok = torch.zeros(nl, dtype=torch.bool, device=M.device)
+    in_place = True
+    if not bool(ok.all()):
+        if not bool(ok.any()):
+            Qh, R = torch.linalg.qr(M)
+            Ur, Sr, _ = torch.linalg.svd(R, full_matrices=False)
+            Rinv = torch.eye(Qh.shape[-1], dtype=M.dtype, device=M.device).expand(nl, -1, -1).clone()
+            if Qh.shape == M.shape:  # d >= r: Q replaces M in place (M is not needed any more)
+                M.copy_(Qh)
+                X = M
+            else:
+                X, in_place = Qh, False
+        else:  # d >= r: Householder only for the ill-conditioned layers, written over M in place
+            bad = (~ok).nonzero().squeeze(-1)
+            Qh, Rh = torch.linalg.qr(M[bad])
+            R, Rinv, Ur, Sr = R.clone(), Rinv.clone(), Ur.clone(), Sr.clone()
+            M[bad], R[bad], Rinv[bad] = Qh, Rh, eye[bad]
+            Ur[bad], Sr[bad], _ = torch.linalg.svd(Rh)
+            X = M
+    keep = rank_mask(Sr, d, r)
+    k = X.shape[-1]
+    W = torch.zeros(nl, k, k, dtype=M.dtype, device=M.device)
     W[..., : Ur.shape[-1]] = Ur * keep.unsqueeze(-2)
-    return _Side(Q, R, W, keep.sum(-1))
+    return _Side(X, Rinv, R, W, keep.sum(-1), in_place)
 
 
-def _decompose(B: torch.Tensor, A: torch.Tensor, scale: torch.Tensor, r: torch.Tensor) -> _Decomp:
-    """``B (L, m, r)``, ``A (L, r, n)`` float64, ``scale (L,)``: everything the pairs need."""
-    b, a = _side(B), _side(A.mT)
+def _decompose(B: torch.Tensor, At: torch.Tensor, scale: torch.Tensor, r: torch.Tensor) -> _Decomp:
+    """``B (L, m, r)``, ``At = A^T (L, n, r)`` float64 (overwritten), ``scale (L,)``: what the pairs need."""
+    m, n = B.shape[-2], At.shape[-2]
+    b, a = _side(B), _side(At)
     Uc, Sc, Vch = torch.linalg.svd(b.R @ a.R.mT, full_matrices=False)
     S = Sc * scale.abs().unsqueeze(-1)
-    keep = rank_mask(S, B.shape[-2], A.shape[-1])
+    keep = rank_mask(S, m, n)
     sign = torch.where(scale < 0, -1.0, 1.0).to(S.dtype)[:, None, None]
     return _Decomp(b, a, Uc * keep.unsqueeze(-2) * sign, S * keep, Vch.mT * keep.unsqueeze(-2), keep.sum(-1), r)
 
 
-def _stack(adapter: Adapter, keys, device: torch.device) -> _Decomp:
-    mods = [adapter.modules[k] for k in keys]
-    r_max = max(m.rank for m in mods)
-    m_, n_ = mods[0].shape
-    B = torch.zeros(len(mods), m_, r_max, dtype=torch.float64, device=device)
-    A = torch.zeros(len(mods), r_max, n_, dtype=torch.float64, device=device)
-    for i, mod in enumerate(mods):  # zero padding to r_max leaves tau, Im(B), Im(A^T) unchanged
-        B[i, :, : mod.rank] = mod.B.detach().to(device=device, dtype=torch.float64)
-        A[i, : mod.rank, :] = mod.A.detach().to(device=device, dtype=torch.float64)
-    scale = torch.tensor([float(m.scale) for m in mods], dtype=torch.float64, device=device)
-    r = torch.tensor([m.rank for m in mods], device=device)
-    return _decompose(B, A, scale, r)
+def _stack_all(adapters: Sequence[Adapter], keys, device: torch.device):
+    """Decompose every adapter's modules ``keys`` (one kind, several layers), batched over layers.
+
+    The factors are converted to float64 straight into two shared buffers ``Mb (L, m, N rp)`` and
+    ``Ma (L, n, N rp)`` (adapter ``i`` in columns ``i rp .. (i + 1) rp``, zero-padded to the largest
+    rank ``rp``, which changes no subspace or product), so that the pair products ``X_i^T X_j`` of
+    adapter ``i`` with all later adapters are one wide matrix product. Returns ``(decomps, Mb, Ma, rp)``.
+    """
+    mods = [[ad.modules[k] for k in keys] for ad in adapters]
+    rp = max(mod.rank for ms in mods for mod in ms)
+    nl, (m_, n_), na = len(keys), mods[0][0].shape, len(adapters)
+    Mb = torch.zeros(nl, m_, na * rp, dtype=torch.float64, device=device)
+    Ma = torch.zeros(nl, n_, na * rp, dtype=torch.float64, device=device)
+    for i, ms in enumerate(mods):
+        for layer, mod in enumerate(ms):
+            Mb[layer, :, i * rp : i * rp + mod.rank].copy_(mod.B.detach())
+            Ma[layer, :, i * rp : i * rp + mod.rank].copy_(mod.A.detach().mT)
+    decomps = []
+    for i, ms in enumerate(mods):
+        scale = torch.tensor([float(mod.scale) for mod in ms], dtype=torch.float64, device=device)
+        r = torch.tensor([mod.rank for mod in ms], device=device)
+        cols = slice(i * rp, (i + 1) * rp)
+        decomps.append(_decompose(Mb[..., cols], Ma[..., cols], scale, r))
+    return decomps, Mb, Ma, rp
+
+
+def _cross_products(decomps: list[_Decomp], buf: torch.Tensor, rp: int, side: str) -> dict[tuple[int, int], torch.Tensor]:
+    """``X_i^T X_j`` for all ``i < j`` from one product per ``i`` (empty when a side left the buffer)."""
+    sides = [getattr(d, side) for d in decomps]
+    if not all(s.in_place for s in sides):
+        return {}
+    out = {}
+    na = len(decomps)
+    for i in range(na - 1):
+        P = sides[i].X.mT @ buf[..., (i + 1) * rp :]
+        for j in range(i + 1, na):
+            out[i, j] = P[..., (j - i - 1) * rp : (j - i) * rp]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
 # Pairs: joint orthonormal coordinates, then tiny matrices
-def _joint(s1: _Side, s2: _Side) -> tuple[torch.Tensor, torch.Tensor]:
+def _joint(s1: _Side, s2: _Side, cross: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(G, T)`` with ``Q2 = [Q1, P] [G; T]``, ``[Q1, P]`` orthonormal. See the module docstring."""
-    G = s1.Q.mT @ s2.Q  # (L, k1, k2): the only large product
+    if cross is None:
+        cross = s1.X.mT @ s2.X  # the only large product
+    G = s1.Rinv.mT @ cross @ s2.Rinv  # (L, k1, k2)
     k2 = G.shape[-1]
     eye = torch.eye(k2, dtype=G.dtype, device=G.device)
     cos_max = torch.linalg.matrix_norm(G, ord=2) if G.shape[-2] and k2 else torch.zeros(G.shape[0], device=G.device)
@@ -245,7 +320,7 @@ def _joint(s1: _Side, s2: _Side) -> tuple[torch.Tensor, torch.Tensor]:
     exact = (cos_max * cos_max > 0.5) | (info != 0)
     if bool(exact.any()):
         idx = exact.nonzero().squeeze(-1)
-        residual = s2.Q[idx] - s1.Q[idx] @ G[idx]
+        residual = s2.Q(idx) - s1.Q(idx) @ G[idx]
         T = T.clone()
         T[idx] = torch.linalg.qr(residual, mode="r")[1][..., :k2, :]
     return G, T
@@ -280,14 +355,16 @@ def _grassmann(X1, r1, X2, r2, pad: bool) -> torch.Tensor:
     return sq.sqrt()
 
 
-def _pair(d1: _Decomp, d2: _Decomp, wanted: set[tuple[str, str]], pad: bool) -> dict[tuple[str, str], torch.Tensor]:
-    """All wanted ``(metric, factor)`` values for one pair, each ``(L,)``."""
+def _pair(
+    d1: _Decomp, d2: _Decomp, wanted: set[tuple[str, str]], pad: bool, cross_b=None, cross_a=None
+) -> dict[tuple[str, str], torch.Tensor]:
+    """All wanted ``(metric, factor)`` values for one pair, each ``(L,)`` (``cross_*``: precomputed ``X1^T X2``)."""
     factors = {f for _, f in wanted}
     out: dict[tuple[str, str], torch.Tensor] = {}
     need_b = bool(factors & {"ba", "b"})
     need_a = "a" in factors or bool({("l2", "ba"), ("cosine", "ba")} & wanted)
-    Gb, Tb = _joint(d1.b, d2.b) if need_b else (None, None)
-    Ga, Ta = _joint(d1.a, d2.a) if need_a else (None, None)
+    Gb, Tb = _joint(d1.b, d2.b, cross_b) if need_b else (None, None)
+    Ga, Ta = _joint(d1.a, d2.a, cross_a) if need_a else (None, None)
     same_r = d1.r == d2.r
     nan = torch.full(same_r.shape, math.nan, dtype=torch.float64, device=same_r.device)
     if {("l2", "ba"), ("cosine", "ba")} & wanted:
@@ -365,6 +442,8 @@ def all_distances(
         if missing:
             raise AtlasError(f"kind(s) {', '.join(missing)} not common to all adapters {names}")
     wanted = {(m, f) for m in metrics for f in factors}
+    need_b = bool(set(factors) & {"ba", "b"})
+    need_a = "a" in factors or bool({("l2", "ba"), ("cosine", "ba")} & wanted)
     n = len(adapters)
     plan = []
     for stack, kind in groups:
@@ -379,14 +458,17 @@ def all_distances(
             values[stack, kind] = {f"{m}/{f}": np.zeros((n, n, len(keys))) for m, f in wanted}
         store = values[stack, kind]
         with torch.no_grad():
-            dec = [_stack(ad, chunk, dev) for ad in adapters]
+            dec, Mb, Ma, rp = _stack_all(adapters, chunk, dev)
+            cross_b = _cross_products(dec, Mb, rp, "b") if need_b else {}
+            cross_a = _cross_products(dec, Ma, rp, "a") if need_a else {}
             for i in range(n):
                 for j in range(i + 1, n):
-                    for (m, f), v in _pair(dec[i], dec[j], wanted, pad).items():
+                    pair = _pair(dec[i], dec[j], wanted, pad, cross_b.get((i, j)), cross_a.get((i, j)))
+                    for (m, f), v in pair.items():
                         arr = v.detach().cpu().numpy()
                         store[f"{m}/{f}"][i, j, start : start + len(chunk)] = arr
                         store[f"{m}/{f}"][j, i, start : start + len(chunk)] = arr
-        del dec
+        del dec, Mb, Ma, cross_b, cross_a
         if progress is not None:
             progress(done, total, f"{stack}.{kind} layers {chunk[0].layer}-{chunk[-1].layer}")
     for stack, kind in groups:
@@ -452,8 +534,8 @@ def dense_distance(tau1: torch.Tensor, tau2: torch.Tensor, metric: str, pad: boo
     bases = []
     for t in (t1, t2):
         U, S, _ = torch.linalg.svd(t, full_matrices=False)
-        keep = S > max(t.shape) * EPS64 * S[0] if S.numel() and S[0] > 0 else torch.zeros_like(S, dtype=torch.bool)
-        bases.append((U * keep, keep.sum()))
+        rank = int((S > max(t.shape) * EPS64 * S[0]).sum()) if S.numel() and S[0] > 0 else 0
+        bases.append((U[:, :rank], rank))
     theta, _ = principal_angles(bases[0][0], bases[0][1], bases[1][0], bases[1][1])
     sq = float((theta**2).sum())
     if pad:

@@ -86,6 +86,21 @@ def test_rank_deficient_factors_match_dense():
     assert_matches_dense(ads)
 
 
+def test_mixed_conditioning_across_layers_matches_dense():
+    """Layer 0 rank-deficient, layer 1 ill-conditioned (Householder path), layer 2 well-conditioned (Cholesky)."""
+    ads = [random_adapter(f"ad{i}", layers=3, kinds=KINDS, r=4, seed=90 + i) for i in range(3)]
+    for kind in KINDS:
+        mod0 = ads[0].modules[ModuleKey("model", 0, kind)]
+        mod0.B[:, 3] = mod0.B[:, 1]
+        mod1 = ads[1].modules[ModuleKey("model", 1, kind)]
+        mod1.B = mod1.B.double()
+        mod1.B[:, 2] = mod1.B[:, 0] + 1e-6 * mod1.B[:, 2]
+        mod2 = ads[2].modules[ModuleKey("model", 1, kind)]
+        mod2.A = mod2.A.double()
+        mod2.A[0] *= 1e4
+    assert_matches_dense(ads)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_factors_match_dense_of_the_same_rounded_values(dtype):
     ads = [random_adapter(f"ad{i}", layers=2, kinds=KINDS, r=4, seed=20 + i, dtype=dtype) for i in range(2)]
