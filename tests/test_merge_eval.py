@@ -1,0 +1,133 @@
+"""ANP, pairwise merge losses and the geometry-vs-loss correlation on a tiny BERT with 3 tasks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from geometry.loader import load_adapter
+from geometry.merge_eval import (
+    MissingTaskDataError,
+    anp,
+    evaluate_merge,
+    find_task_dir,
+    layer_selections,
+    pairwise_study,
+    row_spearman,
+)
+from tests.merge_fixtures import write_study
+
+TASKS = ("alpha", "beta", "gamma")
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """A tiny base model, 3 adapters (random LoRA on q/v + random head) and their task data."""
+    folders, tasks = write_study(tmp_path_factory.mktemp("merge_eval") / "study", TASKS,
+                                 names=[f"adapter_{t}" for t in range(len(TASKS))])
+    return [load_adapter(f) for f in folders], tasks
+
+
+def test_anp_definition():
+    assert anp([0.8, 0.45], [0.8, 0.9]) == pytest.approx(75.0)
+    with pytest.raises(ValueError, match="as many"):
+        anp([0.5], [0.5, 0.6])
+
+
+def test_find_task_dir_uses_training_info_and_reports_missing(study, tmp_path):
+    adapters, tasks = study
+    assert find_task_dir(adapters[1], tasks).name == "beta"
+    with pytest.raises(MissingTaskDataError, match=r"no task data for adapter 'adapter_0'"):
+        find_task_dir(adapters[0], tmp_path)
+
+
+def test_pairwise_study_consistent_with_direct_evaluation(study):
+    adapters, tasks = study
+    seen = []
+    res = pairwise_study(adapters, tasks, "task_arithmetic", weights=[0.5, 0.5], show_progress=False,
+                         progress=lambda done, total, msg: seen.append((done, total)))
+    assert seen[-1] == (6, 6)
+    assert res.tasks == list(TASKS)
+    n = len(adapters)
+    assert res.delta.shape == (n, n) and np.all(np.diag(res.delta) == 0)
+    assert np.allclose(res.anp, res.anp.T) and np.all(np.diag(res.anp) == 100)
+    # one merge, scored with each task's own head, equals the matrix entries
+    ev = evaluate_merge(adapters[:2], tasks, "task_arithmetic", weights=[0.5, 0.5])
+    assert ev.frame["merged"].tolist() == pytest.approx([res.merged[0, 1], res.merged[1, 0]])
+    assert ev.frame["finetuned"].tolist() == pytest.approx(res.finetuned[:2].tolist())
+    assert ev.anp == pytest.approx(res.anp[0, 1])
+    frame = res.to_frame()
+    assert len(frame) == n * (n - 1)
+    assert frame["delta"].tolist() == pytest.approx((frame["finetuned_i"] - frame["merged_i"]).tolist())
+    assert res.mean_anp == pytest.approx(np.mean([res.anp[0, 1], res.anp[0, 2], res.anp[1, 2]]))
+
+
+def test_merge_of_one_adapter_scores_like_the_adapter(study):
+    adapters, tasks = study
+    ev = evaluate_merge(adapters[:1], tasks, "task_arithmetic")
+    assert ev.anp == pytest.approx(100.0)
+
+
+def test_row_spearman_and_layer_selections():
+    delta = np.array([[0, 1, 2, 3], [3, 0, 2, 1], [1, 1, 0, 1], [0, 1, 2, 0]], dtype=float)
+    dist = np.array([[0, 5, 6, 7], [7, 0, 6, 5], [1, 2, 0, 3], [0, 3, 2, 0.0]])
+    rho = row_spearman(delta, dist)
+    assert rho[0] == pytest.approx(1.0) and rho[1] == pytest.approx(1.0)
+    assert np.isnan(rho[2])  # constant merge loss: undefined
+    assert rho[3] == pytest.approx(0.5)  # ranks (1, 2, 3) vs (1, 3, 2): 1 - 6 * 2 / 24
+    assert layer_selections(3) == [("all", 3), ("last:1", 1), ("last:2", 2), ("last:3", 3)]
+
+
+def test_pairwise_cli_csv_json_and_missing_tasks(study, tmp_path, capsys):
+    from geometry.cli import main
+
+    adapters, tasks = study
+    paths = [a.source for a in adapters]
+    assert main(["pairwise", *paths, "--tasks", str(tasks), "--method", "task_arithmetic", "--weights", "0.5,0.5",
+                 "--format", "csv"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("i,j,adapter_i,adapter_j,task_i,finetuned_i,merged_i,delta,anp") and len(lines) == 7
+    assert main(["pairwise", *paths, "--tasks", str(tasks), "--method", "task_arithmetic", "--weights", "0.5,0.5"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tasks"] == list(TASKS) and len(out["delta"]) == 3
+    assert main(["pairwise", *paths, "--tasks", str(tmp_path), "--method", "ties"]) == 2
+    assert "error: no task data for adapter 'adapter_0'" in capsys.readouterr().err
+
+
+def test_correlation_study_matches_dense_cosine(study):
+    from scipy.stats import spearmanr
+
+    from geometry.merge_eval import correlation_study, correlation_table
+    from geometry.types import ModuleKey
+
+    adapters, _ = study
+    n = len(adapters)
+    delta = np.array([[0, 0.1, 0.3], [0.2, 0, 0.05], [0.4, 0.1, 0]])
+    frame = correlation_study(adapters, delta)
+    assert len(frame) == 3 * 2 * (1 + 3)  # metrics x kinds x (all, last:1..3)
+    row = frame[(frame.metric == "cosine") & (frame.kind == "v") & (frame.layers == "last:2")].iloc[0]
+    # independent: dense cosine distances of the last two layers' value task vectors
+    dist = np.zeros((n, n))
+    for layer in (1, 2):
+        taus = [a.modules[ModuleKey("model", layer, "v")].dense().flatten() for a in adapters]
+        for i in range(n):
+            for j in range(n):
+                c = float(taus[i] @ taus[j] / (taus[i].norm() * taus[j].norm()))
+                dist[i, j] += (1 - c) / 2
+    rho = [spearmanr(np.delete(delta[i], i), np.delete(dist[i], i)).statistic for i in range(n)]
+    assert row["mean"] == pytest.approx(np.mean(rho)) and row["std"] == pytest.approx(np.std(rho))
+    table = correlation_table(frame, layers=["all", "last:2"])
+    assert list(table.index) == ["q", "v"] and ("cosine", "last:2") in table.columns
+
+
+def test_merge_report_on_a_study(tmp_path):
+    from sample_adapters import merge_report
+
+    folders, _ = write_study(tmp_path / "samples", TASKS, n_examples=8, seed=3)
+    assert merge_report.main(["--root", str(tmp_path / "samples"), "--methods", "task_arithmetic,ties"]) == 0
+    text = (tmp_path / "samples" / "MERGE_RESULTS.md").read_text()
+    assert "| `task_arithmetic` |" in text and "| `ties` |" in text
+    assert "| v | grassmann |" in text and "Merge loss delta(i, j)" in text
+    assert merge_report.main(["--root", str(tmp_path / "nothing")]) == 2
