@@ -31,7 +31,8 @@ from the difference of squares, which loses half the digits when ``tau2`` lies a
   of the ``c_i`` exceed ``t`` it reads ``t = lambda sqrt(Q_j / (1 - lambda^2 j))`` with ``Q_j`` the
   sum of ``rho^2`` and the squares of the other ``c_i``. The solver evaluates every segment's
   candidate (clamped to its segment) and keeps the best objective, which also covers the
-  degenerate ``rho = 0`` cases. The level is relative: scaling ``tau2`` scales ``S2``. ``S2 = 0``
+  degenerate case ``tau2 = U diag(c) V^T`` with ``c >= 0`` (the norm is not differentiable at a
+  zero residual; for ``lambda * sqrt(#{c_i > 0}) <= 1`` the minimiser is ``S2 = c``, unshrunk). The level is relative: scaling ``tau2`` scales ``S2``. ``S2 = 0``
   exactly when ``lambda >= max_i c_i / ||tau2||_F``, so always for ``lambda >= 1`` (for ``S >= 0``,
   ``f(S) >= ||tau2|| - ||S||_2 + lambda ||S||_1 >= f(0)``).
 * ``objective="squared"`` (``||.||_F^2 + lambda ||S||_1``): ``S2_i = max(0, c_i - lambda / 2)``, an
