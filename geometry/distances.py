@@ -276,12 +276,15 @@ def _stack_all(adapters: Sequence[Adapter], keys, device: torch.device):
     mods = [[ad.modules[k] for k in keys] for ad in adapters]
     rp = max(mod.rank for ms in mods for mod in ms)
     nl, (m_, n_), na = len(keys), mods[0][0].shape, len(adapters)
-    Mb = torch.zeros(nl, m_, na * rp, dtype=torch.float64, device=device)
-    Ma = torch.zeros(nl, n_, na * rp, dtype=torch.float64, device=device)
+    Mb = torch.empty(nl, m_, na * rp, dtype=torch.float64, device=device)
+    Ma = torch.empty(nl, n_, na * rp, dtype=torch.float64, device=device)
     for i, ms in enumerate(mods):
         for layer, mod in enumerate(ms):
             Mb[layer, :, i * rp : i * rp + mod.rank].copy_(mod.B.detach())
             Ma[layer, :, i * rp : i * rp + mod.rank].copy_(mod.A.detach().mT)
+            if mod.rank < rp:
+                Mb[layer, :, i * rp + mod.rank : (i + 1) * rp] = 0.0
+                Ma[layer, :, i * rp + mod.rank : (i + 1) * rp] = 0.0
     decomps = []
     for i, ms in enumerate(mods):
         scale = torch.tensor([float(mod.scale) for mod in ms], dtype=torch.float64, device=device)

@@ -231,6 +231,8 @@ def principal_angles(
     r2 = torch.as_tensor(rank2, device=dev).expand(batch)
     M = Q1.mT @ Q2
     cos = torch.linalg.svdvals(M).clamp(0.0, 1.0)  # (..., P) descending
+    if not bool((cos * cos >= 0.5).any()):  # every angle >= 45 degrees: arccos is accurate
+        return _angles_from(cos, cos.new_zeros(cos.shape), r1, r2)
     residual = Q2 - Q1 @ M
     sines = torch.linalg.svdvals(residual).clamp(0.0, 1.0)  # (..., min(m, k2)) descending
     return _angles_from(cos, sines, r1, r2)

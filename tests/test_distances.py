@@ -250,3 +250,16 @@ def test_different_targets_use_common_keys_and_warn():
 def test_random_factors_rank_control():
     B, A = random_factors(12, 9, 5, seed=0, rank_b=2, rank_a=3)
     assert int(torch.linalg.matrix_rank(B)) == 2 and int(torch.linalg.matrix_rank(A)) == 3
+
+
+def test_grassmann_matches_scipy_subspace_angles_on_dense_task_vectors():
+    import scipy.linalg
+
+    ads = [random_adapter(f"ad{i}", layers=2, kinds=KINDS, r=4, seed=100 + i) for i in range(2)]
+    ads[1].modules[ModuleKey("model", 1, "q")].A[3] = 0.0  # rank 3 vs 4 at one module
+    res = all_distances(ads, metrics=["grassmann"], factors=["ba"], device=CPU)
+    for key in common_keys(ads):
+        t1, t2 = ads[0].modules[key].dense().numpy(), ads[1].modules[key].dense().numpy()
+        ref = math.sqrt(float((scipy.linalg.subspace_angles(t1, t2) ** 2).sum()))
+        got = res["grassmann", "ba", key.stack, key.kind].values[0, 1, key.layer]
+        assert got == pytest.approx(ref, rel=1e-8), key
