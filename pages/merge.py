@@ -131,9 +131,13 @@ with d1:
     head = st.selectbox("Head in the download", names, key="merge_head",
                         help="The chosen task's classifier goes in the peft weights; every head is in heads/.")
 with d2:
+    zip_key = (merged.content_hash, write_rank, head)
+    if st.session_state.get("merge_zip_key") != zip_key:  # writing the zip runs an SVD per dense module
+        st.session_state["merge_zip_key"] = zip_key
+        st.session_state["merge_zip_bytes"] = merged.to_zip_bytes(rank=write_rank, head=head)
     st.download_button(
         ":material/download: Merged adapter (.zip, peft format)",
-        merged.to_zip_bytes(rank=write_rank, head=head),
+        st.session_state["merge_zip_bytes"],
         file_name=f"merged_{method}.zip", mime="application/zip", key="merge_zip", on_click="ignore",
     )
 
