@@ -19,7 +19,7 @@ from ui import sidebar  # noqa: E402
 torch.set_num_threads(1)
 
 st.set_page_config(
-    layout="wide", page_title="Adapter Atlas", page_icon=":material/hub:", initial_sidebar_state=400
+    layout="wide", page_title="Adapter Atlas", page_icon=":material/hub:", initial_sidebar_state=360
 )
 
 PAGES = [

@@ -33,22 +33,21 @@ if not len(aset):
     st.stop()
 
 names = aset.names
-c1, c2, c3 = st.columns([3, 2, 3])
-with c1:
-    first = st.selectbox("Adapter", names, key="adapter", bind=controls.URL)
-with c2:
-    compare = st.toggle("Compare with a second adapter", key="compare2", bind=controls.URL, disabled=len(names) < 2)
 second = None
-if compare and len(names) > 1:
-    with c3:
+with st.container(horizontal=True, gap="medium", vertical_alignment="bottom"):
+    first = st.selectbox("Adapter", names, key="adapter", bind=controls.URL, width=380)
+    compare = st.toggle("Compare with a second adapter", key="compare2", bind=controls.URL, disabled=len(names) < 2)
+    if compare and len(names) > 1:
         others = [n for n in names if n != first]
-        second = st.selectbox("Second adapter", others, key="adapter2", bind=controls.URL)
+        second = st.selectbox("Second adapter", others, key="adapter2", bind=controls.URL, width=380)
 
 shown = [first] + ([second] if second else [])
 tables = {name: compute.anatomy(aset[name]) for name in shown}
 stacks = list(dict.fromkeys(s for t in tables.values() for s in t["stack"]))
 stack = st.selectbox("Stack", stacks, key="stack_a") if len(stacks) > 1 else stacks[0]
 parts = {name: t[t["stack"] == stack] for name, t in tables.items()}
+# Two adapters: one colour scale for both heatmaps (the same colour is the same norm).
+zmin = min(float(p["fro_norm"].min()) for p in parts.values() if len(p)) if second else None
 zmax = max(float(p["fro_norm"].max()) for p in parts.values() if len(p)) if second else None
 
 def _draw(name: str, norms_box, ranks_box) -> None:
@@ -57,12 +56,12 @@ def _draw(name: str, norms_box, ranks_box) -> None:
         norms_box.warning(f"{name} has no module in the {stack} stack.")
         return
     fig = figures.norm_heatmap(
-        part, adapter=name, zmax=zmax,
-        title=f"‖τ‖_F by layer and module kind · {name}" + (" (shared colour scale)" if second else ""),
+        part, adapter=name, zmin=zmin, zmax=zmax,
+        title=f"‖τ‖_F by layer and module kind\n{name}" + (" · colour scale shared by both adapters" if second else ""),
     )
     with norms_box:
         downloads.show(fig, f"anatomy_norms_{name}", part.drop(columns=["singular_values"]), key=f"norms_{name}")
-    fig_r = figures.rank_lines(part, adapter=name, title=f"Effective and stable rank by layer · {name}")
+    fig_r = figures.rank_lines(part, adapter=name, title=f"Effective and stable rank by layer\n{name}")
     with ranks_box:
         downloads.show(fig_r, f"anatomy_ranks_{name}", key=f"ranks_{name}")
 
@@ -95,7 +94,8 @@ for name in shown:
         spectra[name] = list(map(float, row.iloc[0]["singular_values"]))
 if spectra:
     fig_s = figures.spectra_bars(
-        spectra, title=f"Singular values of τ at {stack} layer {layer}, {kind}", detail=f"layer {layer} · {kind}"
+        spectra, title=f"Singular values of τ, layer {layer}, {kind} module\n{' vs '.join(spectra)}",
+        detail=f"layer {layer} · {kind}",
     )
     frame = pd.DataFrame(
         [{"adapter": n, "i": i + 1, "sigma": v} for n, s in spectra.items() for i, v in enumerate(s)]

@@ -46,23 +46,20 @@ if not dists:
     st.stop()
 
 stacks = views.stacks_of(dists)
-c1, c2, c3, c4 = st.columns([3, 3, 4, 2])
-with c1:
+with st.container(horizontal=True, gap="medium"):
     metric = st.segmented_control(
         "Metric", list(views.METRIC_LABELS), format_func=views.METRIC_LABELS.get, default="cosine",
         required=True, key="metric", bind=controls.URL,
     )
-with c2:
     factor = st.segmented_control(
         "Factor", list(views.FACTOR_LABELS), format_func=views.FACTOR_LABELS.get, default="ba",
         required=True, key="factor", bind=controls.URL,
+        help="BA: the task vector τ = s·B·A. A only / B only: the down- / up-projection factor alone.",
     )
-with c4:
     stack = (
-        st.selectbox("Stack", stacks, key="stack", bind=controls.URL) if len(stacks) > 1 else stacks[0]
+        st.selectbox("Stack", stacks, key="stack", bind=controls.URL, width=160) if len(stacks) > 1 else stacks[0]
     )
-kinds = views.kinds_of(dists, stack)
-with c3:
+    kinds = views.kinds_of(dists, stack)
     kind = st.segmented_control(
         "Projection", kinds, default="v" if "v" in kinds else kinds[0], required=True, key="kind",
         bind=controls.URL, format_func=lambda k: views.KIND_LABELS.get(k, k),

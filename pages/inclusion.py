@@ -111,12 +111,29 @@ if mode == "pair":
         )
     table = t12 if direction == d12 else t21
     spectra = views.spectra_at(table, int(slayer), skind, stack)
+    if spectra and not any(spectra["S2 (τ2 projected on τ1's basis)"]):
+        st.caption(
+            ":material/info: S2 = 0 here: τ2 has no positive component on any of τ1's singular directions "
+            "at this module (REC and H(S2) are undefined)."
+        )
     if spectra:
         fig_s = figures.spectra_bars(
             spectra, title=f"{direction}: spectra at layer {slayer}, {skind}", detail=f"{direction} · layer {slayer} · {skind}"
         )
         frame = pd.DataFrame({k: pd.Series(v) for k, v in spectra.items()}).rename_axis("i")
         downloads.show(fig_s, f"spectra_{direction}_{slayer}_{skind}", frame, index=True, key="spectra")
+    st.subheader("λ sweep (the paper's appendix A)")
+    with st.spinner("λ sweep..."):
+        sweep = pd.concat(
+            [compute.lambda_sweep(by_name[tau1], by_name[tau2]).assign(direction=d12),
+             compute.lambda_sweep(by_name[tau2], by_name[tau1]).assign(direction=d21)],
+            ignore_index=True,
+        )
+    fig_l = figures.sweep_lines(
+        sweep, title="Mean REC and L1 as the sparsity penalty λ grows\nS2 = 0 for every module once λ ≥ 1",
+        metrics={"rec": "mean REC", l1_col: "mean " + ("L1 (raw)" if l1_col == "l1" else "L1 (normalized)")},
+    )
+    downloads.show(fig_l, f"lambda_sweep_{tau1}_{tau2}", sweep, key="sweep")
 else:
     tables = compute.inclusion_all_pairs(adapters, lam)
     kinds_all = list(dict.fromkeys(k for t in tables.values() for k in t["kind"]))
@@ -141,12 +158,16 @@ else:
         colorscale=figures.SIMILARITY if metric == "rec" else figures.SEQUENTIAL,
         row_label="τ_i (basis, row) →", col_label="τ_j (projected, column)",
     )
-    downloads.show(fig_m, f"inclusion_matrix_{metric}_{kind}", views.matrix_frame(matrix, names, metric), index=True,
-                   key="inc_matrix")
-    st.markdown("**Mean entropies per direction**")
-    ent = views.entropy_frame(tables, names)
-    st.dataframe(ent, hide_index=True, width="stretch")
-    downloads.csv_button(ent, "inclusion_entropies", key="csv_ent")
+    left, right = st.columns([3, 2])
+    with left:
+        downloads.show(fig_m, f"inclusion_matrix_{metric}_{kind}", views.matrix_frame(matrix, names, metric),
+                       index=True, key="inc_matrix")
+    with right:
+        st.markdown("**Mean entropies per direction** (H of the basis spectrum S1 and of the projected S2)")
+        ent = views.entropy_frame(tables, names)
+        st.dataframe(ent, hide_index=True, width="stretch", height=min(560, 38 + 35 * len(ent)),
+                     column_config={c: st.column_config.NumberColumn(format="%.3f") for c in ("mean H(S1)", "mean H(S2)")})
+        downloads.csv_button(ent, "inclusion_entropies", key="csv_ent")
 
 st.subheader("Student t-tests between two projections (the paper's Table 5)")
 directed = [f"{a} → {b}" for a, b in itertools.permutations(names, 2)]

@@ -100,14 +100,15 @@ def upload_zip(tmp_path_factory, request) -> Path:
 
 
 def _idle(page, timeout: float = 60.0) -> None:
-    """Wait until the script run finished (the 'Running...' status widget is gone)."""
-    page.wait_for_timeout(300)
+    """Wait until the script run finished (``stApp`` reports ``notRunning``) and the page settled."""
+    page.wait_for_timeout(250)
     page.wait_for_function(
-        "() => !document.querySelector('[data-testid=\"stStatusWidget\"] [data-testid=\"stStatusWidgetRunningIcon\"]')"
-        " && !document.querySelector('[data-testid=\"stSkeleton\"]')",
+        "() => { const app = document.querySelector('[data-testid=\"stApp\"]');"
+        " return app && app.getAttribute('data-test-script-state') === 'notRunning'"
+        " && !document.querySelector('[data-testid=\"stSkeleton\"]'); }",
         timeout=timeout * 1000,
     )
-    page.wait_for_timeout(400)
+    page.wait_for_timeout(250)
 
 
 def _plots(page) -> list:
@@ -135,10 +136,14 @@ def _wait_change(page, before, index: int = 0, timeout: float = 30.0):
     raise AssertionError(f"figure {index} did not change (screenshot test-artifacts/failure_figure_did_not_change.png)")
 
 
+T0 = time.time()
+
+
 def _shot(page, name: str) -> None:
     """Screenshot of the whole page: Streamlit scrolls inside its main container, so the viewport is
     stretched to the content height for the shot (capped), then restored."""
     ARTIFACTS.mkdir(exist_ok=True)
+    _idle(page)
     size = page.viewport_size
     height = page.evaluate(
         "() => Math.max(...['[data-testid=\"stMain\"]', '[data-testid=\"stSidebarContent\"]'].map("
@@ -148,6 +153,7 @@ def _shot(page, name: str) -> None:
     page.wait_for_timeout(600)  # plotly relayout after the resize
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
     page.set_viewport_size(size)
+    print(f"{time.time() - T0:6.1f}s {name}")
 
 
 def _nav(page, label: str) -> None:
@@ -184,7 +190,7 @@ def test_dashboard_end_to_end(server, upload_zip):
             page.get_by_role("option", name=upload_zip.stem).click()
             _idle(page)
             _wait_plots(page, 3)
-            page.get_by_text(f"‖τ‖_F by layer and module kind · {upload_zip.stem}").first.wait_for()
+            page.locator(".js-plotly-plot").filter(has_text=upload_zip.stem).first.wait_for()
             _shot(page, "03_anatomy_uploaded")
 
             # Distances: the layer slider and the query / value switch change the heatmap.
@@ -229,17 +235,20 @@ def test_dashboard_end_to_end(server, upload_zip):
             _nav(page, "Distances")
             _wait_plots(page, 3)
             _shot(page, "09_distances_1280")
-            dark = browser.new_page(viewport={"width": 1280, "height": 800}, color_scheme="dark")
-            dark.goto(f"{server}/distances")
-            _wait_plots(dark, 3)
-            _idle(dark)
-            _shot(dark, "10_distances_dark")
-            dark.goto(f"{server}/anatomy")
-            _wait_plots(dark, 3)
-            _idle(dark)
-            _shot(dark, "11_anatomy_dark")
-            errors = dark.locator('[data-testid="stException"]').count() + page.locator(
-                '[data-testid="stException"]').count()
+            # Dark theme: the app follows the system setting (no fixed theme in .streamlit/config.toml).
+            page.emulate_media(color_scheme="dark")
+            page.wait_for_timeout(500)
+            _shot(page, "10_distances_dark_1280")
+            _nav(page, "Anatomy")
+            _wait_plots(page, 3)
+            _shot(page, "11_anatomy_dark_1280")
+            background = page.evaluate(
+                "() => getComputedStyle(document.querySelector('[data-testid=\"stApp\"]')).backgroundColor"
+            )
+            assert sum(int(v) for v in background[background.index("(") + 1 : -1].split(",")[:3]) < 200, background
+            _nav(page, "Merge")
+            _shot(page, "12_merge_dark_1280")
+            errors = page.locator('[data-testid="stException"]').count()
             assert errors == 0
         finally:
             browser.close()

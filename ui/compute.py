@@ -174,3 +174,19 @@ def check(adapters: Sequence[Adapter]) -> list[str]:
     from geometry.align import check_compatible
 
     return list(check_compatible(list(adapters)))
+
+
+# -- lambda sweep -------------------------------------------------------------------------------
+SWEEP_LAMBDAS = (0.0, 1e-4, 1e-3, 1e-2, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _sweep_memory(h1: str, h2: str, lams: tuple[float, ...], _a1: Adapter, _a2: Adapter) -> pd.DataFrame:
+    from geometry.inclusion import lambda_sweep as sweep
+
+    return _disk_compute("lambda_sweep", (h1, h2, lams), lambda: sweep(_a1, _a2, lams=lams))
+
+
+def lambda_sweep(a1: Adapter, a2: Adapter, lams: Sequence[float] = SWEEP_LAMBDAS) -> pd.DataFrame:
+    """``geometry.inclusion.lambda_sweep``: mean metrics of ``tau1 -> tau2`` for each λ."""
+    return _sweep_memory(a1.content_hash, a2.content_hash, tuple(float(v) for v in lams), a1, a2)

@@ -67,8 +67,7 @@ def layer_control(layers: Sequence[int], key: str = "layers") -> LayerChoice:
         return LayerChoice("all")
     lo, hi = layers[0], layers[-1]
     modes = list(LAYER_MODES) if hi > lo else ["all"]
-    c1, c2 = st.columns([2, 3])
-    with c1:
+    with st.container(horizontal=True, gap="medium", vertical_alignment="bottom"):
         mode = st.segmented_control(
             "Layers",
             modes,
@@ -78,14 +77,17 @@ def layer_control(layers: Sequence[int], key: str = "layers") -> LayerChoice:
             key=key,
             bind=URL,
         )
-    with c2:
         if mode == "one":
-            layer = st.select_slider("Layer", options=layers, value=hi, key="layer", bind=URL)
+            layer = st.select_slider("Layer", options=layers, value=hi, key="layer", bind=URL, width=320)
             return LayerChoice("one", layer=layer)
         if mode == "range":
-            start, stop = st.select_slider("Layer range", options=layers, value=(lo, hi), key="layer_range", bind=URL)
+            start, stop = st.select_slider(
+                "Layer range", options=layers, value=(lo, hi), key="layer_range", bind=URL, width=320
+            )
             return LayerChoice("range", start=start, stop=stop)
         if mode == "last":
-            k = st.slider("k (last layers)", 1, len(layers), value=min(5, len(layers)), key="last_k", bind=URL)
+            k = st.slider(
+                "k (last layers)", 1, len(layers), value=min(5, len(layers)), key="last_k", bind=URL, width=320
+            )
             return LayerChoice("last", k=k)
     return LayerChoice("all")

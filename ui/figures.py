@@ -38,20 +38,35 @@ def plotly_config(filename: str) -> dict:
     }
 
 
-def _base_layout(fig: go.Figure, title: str, height: int | None = None) -> go.Figure:
-    """Title (a second line after ``\n`` becomes the subtitle), margins, hover and legend placement."""
+def _base_layout(
+    fig: go.Figure, title: str, height: int | None = None, legend_below: float | None = None
+) -> go.Figure:
+    """Title (a second line after ``\n`` becomes the subtitle), margins, hover and legend placement.
+
+    The legend sits above the plot on the right; figures with subplot titles put it below the
+    plot instead (``legend_below``: its offset in plot-height units) so it never covers a title.
+    """
     main, _, sub = title.partition("\n")
+    if legend_below is None:
+        legend = dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0)
+    else:
+        legend = dict(orientation="h", yanchor="top", y=-legend_below, xanchor="left", x=0.0)
     fig.update_layout(
         title=dict(text=main, x=0.0, xanchor="left", subtitle=dict(text=sub) if sub else None),
         margin=dict(MARGIN, t=84 if sub else MARGIN["t"]),
         hoverlabel=dict(namelength=-1),
-        legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
+        legend=legend,
     )
     if height is not None:
         fig.update_layout(height=height)
     fig.update_xaxes(automargin=True)
     fig.update_yaxes(automargin=True)
     return fig
+
+
+def _layer_dtick(layers) -> int | None:
+    """One tick per layer up to 12 layers; Plotly's automatic ticks beyond (labels would overlap)."""
+    return 1 if len(set(np.asarray(layers).tolist())) <= 12 else None
 
 
 def _cell_text(values: np.ndarray, n: int) -> str | None:
@@ -227,10 +242,12 @@ def layer_lines(
                 row=1,
                 col=c,
             )
-        fig.update_xaxes(title_text="layer", dtick=1, row=1, col=c)
+        fig.update_xaxes(title_text="layer", dtick=_layer_dtick(frame[x] if len(frame) else []), row=1, col=c)
     fig.update_yaxes(title_text=value_label, row=1, col=1)
     if y_range is not None:
         fig.update_yaxes(range=list(y_range))
+    if facet:
+        return _base_layout(fig, title, 460, legend_below=0.22)
     return _base_layout(fig, title, 420)
 
 
@@ -278,13 +295,15 @@ def grid_curves(
                     row=ri,
                     col=ci,
                 )
-            fig.update_xaxes(title_text="layer", dtick=1, row=ri, col=ci)
+            fig.update_xaxes(title_text="layer", dtick=_layer_dtick(frame["layer"] if len(frame) else []), row=ri, col=ci)
             if ci == 1:
-                fig.update_yaxes(title_text=row_labels.get(metric, metric), row=ri, col=ci)
-    return _base_layout(fig, title, 300 * len(rows) + 80)
+                fig.update_yaxes(title_text=row_labels.get(metric, metric).split(" (")[0], row=ri, col=ci)
+    return _base_layout(fig, title, 300 * len(rows) + 120, legend_below=0.12)
 
 
-def norm_heatmap(frame: pd.DataFrame, *, adapter: str, title: str, zmax: float | None = None) -> go.Figure:
+def norm_heatmap(
+    frame: pd.DataFrame, *, adapter: str, title: str, zmin: float | None = None, zmax: float | None = None
+) -> go.Figure:
     """Layer x module-kind heatmap of ``||tau||_F`` from an anatomy table (one stack).
 
     ``frame`` columns: ``layer``, ``kind``, ``fro_norm`` and optionally ``r``, ``rank``, ``m``, ``n``.
@@ -307,7 +326,7 @@ def norm_heatmap(frame: pd.DataFrame, *, adapter: str, title: str, zmax: float |
             y=[str(v) for v in layers],
             customdata=custom,
             colorscale=SEQUENTIAL,
-            zmin=0.0,
+            zmin=zmin,
             zmax=zmax,
             texttemplate="%{z:.3g}" if z.size and z.size <= 200 else None,
             colorbar=dict(title=dict(text="‖τ‖_F", side="right")),
@@ -370,9 +389,10 @@ def rank_lines(frame: pd.DataFrame, *, adapter: str, title: str) -> go.Figure:
                 row=1,
                 col=c,
             )
-        fig.update_xaxes(title_text="layer", dtick=1, row=1, col=c)
-        fig.update_yaxes(title_text="rank (number of directions)", rangemode="tozero", row=1, col=c)
-    return _base_layout(fig, title, 380)
+        fig.update_xaxes(title_text="layer", dtick=_layer_dtick(frame["layer"] if len(frame) else []), row=1, col=c)
+        fig.update_yaxes(rangemode="tozero", row=1, col=c)
+    fig.update_yaxes(title_text="rank (directions)", row=1, col=1)
+    return _base_layout(fig, title, 420, legend_below=0.25)
 
 
 def figure_arrays(fig: go.Figure) -> list[np.ndarray]:
@@ -384,3 +404,33 @@ def figure_arrays(fig: go.Figure) -> list[np.ndarray]:
             values = getattr(trace, "y", None)
         out.append(np.asarray(values, dtype=float) if values is not None else np.array([]))
     return out
+
+
+def sweep_lines(frame: pd.DataFrame, *, title: str, metrics: Mapping[str, str], series: str = "direction") -> go.Figure:
+    """Mean inclusion metrics against the sparsity penalty λ (the paper's appendix-A sweep).
+
+    ``frame``: one row per ``(series, lam)`` with a column per metric key of ``metrics``; λ is
+    drawn as categories (``0`` cannot sit on a log axis).
+    """
+    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=list(metrics.values()), horizontal_spacing=0.1)
+    names = list(dict.fromkeys(frame[series])) if len(frame) else []
+    for c, metric in enumerate(metrics, start=1):
+        for s_i, name in enumerate(names):
+            sub = frame[frame[series] == name].sort_values("lam")
+            fig.add_trace(
+                go.Scatter(
+                    x=[f"{v:g}" for v in sub["lam"]],
+                    y=sub[metric],
+                    mode="lines+markers",
+                    name=str(name),
+                    legendgroup=str(name),
+                    showlegend=c == 1,
+                    line=dict(color=QUALITATIVE[s_i % len(QUALITATIVE)]),
+                    hovertemplate=f"{name}<br>λ = %{{x}}<br>{metrics[metric]}: %{{y:.4g}}<extra></extra>",
+                ),
+                row=1,
+                col=c,
+            )
+        fig.update_xaxes(title_text="λ (sparsity penalty)", type="category", row=1, col=c)
+    fig.update_yaxes(title_text="mean over modules", row=1, col=1)
+    return _base_layout(fig, title, 420, legend_below=0.25)
