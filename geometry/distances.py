@@ -195,10 +195,12 @@ class _Side:
     W: torch.Tensor  # (L, k, k) basis coordinates, tail zeroed
     rank: torch.Tensor  # (L,)
     in_place: bool = False  # X is the input M itself (a view of the shared buffer)
+    x_of: Callable[[torch.Tensor], torch.Tensor] | None = None  # X[idx] when X is not stored
 
     def Q(self, idx: torch.Tensor) -> torch.Tensor:
-        """Explicit orthonormal ``Q`` of the layers ``idx``."""
-        return self.X[idx] @ self.Rinv[idx]
+        """Explicit orthonormal ``Q`` of the batch items ``idx``."""
+        X = self.X[idx] if self.x_of is None else self.x_of(idx)
+        return X @ self.Rinv[idx]
 
 
 @dataclass
@@ -292,6 +294,64 @@ def _stack_all(adapters: Sequence[Adapter], keys, device: torch.device):
         cols = slice(i * rp, (i + 1) * rp)
         decomps.append(_decompose(Mb[..., cols], Ma[..., cols], scale, r))
     return decomps, Mb, Ma, rp
+
+
+def _all_pairs(
+    decomps: list[_Decomp], bufs: dict[str, torch.Tensor], rp: int, wanted: set[tuple[str, str]], pad: bool
+) -> tuple[list[tuple[int, int]], dict[tuple[str, str], torch.Tensor]]:
+    """Every pair ``i < j`` at once: the small per-adapter tensors are stacked into one batch of
+    ``pairs x layers`` items (few large kernels instead of many small ones). Needs every side in place."""
+    na, nl = len(decomps), decomps[0].S.shape[0]
+    pairs = [(i, j) for i in range(na) for j in range(i + 1, na)]
+    dev = decomps[0].S.device
+    left = torch.tensor([p[0] for p in pairs], device=dev)
+    right = torch.tensor([p[1] for p in pairs], device=dev)
+
+    def pick(values: list[torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
+        return torch.stack(values)[idx].flatten(0, 1)
+
+    def x_of(buf: torch.Tensor, owners: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        view = buf.unflatten(-1, (na, rp))  # (L, d, N, rp)
+
+        def get(flat: torch.Tensor) -> torch.Tensor:
+            return view[flat % nl, :, owners[flat // nl], :]
+
+        return get
+
+    def side(name: str, idx: torch.Tensor) -> _Side | None:
+        if name not in bufs:
+            return None
+        sides = [getattr(d, name) for d in decomps]
+        return _Side(
+            None,  # type: ignore[arg-type]
+            pick([s.Rinv for s in sides], idx),
+            pick([s.R for s in sides], idx),
+            pick([s.W for s in sides], idx),
+            pick([s.rank for s in sides], idx),
+            True,
+            x_of(bufs[name], idx),
+        )
+
+    def decomp(idx: torch.Tensor) -> _Decomp:
+        return _Decomp(
+            side("b", idx),
+            side("a", idx),
+            pick([d.Uc for d in decomps], idx),
+            pick([d.S for d in decomps], idx),
+            pick([d.Vc for d in decomps], idx),
+            pick([d.rank for d in decomps], idx),
+            pick([d.r for d in decomps], idx),
+        )
+
+    crosses = {}
+    for name, buf in bufs.items():
+        blocks = []
+        for i in range(na - 1):
+            P = getattr(decomps[i], name).X.mT @ buf[..., (i + 1) * rp :]  # (L, rp, (N - 1 - i) rp)
+            blocks.append(P.unflatten(-1, (na - 1 - i, rp)).permute(2, 0, 1, 3))  # (N - 1 - i, L, rp, rp)
+        crosses[name] = torch.cat(blocks).flatten(0, 1) if blocks else None
+    out = _pair(decomp(left), decomp(right), wanted, pad, crosses.get("b"), crosses.get("a"))
+    return pairs, {k: v.reshape(len(pairs), nl) for k, v in out.items()}
 
 
 def _cross_products(decomps: list[_Decomp], buf: torch.Tensor, rp: int, side: str) -> dict[tuple[int, int], torch.Tensor]:
@@ -462,16 +522,26 @@ def all_distances(
         store = values[stack, kind]
         with torch.no_grad():
             dec, Mb, Ma, rp = _stack_all(adapters, chunk, dev)
-            cross_b = _cross_products(dec, Mb, rp, "b") if need_b else {}
-            cross_a = _cross_products(dec, Ma, rp, "a") if need_a else {}
-            for i in range(n):
-                for j in range(i + 1, n):
-                    pair = _pair(dec[i], dec[j], wanted, pad, cross_b.get((i, j)), cross_a.get((i, j)))
-                    for (m, f), v in pair.items():
-                        arr = v.detach().cpu().numpy()
-                        store[f"{m}/{f}"][i, j, start : start + len(chunk)] = arr
-                        store[f"{m}/{f}"][j, i, start : start + len(chunk)] = arr
-        del dec, Mb, Ma, cross_b, cross_a
+            bufs = {name: buf for name, buf, need in (("b", Mb, need_b), ("a", Ma, need_a)) if need}
+            span = slice(start, start + len(chunk))
+            if n > 1 and all(getattr(d, name).in_place for d in dec for name in bufs):
+                pairs, batch = _all_pairs(dec, bufs, rp, wanted, pad)
+                for (m, f), v in batch.items():
+                    arr = v.detach().cpu().numpy()
+                    for p, (i, j) in enumerate(pairs):
+                        store[f"{m}/{f}"][i, j, span] = arr[p]
+                        store[f"{m}/{f}"][j, i, span] = arr[p]
+            else:
+                cross_b = _cross_products(dec, Mb, rp, "b") if need_b else {}
+                cross_a = _cross_products(dec, Ma, rp, "a") if need_a else {}
+                for i in range(n):
+                    for j in range(i + 1, n):
+                        pair = _pair(dec[i], dec[j], wanted, pad, cross_b.get((i, j)), cross_a.get((i, j)))
+                        for (m, f), v in pair.items():
+                            arr = v.detach().cpu().numpy()
+                            store[f"{m}/{f}"][i, j, span] = arr
+                            store[f"{m}/{f}"][j, i, span] = arr
+        del dec, Mb, Ma, bufs
         if progress is not None:
             progress(done, total, f"{stack}.{kind} layers {chunk[0].layer}-{chunk[-1].layer}")
     for stack, kind in groups:

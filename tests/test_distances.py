@@ -263,3 +263,9 @@ def test_grassmann_matches_scipy_subspace_angles_on_dense_task_vectors():
         ref = math.sqrt(float((scipy.linalg.subspace_angles(t1, t2) ** 2).sum()))
         got = res["grassmann", "ba", key.stack, key.kind].values[0, 1, key.layer]
         assert got == pytest.approx(ref, rel=1e-8), key
+
+
+def test_factors_wider_than_the_space_use_the_per_pair_path_and_match_dense():
+    """m < r: Householder Q has m columns, the pair-batched path does not apply."""
+    ads = [random_adapter(f"ad{i}", layers=2, kinds={"tiny": (3, 10), "q": (12, 10)}, r=4, seed=110 + i) for i in range(3)]
+    assert_matches_dense(ads)
