@@ -267,7 +267,16 @@ def _decompose(B: torch.Tensor, At: torch.Tensor, scale: torch.Tensor, r: torch.
     return _Decomp(b, a, Uc * keep.unsqueeze(-2) * sign, S * keep, Vch.mT * keep.unsqueeze(-2), keep.sum(-1), r)
 
 
-def _stack_all(adapters: Sequence[Adapter], keys, device: torch.device):
+def _buffer(pool: dict, name: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """A float64 tensor of ``shape`` carved from a reusable flat buffer (fresh pages cost time)."""
+    need = math.prod(shape)
+    flat = pool.get(name)
+    if flat is None or flat.numel() < need or flat.device != device:
+        flat = pool[name] = torch.empty(need, dtype=torch.float64, device=device)
+    return flat[:need].view(shape)
+
+
+def _stack_all(adapters: Sequence[Adapter], keys, device: torch.device, pool: dict | None = None):
     """Decompose every adapter's modules ``keys`` (one kind, several layers), batched over layers.
 
     The factors are converted to float64 straight into two shared buffers ``Mb (L, m, N rp)`` and
@@ -278,8 +287,9 @@ def _stack_all(adapters: Sequence[Adapter], keys, device: torch.device):
     mods = [[ad.modules[k] for k in keys] for ad in adapters]
     rp = max(mod.rank for ms in mods for mod in ms)
     nl, (m_, n_), na = len(keys), mods[0][0].shape, len(adapters)
-    Mb = torch.empty(nl, m_, na * rp, dtype=torch.float64, device=device)
-    Ma = torch.empty(nl, n_, na * rp, dtype=torch.float64, device=device)
+    pool = {} if pool is None else pool
+    Mb = _buffer(pool, "b", (nl, m_, na * rp), device)
+    Ma = _buffer(pool, "a", (nl, n_, na * rp), device)
     for i, ms in enumerate(mods):
         for layer, mod in enumerate(ms):
             Mb[layer, :, i * rp : i * rp + mod.rank].copy_(mod.B.detach())
@@ -514,6 +524,7 @@ def all_distances(
         per = layer_chunk or _auto_chunk(adapters, keys[0], len(keys))
         plan += [(stack, kind, keys, keys[c : c + per], c) for c in range(0, len(keys), per)]
     total = len(plan)
+    pool: dict[str, torch.Tensor] = {}
     results: dict[tuple[str, str, str, str], DistanceTensor] = {}
     values: dict[tuple[str, str], dict[str, np.ndarray]] = {}
     for done, (stack, kind, keys, chunk, start) in enumerate(plan, 1):
@@ -521,7 +532,7 @@ def all_distances(
             values[stack, kind] = {f"{m}/{f}": np.zeros((n, n, len(keys))) for m, f in wanted}
         store = values[stack, kind]
         with torch.no_grad():
-            dec, Mb, Ma, rp = _stack_all(adapters, chunk, dev)
+            dec, Mb, Ma, rp = _stack_all(adapters, chunk, dev, pool)
             bufs = {name: buf for name, buf, need in (("b", Mb, need_b), ("a", Ma, need_a)) if need}
             span = slice(start, start + len(chunk))
             if n > 1 and all(getattr(d, name).in_place for d in dec for name in bufs):
