@@ -47,14 +47,10 @@ if not dists:
 
 stacks = views.stacks_of(dists)
 with st.container(horizontal=True, gap="medium"):
-    metric = st.segmented_control(
-        "Metric", list(views.METRIC_LABELS), format_func=views.METRIC_LABELS.get, default="cosine",
-        required=True, key="metric", bind=controls.URL,
-    )
-    factor = st.segmented_control(
-        "Factor", list(views.FACTOR_LABELS), format_func=views.FACTOR_LABELS.get, default="ba",
-        required=True, key="factor", bind=controls.URL,
-        help="BA: the task vector τ = s·B·A. A only / B only: the down- / up-projection factor alone.",
+    metric = controls.choice(st.segmented_control, "Metric", views.METRIC_LABELS, "cosine", "metric")
+    factor = controls.choice(
+        st.segmented_control, "Factor", views.FACTOR_LABELS, "ba", "factor",
+        help="BA: the task vector τ = s·B·A. A / B: the down- / up-projection factor alone.",
     )
     stack = (
         st.selectbox("Stack", stacks, key="stack", bind=controls.URL, width=160) if len(stacks) > 1 else stacks[0]
@@ -62,7 +58,7 @@ with st.container(horizontal=True, gap="medium"):
     kinds = views.kinds_of(dists, stack)
     kind = st.segmented_control(
         "Projection", kinds, default="v" if "v" in kinds else kinds[0], required=True, key="kind",
-        bind=controls.URL, format_func=lambda k: views.KIND_LABELS.get(k, k),
+        bind=controls.URL, help="q = query, k = key, v = value, o = attention output; gate / up / down = MLP.",
     )
 kind_label = views.KIND_LABELS.get(kind, kind)
 
@@ -88,9 +84,8 @@ with left:
     downloads.show(fig, f"distance_{metric}_{factor}_{kind}_{choice.spec}", views.matrix_frame(matrix, names, unit),
                    index=True, key="heatmap")
 with right:
-    method = st.segmented_control(
-        "2-D map", ["pca", "mds", "umap"], format_func=str.upper, default="pca", required=True,
-        key="map", bind=controls.URL,
+    method = controls.choice(
+        st.segmented_control, "2-D map", {"pca": "PCA", "mds": "MDS", "umap": "UMAP"}, "pca", "map"
     )
     if len(names) < 3 and method != "pca":
         st.caption("MDS and UMAP need at least 3 adapters; showing PCA.")

@@ -47,10 +47,7 @@ with c1:
         bind=controls.URL, help="0 = plain projection. The level is relative to ‖τ2‖_F; λ ≥ 1 gives S2 = 0.",
     )
 with c2:
-    mode = st.segmented_control(
-        "Show", ["pair", "all"], format_func={"pair": "one pair τ1, τ2", "all": "all pairs (matrix)"}.get,
-        default="pair", required=True, key="mode", bind=controls.URL,
-    )
+    mode = controls.choice(st.segmented_control, "Show", {"pair": "one pair", "all": "all pairs"}, "pair", "mode")
 
 ROW_LABELS = {k: v for k, v in views.INCLUSION_METRICS.items()}
 
@@ -75,9 +72,8 @@ if mode == "pair":
     with k1:
         kinds = st.multiselect("Projections", present, default=default_kinds, key="kinds", bind=controls.URL)
     with k2:
-        l1_col = st.segmented_control(
-            "L1 on", ["l1", "l1_normalized"], format_func={"l1": "raw spectra", "l1_normalized": "normalized"}.get,
-            default="l1", required=True, key="l1", bind=controls.URL,
+        l1_col = controls.choice(
+            st.segmented_control, "L1 on", {"l1": "raw spectra", "l1_normalized": "normalized"}, "l1", "l1"
         )
     curves = views.inclusion_curves_frame({d12: t12, d21: t21}, kinds or present, stack)
     fig2 = figures.grid_curves(
@@ -139,13 +135,14 @@ else:
     kinds_all = list(dict.fromkeys(k for t in tables.values() for k in t["kind"]))
     m1, m2 = st.columns(2)
     with m1:
-        metric = st.selectbox(
-            "Metric", list(views.INCLUSION_METRICS), format_func=views.INCLUSION_METRICS.get, key="inc_metric",
-            bind=controls.URL,
+        metric = controls.choice(
+            st.selectbox, "Metric", views.INCLUSION_SHORT, "rec", "inc_metric",
+            help="REC: overlap of the normalized spectra (higher = more inclusion). L1 / L2: distance between "
+            "the spectra, raw or sum-normalized (lower = closer).",
         )
     with m2:
-        kind = st.selectbox("Projections", ["all", *kinds_all], key="inc_kind", bind=controls.URL,
-                            format_func=lambda k: "all modules" if k == "all" else k)
+        kind = st.selectbox("Projections (all = every module)", ["all", *kinds_all], key="inc_kind",
+                            bind=controls.URL)
     matrix = views.inclusion_matrix_from_tables(tables, len(names), metric, None if kind == "all" else kind)
     st.caption(
         ":material/east: **Direction: row τ_i → column τ_j** (τ_j projected on τ_i's singular basis). "

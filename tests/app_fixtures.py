@@ -67,6 +67,7 @@ def write_sample_set(root: Path, n: int = 3, layers: int = 4) -> Path:
 
 
 APP = Path(__file__).resolve().parents[1] / "app.py"
+PAGES = APP.parent / "pages"
 
 
 def app_test(monkeypatch, tmp_path: Path, n: int = 3, layers: int = 4, query: dict | None = None):
@@ -77,6 +78,17 @@ def app_test(monkeypatch, tmp_path: Path, n: int = 3, layers: int = 4, query: di
     monkeypatch.setenv("ADAPTER_ATLAS_SAMPLES", str(samples))
     monkeypatch.setenv("ADAPTER_ATLAS_CACHE", str(tmp_path / "cache"))
     at = AppTest.from_file(str(APP), default_timeout=120)
+    for key, value in (query or {}).items():
+        at.query_params[key] = value
+    return at.run()
+
+
+def page_test(page: str, query: dict | None = None):
+    """An ``AppTest`` of one page file run as the main script (the way a shared link opens it),
+    with ``query`` as the URL's query parameters; the environment must point at the samples."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(PAGES / page), default_timeout=120)
     for key, value in (query or {}).items():
         at.query_params[key] = value
     return at.run()

@@ -211,7 +211,7 @@ def test_dashboard_end_to_end(server, upload_zip):
             after_move = _wait_change(page, after_one)
             assert after_move[0] != after_one[0]
             _shot(page, "05_distances_slider_moved")
-            page.get_by_text("query (q)", exact=True).click()
+            page.get_by_text("q", exact=True).click()
             _idle(page)
             after_q = _wait_change(page, after_move)
             assert after_q[0] != after_move[0]
@@ -224,7 +224,7 @@ def test_dashboard_end_to_end(server, upload_zip):
             _nav(page, "Inclusion")
             _wait_plots(page, 2)
             _shot(page, "07_inclusion_pair")
-            page.get_by_text("all pairs (matrix)", exact=True).click()
+            page.get_by_text("all pairs", exact=True).click()
             _idle(page)
             _wait_plots(page, 1)
             page.get_by_text("Direction: row τ_i → column τ_j").wait_for()

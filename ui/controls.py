@@ -60,6 +60,24 @@ def compared_adapters(key: str = "compare", min_count: int = 2, label: str = "Ad
     return adapters
 
 
+def choice(widget, label: str, labels: dict[str, str], default: str, key: str, **kwargs) -> str:
+    """A URL-bound choice among ``labels`` (code -> label) that returns the code.
+
+    The options are the labels themselves (no ``format_func``): a bound widget writes and reads
+    the *displayed* option in the URL, so short labels keep links readable (``?metric=Grassmann``).
+    """
+    by_label = {v: k for k, v in labels.items()}
+    options = list(by_label)
+    if widget is st.selectbox:
+        kwargs["index"] = list(labels).index(default)
+    else:
+        kwargs["default"] = labels[default]
+        if widget is st.segmented_control:
+            kwargs.setdefault("required", True)
+    picked = widget(label, options, key=key, bind=URL, **kwargs)
+    return by_label.get(picked, default)
+
+
 def layer_control(layers: Sequence[int], key: str = "layers") -> LayerChoice:
     """Pick one layer, a range, all layers or the last k (``T_d`` is averaged over the choice)."""
     layers = sorted(int(v) for v in layers)
@@ -68,15 +86,7 @@ def layer_control(layers: Sequence[int], key: str = "layers") -> LayerChoice:
     lo, hi = layers[0], layers[-1]
     modes = list(LAYER_MODES) if hi > lo else ["all"]
     with st.container(horizontal=True, gap="medium", vertical_alignment="bottom"):
-        mode = st.segmented_control(
-            "Layers",
-            modes,
-            format_func=LAYER_MODES.get,
-            default="all",
-            required=True,
-            key=key,
-            bind=URL,
-        )
+        mode = choice(st.segmented_control, "Layers", {m: LAYER_MODES[m] for m in modes}, "all", key)
         if mode == "one":
             layer = st.select_slider("Layer", options=layers, value=hi, key="layer", bind=URL, width=320)
             return LayerChoice("one", layer=layer)

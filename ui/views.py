@@ -19,20 +19,24 @@ import pandas as pd
 LAYER_MODES: dict[str, str] = {
     "all": "all layers",
     "one": "one layer",
-    "range": "a range",
-    "last": "last k layers",
+    "range": "range",
+    "last": "last k",
 }
 #: Metric labels (distances).
 METRIC_LABELS: dict[str, str] = {"l2": "L2", "cosine": "cosine", "grassmann": "Grassmann"}
 #: Projection kinds as researchers say them.
 KIND_LABELS: dict[str, str] = {"q": "query (q)", "k": "key (k)", "v": "value (v)", "o": "output (o)"}
 #: Factor labels: which matrix each distance is taken on.
-FACTOR_LABELS: dict[str, str] = {"ba": "BA (τ)", "a": "A only", "b": "B only"}
+FACTOR_LABELS: dict[str, str] = {"ba": "BA", "a": "A", "b": "B"}
 #: Unit / meaning of each distance, for axis and colour-bar titles.
 METRIC_UNITS: dict[str, str] = {
     "l2": "‖τ1 − τ2‖_F",
     "cosine": "1 − cos(τ1, τ2)",
     "grassmann": "d_G (radians)",
+}
+#: Inclusion metrics as short labels (selectors and links).
+INCLUSION_SHORT: dict[str, str] = {
+    "rec": "REC", "l1": "L1 raw", "l1_normalized": "L1 normalized", "l2": "L2 raw", "l2_normalized": "L2 normalized",
 }
 #: Inclusion metrics: column of the inclusion table -> label.
 INCLUSION_METRICS: dict[str, str] = {

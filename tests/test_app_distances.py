@@ -1,0 +1,93 @@
+"""Distances page in AppTest: the widgets change the figures, the figures show the library's numbers,
+and a URL's query parameters reopen the same view."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.app_fixtures import decode, page_test, plotly_specs, write_sample_set
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory):
+    root = write_sample_set(tmp_path_factory.mktemp("dist") / "samples", n=3, layers=4)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ADAPTER_ATLAS_SAMPLES", str(root))
+        mp.setenv("ADAPTER_ATLAS_CACHE", str(root.parent / "cache"))
+        yield root
+
+
+@pytest.fixture(scope="module")
+def library(samples):
+    """The library's own distances on the same adapters (what the page must show)."""
+    from geometry.distances import all_distances
+    from geometry.loader import load_adapter
+
+    adapters = [load_adapter(str(samples / f"task{k}"), name=f"task{k}") for k in range(3)]
+    return all_distances(adapters)
+
+
+def _heatmap(at) -> np.ndarray:
+    return np.asarray(decode(plotly_specs(at)[0]["data"][0]["z"]), dtype=float)
+
+
+def test_default_view_is_mean_cosine_on_value(samples, library):
+    at = page_test("distances.py")
+    assert not at.exception and not at.error
+    np.testing.assert_allclose(_heatmap(at), library[("cosine", "ba", "model", "v")].reduce("all"), rtol=1e-12)
+    assert len(plotly_specs(at)) == 3  # heatmap, 2-D map, per-layer lines
+    assert len(at.get("download_button")) >= 6
+
+
+def test_metric_factor_kind_and_layers_change_the_heatmap(samples, library):
+    at = page_test("distances.py")
+    seen = [_heatmap(at)]
+    at.segmented_control(key="metric").set_value("Grassmann").run()
+    seen.append(_heatmap(at))
+    np.testing.assert_allclose(seen[-1], library[("grassmann", "ba", "model", "v")].reduce("all"), rtol=1e-12)
+    assert any("different ranks" in c.value for c in at.caption)  # the Grassmann convention is named
+    at.segmented_control(key="factor").set_value("A").run()  # not "b": d_G(BA) = d_G(B) (full-rank A)
+    seen.append(_heatmap(at))
+    at.segmented_control(key="kind").set_value("q").run()
+    seen.append(_heatmap(at))
+    at.segmented_control(key="layers").set_value("one layer").run()
+    at.select_slider(key="layer").set_value(1).run()
+    seen.append(_heatmap(at))
+    np.testing.assert_allclose(seen[-1], library[("grassmann", "a", "model", "q")].values[:, :, 1], rtol=1e-12)
+    at.segmented_control(key="layers").set_value("last k").run()
+    at.slider(key="last_k").set_value(2).run()
+    seen.append(_heatmap(at))
+    np.testing.assert_allclose(seen[-1], library[("grassmann", "a", "model", "q")].reduce("last:2"), rtol=1e-12)
+    for a, b in zip(seen, seen[1:]):
+        assert not np.allclose(a, b)
+
+
+def test_query_vs_value_side_by_side(samples, library):
+    at = page_test("distances.py")
+    at.toggle(key="qv").set_value(True).run()
+    fig = plotly_specs(at)[-1]
+    assert [t["type"] for t in fig["data"]] == ["heatmap", "heatmap"]
+    for trace, kind in zip(fig["data"], ("q", "v")):
+        np.testing.assert_allclose(
+            np.asarray(decode(trace["z"]), dtype=float), library[("cosine", "ba", "model", kind)].reduce("all"),
+            rtol=1e-12,
+        )
+
+
+def test_a_link_reopens_the_same_view(samples, library):
+    at = page_test("distances.py", {"metric": "L2", "factor": "A", "kind": "q", "layers": "one layer", "layer": "2"})
+    assert at.segmented_control(key="metric").value == "L2"
+    np.testing.assert_allclose(_heatmap(at), library[("l2", "a", "model", "q")].values[:, :, 2], rtol=1e-12)
+
+
+def test_map_methods(samples):
+    at = page_test("distances.py")
+    before = plotly_specs(at)[1]["data"][0]
+    at.segmented_control(key="map").set_value("MDS").run()
+    after = plotly_specs(at)[1]["data"][0]
+    assert after["text"] == ["task0", "task1", "task2"]
+    assert "MDS" in plotly_specs(at)[1]["layout"]["xaxis"]["title"]["text"]
+    assert before != after

@@ -1,0 +1,84 @@
+"""Inclusion page in AppTest: curves both directions, λ, the asymmetric matrix against the library's
+``inclusion_matrix``, and the t-test table against ``geometry.stats.ttest``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.app_fixtures import decode, page_test, plotly_specs, write_sample_set
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory):
+    root = write_sample_set(tmp_path_factory.mktemp("incl") / "samples", n=3, layers=3)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ADAPTER_ATLAS_SAMPLES", str(root))
+        mp.setenv("ADAPTER_ATLAS_CACHE", str(root.parent / "cache"))
+        yield root
+
+
+@pytest.fixture(scope="module")
+def adapters(samples):
+    from geometry.loader import load_adapter
+
+    return [load_adapter(str(samples / f"task{k}"), name=f"task{k}") for k in range(3)]
+
+
+def _traces(spec) -> list:
+    return [decode(t.get("y")) for t in spec["data"]]
+
+
+def test_pair_curves_both_directions_and_lambda(samples, adapters):
+    from geometry.inclusion import inclusion
+
+    at = page_test("inclusion.py")
+    assert not at.exception and not at.error
+    fig2 = plotly_specs(at)[0]
+    names = {t["name"] for t in fig2["data"]}
+    assert names == {"task0 → task1", "task1 → task0"}
+    assert len(fig2["data"]) == 2 * 2 * 2  # (L1, REC) x (q, v) x two directions
+    expected = inclusion(adapters[0], adapters[1])
+    rec_q = expected[expected["kind"] == "q"].sort_values("layer")["rec"].to_numpy()
+    shown = [t for t in fig2["data"] if t["name"] == "task0 → task1" and t["yaxis"] == "y3"][0]
+    np.testing.assert_allclose(np.asarray(decode(shown["y"]), dtype=float), rec_q, rtol=1e-12)
+    at.selectbox(key="tau2").set_value("task2").run()
+    assert _traces(plotly_specs(at)[0]) != _traces(fig2)
+    at.number_input(key="lam").set_value(0.3).run()
+    assert not at.exception
+    assert _traces(plotly_specs(at)[0]) != _traces(fig2)
+    assert "λ sweep" in [s.value.split(" (")[0] for s in at.subheader]
+
+
+def test_all_pairs_matrix_matches_library(samples, adapters):
+    from geometry.inclusion import inclusion_matrix
+
+    at = page_test("inclusion.py", {"mode": "all pairs"})
+    assert not at.exception
+    shown = np.asarray(decode(plotly_specs(at)[0]["data"][0]["z"]), dtype=float)
+    expected = inclusion_matrix(adapters, "rec")
+    off = ~np.eye(3, dtype=bool)
+    np.testing.assert_allclose(shown[off], expected[off], rtol=1e-10)
+    assert not np.allclose(shown, shown.T, equal_nan=True)  # asymmetric
+    assert any("row τ_i → column τ_j" in c.value for c in at.caption)
+    at.selectbox(key="inc_metric").set_value("L1 raw").run()
+    l1 = np.asarray(decode(plotly_specs(at)[0]["data"][0]["z"]), dtype=float)
+    np.testing.assert_allclose(l1[off], inclusion_matrix(adapters, "l1")[off], rtol=1e-10)
+
+
+def test_ttest_table_matches_stats(samples, adapters):
+    from geometry.inclusion import inclusion
+    from geometry.stats import ttest
+
+    at = page_test("inclusion.py")
+    table = at.dataframe[-1].value
+    x = inclusion(adapters[0], adapters[1])["rec"].to_numpy(dtype=float)
+    y = inclusion(adapters[0], adapters[2])["rec"].to_numpy(dtype=float)
+    res = ttest(x, y)
+    assert table.loc[0, "X"] == "task0 → task1" and table.loc[0, "Y"] == "task0 → task2"
+    for col, key in (("p (two-sided)", "p_two_sided"), ("p (X > Y)", "p_greater"), ("p (X < Y)", "p_less"), ("t", "t")):
+        assert table.loc[0, col] == pytest.approx(res[key], rel=1e-9)
+    at.selectbox(key="tt_kind").set_value("v").run()
+    assert at.dataframe[-1].value.loc[0, "n X"] == 3
