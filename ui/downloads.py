@@ -1,6 +1,8 @@
 """Download buttons: every matrix and table as CSV, every figure as a standalone HTML file.
 
-PNG export is the camera button in each figure's modebar (``ui.figures.plotly_config``).
+The files are produced only when a button is clicked (``st.download_button`` with a callable), so
+a slider move does not pay for serialising every figure. PNG export is the camera button in each
+figure's modebar (``ui.figures.plotly_config``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ def slug(text: str) -> str:
 def csv_button(frame: pd.DataFrame, name: str, label: str = "CSV", index: bool = False, key: str | None = None):
     st.download_button(
         f":material/download: {label}",
-        frame.to_csv(index=index).encode(),
+        lambda: frame.to_csv(index=index).encode(),
         file_name=f"{slug(name)}.csv",
         mime="text/csv",
         key=key or f"csv_{slug(name)}",
@@ -33,7 +35,7 @@ def csv_button(frame: pd.DataFrame, name: str, label: str = "CSV", index: bool =
 def html_button(fig: go.Figure, name: str, key: str | None = None):
     st.download_button(
         ":material/download: HTML",
-        fig.to_html(include_plotlyjs="cdn", full_html=True).encode(),
+        lambda: fig.to_html(include_plotlyjs="cdn", full_html=True).encode(),
         file_name=f"{slug(name)}.html",
         mime="text/html",
         key=key or f"html_{slug(name)}",
