@@ -75,6 +75,11 @@ def dense_pair(m1: LoraModule, m2: LoraModule) -> None:
         dense_distance(m1.A.T, m2.A.T, metric)
 
 
+def sig(x: float, digits: int = 6) -> float:
+    """``x`` to ``digits`` significant digits (tiny quick-run times stay non-zero)."""
+    return float(f"{x:.{digits}g}")
+
+
 def svd_cost(shape: tuple[int, int]) -> float:
     m, n = shape
     return float(m) * n * min(m, n)
@@ -148,12 +153,12 @@ def main(argv=None) -> int:
     ratio = dense / factored
     print(f"factored {factored:.2f} s vs dense {dense:.0f} s (extrapolated): {ratio:.0f}x")
     print(json.dumps({
-        "factored_s": round(factored, 3),
-        "dense_s_extrapolated": round(dense, 1),
-        "ratio": round(ratio, 1),
-        "factored_cpu_s": round(factored_cpu, 3),
-        "factored_ba_s": round(factored_ba, 3),
-        "factored_ba_cpu_s": round(factored_ba_cpu, 3),
+        "factored_s": sig(factored),
+        "dense_s_extrapolated": sig(dense),
+        "ratio": sig(ratio),
+        "factored_cpu_s": sig(factored_cpu),
+        "factored_ba_s": sig(factored_ba),
+        "factored_ba_cpu_s": sig(factored_ba_cpu),
         "threads": torch.get_num_threads(),
         "adapters": n_ad,
         "layers": n_layers,
