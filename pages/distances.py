@@ -50,7 +50,6 @@ with st.container(horizontal=True, gap="medium"):
     metric = controls.choice(st.segmented_control, "Metric", views.METRIC_LABELS, "cosine", "metric")
     factor = controls.choice(
         st.segmented_control, "Factor", views.FACTOR_LABELS, "ba", "factor",
-        help="BA: the task vector τ = s·B·A. A / B: the down- / up-projection factor alone.",
     )
     stack = (
         st.selectbox("Stack", stacks, key="stack", bind=controls.URL, width=160) if len(stacks) > 1 else stacks[0]
@@ -58,9 +57,14 @@ with st.container(horizontal=True, gap="medium"):
     kinds = views.kinds_of(dists, stack)
     kind = st.segmented_control(
         "Projection", kinds, default="v" if "v" in kinds else kinds[0], required=True, key="kind",
-        bind=controls.URL, help="q = query, k = key, v = value, o = attention output; gate / up / down = MLP.",
+        bind=controls.URL,
     )
 kind_label = views.KIND_LABELS.get(kind, kind)
+# (No help= on URL-bound widgets: in Streamlit 1.67 it stops the widget from writing the URL.)
+st.caption(
+    "Factor: BA is the task vector τ = s·B·A; A and B are the down- and up-projection factors alone. "
+    "Projection: q = query, k = key, v = value, o = attention output; gate / up / down = MLP."
+)
 
 tensor = dists.get((metric, factor, stack, kind))
 if tensor is None:
@@ -115,7 +119,6 @@ downloads.show(fig_lines, f"layers_{metric}_{factor}_{kind}", profile, key="line
 qv = [k for k in ("q", "v") if (metric, factor, stack, k) in dists]
 side = st.toggle(
     "Query vs value side by side (the paper's Figure 3)", key="qv", bind=controls.URL, disabled=len(qv) < 2,
-    help="Needs both query and value modules in every compared adapter.",
 )
 if side and len(qv) == 2:
     mats = {k: views.distance_matrix(dists[(metric, factor, stack, k)], choice)[0] for k in qv}

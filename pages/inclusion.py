@@ -44,8 +44,9 @@ c1, c2 = st.columns([2, 3])
 with c1:
     lam = st.number_input(
         "λ (sparsity penalty)", min_value=0.0, max_value=1.0, value=0.0, step=0.01, format="%.3f", key="lam",
-        bind=controls.URL, help="0 = plain projection. The level is relative to ‖τ2‖_F; λ ≥ 1 gives S2 = 0.",
+        bind=controls.URL,
     )
+    st.caption("0 = plain projection. The penalty is relative to ‖τ2‖_F (paper's objective); λ ≥ 1 gives S2 = 0.")
 with c2:
     mode = controls.choice(st.segmented_control, "Show", {"pair": "one pair", "all": "all pairs"}, "pair", "mode")
 
@@ -137,8 +138,6 @@ else:
     with m1:
         metric = controls.choice(
             st.selectbox, "Metric", views.INCLUSION_SHORT, "rec", "inc_metric",
-            help="REC: overlap of the normalized spectra (higher = more inclusion). L1 / L2: distance between "
-            "the spectra, raw or sum-normalized (lower = closer).",
         )
     with m2:
         kind = st.selectbox("Projections (all = every module)", ["all", *kinds_all], key="inc_kind",

@@ -47,7 +47,11 @@ def server(tmp_path_factory):
     if CHROMIUM is None:
         pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
     tmp = tmp_path_factory.mktemp("browser")
-    samples = write_sample_set(tmp / "samples", n=4, layers=6)
+    # The bundled sample adapters (what a user sees) when there are enough, else tiny generated ones.
+    from ui.adapter_set import list_sample_adapters
+
+    real = REPO / "sample_adapters"
+    samples = real if len(list_sample_adapters(real)) >= 3 else write_sample_set(tmp / "samples", n=4, layers=6)
     port = _free_port()
     env = dict(os.environ, ADAPTER_ATLAS_SAMPLES=str(samples), ADAPTER_ATLAS_CACHE=str(tmp / "cache"),
                HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
@@ -215,6 +219,20 @@ def test_dashboard_end_to_end(server, upload_zip):
             _idle(page)
             after_q = _wait_change(page, after_move)
             assert after_q[0] != after_move[0]
+            # The URL holds the view: a copied link reopens the same metric, kind and layer.
+            try:
+                page.wait_for_function(
+                    "() => location.search.includes('kind=q') && location.search.includes('layers=one')", timeout=10_000
+                )
+            except Exception:
+                _shot(page, "failure_url")
+                raise AssertionError(f"the URL does not hold the view: {page.url}") from None
+            link = browser.new_page(viewport={"width": 1366, "height": 768})
+            link.goto(page.url)
+            _wait_plots(link, 3)
+            _idle(link)
+            assert _plots(link)[0] == after_q[0]
+            link.close()
             page.get_by_text("Query vs value side by side").click()
             _idle(page)
             _wait_plots(page, 4)

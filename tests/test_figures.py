@@ -31,9 +31,17 @@ def test_side_by_side_shares_one_colour_scale():
     fig = figures.side_by_side_heatmaps({"q": q, "v": v}, _names(2), title="Q vs V", value_label="cos")
     assert len(fig.data) == 2
     assert {t.zmin for t in fig.data} == {0.2} and {t.zmax for t in fig.data} == {0.9}
+
     assert [t.showscale for t in fig.data] == [False, True]
     titles = [a.text for a in fig.layout.annotations]
     assert titles == ["q projections", "v projections"]
+
+
+def test_colour_range_ignores_the_zero_diagonal():
+    m = np.array([[0.0, 0.98, 0.99], [0.98, 0.0, 1.01], [0.99, 1.01, 0.0]])
+    fig = figures.matrix_heatmap(m, _names(3), title="T", value_label="cos")
+    assert (fig.data[0].zmin, fig.data[0].zmax) == (0.98, 1.01)
+    assert figures.off_diagonal_range(np.full((2, 2), np.nan)) == (None, None)
 
 
 def test_embedding_scatter_labels_points():

@@ -45,18 +45,22 @@ def compared_adapters(key: str = "compare", min_count: int = 2, label: str = "Ad
         default=default,
         key=key,
         bind=URL,
-        help="Adapters must share a base model (same module shapes) to be compared.",
     )
     if len(chosen) < min_count:
         st.info(f"Choose at least {min_count} adapters.")
         st.stop()
     adapters = aset.subset(chosen)
     try:
-        for warning in compute.check(adapters):
-            st.caption(f":material/warning: {warning}")
+        notes = compute.check(adapters)
     except AtlasError as exc:
         st.error(str(exc), icon=":material/error:")
         st.stop()
+    if notes:
+        with st.expander(f"{len(notes)} note(s) on comparing these adapters", icon=":material/warning:"):
+            for note in notes:
+                st.markdown(f"- {note}")
+    else:
+        st.caption("Adapters must share a base model (same module shapes) to be compared.")
     return adapters
 
 

@@ -64,14 +64,36 @@ def _base_layout(
     return fig
 
 
+def off_diagonal_range(*matrices: np.ndarray) -> tuple[float | None, float | None]:
+    """Colour range of the off-diagonal entries of square matrices.
+
+    A distance matrix has a trivial zero diagonal; scaling colours from 0 would paint every real
+    pair the same colour when all distances are close (e.g. cosine distances near 1 between
+    orthogonal task vectors). Returns ``(None, None)`` when nothing off the diagonal is finite.
+    """
+    values = []
+    for m in matrices:
+        m = np.asarray(m, dtype=float)
+        if m.ndim == 2 and m.shape[0] == m.shape[1] and m.shape[0] > 1:
+            values.append(m[~np.eye(m.shape[0], dtype=bool)])
+    v = np.concatenate(values) if values else np.array([])
+    v = v[np.isfinite(v)]
+    if not v.size:
+        return None, None
+    lo, hi = float(v.min()), float(v.max())
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5 * abs(lo or 1.0), hi + 0.5 * abs(hi or 1.0)
+    return lo, hi
+
+
 def _layer_dtick(layers) -> int | None:
     """One tick per layer up to 12 layers; Plotly's automatic ticks beyond (labels would overlap)."""
     return 1 if len(set(np.asarray(layers).tolist())) <= 12 else None
 
 
 def _cell_text(values: np.ndarray, n: int) -> str | None:
-    """Print numbers in the cells of small matrices only (they become unreadable beyond ~12)."""
-    if n > 12 or not np.isfinite(values).any():
+    """Print numbers in the cells of small matrices only (unreadable beyond ~8 at half width)."""
+    if n > 8 or not np.isfinite(values).any():
         return None
     return "%{z:.3g}"
 
@@ -88,8 +110,12 @@ def matrix_heatmap(
     zmax: float | None = None,
     row_label: str = "adapter",
     col_label: str = "adapter",
+    scale_off_diagonal: bool = True,
 ) -> go.Figure:
     """Adapter x adapter heatmap; hover names both adapters, the value and ``detail`` (kind, layers).
+
+    ``scale_off_diagonal``: the colour range spans the off-diagonal values (see
+    :func:`off_diagonal_range`) unless ``zmin`` / ``zmax`` are given.
 
     ``title``: one line, or two separated by ``\n`` (the second becomes the subtitle), as in
     every builder here.
@@ -98,6 +124,10 @@ def matrix_heatmap(
     """
     matrix = np.asarray(matrix, dtype=float)
     names = [str(n) for n in names]
+    if scale_off_diagonal:
+        lo, hi = off_diagonal_range(matrix)
+        zmin = lo if zmin is None else zmin
+        zmax = hi if zmax is None else zmax
     custom = np.empty(matrix.shape + (2,), dtype=object)
     for i, a in enumerate(names):
         for j, b in enumerate(names):
@@ -141,9 +171,7 @@ def side_by_side_heatmaps(
     fig = make_subplots(
         rows=1, cols=len(kinds), subplot_titles=[f"{k} projections" for k in kinds], horizontal_spacing=0.08
     )
-    finite = [np.asarray(m, float)[np.isfinite(m)] for m in matrices.values()]
-    zmax = max((float(f.max()) for f in finite if f.size), default=1.0)
-    zmin = min((float(f.min()) for f in finite if f.size), default=0.0)
+    zmin, zmax = off_diagonal_range(*matrices.values())
     for c, kind in enumerate(kinds, start=1):
         matrix = np.asarray(matrices[kind], dtype=float)
         custom = np.array([[[a, b] for b in names] for a in names], dtype=object)
@@ -189,6 +217,12 @@ def embedding_scatter(coords: np.ndarray, names: Sequence[str], *, title: str, m
             cliponaxis=False,
         )
     )
+    if len(coords):  # room for the text labels around the outermost points
+        span = np.ptp(coords, axis=0)
+        span = np.where(span > 0, span, 1.0)
+        lo, hi = coords.min(axis=0), coords.max(axis=0)
+        fig.update_xaxes(range=[lo[0] - 0.25 * span[0], hi[0] + 0.25 * span[0]])
+        fig.update_yaxes(range=[lo[1] - 0.12 * span[1], hi[1] + 0.18 * span[1]])
     fig.update_xaxes(title_text=f"{method} component 1 (arbitrary units)", zeroline=False)
     fig.update_yaxes(title_text=f"{method} component 2 (arbitrary units)", zeroline=False)
     return _base_layout(fig, title, MATRIX_HEIGHT)
@@ -246,9 +280,7 @@ def layer_lines(
     fig.update_yaxes(title_text=value_label, row=1, col=1)
     if y_range is not None:
         fig.update_yaxes(range=list(y_range))
-    if facet:
-        return _base_layout(fig, title, 460, legend_below=0.22)
-    return _base_layout(fig, title, 420)
+    return _base_layout(fig, title, 460, legend_below=0.22)
 
 
 def grid_curves(
