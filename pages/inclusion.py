@@ -154,16 +154,22 @@ else:
         colorscale=figures.SIMILARITY if metric == "rec" else figures.SEQUENTIAL,
         row_label="τ_i (basis, row) →", col_label="τ_j (projected, column)",
     )
+    ent = views.entropy_frame(tables, names)
     left, right = st.columns([3, 2])
     with left:
         downloads.show(fig_m, f"inclusion_matrix_{metric}_{kind}", views.matrix_frame(matrix, names, metric),
                        index=True, key="inc_matrix")
     with right:
-        st.markdown("**Mean entropies per direction** (H of the basis spectrum S1 and of the projected S2)")
-        ent = views.entropy_frame(tables, names)
-        st.dataframe(ent, hide_index=True, width="stretch", height=min(560, 38 + 35 * len(ent)),
-                     column_config={c: st.column_config.NumberColumn(format="%.3f") for c in ("mean H(S1)", "mean H(S2)")})
-        downloads.csv_button(ent, "inclusion_entropies", key="csv_ent")
+        label = views.INCLUSION_SHORT[metric]
+        st.markdown(f"**Per adapter**: mean {label} as the basis τ1 (its row) and as the projected τ2 (its column)")
+        margins = views.inclusion_margins(matrix, names, label, ent)
+        st.dataframe(margins, hide_index=True, width="stretch",
+                     column_config={c: st.column_config.NumberColumn(format="%.3f") for c in margins.columns[1:]})
+        downloads.csv_button(margins, f"inclusion_margins_{metric}_{kind}", key="csv_margins")
+    st.markdown("**Mean entropies per direction** (H of the basis spectrum S1 and of the projected S2, 0 to 1)")
+    st.dataframe(ent, hide_index=True, width="stretch", height=min(420, 38 + 35 * len(ent)),
+                 column_config={c: st.column_config.NumberColumn(format="%.3f") for c in ("mean H(S1)", "mean H(S2)")})
+    downloads.csv_button(ent, "inclusion_entropies", key="csv_ent")
 
 st.subheader("Student t-tests between two projections (the paper's Table 5)")
 directed = [f"{a} → {b}" for a, b in itertools.permutations(names, 2)]

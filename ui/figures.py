@@ -47,13 +47,15 @@ def _base_layout(
     plot instead (``legend_below``: its offset in plot-height units) so it never covers a title.
     """
     main, _, sub = title.partition("\n")
+    has_subplot_titles = any(getattr(a, "yref", None) == "paper" and a.y and a.y >= 0.99 for a in fig.layout.annotations)
+    top = (84 if sub else MARGIN["t"]) + (22 if has_subplot_titles else 0)
     if legend_below is None:
         legend = dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0)
     else:
         legend = dict(orientation="h", yanchor="top", y=-legend_below, xanchor="left", x=0.0)
     fig.update_layout(
         title=dict(text=main, x=0.0, xanchor="left", subtitle=dict(text=sub) if sub else None),
-        margin=dict(MARGIN, t=84 if sub else MARGIN["t"]),
+        margin=dict(MARGIN, t=top),
         hoverlabel=dict(namelength=-1),
         legend=legend,
     )
@@ -84,6 +86,19 @@ def off_diagonal_range(*matrices: np.ndarray) -> tuple[float | None, float | Non
     if hi - lo < 1e-12:
         lo, hi = lo - 0.5 * abs(lo or 1.0), hi + 0.5 * abs(hi or 1.0)
     return lo, hi
+
+
+def _all_names(fig: go.Figure, names: Sequence[str], **where) -> None:
+    """Show every adapter name on both axes (Plotly would drop overlapping category labels)."""
+    small = len(names) > 8
+    font = dict(size=10) if small else None
+    fig.update_xaxes(tickmode="array", tickvals=list(names), ticktext=list(names), tickangle=-40, tickfont=font,
+                     **where)
+    fig.update_yaxes(tickmode="array", tickvals=list(names), ticktext=list(names), tickfont=font, **where)
+
+
+def _matrix_height(n: int) -> int:
+    return max(MATRIX_HEIGHT, 34 * n + 260)
 
 
 def _layer_dtick(layers) -> int | None:
@@ -152,8 +167,9 @@ def matrix_heatmap(
         )
     )
     fig.update_yaxes(autorange="reversed", title_text=row_label, type="category")
-    fig.update_xaxes(title_text=col_label, type="category", tickangle=-35)
-    return _base_layout(fig, title, MATRIX_HEIGHT)
+    fig.update_xaxes(title_text=col_label, type="category")
+    _all_names(fig, names)
+    return _base_layout(fig, title, _matrix_height(len(names)))
 
 
 def side_by_side_heatmaps(
@@ -196,8 +212,9 @@ def side_by_side_heatmaps(
             col=c,
         )
         fig.update_yaxes(autorange="reversed", type="category", row=1, col=c, showticklabels=c == 1)
-        fig.update_xaxes(type="category", tickangle=-35, row=1, col=c)
-    return _base_layout(fig, title, MATRIX_HEIGHT)
+        fig.update_xaxes(type="category", row=1, col=c)
+        _all_names(fig, names, row=1, col=c)
+    return _base_layout(fig, title, _matrix_height(len(names)))
 
 
 def embedding_scatter(coords: np.ndarray, names: Sequence[str], *, title: str, method: str) -> go.Figure:

@@ -208,3 +208,21 @@ def spectra_at(table: pd.DataFrame, layer: int, kind: str, stack: str | None = N
         return {}
     row = sub.iloc[0]
     return {"S1 (τ1 spectrum)": list(map(float, row["s1"])), "S2 (τ2 projected on τ1's basis)": list(map(float, row["s2"]))}
+
+
+def inclusion_margins(matrix: np.ndarray, names: Sequence[str], metric: str, entropies: pd.DataFrame) -> pd.DataFrame:
+    """Per adapter: the row mean (as the basis τ1), the column mean (as the projected τ2) of the
+    inclusion matrix, and its spectrum's mean entropy H(S1) as a basis."""
+    m = np.asarray(matrix, dtype=float)
+    with np.errstate(invalid="ignore"):
+        rows = np.nanmean(np.where(np.isfinite(m), m, np.nan), axis=1) if m.size else np.array([])
+        cols = np.nanmean(np.where(np.isfinite(m), m, np.nan), axis=0) if m.size else np.array([])
+    h1 = entropies.groupby("tau1 (basis)")["mean H(S1)"].mean() if len(entropies) else pd.Series(dtype=float)
+    return pd.DataFrame(
+        {
+            "adapter": list(names),
+            f"{metric} as τ1 (row mean)": rows,
+            f"{metric} as τ2 (column mean)": cols,
+            "mean H(S1)": [float(h1.get(n, np.nan)) for n in names],
+        }
+    )
