@@ -7,6 +7,7 @@ import itertools
 import pandas as pd
 import streamlit as st
 
+from geometry.errors import AtlasError
 from ui import compute, controls, downloads, figures, views
 
 st.title("Distances between adapters")
@@ -77,7 +78,7 @@ unit = views.METRIC_UNITS[metric]
 if metric == "grassmann":
     st.caption(f":material/info: Convention for different ranks: {tensor.convention}")
 
-left, right = st.columns(2)
+left, right = st.columns([3, 2] if len(names) > 6 else [1, 1])
 with left:
     fig = figures.matrix_heatmap(
         matrix, names,
@@ -91,10 +92,12 @@ with right:
     method = controls.choice(
         st.segmented_control, "2-D map", {"pca": "PCA", "mds": "MDS", "umap": "UMAP"}, "pca", "map"
     )
-    if len(names) < 3 and method != "pca":
-        st.caption("MDS and UMAP need at least 3 adapters; showing PCA.")
+    try:
+        with st.spinner(f"{method.upper()} embedding (UMAP compiles once, then is cached)..."):
+            coords = compute.embedding(matrix, method)
+    except AtlasError as exc:
+        st.caption(f":material/info: {exc}. Showing PCA.")
         method = "pca"
-    with st.spinner(f"{method.upper()} embedding..."):
         coords = compute.embedding(matrix, method)
     fig_map = figures.embedding_scatter(
         coords, names, method=method.upper(),

@@ -91,3 +91,7 @@ def test_map_methods(samples):
     assert after["text"] == ["task0", "task1", "task2"]
     assert "MDS" in plotly_specs(at)[1]["layout"]["xaxis"]["title"]["text"]
     assert before != after
+    at.segmented_control(key="map").set_value("UMAP").run()  # 3 adapters: too few for UMAP
+    assert not at.exception
+    assert any("UMAP needs at least" in c.value for c in at.caption)
+    assert "PCA" in plotly_specs(at)[1]["layout"]["xaxis"]["title"]["text"]
