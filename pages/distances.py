@@ -100,7 +100,7 @@ with right:
         method = "pca"
         coords = compute.embedding(matrix, method)
     fig_map = figures.embedding_scatter(
-        coords, names, method=method.upper(),
+        coords, names, method=method.upper(), detail=f"{views.METRIC_LABELS[metric]} · kind: {kind} · {where}",
         title=f"2-D map ({method.upper()}) of the distance rows\n{views.METRIC_LABELS[metric]} · {kind_label} · {where}",
     )
     frame = pd.DataFrame({"adapter": names, "x": coords[:, 0], "y": coords[:, 1]})

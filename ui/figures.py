@@ -217,7 +217,9 @@ def side_by_side_heatmaps(
     return _base_layout(fig, title, _matrix_height(len(names)))
 
 
-def embedding_scatter(coords: np.ndarray, names: Sequence[str], *, title: str, method: str) -> go.Figure:
+def embedding_scatter(
+    coords: np.ndarray, names: Sequence[str], *, title: str, method: str, detail: str = ""
+) -> go.Figure:
     """Labelled 2-D map of the adapters (rows of the distance matrix embedded by PCA / MDS / UMAP)."""
     coords = np.asarray(coords, dtype=float)
     names = [str(n) for n in names]
@@ -230,7 +232,10 @@ def embedding_scatter(coords: np.ndarray, names: Sequence[str], *, title: str, m
             text=names,
             textposition="top center",
             marker=dict(size=13, color=colors, line=dict(width=1, color="#444")),
-            hovertemplate=f"adapter: %{{text}}<br>{method} 1: %{{x:.3g}}<br>{method} 2: %{{y:.3g}}<extra></extra>",
+            hovertemplate=(
+                f"adapter: %{{text}}<br>{method} 1: %{{x:.3g}}<br>{method} 2: %{{y:.3g}}"
+                + (f"<br>{detail}" if detail else "") + "<extra></extra>"
+            ),
             cliponaxis=False,
         )
     )
