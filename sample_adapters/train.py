@@ -377,8 +377,15 @@ def main(argv=None) -> int:
         base_acc = info.get("baselines", {}).get("head_only", {}).get("test", {}).get("accuracy", float("nan"))
         print(f"{name:28s} test acc {info['scores']['test']['accuracy']:.3f}  head-only {base_acc:.3f}  "
               f"({info['train_seconds']:.0f}s)")
-    if not args.only:
-        (args.out / "training_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    summary_file = args.out / "training_summary.json"
+    if args.only and summary_file.is_file():  # a partial re-run: keep the full run's record, note this one
+        full = json.loads(summary_file.read_text())
+        full["adapters"].update(summary["adapters"])
+        full["baselines_seconds"].update(summary["baselines_seconds"])
+        full.setdefault("reruns", []).append({k: summary[k] for k in ("command", "total_seconds", "jobs",
+                                                                       "load_average_start", "adapters")})
+        summary = full
+    summary_file.write_text(json.dumps(summary, indent=1) + "\n")
     print(f"done: {len(runs)} adapters in {total:.0f}s -> {args.out}")
     return 0
 

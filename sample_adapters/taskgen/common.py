@@ -37,11 +37,13 @@ def _rng(seed: int, *parts: str) -> random.Random:
     return random.Random(zlib.crc32(key) ^ (seed * 0x9E3779B1))
 
 
-def _split_pool(items: Sequence[Any], seed: int, name: str) -> tuple[list[Any], list[Any]]:
-    """Deterministic (train, held-out) partition of ``items``; held-out is ``HELDOUT_FRACTION`` of them."""
+def _split_pool(
+    items: Sequence[Any], seed: int, name: str, fraction: float = HELDOUT_FRACTION
+) -> tuple[list[Any], list[Any]]:
+    """Deterministic (train, held-out) partition of ``items``; held-out is ``fraction`` of them."""
     order = list(items)
     _rng(seed, "pool", name).shuffle(order)
-    n_held = max(1, round(HELDOUT_FRACTION * len(order))) if len(order) >= 3 else 0
+    n_held = max(1, round(fraction * len(order))) if len(order) >= 3 else 0
     return order[n_held:], order[:n_held]
 
 
@@ -52,6 +54,7 @@ class Lexicon:
     open_words: dict[str, list[str]]
     closed_words: dict[str, list[str]]
     seed: int
+    fraction: float = HELDOUT_FRACTION
     train: dict[str, list[str]] = field(init=False)
     heldout: dict[str, list[str]] = field(init=False)
 
@@ -61,7 +64,7 @@ class Lexicon:
             if len(set(words)) != len(words):
                 dup = sorted({w for w in words if words.count(w) > 1})
                 raise ValueError(f"slot {slot!r} lists words twice: {dup}")
-            self.train[slot], self.heldout[slot] = _split_pool(words, self.seed, slot)
+            self.train[slot], self.heldout[slot] = _split_pool(words, self.seed, slot, self.fraction)
         # a held-out word that occurs inside a train phrase ("film" in "the first film") would leak
         # into train texts: it goes back to the train pool
         train_text = " " + " | ".join(w for ws in self.train.values() for w in ws) + " "
@@ -151,9 +154,13 @@ class TaskSpec:
     make: MakeFn
     pair: bool = False
     noise: float = DEFAULT_NOISE
+    #: Fraction of each open word list held out of training, and the chance that an eval-split draw
+    #: comes from the held-out pool.
+    heldout_words: float = HELDOUT_FRACTION
+    p_heldout: float = 0.35
 
     def lexicon(self, seed: int) -> Lexicon:
-        return Lexicon(self.open_words, self.closed_words, seed)
+        return Lexicon(self.open_words, self.closed_words, seed, self.heldout_words)
 
 
 def _clean(text: str) -> str:
@@ -185,7 +192,7 @@ def generate(
         rows: list[dict] = []
         for label in labels:
             for _attempt in range(1000):
-                ctx = Ctx(rng, lexicon, "train" if split == "train" else "eval", seed, families=families)
+                ctx = Ctx(rng, lexicon, "train" if split == "train" else "eval", seed, spec.p_heldout, families)
                 text, pair = spec.make(ctx, label)
                 text, pair = _clean(text), (_clean(pair) if pair is not None else None)
                 if (text, pair) in seen or (split != "train" and not ctx.used_heldout):
@@ -230,7 +237,8 @@ def write_task(spec: TaskSpec, out_dir: str | Path, seed: int = 0, sizes: dict[s
         "seed": seed,
         "label_noise": spec.noise,
         "sizes": {s: len(r) for s, r in splits.items()},
-        "heldout_fraction": HELDOUT_FRACTION,
+        "heldout_fraction": {"words": spec.heldout_words, "templates": HELDOUT_FRACTION},
+        "p_heldout_draw": spec.p_heldout,
         "heldout_words": sorted(lexicon.heldout_words()),
         "heldout_templates": {f: heldout_templates(seed, f, n) for f, n in sorted(families.items())},
         "template_counts": dict(sorted(families.items())),

@@ -1,8 +1,10 @@
 """Three syntactic tasks over one shared clause grammar: acceptability, question vs statement, negation.
 
-``acceptability``: grammatical sentence or a corrupted copy (subject-verb agreement across an
-attractor noun, wrong verb form after an auxiliary, determiner-number mismatch, swapped adjacent
-words, a dropped or doubled word). The corruptions are single, local edits.
+``acceptability``: grammatical sentence or a corrupted copy: subtle single edits (subject-verb
+agreement across an attractor noun, wrong verb form after an auxiliary, determiner-number mismatch,
+swapped adjacent words, a dropped or doubled word, an over-regularised verb such as "writed") and
+blunter word-order damage (a shuffled window of four words, two distant words swapped, the second
+half reversed).
 
 ``question``: is the sentence a question? No punctuation is kept, so the model must read the syntax:
 inverted and wh-questions, tag questions and polite indirect questions ("could you tell me where")
@@ -107,8 +109,28 @@ def _corrupt(ctx: Ctx, words: list[str], info: dict) -> list[str]:
     verb, form, plural = info["verb"], info["form"], info["plural"]
     s3, past, part, ing = VERBS[verb]
     swaps = {"has": "have", "have": "has", "is": "are", "are": "is", s3: verb, verb: s3}
-    kind = ctx.pick("corrupt", ["agreement", "verb_form", "determiner", "swap", "drop", "double"])
+    kind = ctx.pick("corrupt", ["agreement", "verb_form", "determiner", "swap", "drop", "double", "double",
+                                "scramble", "scramble", "swap_far", "reverse_tail", "overregular", "overregular"])
     out = list(words)
+    if kind == "overregular":  # "wrote" -> "writed", "has written" -> "has writed"
+        wrong = (verb[:-1] if verb.endswith("e") else verb) + "ed"
+        for i, w in enumerate(out):
+            if i > 1 and w in (past, part) and wrong not in (past, part):
+                out[i] = wrong
+                return out
+        kind = "double"
+    if kind == "scramble":  # shuffle a window of four words
+        i = ctx.rng.randrange(0, max(1, len(out) - 3))
+        window = out[i:i + 4]
+        ctx.rng.shuffle(window)
+        return out[:i] + window + out[i + 4:]
+    if kind == "swap_far":
+        i, j = sorted(ctx.rng.sample(range(len(out)), 2))
+        out[i], out[j] = out[j], out[i]
+        return out
+    if kind == "reverse_tail":
+        half = len(out) // 2
+        return out[:half] + out[half:][::-1]
     if kind == "agreement":
         for i in range(len(out) - 1, 0, -1):  # the finite verb is after the subject; search from the end
             if out[i] in swaps and form in ("present", "perfect", "attractor", "relative", "progressive"):
@@ -226,10 +248,12 @@ QUESTION = TaskSpec(
     labels=["statement", "question"],
     description="Question or statement without punctuation (indirect questions, wh-statements, inversions).",
     open_words=OPEN, closed_words=CLOSED, make=_question,
+    p_heldout=0.75,  # most test sentences use a question or statement form never seen in training
 )
 NEGATION = TaskSpec(
     name="negation",
     labels=["affirmative", "negated"],
     description="Is the main clause negated? (negators of many kinds; negation only in subclauses; not only).",
     open_words=OPEN, closed_words=CLOSED, make=_negation,
+    p_heldout=0.6,
 )

@@ -3,7 +3,7 @@
 The topic is fixed by the headline's main frame (its subject, verb and object). What makes it hard:
 a trailing phrase from another topic ("... amid election uncertainty"), frames that mention an
 entity of another topic ("striker's club posts record revenue" is business), and held-out nouns
-and names seen only at test time.
+and names seen only at test time (half of every word list; 70% of test draws).
 """
 
 from __future__ import annotations
@@ -136,4 +136,6 @@ NEWS = TaskSpec(
     open_words=WORDS,
     closed_words={},
     make=_make,
+    heldout_words=0.5,  # half of every word list is seen only at test time: names carry the topic
+    p_heldout=0.7,
 )
