@@ -1,0 +1,133 @@
+"""The shipped sample adapters: portable config, loadable by peft and by the loader, same initialisation,
+recorded accuracies reproducible through geometry.evaluate, unsaturated and above the frozen-base baseline."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from geometry.base_models import MINILM, resolve_base
+from geometry.evaluate import classification_scores, evaluate
+from geometry.tasks import load_task
+
+ROOT = Path(__file__).resolve().parents[1] / "sample_adapters"
+FOLDERS = sorted(p.parent for p in ROOT.glob("*/training_info.json"))
+pytestmark = pytest.mark.skipif(not FOLDERS, reason="no trained sample adapters")
+
+
+def _info(folder: Path) -> dict:
+    return json.loads((folder / "training_info.json").read_text())
+
+
+def test_the_set_is_complete():
+    infos = [_info(f) for f in FOLDERS]
+    tasks = {i["task"] for i in infos if i["variant"] == "task"}
+    assert len(tasks) >= 8
+    variants = {i["variant"] for i in infos}
+    assert {"rank", "modules", "seed"} <= variants
+    for i in infos:
+        if i["variant"] == "rank":
+            assert i["r"] == 16
+        if i["variant"] == "modules":
+            assert set(i["target_modules"]) == {"query", "key", "value", "attention.output.dense"}
+
+
+@pytest.fixture(scope="module")
+def bases():
+    from transformers import AutoModelForSequenceClassification
+
+    path = resolve_base(MINILM)
+    return {k: AutoModelForSequenceClassification.from_pretrained(path, num_labels=k) for k in (2, 3, 4)}
+
+
+def test_every_adapter_loads_with_peft_and_the_loader(bases):
+    from peft import PeftModel
+
+    from geometry.loader import load_adapter
+
+    for folder in FOLDERS:
+        info = _info(folder)
+        config = json.loads((folder / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == MINILM
+        assert (folder / "adapter_model.safetensors").stat().st_size < 1_000_000
+        model = PeftModel.from_pretrained(copy.deepcopy(bases[len(info["labels"])]), str(folder))
+        lora_names = [n for n, _ in model.named_modules() if n.endswith(".lora_A")]
+        assert len(lora_names) == 6 * len(info["target_modules"]), folder.name
+        adapter = load_adapter(folder)
+        kinds = {"query": "q", "key": "k", "value": "v", "attention.output.dense": "o"}
+        assert set(adapter.kinds()) == {kinds[t] for t in info["target_modules"]}
+        assert {m.r for m in adapter.modules.values()} == {info["r"]}
+        assert {m.scale for m in adapter.modules.values()} == {info["lora_alpha"] / info["r"]}
+        head = [k for k in adapter.other_tensors if k.endswith("classifier.weight")]
+        assert len(head) == 1 and adapter.other_tensors[head[0]].shape[0] == len(info["labels"])
+
+
+def test_recorded_initialisation_is_reproducible_and_shared():
+    """Recompute the initial A matrices' hash for each init seed: equal to what every folder recorded."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from sample_adapters.train import init_adapter
+
+    infos = [_info(f) for f in FOLDERS]
+    qv8 = [i for i in infos if i["r"] == 8 and i["target_modules"] == ["query", "value"]]
+    by_seed: dict[int, set[str]] = {}
+    for i in qv8:
+        by_seed.setdefault(i["init_seed"], set()).add(i["init_A_sha256"])
+    assert all(len(h) == 1 for h in by_seed.values()) and len(by_seed) == 2
+    for seed, hashes in by_seed.items():
+        base = AutoModelForSequenceClassification.from_pretrained(resolve_base(MINILM), num_labels=2)
+        model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
+                                                task_type="SEQ_CLS"))
+        assert init_adapter(model, seed) == next(iter(hashes))
+
+
+def test_adapters_beat_the_frozen_base_and_are_not_saturated():
+    for folder in FOLDERS:
+        info = _info(folder)
+        acc = info["scores"]["test"]["accuracy"]
+        head = info["baselines"]["head_only"]["test"]["accuracy"]
+        assert acc >= head + 0.05, (folder.name, acc, head)
+        assert acc <= 0.97, (folder.name, acc)
+
+
+def test_evaluate_reproduces_the_recorded_accuracy():
+    """The harness scores the shipped adapter exactly as recorded at training time (full test split)."""
+    folder = ROOT / "question" if (ROOT / "question").is_dir() else FOLDERS[0]
+    info = _info(folder)
+    result = evaluate(folder, ROOT / "tasks" / info["task"], "test", use_cache=False)
+    assert result["n"] == info["scores"]["test"]["n"]
+    assert result["accuracy"] == pytest.approx(info["scores"]["test"]["accuracy"], abs=1e-12)
+    assert result["macro_f1"] == pytest.approx(info["scores"]["test"]["macro_f1"], abs=1e-12)
+
+
+def test_evaluate_subset_matches_an_independent_forward_pass():
+    """64 pair-task examples: geometry.evaluate vs PeftModel + tokenizer + argmax written out here."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    name = "nli" if (ROOT / "nli").is_dir() else FOLDERS[0].name
+    info = _info(ROOT / name)
+    data = load_task(ROOT / "tasks" / info["task"], "test").head(64)
+    path = resolve_base(MINILM)
+    model = PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(info["labels"])), str(ROOT / name)
+    ).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    preds = []
+    with torch.no_grad():
+        for i in range(0, len(data), 16):
+            enc = tok(data.texts[i:i + 16], data.text_pairs[i:i + 16] if data.text_pairs else None,
+                      padding=True, return_tensors="pt")
+            preds.extend(model(**enc).logits.argmax(-1).tolist())
+    expected = classification_scores(preds, data.labels)
+    got = evaluate(ROOT / name, ROOT / "tasks" / info["task"], limit=64, use_cache=False, device="cpu")
+    assert got["n"] == 64
+    assert got["accuracy"] == pytest.approx(expected["accuracy"])
+    assert got["macro_f1"] == pytest.approx(expected["macro_f1"])
+    assert np.mean(np.asarray(preds) == np.asarray(data.labels)) > 1 / len(info["labels"]) + 0.1
