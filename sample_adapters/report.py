@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parent
 DESIGNED_PAIRS = [("sentiment_movies", "sentiment_products"), ("nli", "paraphrase")]
 #: A task whose adapter scores below this test accuracy is called hard.
 HARD_BELOW = 0.80
+#: A task whose adapter scores at least this on the unflipped test rows is called near its ceiling.
+NEAR_CEILING = 0.97
 GEOMETRY = [("cosine", "ba"), ("grassmann", "ba")]
 SEED_FACTORS = [("cosine", "ba"), ("grassmann", "ba"), ("grassmann", "b"), ("grassmann", "a"), ("cosine", "a")]
 
@@ -80,6 +82,11 @@ def accuracy_section(infos: dict[str, dict], root: Path) -> tuple[list[str], lis
         lines.append(f"Hard tasks (LoRA test accuracy below {HARD_BELOW:.2f}): {', '.join(f'`{h}`' for h in hard)}.")
     else:
         lines.append(f"No task adapter scores below {HARD_BELOW:.2f}.")
+    near = [n for n, i in infos.items() if i["variant"] == "task"
+            and i["scores"]["test"].get("accuracy_unflipped", 0.0) >= NEAR_CEILING]
+    if near:
+        lines.append(f"Near the ceiling (at least {NEAR_CEILING:.2f} on the unflipped rows, so little room for a "
+                     f"merge to lose): {', '.join(f'`{n}`' for n in near)}.")
     return lines + [""], hard
 
 
@@ -180,6 +187,7 @@ def seed_section(infos, root, tasks, seeds, adapters, names) -> list[str]:
     twin = infos[seed]["task"]
     it, isd = names.index(twin), names.index(seed)
     rows = []
+    verdicts: dict[str, list[float]] = {}
     for kind in ("v", "q"):
         for metric, factor in SEED_FACTORS:
             D = pairwise_distances(adapters, metric=metric, factor=factor, kind=kind).reduce("all")
@@ -190,6 +198,7 @@ def seed_section(infos, root, tasks, seeds, adapters, names) -> list[str]:
             frac = float(np.mean(np.asarray(pairs) < same))
             rows.append([f"`{kind}`", metric, factor, _fmt(same), _fmt(d_partner), _fmt(min(pairs)),
                          _fmt(float(np.median(pairs))), _fmt(max(pairs)), f"{frac:.0%}"])
+            verdicts.setdefault(factor, []).append(frac)
     lines += _table(["kind", "metric", "factor", f"d(`{twin}`, `{seed}`)", "d(designed partner)",
                      "min d(different tasks)", "median", "max", "task pairs closer than the seed pair"], rows)
     lines += [
@@ -201,7 +210,18 @@ def seed_section(infos, root, tasks, seeds, adapters, names) -> list[str]:
         "trained from different seeds mostly measures the seed, not the task.",
         "",
     ]
-    return lines
+    words = {"ba": "the task vectors `s B A`", "b": "`B` alone", "a": "`A` alone"}
+    for factor, fracs in verdicts.items():
+        if max(fracs) == 0.0:
+            lines.append(f"- On {words[factor]}, the seed pair is closer than every pair of different tasks "
+                         "(every metric and kind listed): the task, not the seed, dominates the distance.")
+        elif min(fracs) == 1.0:
+            lines.append(f"- On {words[factor]}, the seed pair is farther apart than every pair of different tasks: "
+                         f"{words[factor]} mostly records the initialisation (the task adapters share theirs).")
+        else:
+            lines.append(f"- On {words[factor]}, the seed pair sits inside the range of task pairs "
+                         f"({min(fracs):.0%} to {max(fracs):.0%} of task pairs are closer): seed and task are mixed.")
+    return lines + [""]
 
 
 def variant_section(infos: dict[str, dict], root: Path) -> list[str]:
@@ -228,7 +248,58 @@ def variant_section(infos: dict[str, dict], root: Path) -> list[str]:
     return lines
 
 
-def build_report(root: Path = ROOT) -> str:
+def relations(root: Path) -> dict[str, bool]:
+    """Checkable geometric relations of an adapter set (task adapters + seed control), by name.
+
+    ``pair:<a>/<b>:<metric>:<kind>``: mutual nearest neighbours (the seed control left out);
+    ``seed_closest:<metric>:<factor>:<kind>``: the seed pair is closer than every pair of different tasks;
+    ``seed_farthest:<metric>:<factor>:<kind>``: the seed pair is farther than every pair of different tasks.
+    """
+    from geometry.distances import pairwise_distances
+    from geometry.loader import load_adapter
+
+    infos = read_infos(root)
+    tasks = [n for n, i in infos.items() if i["variant"] == "task"]
+    seeds = [n for n, i in infos.items() if i["variant"] == "seed"]
+    names = tasks + seeds
+    adapters = [load_adapter(root / n) for n in names]
+    out: dict[str, bool] = {}
+    for kind in ("v", "q"):
+        for metric, factor in SEED_FACTORS:
+            D = pairwise_distances(adapters, metric=metric, factor=factor, kind=kind).reduce("all")
+            if factor == "ba":
+                for a, b in DESIGNED_PAIRS:
+                    ia, ib = names.index(a), names.index(b)
+                    out[f"pair:{a}/{b}:{metric}:{kind}"] = (
+                        _rank_of(D, names, ia, ib, set(seeds)) == 1 and _rank_of(D, names, ib, ia, set(seeds)) == 1)
+            if seeds:
+                it, isd = names.index(infos[seeds[0]]["task"]), names.index(seeds[0])
+                pairs = [D[i, j] for i in range(len(tasks)) for j in range(i + 1, len(tasks))]
+                out[f"seed_closest:{metric}:{factor}:{kind}"] = bool(D[it, isd] < min(pairs))
+                out[f"seed_farthest:{metric}:{factor}:{kind}"] = bool(D[it, isd] > max(pairs))
+    return out
+
+
+def robustness_section(root: Path, second: Path) -> list[str]:
+    """Which relations hold for the shipped set and for a second set trained from another init seed."""
+    first, other = relations(root), relations(second)
+    seed2 = next(iter(read_infos(second).values()))["init_seed"]
+    summary_file = second / "training_summary.json"
+    command = json.loads(summary_file.read_text())["command"] if summary_file.is_file() else "(unknown)"
+    rows = [[f"`{k}`", "yes" if first[k] else "no", "yes" if other.get(k) else "no"]
+            for k in first if first[k] or other.get(k)]
+    both = [k for k in first if first[k] and other.get(k)]
+    lines = ["## Robustness across initialisation seeds", "",
+             f"A second, unshipped set of the same task adapters was trained from init seed {seed2} "
+             f"(`{command}`). Relations that hold in at least one set:", ""]
+    lines += _table(["relation", "shipped set (init seed 0)", f"second set (init seed {seed2})"], rows)
+    lines += ["", f"Holding in both sets: {len(both)} of {len(first)} relations checked. "
+              "`pair:`: mutual nearest neighbours; `seed_closest:` / `seed_farthest:`: the seed-control pair is "
+              "closer / farther than every pair of different tasks.", ""]
+    return lines
+
+
+def build_report(root: Path = ROOT, second: Path | None = None) -> str:
     infos = read_infos(root)
     if not infos:
         raise SystemExit(f"error: no trained adapter under {root} (run python -m sample_adapters.train)")
@@ -254,10 +325,15 @@ def build_report(root: Path = ROOT) -> str:
             f"1-minute load average {load:.1f} at the start: the machine was shared), baselines included.",
             "",
         ]
+        for rerun in summary.get("reruns", []):
+            lines += [f"Re-run after a generator change: `{rerun['command']}` ({rerun['total_seconds'] / 60:.1f} min); "
+                      "the adapters it retrained replace those of the full run.", ""]
     lines += task_section(infos, root)
     acc_lines, _ = accuracy_section(infos, root)
     lines += acc_lines
     lines += geometry_section(infos, root)
+    if second is not None:
+        lines += robustness_section(root, second)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -265,11 +341,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m sample_adapters.report", description=__doc__.split("\n\n")[0])
     p.add_argument("--root", type=Path, default=ROOT, help="folder holding the adapters and tasks/")
     p.add_argument("--out", type=Path, default=None, help="output file (default: ROOT/RESULTS.md)")
+    p.add_argument("--second-root", type=Path, default=None,
+                   help="a second adapter set trained from another init seed: adds the robustness section")
     args = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
-    text = build_report(args.root)
+    text = build_report(args.root, args.second_root)
     out = args.out or args.root / "RESULTS.md"
     out.write_text(text)
     print(f"wrote {out}")
