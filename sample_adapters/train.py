@@ -41,6 +41,15 @@ from sample_adapters.taskgen import TASKS, write_task
 ROOT = Path(__file__).resolve().parent
 QV = ["query", "value"]
 QKVO = ["query", "key", "value", "attention.output.dense"]
+#: Tasks trained for a multiple of ``--steps`` (their baseline too). With 200 steps the acceptability
+#: LoRA stays on its initial loss plateau at some init seeds (test accuracy 0.51 at init seed 2,
+#: measured); 400 steps leave it at both init seeds checked (0 and 2).
+STEP_FACTOR = {"acceptability": 2}
+
+
+def task_steps(task: str, steps: int) -> int:
+    """Training steps of ``task`` for a base ``--steps``."""
+    return steps * STEP_FACTOR.get(task, 1)
 
 
 @dataclass
@@ -265,7 +274,8 @@ def _job(job: tuple, args: argparse.Namespace, progress) -> tuple:
     task = payload if kind == "baseline" else payload.task
     task_dir = args.out / "tasks" / task
     splits = {s: load_task(task_dir, s) for s in ("train", "test")}
-    schedule = batches(len(splits["train"]), args.batch_size, args.steps, args.seed)
+    steps = task_steps(task, args.steps)
+    schedule = batches(len(splits["train"]), args.batch_size, steps, args.seed)
     t0 = time.perf_counter()
     if kind == "baseline":
         return kind, task, {**head_only(task, splits, args, tokenizer, base_path, schedule),
@@ -280,7 +290,7 @@ def _job(job: tuple, args: argparse.Namespace, progress) -> tuple:
         "adapter": run.name, "task": run.task, "variant": run.kind, "base_model": MINILM,
         "labels": splits["train"].label_names, "r": run.r, "lora_alpha": run.alpha,
         "target_modules": run.targets, "init_seed": run.init_seed, "init_A_sha256": init_hash,
-        "data_seed": args.data_seed, "order_seed": args.seed, "steps": args.steps,
+        "data_seed": args.data_seed, "order_seed": args.seed, "steps": steps,
         "batch_size": args.batch_size, "lr": args.lr, "schedule": "linear warm-up 10% then linear decay",
         "optimizer": "AdamW (weight decay 0)", "max_length": args.max_length, "lora_dropout": 0.0,
         "train_examples": len(splits["train"]), "final_train_loss": round(loss, 4),
@@ -355,7 +365,8 @@ def main(argv=None) -> int:
         jobs += [("baseline", t) for t in dict.fromkeys(r.task for r in runs)]
     start = time.perf_counter()
     load_start = list(os.getloadavg())
-    bar = tqdm(total=args.steps * len(runs), unit="step", desc="training", dynamic_ncols=True)
+    bar = tqdm(total=sum(task_steps(r.task, args.steps) for r in runs), unit="step", desc="training",
+               dynamic_ncols=True)
     results = run_jobs(jobs, args, bar)
     bar.close()
     total = round(time.perf_counter() - start, 1)
