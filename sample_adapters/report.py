@@ -332,7 +332,9 @@ def build_report(root: Path = ROOT, second: Path | None = None) -> str:
         lines += [
             f"Training: `{summary['command']}` took {summary['total_seconds'] / 60:.1f} min wall on "
             f"{summary['cpu_count']} CPU cores ({summary['jobs']} worker processes, one torch thread each; "
-            f"1-minute load average {load:.1f} at the start: the machine was shared), baselines included.",
+            f"1-minute load average {load:.1f} at the start and "
+            f"{summary.get('load_average_end', [float('nan')])[0]:.1f} at the end: the machine was shared with other "
+            "work), baselines included.",
             "",
         ]
         for rerun in summary.get("reruns", []):

@@ -222,6 +222,9 @@ def save_adapter(model, folder: Path) -> None:
     config_file = folder / "adapter_config.json"
     config = json.loads(config_file.read_text())
     config["base_model_name_or_path"] = MINILM
+    for key in ("target_modules", "modules_to_save"):  # peft keeps sets: fix the order across runs
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (folder / "README.md").unlink(missing_ok=True)  # peft's model card records the local path
 

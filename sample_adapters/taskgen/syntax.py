@@ -240,7 +240,7 @@ def _negation(ctx: Ctx, label: int) -> tuple[str, None]:
 ACCEPTABILITY = TaskSpec(
     name="acceptability",
     labels=["unacceptable", "acceptable"],
-    description="Grammatical sentence or one local corruption (agreement, verb form, determiner, word order).",
+    description="Grammatical or corrupted (agreement, verb form, determiner, doubled word, scrambled order).",
     open_words=OPEN, closed_words=CLOSED, make=_acceptability,
 )
 QUESTION = TaskSpec(
