@@ -175,7 +175,7 @@ def _write(out_file: Path, head: list[str], summary_rows: list[str], sections: l
     lines = head + [
         "## Summary",
         "",
-        "| method | pairwise ANP, mean (std) over pairs | ANP of the all-task merge | time (pairs + all) |",
+        "| method | pairwise ANP, mean (std) over pairs | ANP of the all-task merge | time of this run, pairs + all (cached scores: ~0) |",
         "|---|---|---|---|",
         *summary_rows,
         "",
