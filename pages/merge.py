@@ -84,7 +84,8 @@ if task_errors:
 m1, m2, m3, m4 = st.columns([3, 3, 2, 2])
 with m1:
     method = st.selectbox("Method", list(MERGE_METHODS), format_func=METHOD_LABELS.get, key="merge_method",
-                          bind=controls.URL)
+                          index=list(MERGE_METHODS).index("task_arithmetic"), bind=controls.URL,
+                          help="Task arithmetic works for any ranks; the LoRA-level average needs equal ranks.")
 takes = METHOD_PARAMS[method]
 params: dict = {}
 with m2:

@@ -38,8 +38,7 @@ def _merge_page(monkeypatch, tmp_path, samples, query=None):
 def test_merge_page_scores_pairs_and_downloads(monkeypatch, tmp_path, samples):
     at = _merge_page(monkeypatch, tmp_path, samples)
     assert not at.exception, at.exception
-    assert at.selectbox(key="merge_method").value == "lora_average"
-    at.selectbox(key="merge_method").set_value("task_arithmetic")
+    assert at.selectbox(key="merge_method").value == "task_arithmetic"
     at.text_input(key="merge_weights").set_value("0.5,0.5,0.5")
     at.button(key="merge_run").click()
     at.run()
