@@ -63,7 +63,8 @@ def _draw(name: str, norms_box, ranks_box) -> None:
         downloads.show(fig, f"anatomy_norms_{name}", part.drop(columns=["singular_values"]), key=f"norms_{name}")
     fig_r = figures.rank_lines(part, adapter=name, title=f"Effective and stable rank by layer\n{name}")
     with ranks_box:
-        downloads.show(fig_r, f"anatomy_ranks_{name}", key=f"ranks_{name}")
+        ranks = part[[c for c in ("stack", "layer", "kind", "effective_rank", "stable_rank") if c in part.columns]]
+        downloads.show(fig_r, f"anatomy_ranks_{name}", ranks, key=f"ranks_{name}")
 
 
 if second:  # two adapters: one column each, heatmaps on one colour scale

@@ -82,6 +82,13 @@ if mode == "pair":
         rows=[l1_col, "rec"], cols=kinds or present, row_labels=ROW_LABELS,
     )
     downloads.show(fig2, f"inclusion_curves_{tau1}_{tau2}", curves, key="curves")
+    gaps = curves[curves["rec"].isna()]
+    if len(gaps):
+        where = ", ".join(f"{r.direction} layer {r.layer} {r.kind}" for r in gaps.itertuples())
+        st.caption(
+            f":material/info: Gaps in the REC curves: S2 = 0 at {where} (τ2 has no positive component on "
+            "τ1's singular directions there), so REC is undefined."
+        )
 
     summary = (
         curves.groupby(["direction", "kind"], sort=False)[["l1", "l1_normalized", "rec", "h1", "h2"]]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.app_fixtures import adapter_zip_bytes, app_test
+from tests.app_fixtures import BASE, adapter_zip_bytes, app_test
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -18,8 +18,22 @@ def test_samples_loaded_by_default(monkeypatch, tmp_path):
     assert not at.exception
     assert _names(at) == ["task0", "task1", "task2"]
     table = at.sidebar.dataframe[0].value
-    assert list(table.columns) == ["name", "base", "r", "alpha", "targets", "modules", "parameters"]
+    # one base for the whole set: said once above the table, not repeated in a column
+    assert list(table.columns) == ["name", "r", "alpha", "targets", "modules", "parameters"]
+    assert any(BASE.split("/")[-1] in c.value for c in at.sidebar.caption)
     assert list(table["r"]) == [4, 4, 4] and list(table["modules"]) == [8, 8, 8]
+
+
+def test_mixed_bases_keep_the_base_column(monkeypatch, tmp_path):
+    at = app_test(monkeypatch, tmp_path, n=2)
+    at.sidebar.file_uploader[0].set_value(
+        ("other.zip", adapter_zip_bytes(seed=5, base="someone/other-base"), "application/zip")
+    )
+    at.run()
+    assert not at.exception
+    table = at.sidebar.dataframe[0].value
+    assert "base" in table.columns
+    assert list(table["base"])[-1] == "other-base"
 
 
 def test_upload_zip_adds_an_adapter(monkeypatch, tmp_path):

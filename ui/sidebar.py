@@ -69,8 +69,12 @@ def render() -> None:
     state.report([], [])  # shown once
 
     if len(aset):
+        summary = aset.summary()
+        if "base" in summary.columns and summary["base"].nunique(dropna=False) == 1:
+            sb.caption(f"Base model of every adapter: **{summary['base'].iloc[0]}**")
+            summary = summary.drop(columns=["base"])  # one base: say it once, keep the table narrow
         sb.dataframe(
-            aset.summary(),
+            summary,
             hide_index=True,
             width="stretch",
             column_config={
