@@ -155,3 +155,35 @@ def test_geometry_relations_checked_across_seeds():
 
     found = relations(ROOT)
     assert {k: found[k] for k in ROBUST_RELATIONS} == dict.fromkeys(ROBUST_RELATIONS, True)
+
+
+def test_results_md_carries_the_merge_numbers_of_merge_results_md():
+    """RESULTS.md's merging section is generated from MERGE_RESULTS.md: the two files agree."""
+    from sample_adapters.report import merge_section
+
+    root = Path(__file__).resolve().parents[1] / "sample_adapters"
+    merge_md = (root / "MERGE_RESULTS.md").read_text()
+    section = merge_section(merge_md)
+    results = (root / "RESULTS.md").read_text()
+    summary_rows = [x for x in section if x.startswith("| `")]
+    assert len(summary_rows) >= 4  # one row per merge method
+    assert any(x.startswith("| v | grassmann |") for x in section)
+    for line in section:
+        if line.startswith("|") or line.startswith("- `"):
+            assert line in results, f"RESULTS.md is stale, regenerate it: {line}"
+
+
+def test_merge_section_on_a_small_report():
+    from sample_adapters.report import merge_section
+
+    text = "\n".join([
+        "# Merging", "", "## Summary", "", "| method | ANP |", "|---|---|", "| `ties` | 90.00 |", "",
+        "For comparison, something.", "", "## `ties`: TIES", "", "Highest mean: l2 on v over the last 1 layers, 0.1 (0.2).",
+        "## `lora_average`: average", "| kind | metric | all |", "|---|---|---|", "| q | cosine | 0.1 |",
+        "| v | cosine | 0.2 |", "Every correlation is undefined (a constant merge loss or distance row).",
+    ])
+    out = merge_section(text)
+    assert "| `ties` | 90.00 |" in out and "For comparison, something." in out
+    assert "| v | cosine | 0.2 |" in out and "| q | cosine | 0.1 |" not in out
+    assert "- `ties`: Highest mean: l2 on v over the last 1 layers, 0.1 (0.2)." in out
+    assert any(x.startswith("- `lora_average`: Every correlation") for x in out)
