@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +104,55 @@ def embed_2d(D: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
     if method == "umap":
         return umap_embed(D, seed)
     raise AtlasError(f"unknown map method {method!r}; expected one of {', '.join(METHODS)}")
+
+
+@dataclass
+class Map2D:
+    """A 2-D map of the adapters whose distances are all defined.
+
+    ``coords [k, 2]`` for ``names`` (the adapters kept); ``left_out`` are adapters dropped because
+    some of their distances are undefined (NaN), with ``undefined`` the pairs that were NaN.
+    Undefined distances are never imputed: an adapter is either mapped from true distances or named.
+    """
+
+    coords: np.ndarray
+    names: list[str]
+    left_out: list[str]
+    undefined: list[tuple[str, str]]
+    method: str
+
+    @property
+    def message(self) -> str | None:
+        """One sentence naming the adapters left out and the pairs that caused it (``None`` when none)."""
+        if not self.left_out:
+            return None
+        shown = ", ".join(f"{a} ↔ {b}" for a, b in self.undefined[:6])
+        more = f" and {len(self.undefined) - 6} more" if len(self.undefined) > 6 else ""
+        return (
+            f"Left out of the map: {', '.join(self.left_out)} (undefined distance for {shown}{more}; "
+            "undefined distances are not imputed)"
+        )
+
+
+def embed_defined(D: np.ndarray, names: list[str], method: str = "pca", seed: int = 0) -> Map2D:
+    """:func:`embed_2d` of the largest set of adapters found whose pairwise distances are all defined.
+
+    Greedy: while an undefined (NaN / infinite) entry remains, drop the adapter with the most of them
+    (the later one on ties). The undefined pairs and the adapters dropped are returned, named.
+    """
+    D = np.asarray(D, dtype=np.float64)
+    if D.ndim != 2 or D.shape[0] != D.shape[1] or D.shape[0] != len(names):
+        raise AtlasError(f"a distance matrix [n, n] for {len(names)} adapters is needed; got shape {D.shape}")
+    bad = ~np.isfinite(D)
+    undefined = [(names[i], names[j]) for i in range(len(names)) for j in range(i + 1, len(names)) if bad[i, j] or bad[j, i]]
+    keep = list(range(len(names)))
+    while keep:
+        sub = bad[np.ix_(keep, keep)]
+        counts = sub.sum(0) + sub.sum(1)
+        if not counts.any():
+            break
+        worst = max(range(len(keep)), key=lambda k: (counts[k], k))
+        keep.pop(worst)
+    left_out = [names[i] for i in range(len(names)) if i not in keep]
+    coords = embed_2d(D[np.ix_(keep, keep)], method=method, seed=seed)
+    return Map2D(coords, [names[i] for i in keep], left_out, undefined, method)

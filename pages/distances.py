@@ -94,16 +94,22 @@ with right:
     )
     try:
         with st.spinner(f"{method.upper()} embedding (UMAP compiles once, then is cached)..."):
-            coords = compute.embedding(matrix, method)
+            mapped = compute.embedding(matrix, tuple(names), method)
     except AtlasError as exc:
         st.caption(f":material/info: {exc}. Showing PCA.")
         method = "pca"
-        coords = compute.embedding(matrix, method)
+        mapped = compute.embedding(matrix, tuple(names), method)
+    if mapped.message:
+        st.warning(mapped.message, icon=":material/visibility_off:")
     fig_map = figures.embedding_scatter(
-        coords, names, method=method.upper(), detail=f"{views.METRIC_LABELS[metric]} · kind: {kind} · {where}",
+        mapped.coords, mapped.names, method=method.upper(),
+        detail=f"{views.METRIC_LABELS[metric]} · kind: {kind} · {where}",
         title=f"2-D map ({method.upper()}) of the distance rows\n{views.METRIC_LABELS[metric]} · {kind_label} · {where}",
     )
-    frame = pd.DataFrame({"adapter": names, "x": coords[:, 0], "y": coords[:, 1]})
+    frame = pd.DataFrame({"adapter": mapped.names, "x": mapped.coords[:, 0], "y": mapped.coords[:, 1]})
+    if mapped.left_out:
+        frame = pd.concat([frame, pd.DataFrame({"adapter": mapped.left_out, "x": float("nan"), "y": float("nan"),
+                                                "note": "left out: undefined distance"})], ignore_index=True)
     downloads.show(fig_map, f"map_{method}_{metric}_{factor}_{kind}_{choice.spec}", frame, key="map")
 
 st.subheader("Layer by layer")

@@ -47,3 +47,27 @@ def test_unwritable_directory_still_returns_the_value(tmp_path, monkeypatch):
     blocker.write_text("not a directory")
     monkeypatch.setenv("ADAPTER_ATLAS_CACHE", str(blocker))
     assert diskcache.cached("ns", ("k",), lambda: "value") == "value"
+
+
+def test_key_holds_the_code_version(tmp_path, monkeypatch):
+    """After the code changes, a cached result is recomputed (the key holds a hash of the source)."""
+    monkeypatch.setenv("ADAPTER_ATLAS_CACHE", str(tmp_path))
+    calls = []
+    diskcache.cached("ns", ("k",), lambda: calls.append(1) or 1)
+    diskcache.cached("ns", ("k",), lambda: calls.append(1) or 1)
+    assert len(calls) == 1
+    monkeypatch.setattr(diskcache, "code_version", lambda *a, **k: "some-other-code")
+    diskcache.cached("ns", ("k",), lambda: calls.append(1) or 2)
+    assert len(calls) == 2
+
+
+def test_code_version_follows_source_bytes(tmp_path):
+    pkg = tmp_path / "geometry"
+    pkg.mkdir()
+    (pkg / "m.py").write_text("x = 1\n")
+    first = diskcache.code_version(tmp_path)
+    assert diskcache.code_version(tmp_path) == first
+    diskcache._CODE_VERSION.clear()
+    (pkg / "m.py").write_text("x = 2\n")
+    assert diskcache.code_version(tmp_path) != first
+    assert diskcache.code_version(tmp_path, dirs=("geometry",)) != diskcache.code_version(tmp_path, dirs=("ui",))

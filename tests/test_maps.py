@@ -74,3 +74,30 @@ def test_bad_inputs():
         embed_2d(np.array([[0, np.nan], [np.nan, 0]]))
     with pytest.raises(AtlasError, match="unknown map method"):
         embed_2d(np.zeros((3, 3)), "tsne")
+
+
+def test_undefined_distances_are_left_out_and_named_not_imputed():
+    from geometry.maps import embed_defined
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(5, 3))
+    D = np.linalg.norm(X[:, None] - X[None], axis=-1)
+    D[4, :4] = D[:4, 4] = np.nan  # adapter "e" has an undefined distance to every other
+    names = ["a", "b", "c", "d", "e"]
+    mapped = embed_defined(D, names, "mds")
+    assert mapped.names == ["a", "b", "c", "d"] and mapped.left_out == ["e"]
+    assert ("a", "e") in mapped.undefined and len(mapped.undefined) == 4
+    assert "e" in mapped.message and "not imputed" in mapped.message
+    np.testing.assert_allclose(mapped.coords, embed_2d(D[:4, :4], "mds"))
+    full = embed_defined(np.nan_to_num(D), names, "mds")
+    assert full.message is None and full.left_out == []
+
+
+def test_one_undefined_pair_drops_one_adapter():
+    from geometry.maps import embed_defined
+
+    D = np.ones((4, 4)) - np.eye(4)
+    D[1, 2] = D[2, 1] = np.nan
+    mapped = embed_defined(D, ["a", "b", "c", "d"], "pca")
+    assert mapped.left_out == ["c"] and mapped.names == ["a", "b", "d"]
+    assert mapped.undefined == [("b", "c")]

@@ -151,11 +151,14 @@ def _inclusion_disk_memory(h1: str, h2: str, lam: float) -> pd.DataFrame:
 
 # -- maps ---------------------------------------------------------------------------------------
 @st.cache_data(show_spinner=False, max_entries=256)
-def embedding(matrix: np.ndarray, method: str, seed: int = 0) -> np.ndarray:
-    """``geometry.maps.embed_2d`` of a distance matrix (memoised: UMAP takes seconds)."""
-    from geometry.maps import embed_2d
+def embedding(matrix: np.ndarray, names: tuple[str, ...], method: str, seed: int = 0):
+    """``geometry.maps.embed_defined``: the 2-D map of the adapters with defined distances (memoised).
 
-    return np.asarray(embed_2d(np.nan_to_num(np.asarray(matrix, dtype=float)), method=method, seed=seed))
+    Adapters with an undefined (NaN) distance are left out and named in ``.message``, never imputed.
+    """
+    from geometry.maps import embed_defined
+
+    return embed_defined(np.asarray(matrix, dtype=float), list(names), method=method, seed=seed)
 
 
 # -- compatibility ------------------------------------------------------------------------------
