@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from ui import quiet_environment
+from ui import app_run, quiet_environment
 
 quiet_environment()
 
@@ -32,4 +32,5 @@ PAGES = [
 
 page = st.navigation(PAGES, position="sidebar")
 sidebar.render()
-page.run()
+with app_run():  # pages check they run inside the app (see ui.require_app)
+    page.run()

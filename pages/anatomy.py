@@ -5,7 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from ui import compute, controls, downloads, figures, state
+from ui import compute, controls, downloads, figures, require_app, state
+
+require_app()  # a shared link opened first on a fresh server still gets the app around it
 
 st.title("Adapter anatomy")
 st.caption("Per module: the size of the update (‖τ‖_F), its singular spectrum and its effective / stable rank.")

@@ -8,7 +8,9 @@ import pandas as pd
 import streamlit as st
 
 from geometry.errors import AtlasError
-from ui import compute, controls, downloads, figures, views
+from ui import compute, controls, downloads, figures, require_app, views
+
+require_app()  # a shared link opened first on a fresh server still gets the app around it
 
 st.title("Distances between adapters")
 st.caption(

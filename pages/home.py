@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import streamlit as st
 
-from ui import downloads, state
+from ui import downloads, require_app, state
+
+require_app()  # a shared link opened first on a fresh server still gets the app around it
 
 st.title("Adapter Atlas")
 st.markdown(

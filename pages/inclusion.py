@@ -8,7 +8,9 @@ import pandas as pd
 import streamlit as st
 
 from geometry.stats import ttest
-from ui import compute, controls, downloads, figures, views
+from ui import compute, controls, downloads, figures, require_app, views
+
+require_app()  # a shared link opened first on a fresh server still gets the app around it
 
 st.title("Spectral inclusion")
 st.caption("τ1 → τ2: project τ2 on the singular basis of τ1 and compare the two spectra, module by module.")

@@ -15,8 +15,10 @@ from geometry.merge_eval import (
     pairwise_study,
 )
 from geometry.merging import MERGE_METHODS, METHOD_PARAMS, merge
-from ui import compute, controls, downloads, figures, merge_figures
+from ui import compute, controls, downloads, figures, merge_figures, require_app
 from ui.adapter_set import samples_dir
+
+require_app()  # a shared link opened first on a fresh server still gets the app around it
 
 METHOD_LABELS = {
     "lora_average": "LoRA-level average (paper; cross terms)",

@@ -11,6 +11,7 @@ Skips when ``chromium`` is not installed (``.ci/run`` installs it with apt). Nev
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -42,16 +43,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    if CHROMIUM is None:
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
-    tmp = tmp_path_factory.mktemp("browser")
-    # The bundled sample adapters (what a user sees) when there are enough, else tiny generated ones.
-    from ui.adapter_set import list_sample_adapters
-
-    real = REPO / "sample_adapters"
-    samples = real if len(list_sample_adapters(real)) >= 3 else write_sample_set(tmp / "samples", n=4, layers=6)
+@contextlib.contextmanager
+def _streamlit(tmp: Path, samples: Path):
+    """``streamlit run app.py`` on a free port with its own disk cache; yields the URL once healthy."""
     port = _free_port()
     env = dict(os.environ, ADAPTER_ATLAS_SAMPLES=str(samples), ADAPTER_ATLAS_CACHE=str(tmp / "cache"),
                HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
@@ -83,6 +77,23 @@ def server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def _samples(tmp: Path) -> Path:
+    """The bundled sample adapters (what a user sees) when there are enough, else tiny generated ones."""
+    from ui.adapter_set import list_sample_adapters
+
+    real = REPO / "sample_adapters"
+    return real if len(list_sample_adapters(real)) >= 3 else write_sample_set(tmp / "samples", n=4, layers=6)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    if CHROMIUM is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    tmp = tmp_path_factory.mktemp("browser")
+    with _streamlit(tmp, _samples(tmp)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -268,5 +279,66 @@ def test_dashboard_end_to_end(server, upload_zip):
             _shot(page, "12_merge_dark_1280")
             errors = page.locator('[data-testid="stException"]').count()
             assert errors == 0
+        finally:
+            browser.close()
+
+
+PAGE_URLS = {"overview": "Adapter Atlas", "anatomy": "Adapter anatomy", "distances": "Distances between adapters",
+             "inclusion": "Spectral inclusion", "merge": "Merging adapters"}
+TITLES = ["Overview", "Anatomy", "Distances", "Inclusion", "Merge"]
+
+
+def _inside_the_app(page, path: str) -> None:
+    """The page at ``path`` is drawn inside app.py: titled navigation, the shared sidebar, the page's heading.
+
+    Run on its own, a page shows the file names (``app``, ``anatomy``, ``distances``, ...) as navigation
+    and no adapter sidebar.
+    """
+    _idle(page, timeout=120)
+    labels = ""
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        nav = page.locator('[data-testid="stSidebarNav"]')
+        labels = nav.inner_text() if nav.count() else ""
+        if all(t in labels for t in TITLES):
+            break
+        page.wait_for_timeout(500)
+    else:
+        _shot(page, f"failure_link_{path}")
+        raise AssertionError(f"/{path}: navigation is not the app's: {labels!r}")
+    words = labels.split()  # icon ligatures (home, merge, ...) are words too; file names are lower case
+    for raw in ("app", "distances", "inclusion"):
+        assert raw not in words, f"/{path}: navigation shows the raw file name {raw!r}: {labels!r}"
+    page.locator('[data-testid="stSidebar"]').get_by_text("Add adapters").wait_for(timeout=30_000)
+    page.locator('[data-testid="stMain"] h1').first.wait_for(timeout=60_000)
+    heading = page.locator('[data-testid="stMain"] h1').first.inner_text()
+    assert PAGE_URLS[path] in heading, f"/{path}: heading {heading!r}"
+
+
+def test_shared_links_open_inside_the_app_on_a_fresh_server(tmp_path):
+    """A copied link is the first request a fresh server gets (a hosted demo waking up), and two more
+    arrive before the entry script's first run has finished: each page still has the app around it."""
+    if CHROMIUM is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with _streamlit(tmp_path, _samples(tmp_path)) as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            first = browser.new_context(viewport={"width": 1366, "height": 768}).new_page()
+            first.goto(f"{url}/distances")  # the server's very first script run
+            early = {}
+            for path in ("anatomy", "inclusion"):  # while the first run is still loading the set
+                early[path] = browser.new_context(viewport={"width": 1366, "height": 768}).new_page()
+                early[path].goto(f"{url}/{path}")
+            _inside_the_app(first, "distances")
+            _shot(first, "13_fresh_server_link_distances")
+            for path, page in early.items():
+                _inside_the_app(page, path)
+            for path in PAGE_URLS:  # every page by its URL, each in a fresh browser context
+                page = browser.new_context(viewport={"width": 1366, "height": 768}).new_page()
+                page.goto(f"{url}/{path}" if path != "overview" else url)
+                _inside_the_app(page, path)
+                page.context.close()
         finally:
             browser.close()

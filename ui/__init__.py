@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import os
+import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,3 +31,45 @@ def quiet_environment() -> None:
     warnings.filterwarnings("ignore", message=".*n_jobs value.*")
     warnings.filterwarnings("ignore", message=".*force_all_finite.*")
     warnings.filterwarnings("ignore", category=FutureWarning, module="sklearn")
+
+
+
+_RUN = threading.local()
+
+
+@contextmanager
+def app_run():
+    """``app.py`` runs the chosen page inside this block: :func:`require_app` then knows the app is around it."""
+    _RUN.inside = True
+    try:
+        yield
+    finally:
+        _RUN.inside = False
+
+
+def require_app() -> None:
+    """First line of every page: make sure the page runs inside ``app.py`` (navigation and sidebar).
+
+    Streamlit keeps a v1 multipage fallback: while no script run of this server has called
+    ``st.navigation`` yet (a freshly started server whose first request is a page URL such as
+    ``/distances``, or requests arriving before ``app.py``'s first run reached ``st.navigation``),
+    a ``pages/`` folder next to the entry script makes it run ``pages/<page>.py`` on its own, with
+    file names as navigation and no sidebar. A page run by ``app.py`` is inside :func:`app_run`
+    (a per-thread mark: each session's script runs in its own thread, so concurrent first requests
+    are told apart). Otherwise, when the server's entry script is ``app.py``, the page clears the
+    class-level ``PagesManager.uses_pages_directory`` flag as ``st.navigation`` would and reruns:
+    the rerun executes ``app.py``, whose ``st.navigation`` resolves the same URL (a page's identity
+    is the hash of its URL path) to this page with the shared sidebar. A page file run as its own
+    main script (Streamlit's AppTest of one page) is left alone.
+    """
+    if getattr(_RUN, "inside", False):
+        return
+    import streamlit as st
+    from streamlit.runtime.pages_manager import PagesManager
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    ctx = get_script_run_ctx()
+    if ctx is None or Path(ctx.pages_manager.main_script_path).resolve() != REPO / "app.py":
+        return
+    PagesManager.uses_pages_directory = False
+    st.rerun()
