@@ -57,11 +57,11 @@ import pandas as pd
 import torch
 
 from geometry.align import check_compatible, common_keys
-from geometry.anatomy import AdapterSVD, decompose_adapter, ordered_keys, stack_factors
+from geometry.decompose import AdapterSVD, decompose_adapter, stack_factors
 from geometry.factored import LowRankSVD, diff_fro_norm
 from geometry.spectra import entropy, lp, rec
 from geometry.stats import ttest
-from geometry.types import Adapter, ModuleKey
+from geometry.types import Adapter, ModuleKey, ordered_keys
 
 Objective = Literal["frobenius", "squared"]
 OBJECTIVES: tuple[str, ...] = ("frobenius", "squared")
@@ -73,6 +73,7 @@ __all__ = [
     "common_modules",
     "inclusion",
     "inclusion_matrices",
+    "inclusion_tables",
     "inclusion_matrix",
     "lambda_sweep",
     "ttest",
@@ -433,7 +434,13 @@ def inclusion(
     keys = common_modules(ad1, ad2, kinds, stack)
     if not keys:
         return pd.DataFrame(columns=list(INCLUSION_COLUMNS))
-    dec1 = decompose_adapter(ad1, keys, device=device)
+    return _table(decompose_adapter(ad1, keys, device=device), ad2, keys, lam, objective)
+
+
+def _table(dec1: AdapterSVD, ad2: Adapter, keys: list[ModuleKey], lam: float, objective: Objective) -> pd.DataFrame:
+    """The rows of :func:`inclusion` for ``keys``, from ``tau1``'s decomposition ``dec1``."""
+    if not keys:
+        return pd.DataFrame(columns=list(INCLUSION_COLUMNS))
     rows: dict[ModuleKey, dict] = {}
     for batch in _batches(dec1, ad2, keys, _needs_rho(lam, objective)):
         S1 = batch.S1.cpu().numpy()
@@ -447,6 +454,42 @@ def inclusion(
             row.update({name: float(values[i]) for name, values in metrics.items()})
             rows[key] = row
     return pd.DataFrame([rows[k] for k in ordered_keys(rows)], columns=list(INCLUSION_COLUMNS))
+
+
+def inclusion_tables(
+    adapters: Sequence[Adapter],
+    lam: float = 0.0,
+    kinds: Iterable[str] | None = None,
+    objective: Objective = "frobenius",
+    *,
+    stack: str | None = None,
+    device: torch.device | str | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> dict[tuple[int, int], pd.DataFrame]:
+    """:func:`inclusion` of every ordered pair ``(i, j), i != j`` (``tau_i -> tau_j``), keyed ``(i, j)``.
+
+    Each adapter is decomposed once (all its modules of ``kinds`` / ``stack``) and that decomposition
+    serves every pair it is the basis of: ``n`` decompositions for ``n (n - 1)`` tables, equal to
+    calling :func:`inclusion` pair by pair. ``progress(done, total, message)`` after each pair.
+    """
+    n = len(adapters)
+    kind_set = None if kinds is None else {kinds} if isinstance(kinds, str) else set(kinds)
+    decs = [
+        decompose_adapter(ad, [k for k in ad.modules if (kind_set is None or k.kind in kind_set)
+                               and (stack is None or k.stack == stack)], device=device)
+        for ad in adapters
+    ]
+    out: dict[tuple[int, int], pd.DataFrame] = {}
+    total = n * (n - 1)
+    for i in range(n):
+        for j in range(n):
+            if i == j:
+                continue
+            keys = common_modules(adapters[i], adapters[j], kinds, stack)
+            out[i, j] = _table(decs[i], adapters[j], keys, lam, objective)
+            if progress is not None:
+                progress(len(out), total, f"{adapters[i].name} -> {adapters[j].name}")
+    return out
 
 
 def inclusion_matrices(

@@ -16,6 +16,7 @@ element-wise merges (one module at a time) and small models.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,25 @@ CANONICAL_KINDS: tuple[str, ...] = (
 STACKS: tuple[str, ...] = ("model", "encoder", "decoder", "raw")
 
 
+def kind_order(kind: str) -> tuple[int, str]:
+    """Sort key of a projection kind: canonical kinds in :data:`CANONICAL_KINDS` order, then by name."""
+    return (CANONICAL_KINDS.index(kind) if kind in CANONICAL_KINDS else len(CANONICAL_KINDS), kind)
+
+
+def stack_order(stack: str) -> tuple[int, str]:
+    """Sort key of a stack: :data:`STACKS` order, then by name."""
+    return (STACKS.index(stack) if stack in STACKS else len(STACKS), stack)
+
+
+def ordered_kinds(kinds: Iterable[str]) -> list[str]:
+    """Distinct kinds in display order (the one ordering used by the library, the CLI and the pages)."""
+    return sorted(set(kinds), key=kind_order)
+
+
+def ordered_stacks(stacks: Iterable[str]) -> list[str]:
+    return sorted(set(stacks), key=stack_order)
+
+
 @dataclass(frozen=True, order=True)
 class ModuleKey:
     """Where a module sits: ``(stack, layer, kind)``.
@@ -46,11 +66,21 @@ class ModuleKey:
     kind: str
 
     @property
+    def order(self) -> tuple:
+        """Display order: stack (``model``, ``encoder``, ``decoder``, ``raw``), layer, canonical kind."""
+        return (*stack_order(self.stack), self.layer, *kind_order(self.kind))
+
+    @property
     def label(self) -> str:
         """Short human label, e.g. ``model.3.v`` or ``encoder.0.cross_q``."""
         if self.stack == "raw":
             return self.kind
         return f"{self.stack}.{self.layer}.{self.kind}"
+
+
+def ordered_keys(keys: Iterable[ModuleKey]) -> list[ModuleKey]:
+    """Distinct keys in display order (:attr:`ModuleKey.order`)."""
+    return sorted(set(keys), key=lambda k: k.order)
 
 
 @dataclass
@@ -146,13 +176,10 @@ class Adapter:
 
     def kinds(self) -> list[str]:
         """Projection kinds present, canonical ones first in canonical order."""
-        present = {k.kind for k in self.modules}
-        ordered = [k for k in CANONICAL_KINDS if k in present]
-        return ordered + sorted(present - set(ordered))
+        return ordered_kinds(k.kind for k in self.modules)
 
     def stacks(self) -> list[str]:
-        present = {k.stack for k in self.modules}
-        return [s for s in STACKS if s in present]
+        return ordered_stacks(k.stack for k in self.modules)
 
     def layers(self, kind: str | None = None, stack: str | None = None) -> list[int]:
         """Sorted layer indices having a module of ``kind`` (any kind if None) in ``stack``."""

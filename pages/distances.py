@@ -43,7 +43,7 @@ similar distance profiles. Read distances from the heatmap; the map only shows t
 
 adapters = controls.compared_adapters()
 names = [a.name for a in adapters]
-dists = compute.distances(adapters)
+dists = compute.distances(adapters, within=controls.comparable_set())
 if not dists:
     st.warning("These adapters have no module in common.")
     st.stop()
@@ -115,9 +115,9 @@ with right:
     downloads.show(fig_map, f"map_{method}_{metric}_{factor}_{kind}_{choice.spec}", frame, key="map")
 
 st.subheader("Layer by layer")
-all_pairs = [f"{a} ↔ {b}" for a, b in itertools.combinations(names, 2)]
-pairs = st.multiselect("Pairs", all_pairs, default=all_pairs[: min(4, len(all_pairs))], key="pairs")
-chosen = [tuple(p.split(" ↔ ")) for p in pairs]
+all_pairs = list(itertools.combinations(names, 2))
+chosen = st.multiselect("Pairs", all_pairs, default=all_pairs[: min(4, len(all_pairs))], key="pairs",
+                        format_func=lambda p: f"{p[0]} ↔ {p[1]}")
 profile = views.pair_layer_frame(tensor, chosen)
 fig_lines = figures.layer_lines(
     profile,

@@ -8,6 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from geometry.stats import ttest
+from geometry.types import ordered_kinds
 from ui import compute, controls, downloads, figures, require_app, views
 
 require_app()  # a shared link opened first on a fresh server still gets the app around it
@@ -183,29 +184,35 @@ else:
     downloads.csv_button(ent, "inclusion_entropies", key="csv_ent")
 
 st.subheader("Student t-tests between two projections (the paper's Table 5)")
-directed = [f"{a} → {b}" for a, b in itertools.permutations(names, 2)]
+directed = list(itertools.permutations(names, 2))  # (tau1, tau2) pairs; shown as "tau1 → tau2"
+
+
+def _arrow(pair: tuple[str, str]) -> str:
+    return f"{pair[0]} → {pair[1]}"
+
+
 t1, t2, t3, t4 = st.columns(4)
 with t1:
-    proj_x = st.selectbox("Projection X", directed, index=0, key="tt_x")
+    proj_x = st.selectbox("Projection X", directed, index=0, key="tt_x", format_func=_arrow)
 with t2:
-    proj_y = st.selectbox("Projection Y", directed, index=min(1, len(directed) - 1), key="tt_y")
+    proj_y = st.selectbox("Projection Y", directed, index=min(1, len(directed) - 1), key="tt_y", format_func=_arrow)
 with t3:
     tt_metric = st.selectbox("Metric", list(views.INCLUSION_METRICS), format_func=views.INCLUSION_METRICS.get,
                              key="tt_metric")
+table_x = compute.inclusion_pair(by_name[proj_x[0]], by_name[proj_x[1]], lam)
+table_y = compute.inclusion_pair(by_name[proj_y[0]], by_name[proj_y[1]], lam)
+tt_kinds = ordered_kinds(set(table_x["kind"]) | set(table_y["kind"]))  # the kinds these adapters have
 with t4:
-    tt_kind = st.selectbox("Modules", ["all", "q", "v"], key="tt_kind",
+    tt_kind = st.selectbox("Modules", ["all", *tt_kinds], key="tt_kind",
                            format_func=lambda k: "all modules" if k == "all" else f"{k} only")
 
 
-def _sample(label: str) -> pd.Series:
-    a, b = label.split(" → ")
-    table = compute.inclusion_pair(by_name[a], by_name[b], lam)
-    if tt_kind != "all":
-        table = table[table["kind"] == tt_kind]
-    return table[tt_metric]
+def _sample(table: pd.DataFrame) -> pd.Series:
+    return (table if tt_kind == "all" else table[table["kind"] == tt_kind])[tt_metric]
 
 
-x, y = _sample(proj_x), _sample(proj_y)
+x, y = _sample(table_x), _sample(table_y)
+proj_x, proj_y = _arrow(proj_x), _arrow(proj_y)
 try:
     res = ttest(x.to_numpy(dtype=float), y.to_numpy(dtype=float))
 except ValueError as exc:

@@ -82,3 +82,6 @@ def test_ttest_table_matches_stats(samples, adapters):
         assert table.loc[0, col] == pytest.approx(res[key], rel=1e-9)
     at.selectbox(key="tt_kind").set_value("v").run()
     assert at.dataframe[-1].value.loc[0, "n X"] == 3
+    assert at.selectbox(key="tt_kind").options == ["all modules", "q only", "v only"]  # the kinds present
+    at.selectbox(key="tt_x").set_value(("task1", "task2")).run()
+    assert at.dataframe[-1].value.loc[0, "X"] == "task1 → task2"

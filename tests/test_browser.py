@@ -233,7 +233,7 @@ def test_dashboard_end_to_end(server, upload_zip):
             # The URL holds the view: a copied link reopens the same metric, kind and layer.
             try:
                 page.wait_for_function(
-                    "() => location.search.includes('kind=q') && location.search.includes('layers=one')", timeout=10_000
+                    "() => location.search.includes('kind=q') && location.search.includes('layers=one')", timeout=30_000
                 )
             except Exception:
                 _shot(page, "failure_url")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from scipy.optimize import minimize, nnls
@@ -405,3 +406,29 @@ def test_compare_projections_like_table_5():
     assert paired["p_two_sided"] == pytest.approx(stats.ttest_rel(ab.rec[keep], ac.rec[keep]).pvalue)
     with pytest.raises(ValueError, match="no column 'cosine'"):
         compare_projections(ab, ac, "cosine")
+
+
+def test_inclusion_tables_equal_pair_by_pair_with_one_decomposition_each(monkeypatch):
+    """All ordered pairs from n decompositions (not n (n - 1)), equal to inclusion() per pair."""
+    import geometry.inclusion as inc
+
+    kinds = {"q": (24, 16), "v": (12, 16)}
+    ads = [
+        random_adapter("a", layers=3, kinds=kinds, r={"q": 4, "v": 3}, seed=1),
+        random_adapter("b", layers=3, kinds=kinds, r={"q": 2, "v": 5}, seed=2),
+        random_adapter("c", layers=[1, 2], kinds={"q": (24, 16)}, r=4, seed=3),
+    ]
+    calls = []
+    real = inc.decompose_adapter
+    monkeypatch.setattr(inc, "decompose_adapter", lambda ad, *a, **k: calls.append(ad.name) or real(ad, *a, **k))
+    for lam in (0.0, 0.05):
+        calls.clear()
+        tables = inc.inclusion_tables(ads, lam)
+        assert sorted(calls) == ["a", "b", "c"]
+        assert sorted(tables) == [(i, j) for i in range(3) for j in range(3) if i != j]
+        for (i, j), table in tables.items():
+            ref = inc.inclusion(ads[i], ads[j], lam)
+            pd.testing.assert_frame_equal(table.drop(columns=["s1", "s2"]), ref.drop(columns=["s1", "s2"]))
+            for col in ("s1", "s2"):
+                for x, y in zip(table[col], ref[col]):
+                    np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-15)

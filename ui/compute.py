@@ -20,7 +20,7 @@ import pandas as pd
 import streamlit as st
 
 from geometry.types import Adapter
-from ui.views import relabel
+from ui.views import relabel, slice_tensor
 
 #: Bump when the meaning of a cached result changes (it is part of every cache key).
 CACHE_VERSION = "dashboard-1"
@@ -72,11 +72,21 @@ def _distances_memory(key: tuple[str, ...]) -> dict:
     return _disk_get("all_distances", key)
 
 
-def distances(adapters: Sequence[Adapter]) -> dict:
+def distances(adapters: Sequence[Adapter], within: Sequence[Adapter] | None = None) -> dict:
     """``geometry.distances.all_distances`` of the set, labelled with the current display names.
 
-    Keys are ``(metric, factor, stack, kind)``; values are ``DistanceTensor``.
+    Keys are ``(metric, factor, stack, kind)``; values are ``DistanceTensor``. ``within``: a larger
+    set holding ``adapters`` (the session's comparable adapters). When the chosen adapters have the
+    same common modules as ``within``, the result for ``within`` is computed once (or read from the
+    caches) and sliced to the chosen rows and columns, so picking a subset recomputes nothing;
+    otherwise (the subset shares more modules) the subset is computed on its own.
     """
+    if within is not None and _sliceable(adapters, within):
+        full = distances(within)
+        hashes = [a.content_hash for a in within]
+        idx = [hashes.index(a.content_hash) for a in adapters]
+        notes = check(adapters)
+        return {k: slice_tensor(v, idx, [a.name for a in adapters], notes) for k, v in full.items()}
     from geometry.distances import all_distances
 
     key = content_key(adapters)
@@ -91,6 +101,17 @@ def distances(adapters: Sequence[Adapter]) -> dict:
         except _Miss:  # the disk cache is not writable: keep the fresh result
             pass
     return {k: relabel(v, names) for k, v in raw.items()}
+
+
+def _sliceable(adapters: Sequence[Adapter], within: Sequence[Adapter]) -> bool:
+    from geometry.align import common_keys
+
+    hashes = [a.content_hash for a in within]
+    if len(adapters) >= len(within) or len(set(hashes)) != len(hashes) or not all(a.content_hash for a in adapters):
+        return False
+    if not all(a.content_hash in hashes for a in adapters):
+        return False
+    return set(common_keys(list(adapters))) == set(common_keys(list(within)))
 
 
 # -- anatomy ------------------------------------------------------------------------------------
@@ -120,33 +141,28 @@ def inclusion_pair(a1: Adapter, a2: Adapter, lam: float = 0.0) -> pd.DataFrame:
     return _inclusion_memory(a1.content_hash, a2.content_hash, float(lam), a1, a2)
 
 
+@st.cache_data(show_spinner=False, max_entries=32)
+def _inclusion_tables_memory(key: tuple[str, ...], lam: float) -> dict:
+    return _disk_get("inclusion_tables", (*key, float(lam)))
+
+
 def inclusion_all_pairs(adapters: Sequence[Adapter], lam: float = 0.0) -> dict[tuple[int, int], pd.DataFrame]:
-    """Inclusion tables of every ordered pair ``(i, j), i != j``, with a progress bar on first use."""
-    pairs = [(i, j) for i in range(len(adapters)) for j in range(len(adapters)) if i != j]
-    out: dict[tuple[int, int], pd.DataFrame] = {}
-    todo = []
-    for i, j in pairs:
-        try:
-            out[(i, j)] = _inclusion_cached_only(adapters[i].content_hash, adapters[j].content_hash, float(lam))
-        except _Miss:
-            todo.append((i, j))
-    if todo:
-        with progress_bar(f"Spectral inclusion for {len(todo)} ordered pairs (λ = {lam:g})") as update:
-            for done, (i, j) in enumerate(todo):
-                update(done, len(todo), f"{adapters[i].name} → {adapters[j].name}")
-                out[(i, j)] = inclusion_pair(adapters[i], adapters[j], lam)
-            update(len(todo), len(todo), "")
-    return dict(sorted(out.items()))
+    """``geometry.inclusion.inclusion_tables``: every ordered pair ``(i, j), i != j``, each adapter
+    decomposed once; a progress bar on first use, then memory and disk caches by content."""
+    from geometry.inclusion import inclusion_tables
 
-
-def _inclusion_cached_only(h1: str, h2: str, lam: float) -> pd.DataFrame:
-    """The pair's table when a cache level already has it; ``_Miss`` otherwise."""
-    return _inclusion_disk_memory(h1, h2, lam)
-
-
-@st.cache_data(show_spinner=False, max_entries=1024)
-def _inclusion_disk_memory(h1: str, h2: str, lam: float) -> pd.DataFrame:
-    return _disk_get("inclusion", (h1, h2, float(lam)))
+    key = content_key(adapters)
+    try:
+        return _inclusion_tables_memory(key, float(lam))
+    except _Miss:
+        n = len(adapters)
+        with progress_bar(f"Spectral inclusion for {n * (n - 1)} ordered pairs (λ = {lam:g})") as update:
+            tables = _disk_compute("inclusion_tables", (*key, float(lam)),
+                                   lambda: inclusion_tables(list(adapters), float(lam), progress=update))
+    try:
+        return _inclusion_tables_memory(key, float(lam))
+    except _Miss:  # the disk cache is not writable: keep the fresh result
+        return tables
 
 
 # -- maps ---------------------------------------------------------------------------------------

@@ -64,6 +64,13 @@ def compared_adapters(key: str = "compare", min_count: int = 2, label: str = "Ad
     return adapters
 
 
+def comparable_set() -> list[Adapter]:
+    """The session's adapters on the most common base (the default comparison): results for this set
+    are computed once and sliced when a page compares a subset of it (see ``compute.distances``)."""
+    aset = state.adapter_set()
+    return aset.subset(compute.compatible_default(aset.adapters))
+
+
 def choice(widget, label: str, labels: dict[str, str], default: str, key: str, **kwargs) -> str:
     """A URL-bound choice among ``labels`` (code -> label) that returns the code.
 

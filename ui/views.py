@@ -111,6 +111,19 @@ def relabel(tensor, names: Sequence[str]):
     return replace(tensor, adapters=list(names))
 
 
+def slice_tensor(tensor, idx: Sequence[int], names: Sequence[str], notes: Sequence[str]):
+    """The rows and columns ``idx`` of a ``DistanceTensor`` (a subset of its adapters), named ``names``.
+
+    ``notes`` are the compatibility notes of the subset; the note on undefined entry-wise distances
+    is kept only when the slice still holds an undefined value.
+    """
+    values = tensor.values[np.ix_(list(idx), list(idx))]
+    kept = list(notes)
+    if np.isnan(values).any():
+        kept += [n for n in tensor.notes if "is NaN" in n or "undefined" in n]
+    return replace(tensor, values=values, adapters=list(names), notes=kept)
+
+
 def distance_matrix(tensor, choice: LayerChoice) -> tuple[np.ndarray, list[int]]:
     """Mean over the chosen layers of ``T_d(i, j, k)``: the ``[n, n]`` matrix and the layers used."""
     layers = pick_layers(tensor.layers, choice)
