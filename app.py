@@ -12,11 +12,10 @@ from ui import app_run, quiet_environment
 
 quiet_environment()
 
-import torch  # noqa: E402  (after the environment is set)
-
+from geometry.device import configure_threads  # noqa: E402  (after the environment is set)
 from ui import sidebar  # noqa: E402
 
-torch.set_num_threads(1)
+configure_threads()  # every core, or $ADAPTER_ATLAS_THREADS
 
 st.set_page_config(
     layout="wide", page_title="Adapter Atlas", page_icon=":material/hub:", initial_sidebar_state=360

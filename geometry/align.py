@@ -99,9 +99,7 @@ def missing_keys(adapters: Sequence[Adapter]) -> dict[str, list[ModuleKey]]:
 
 def common_groups(adapters: Sequence[Adapter]) -> list[tuple[str, str]]:
     """The ``(stack, kind)`` groups having at least one common key, in canonical display order."""
-    from geometry.types import CANONICAL_KINDS, STACKS
+    from geometry.types import kind_order, stack_order
 
     groups = {(k.stack, k.kind) for k in common_keys(adapters)}
-    order_s = {s: i for i, s in enumerate(STACKS)}
-    order_k = {k: i for i, k in enumerate(CANONICAL_KINDS)}
-    return sorted(groups, key=lambda g: (order_s.get(g[0], 99), g[0], order_k.get(g[1], 99), g[1]))
+    return sorted(groups, key=lambda g: (*stack_order(g[0]), *kind_order(g[1])))

@@ -92,18 +92,15 @@ def distance_keys(dists: Mapping[tuple, object]) -> pd.DataFrame:
 
 
 def kinds_of(dists: Mapping[tuple, object], stack: str | None = None) -> list[str]:
-    from geometry.types import CANONICAL_KINDS
+    from geometry.types import ordered_kinds
 
-    present = {k[3] for k in dists if stack is None or k[2] == stack}
-    ordered = [k for k in CANONICAL_KINDS if k in present]
-    return ordered + sorted(present - set(ordered))
+    return ordered_kinds(k[3] for k in dists if stack is None or k[2] == stack)
 
 
 def stacks_of(dists: Mapping[tuple, object]) -> list[str]:
-    from geometry.types import STACKS
+    from geometry.types import ordered_stacks
 
-    present = {k[2] for k in dists}
-    return [s for s in STACKS if s in present] + sorted(present - set(STACKS))
+    return ordered_stacks(k[2] for k in dists)
 
 
 def relabel(tensor, names: Sequence[str]):
