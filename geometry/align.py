@@ -59,15 +59,7 @@ def check_compatible(adapters: Sequence[Adapter], *, strict_base: bool = False) 
     common = set(common_keys(adapters))
     if not common:
         warnings.append("the adapters have no module (stack, layer, kind) in common: nothing to compare")
-    union = set(first_shape)
-    for ad in adapters:
-        missing = sorted(union - set(ad.modules))
-        if missing:
-            shown = ", ".join(k.label for k in missing[:_SHOW]) + (", ..." if len(missing) > _SHOW else "")
-            warnings.append(
-                f"adapter {ad.name!r} lacks {len(missing)} module(s) that other adapters have ({shown}); "
-                "comparisons use the common modules only"
-            )
+    warnings += _coverage_notes(adapters, set(first_shape), common)
     ranks = {ad.name: sorted({m.rank for k, m in ad.modules.items() if k in common}) for ad in adapters}
     if len({tuple(r) for r in ranks.values()}) > 1:
         detail = ", ".join(f"{n!r}: r={'/'.join(map(str, r))}" for n, r in ranks.items())
@@ -76,6 +68,33 @@ def check_compatible(adapters: Sequence[Adapter], *, strict_base: bool = False) 
             "on A alone or B alone are undefined (NaN) between different ranks"
         )
     return warnings
+
+
+def _coverage_notes(adapters: Sequence[Adapter], union: set[ModuleKey], common: set[ModuleKey]) -> list[str]:
+    """One note per cause: the keys outside the common set, grouped by which adapters have them.
+
+    Each group names the smaller side: "only in 'qkvo'" when few adapters have the extra modules,
+    "'a', 'b' lack ..." when few lack them. Eleven adapters without one adapter's ``k`` / ``o``
+    modules give one line naming that adapter, not ten lines.
+    """
+    groups: dict[tuple[str, ...], list[ModuleKey]] = {}
+    for key in sorted(union - common, key=lambda k: k.order):
+        holders = tuple(ad.name for ad in adapters if key in ad.modules)
+        groups.setdefault(holders, []).append(key)
+    notes = []
+    n = len(adapters)
+    for holders, keys in groups.items():
+        shown = ", ".join(k.label for k in keys[:_SHOW]) + (", ..." if len(keys) > _SHOW else "")
+        what = f"{len(keys)} module(s) ({shown})"
+        if len(holders) < n - len(holders):
+            who = ", ".join(map(repr, holders))
+            notes.append(f"{what} only in {who}; comparisons use the modules common to all {n} adapters")
+        else:
+            lackers = [repr(ad.name) for ad in adapters if ad.name not in holders]
+            verb = "lacks" if len(lackers) == 1 else "lack"
+            notes.append(f"{', '.join(lackers)} {verb} {what} that the other adapters have; comparisons use the "
+                         "common modules only")
+    return notes
 
 
 def common_keys(adapters: Sequence[Adapter], kind: str | None = None, stack: str | None = None) -> list[ModuleKey]:
