@@ -19,7 +19,7 @@ def test_samples_loaded_by_default(monkeypatch, tmp_path):
     assert _names(at) == ["task0", "task1", "task2"]
     table = at.sidebar.dataframe[0].value
     # one base for the whole set: said once above the table, not repeated in a column
-    assert list(table.columns) == ["name", "r", "alpha", "targets", "modules", "parameters"]
+    assert list(table.columns) == ["name", "r", "alpha"]  # narrow: full names; the rest is on Overview
     assert any(BASE.split("/")[-1] in c.value for c in at.sidebar.caption)
     assert list(table["r"]) == [4, 4, 4] and list(table["modules"]) == [8, 8, 8]
 
@@ -104,3 +104,15 @@ def test_hub_failure_is_an_error_not_a_traceback(monkeypatch, tmp_path):
 def test_url_names_the_sample_adapters(monkeypatch, tmp_path):
     at = app_test(monkeypatch, tmp_path, n=3, query={"adapters": ["task0", "task2"]})
     assert _names(at) == ["task0", "task2"]
+
+
+def test_adapters_on_another_base_are_named_where_they_are_left_out(monkeypatch, tmp_path):
+    at = app_test(monkeypatch, tmp_path, n=2)
+    at.sidebar.file_uploader[0].set_value(
+        ("other.zip", adapter_zip_bytes(seed=5, base="someone/other-base"), "application/zip")
+    )
+    at.run()
+    at.switch_page("pages/distances.py").run()
+    assert not at.exception
+    captions = [c.value for c in at.caption]
+    assert any("Not compared" in c and "other (base other-base)" in c for c in captions), captions

@@ -46,6 +46,15 @@ def compared_adapters(key: str = "compare", min_count: int = 2, label: str = "Ad
         key=key,
         bind=URL,
     )
+    others = [n for n in aset.names if n not in default and n not in chosen]
+    if others:
+        bases = {n: str(aset[n].config.base_model_name_or_path or "no base declared").rstrip("/").split("/")[-1]
+                 for n in others}
+        by_base: dict[str, list[str]] = {}
+        for n, b in bases.items():
+            by_base.setdefault(b, []).append(n)
+        detail = "; ".join(f"{', '.join(ns)} (base {b})" for b, ns in by_base.items())
+        st.caption(f":material/block: Not compared, on another base model than the others: {detail}.")
     if len(chosen) < min_count:
         st.info(f"Choose at least {min_count} adapters.")
         st.stop()

@@ -73,20 +73,22 @@ def render() -> None:
         if "base" in summary.columns and summary["base"].nunique(dropna=False) == 1:
             sb.caption(f"Base model of every adapter: **{summary['base'].iloc[0]}**")
             summary = summary.drop(columns=["base"])  # one base: say it once, keep the table narrow
+        # Narrow: full names, rank and alpha (targets, modules and parameters are on the Overview page);
+        # tall enough for every row, so a new upload (appended last) stays in view.
+        shown = summary[[c for c in ("name", "base", "r", "alpha") if c in summary.columns]]
         sb.dataframe(
-            summary,
+            shown,
             hide_index=True,
             width="stretch",
+            height=min(38 + 35 * len(shown), 38 + 35 * 16),
             column_config={
-                "name": st.column_config.TextColumn("name", width="small", pinned=True),
+                "name": st.column_config.TextColumn("name", width="large", help="display name (rename below)"),
                 "base": st.column_config.TextColumn("base", width="small"),
-                "r": st.column_config.NumberColumn("r", width=28),
-                "alpha": st.column_config.NumberColumn("α", width=36, format="%g"),
-                "targets": st.column_config.TextColumn("targets", width="small"),
-                "modules": st.column_config.NumberColumn("mods", width=44),
-                "parameters": st.column_config.NumberColumn("params", format="compact", width=56),
+                "r": st.column_config.NumberColumn("r", width=32),
+                "alpha": st.column_config.NumberColumn("α", width=40, format="%g"),
             },
         )
+        sb.caption("Targets, modules and parameters: the Overview page.")
     else:
         sb.info("No adapters loaded. Upload some below or reset to the samples.")
 
