@@ -21,7 +21,7 @@ def test_samples_loaded_by_default(monkeypatch, tmp_path):
     # one base for the whole set: said once above the table, not repeated in a column
     assert list(table.columns) == ["name", "r", "alpha"]  # narrow: full names; the rest is on Overview
     assert any(BASE.split("/")[-1] in c.value for c in at.sidebar.caption)
-    assert list(table["r"]) == [4, 4, 4] and list(table["modules"]) == [8, 8, 8]
+    assert list(table["r"]) == [4, 4, 4]
 
 
 def test_mixed_bases_keep_the_base_column(monkeypatch, tmp_path):
