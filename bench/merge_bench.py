@@ -37,8 +37,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.synthetic import LLAMA3_8B_SHAPES, random_factors  # noqa: E402
 from geometry.merging.truncate import truncate_factored  # noqa: E402
-from tests.synthetic import LLAMA3_8B_SHAPES, random_factors  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

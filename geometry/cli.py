@@ -133,7 +133,10 @@ def _add_merge_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", required=True, choices=list(MERGE_METHODS), help="merge method")
     p.add_argument("--weights", default=None, metavar="W1,W2,...", help="one weight per adapter (method default if unset)")
     p.add_argument("--density", type=float, default=None, help="fraction of entries kept (ties, dare_*, magnitude_prune)")
-    p.add_argument("--rank", type=int, default=None, help="truncate each merged module to this rank (energy kept reported)")
+    p.add_argument("--rank", type=int, default=None,
+                   help="rank of each merged module (default: exact for task_arithmetic, the sum of "
+                   "the input ranks for ties / dare_* / multislerp / magnitude_prune); "
+                   "the energy kept is reported")
     p.add_argument("--seed", type=int, default=None, help="random seed (dare_*)")
 
 
@@ -153,6 +156,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
     print(f"wrote {folder}: {args.method} of {len(args.paths)} adapters, {len(info['ranks'])} modules, "
           f"rank {ranks[0] if len(ranks) == 1 else f'{ranks[0]}-{ranks[-1]}'}, "
           f"energy kept {100 * info['energy_kept_total']:.4g}%, head {info['head']}")
+    energy = info["energy_kept"]
+    worst = min(energy, key=energy.get)
+    print(f"energy kept: {100 * info['energy_kept_total']:.4g}% of sum ||delta||_F^2 over "
+          f"{len(energy)} modules (rank: {info['rank_rule']}; lowest {100 * energy[worst]:.4g}% at {worst}); "
+          f"per module in {folder / 'merge_info.json'}")
     return 0
 
 

@@ -19,6 +19,10 @@ Formats read:
   exactly as one fused module with ``A`` (all ``G * r`` rows) and a block-structured ``B`` of
   ``(out, G * r)`` (zero outside the enabled row blocks), or, where the module splits into
   contiguous thirds (GPT-2 ``c_attn``), as one part per enabled third with its own ``A`` group.
+* Fused ``q|k|v`` in contiguous thirds (GPT-2 ``c_attn``, Phi-3 ``self_attn.qkv_proj`` without
+  grouped-query attention, see :mod:`geometry.naming`): one :class:`LoraModule` per third, ``B``
+  rows sliced, ``A`` shared, ``rows`` set. A fused module that cannot be split (Phi-4 / GQA shapes)
+  stays ``qkv`` and ``Adapter.warnings`` says why.
   BLOOM's ``query_key_value`` interleaves heads, so its enabled thirds are not q / v: it stays ``qkv``.
 
 Everything else in the weights file (``classifier.*``, ``score.weight``, ``modules_to_save`` copies,
@@ -41,7 +45,7 @@ from huggingface_hub import snapshot_download
 
 from geometry.config import PEFT_PREFIX, parse_config, rank_and_alpha
 from geometry.errors import AdapterLoadError
-from geometry.naming import has_two_stacks, module_key
+from geometry.naming import fused_qkv_note, has_two_stacks, module_key
 from geometry.types import CANONICAL_KINDS, STACKS, Adapter, AdapterConfig, LoraModule, ModuleKey, lora_scale
 
 CONFIG_NAME = "adapter_config.json"
@@ -330,6 +334,7 @@ def _fill(adapter: Adapter, state: dict[str, torch.Tensor], label: str) -> None:
 
     two_stacks = has_two_stacks(list(factors), config.task_type)
     entries: list[tuple[str, ModuleKey, LoraModule]] = []
+    fused_notes: list[str] = []
     for mod in sorted(factors):
         slot = factors[mod]
         for ab, other in (("A", "B"), ("B", "A")):
@@ -355,6 +360,11 @@ def _fill(adapter: Adapter, state: dict[str, torch.Tensor], label: str) -> None:
             else module_key(mod, out_features=B.shape[0], in_features=A.shape[1], two_stacks=two_stacks,
                             base_model=config.base_model_name_or_path)
         )
+        if len(parts) == 1 and parts[0][0].kind == "qkv":
+            note = fused_qkv_note(mod, out_features=B.shape[0], in_features=A.shape[1],
+                                  base_model=config.base_model_name_or_path)
+            if note:
+                fused_notes.append(note)
         magnitude = None
         if mod in magnitudes:
             mkey, magnitude = magnitudes.pop(mod)
@@ -370,6 +380,9 @@ def _fill(adapter: Adapter, state: dict[str, torch.Tensor], label: str) -> None:
             )))
     for mod, (mkey, _) in magnitudes.items():
         raise AdapterLoadError(f"{label}: tensor {mkey} (DoRA magnitude) has no lora_A / lora_B for module {mod}")
+    if fused_notes:
+        more = f" (and {len(fused_notes) - 1} more such module(s))" if len(fused_notes) > 1 else ""
+        adapter.warnings.append(fused_notes[0] + more)
     _place(adapter, entries)
 
 

@@ -11,17 +11,31 @@ so that adapters of one family (and pages, CLI, distances) talk about the same p
   ``model.decoder.layers`` are single stacks).
 * **kind**: canonical names ``q k v o gate up down`` (fused kept as ``qkv`` / ``gate_up``),
   ``cross_q .. cross_o`` for cross-attention, ``fc_in`` / ``fc_out`` for ``fc1`` / ``fc2`` style MLPs,
-  ``embed`` for embeddings. GPT-2 ``attn.c_attn`` is fused ``q|k|v`` in contiguous thirds of its
-  output rows; given ``out_features == 3 * in_features`` it is split into three parts with
-  ``rows`` (``B`` rows sliced, ``A`` shared). BLOOM / Falcon / GPT-NeoX ``query_key_value`` and
-  GPT-BigCode ``c_attn`` interleave heads (or use multi-query shapes): splitting them needs head
-  counts the adapter does not carry, so they stay fused ``qkv``.
+  ``embed`` for embeddings. Two fused projections hold ``q|k|v`` in contiguous thirds of their
+  output rows and are split into three parts with ``rows`` (``B`` rows sliced, ``A`` shared) when
+  ``out_features == 3 * in_features``:
+
+  - GPT-2 ``attn.c_attn`` (``Conv1D``; ``split(n_embd, dim=2)``);
+  - Phi-3 ``self_attn.qkv_proj`` (``qkv[..., :num_heads * head_dim]`` is q, then k, then v): its
+    output is ``(num_heads + 2 * num_kv_heads) * head_dim``, which equals ``3 * hidden`` exactly
+    when there is no grouped-query attention (Phi-3-mini / medium: ``num_kv_heads = num_heads``).
+    With GQA (Phi-4, Phi-4-multimodal: ``output != 3 * input``) the q / k / v sizes need head
+    counts the adapter does not carry, so it stays fused ``qkv``;
+    :func:`fused_qkv_note` says why (the loader adds it to ``Adapter.warnings``).
+
+  Other fused projections stay fused ``qkv``: BLOOM / Falcon / GPT-NeoX ``query_key_value`` and
+  GPT-BigCode ``c_attn`` interleave heads (or use multi-query shapes), CodeGen's ``attn.qkv_proj``
+  interleaves four q|v|k partitions, MiniMax's lightning-attention ``self_attn.qkv_proj``
+  interleaves q|k|v per head (kept fused when the base model names MiniMax or CodeGen; an adapter
+  that names no base model is taken to be Phi-3 when its path and shapes fit). MPT ``Wqkv`` and
+  other ``qkv_proj`` paths stay fused as well.
 * A name that matches no rule (or has an extra index after the block, e.g. MoE experts) is
   ``ModuleKey("raw", -1, name)``: kept, listed as unmapped, never dropped.
 """
 
 from __future__ import annotations
 
+from geometry.config import PEFT_PREFIX
 from geometry.types import ModuleKey
 
 #: Containers of repeated blocks, matched as ``<container>.<index>``.
@@ -82,7 +96,8 @@ _RULES: tuple[tuple[tuple[str, ...], str], ...] = (
     (("v_proj",), "v"),
     (("o_proj",), "o"),
     (("out_proj",), "o"),
-    (("qkv_proj",), "qkv"),
+    (("self_attn", "qkv_proj"), "qkv_proj"),  # Phi-3: contiguous thirds when no GQA
+    (("qkv_proj",), "qkv"),  # CodeGen ``attn.qkv_proj`` (interleaved) and others
     (("Wqkv",), "qkv"),
     (("gate_proj",), "gate"),
     (("up_proj",), "up"),
@@ -98,7 +113,12 @@ _RULES: tuple[tuple[tuple[str, ...], str], ...] = (
     (("value",), "v"),
 )
 _T5_MARKERS = ("SelfAttention", "EncDecAttention", "DenseReluDense")
-_FUSED_QKV_NOSPLIT_BASES = ("bigcode", "starcoder", "santacoder", "gpt_bigcode")
+#: Fused kinds that are split into contiguous q / k / v thirds when ``out == 3 * in``, and the
+#: base-model name fragments whose module of that path interleaves heads instead (kept fused).
+_SPLIT_THIRDS: dict[str, tuple[str, ...]] = {
+    "c_attn": ("bigcode", "starcoder", "santacoder", "gpt_bigcode"),
+    "qkv_proj": ("minimax", "codegen"),
+}
 
 
 def _layer_position(parts: list[str]) -> int | None:
@@ -145,11 +165,12 @@ def module_key(
 
     ``rows`` is ``(start, stop)`` of the fused output rows a part holds, else None.
     ``out_features`` / ``in_features`` (``B.shape[0]`` / ``A.shape[1]``) enable the GPT-2 ``c_attn``
-    split; without them ``c_attn`` stays fused ``qkv``. ``two_stacks`` says whether the adapter
-    has encoder and decoder stacks (None: infer from this name alone). ``base_model`` lets
-    GPT-BigCode ``c_attn`` (heads interleaved / multi-query) stay fused.
+    and Phi-3 ``self_attn.qkv_proj`` splits (``out == 3 * in``); without them both stay fused
+    ``qkv``. ``two_stacks`` says whether the adapter has encoder and decoder stacks (None: infer
+    from this name alone). ``base_model`` lets GPT-BigCode ``c_attn`` and MiniMax / CodeGen
+    ``qkv_proj`` (heads interleaved / multi-query) stay fused.
     """
-    name = module_name.removeprefix("base_model.model.")
+    name = module_name.removeprefix(PEFT_PREFIX)
     parts = name.split(".")
     if two_stacks is None:
         two_stacks = is_encoder_decoder_name(name)
@@ -170,19 +191,55 @@ def module_key(
         return raw
     layer = int(parts[pos])
     stack = _stack(parts, pos, two_stacks)
-    if kind == "c_attn":
-        base = (base_model or "").lower()
-        splittable = (
-            out_features is not None
-            and out_features % 3 == 0
-            and (in_features is None or out_features == 3 * in_features)
-            and not any(b in base for b in _FUSED_QKV_NOSPLIT_BASES)
-        )
-        if not splittable:
+    if kind in _SPLIT_THIRDS:
+        if _split_refusal(kind, out_features, in_features, base_model) is not None:
             return [(ModuleKey(stack, layer, "qkv"), None)]
         third = out_features // 3
         return [(ModuleKey(stack, layer, k), (i * third, (i + 1) * third)) for i, k in enumerate(("q", "k", "v"))]
     return [(ModuleKey(stack, layer, kind), None)]
+
+
+def _split_refusal(
+    kind: str, out_features: int | None, in_features: int | None, base_model: str | None
+) -> str | None:
+    """Why a fused ``kind`` (``c_attn`` / ``qkv_proj``) is not split into thirds, or None when it is."""
+    base = (base_model or "").lower()
+    hit = next((b for b in _SPLIT_THIRDS[kind] if b in base), None)
+    if hit is not None:
+        return f"the base model {base_model!r} interleaves the heads of its fused projection"
+    if out_features is None:
+        return "its output size is unknown"
+    if kind == "c_attn":  # GPT-2 checkpoints name no base: shapes decide (in_features optional)
+        if out_features % 3 == 0 and (in_features is None or out_features == 3 * in_features):
+            return None
+    elif in_features is not None and out_features == 3 * in_features:
+        return None
+    return (f"its output ({out_features}) is not 3 x its input ({in_features}): grouped-query or multi-query "
+            "attention, whose q / k / v sizes need head counts the adapter does not carry")
+
+
+def fused_qkv_note(
+    module_name: str,
+    *,
+    out_features: int | None = None,
+    in_features: int | None = None,
+    base_model: str | None = None,
+) -> str | None:
+    """A sentence saying why a splittable fused projection stays fused ``qkv``; None otherwise.
+
+    Only for the kinds :func:`module_key` splits when it can (GPT-2 ``c_attn``, Phi-3
+    ``self_attn.qkv_proj``); BLOOM-style ``query_key_value`` is always fused and gets no note.
+    """
+    name = module_name.removeprefix(PEFT_PREFIX)
+    parts = name.split(".")
+    pos = _layer_position(parts)
+    if pos is None:
+        return None
+    kind = _match_rule(parts[pos + 1 :])
+    if kind not in _SPLIT_THIRDS:
+        return None
+    why = _split_refusal(kind, out_features, in_features, base_model)
+    return None if why is None else f"{name} kept fused as 'qkv' (not split into q / k / v): {why}"
 
 
 def has_two_stacks(module_names: list[str], task_type: str | None = None) -> bool:
@@ -195,7 +252,7 @@ def has_two_stacks(module_names: list[str], task_type: str | None = None) -> boo
         return True
     seen: set[str] = set()
     for full in module_names:
-        name = full.removeprefix("base_model.model.")
+        name = full.removeprefix(PEFT_PREFIX)
         if is_encoder_decoder_name(name):
             return True
         parts = name.split(".")

@@ -92,15 +92,27 @@ FAMILIES: dict[str, Family] = {
             "transformer.h.0.mlp.c_proj": [("model", 0, "down")],
         },
     ),
+    # Phi-3-mini / medium: no GQA (num_key_value_heads = num_heads), qkv_proj is 3 * hidden: split
     "phi3": Family(
         _decoder("Phi3Config", num_key_value_heads=4, pad_token_id=0),
         "AutoModelForCausalLM",
         ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
         {
-            "model.layers.0.self_attn.qkv_proj": [("model", 0, "qkv")],
+            "model.layers.0.self_attn.qkv_proj": [("model", 0, "q"), ("model", 0, "k"), ("model", 0, "v")],
+            "model.layers.1.self_attn.qkv_proj": [("model", 1, "q"), ("model", 1, "k"), ("model", 1, "v")],
             "model.layers.1.self_attn.o_proj": [("model", 1, "o")],
             "model.layers.0.mlp.gate_up_proj": [("model", 0, "gate_up")],
             "model.layers.1.mlp.down_proj": [("model", 1, "down")],
+        },
+    ),
+    # Phi-4-like GQA (2 kv heads for 4 heads): qkv_proj is (4 + 2 * 2) * 8 = 64 != 3 * 32: fused
+    "phi3_gqa": Family(
+        _decoder("Phi3Config", num_key_value_heads=2, pad_token_id=0),
+        "AutoModelForCausalLM",
+        ["qkv_proj", "o_proj"],
+        {
+            "model.layers.0.self_attn.qkv_proj": [("model", 0, "qkv")],
+            "model.layers.1.self_attn.o_proj": [("model", 1, "o")],
         },
     ),
     "gpt2": Family(

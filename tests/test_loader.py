@@ -72,6 +72,26 @@ def test_gpt2_c_attn_split_rows(tmp_path):
     )
 
 
+def test_phi3_qkv_proj_split_rows_and_gqa_kept_fused_with_a_note(tmp_path):
+    path, peft_model = save_adapter("phi3", tmp_path / "phi3")
+    adapter = load_adapter(path)
+    q, k, v = (adapter.modules[ModuleKey("model", 0, kind)] for kind in "qkv")
+    assert (q.rows, k.rows, v.rows) == ((0, 32), (32, 64), (64, 96))
+    assert q.A is k.A is v.A and q.shape == k.shape == v.shape == (32, 32)
+    full = peft_delta(peft_model, "model.layers.0.self_attn.qkv_proj")
+    stacked = torch.cat([q.dense(), k.dense(), v.dense()])
+    assert torch.equal(torch.cat([q.B, k.B, v.B]), peft_model.base_model.model.get_submodule(
+        "model.layers.0.self_attn.qkv_proj").lora_B["default"].weight.detach())  # rows sliced, nothing else
+    torch.testing.assert_close(stacked, full, atol=1e-7, rtol=1e-6)
+    assert not any("kept fused" in w for w in adapter.warnings)
+    gqa = load_adapter(save_adapter("phi3_gqa", tmp_path / "gqa")[0])
+    fused = gqa.modules[ModuleKey("model", 0, "qkv")]
+    assert fused.rows is None and fused.shape == (64, 32)
+    notes = [w for w in gqa.warnings if "kept fused as 'qkv'" in w]
+    assert len(notes) == 1 and "its output (64) is not 3 x its input (32)" in notes[0]
+    assert "and 1 more such module" in notes[0]
+
+
 def test_heads_are_other_tensors(family_adapter):
     fam, adapter, _ = family_adapter
     if FAMILIES[fam].task_type != "SEQ_CLS":

@@ -67,3 +67,22 @@ def test_merge_different_bases(tmp_path, capsys):
     (a / "adapter_config.json").write_text(json.dumps(cfg))
     assert main(["merge", str(a), str(b), "--method", "ties", "--out", str(tmp_path / "x")]) == 2
     assert "different base models (a: org/base, b: org/other-base)" in capsys.readouterr().err
+
+
+def test_merge_ties_defaults_to_sum_of_input_ranks_and_prints_energy(pair, tmp_path, capsys):
+    out = tmp_path / "d"
+    args = ["merge", str(pair[0]), str(pair[1]), "--method", "ties", "--density", "0.2", "--out", str(out)]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    lines = text.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"wrote {out}: ties of 2 adapters")
+    assert "rank 6," in lines[0]
+    info = json.loads((out / "merge_info.json").read_text())
+    assert set(info["ranks"].values()) == {6}  # r_a + r_b = 4 + 2, not the numerical rank (32)
+    assert 0.0 < info["energy_kept_total"] < 1.0
+    total = f"{100 * info['energy_kept_total']:.4g}%"
+    assert lines[1].startswith(f"energy kept: {total} of sum ||delta||_F^2 over")
+    assert "rank: sum of the input ranks" in lines[1]
+    worst = min(info["energy_kept"], key=info["energy_kept"].get)
+    assert f"lowest {100 * info['energy_kept'][worst]:.4g}% at {worst}" in lines[1]
+    assert {m.rank for m in load_adapter(out).modules.values()} == {6}

@@ -9,7 +9,7 @@ import torch
 from peft.utils import merge_utils
 
 from geometry.errors import IncompatibleAdaptersError
-from geometry.merging import MERGE_METHODS, merge
+from geometry.merging import MERGE_METHODS, METHOD_PARAMS, merge
 from geometry.merging.elementwise import module_seed
 from geometry.merging.multislerp import multislerp_tensors
 from geometry.merging.truncate import factorize_dense, truncate_factored
@@ -117,7 +117,7 @@ def _stack(ads, key):
 def test_ties_matches_peft_merge_utils(sign):
     ads = _adapters()
     w = [1.0, 0.5, 0.8]
-    m = merge(ads, "ties", weights=w, density=0.3, majority_sign_method=sign)
+    m = merge(ads, "ties", weights=w, density=0.3, majority_sign_method=sign, keep_dense=True)
     for key, mod in m.modules.items():
         ref = merge_utils.ties(_stack(ads, key), torch.tensor(w), 0.3, sign)
         assert _rel(mod.dense().float(), ref) < 1e-6
@@ -126,22 +126,22 @@ def test_ties_matches_peft_merge_utils(sign):
 def test_magnitude_prune_and_dare_match_peft_merge_utils():
     ads = _adapters()
     w = [1.0, 0.5, 0.8]
-    m = merge(ads, "magnitude_prune", weights=w, density=0.4)
+    m = merge(ads, "magnitude_prune", weights=w, density=0.4, keep_dense=True)
     for key, mod in m.modules.items():
         assert _rel(mod.dense().float(), merge_utils.magnitude_prune(_stack(ads, key), torch.tensor(w), 0.4)) < 1e-6
     for method, fn in (("dare_linear", merge_utils.dare_linear), ("dare_ties", merge_utils.dare_ties)):
-        m = merge(ads, method, weights=w, density=0.6, seed=7)
+        m = merge(ads, method, weights=w, density=0.6, seed=7, keep_dense=True, device="cpu")
         for key, mod in m.modules.items():
-            torch.manual_seed(module_seed(7, key))  # peft draws its masks from the global generator
+            torch.manual_seed(module_seed(7, key))  # peft draws its masks from the global (CPU) generator
             ref = fn(_stack(ads, key), torch.tensor(w), 0.6)
             assert _rel(mod.dense().float(), ref) < 1e-6
 
 
 def test_dare_seeded_and_unbiased_shape():
     ads = _adapters()
-    a = merge(ads, "dare_linear", density=0.5, seed=1)
-    b = merge(ads, "dare_linear", density=0.5, seed=1)
-    c = merge(ads, "dare_linear", density=0.5, seed=2)
+    a = merge(ads, "dare_linear", density=0.5, seed=1, keep_dense=True)
+    b = merge(ads, "dare_linear", density=0.5, seed=1, keep_dense=True)
+    c = merge(ads, "dare_linear", density=0.5, seed=2, keep_dense=True)
     key = ModuleKey("model", 0, "q")
     assert torch.equal(a.modules[key].delta, b.modules[key].delta)
     assert not torch.equal(a.modules[key].delta, c.modules[key].delta)
@@ -202,3 +202,111 @@ def test_dora_and_empty_inputs_rejected():
         merge([ad, random_adapter("e", kinds=KINDS)], "task_arithmetic")
     with pytest.raises(IncompatibleAdaptersError, match="give at least one adapter"):
         merge([], "ties")
+
+
+# ------------------------------------------------------------ dense merges: rank, energy, memory
+DENSE_METHODS = ["ties", "dare_linear", "dare_ties", "multislerp", "magnitude_prune"]
+WIDE = {"q": (40, 36), "v": (32, 36)}  # sum of ranks 4 + 3 + 5 = 12 < min(m, n): truncation bites
+
+
+def _wide(layers=2):
+    return [
+        random_adapter(f"w{i}", layers=layers, kinds=WIDE, r=r, alpha=a, seed=30 + i, dtype=torch.float64)
+        for i, (r, a) in enumerate(zip((4, 3, 5), (8.0, 3.0, 20.0)))
+    ]
+
+
+@pytest.mark.parametrize("method", DENSE_METHODS)
+def test_dense_merge_defaults_to_the_sum_of_input_ranks_with_energy(method):
+    ads = _wide()
+    merged = merge(ads, method, seed=3) if "seed" in METHOD_PARAMS[method] else merge(ads, method)
+    kw = {"seed": 3} if "seed" in METHOD_PARAMS[method] else {}
+    dense = merge(ads, method, keep_dense=True, dtype=torch.float64, **kw)
+    assert merged.params["keep_dense"] is False and merged.rank_rule == "sum of the input ranks"
+    kept = total = 0.0
+    for key, mod in merged.modules.items():
+        assert mod.factored and mod.delta is None and mod.rank_sum == 12
+        assert mod.B.shape == (mod.shape[0], 12) and mod.A.shape == (12, mod.shape[1])
+        d = dense.modules[key].delta
+        U, S, Vh = torch.linalg.svd(d)
+        best = (U[:, :12] * S[:12]) @ Vh[:12]
+        assert _rel(mod.dense(), best) < 1e-5  # float32 storage
+        assert mod.energy_kept == pytest.approx(float((S[:12] ** 2).sum() / (S**2).sum()), rel=1e-9)
+        kept, total = kept + float((S[:12] ** 2).sum()), total + float((S**2).sum())
+    assert merged.energy_kept == pytest.approx(kept / total, rel=1e-5)
+    summary = merged.summary()
+    assert summary["n_dense"] == 0 and summary["max_rank"] == 12
+    assert summary["rank_rule"] == "sum of the input ranks"
+    assert summary["energy_kept"] == pytest.approx(kept / total, rel=1e-5)
+    assert set(summary["energy_kept_by_module"]) == {k.label for k in merged.modules}
+    assert summary["energy_kept_min"] == min(summary["energy_kept_by_module"].values())
+    if method == "multislerp":  # a combination of the task vectors: rank <= sum of ranks, nothing lost
+        assert summary["energy_kept_min"] == pytest.approx(1.0, abs=1e-12)
+    else:
+        assert summary["energy_kept_min"] < 1.0 and summary["n_truncated"] == len(merged.modules)
+
+
+def test_factored_merges_keep_all_energy_in_summary():
+    ads = _wide()
+    for method in ("task_arithmetic", "lora_average"):
+        summary = merge(ads if method == "task_arithmetic" else [ads[0], ads[0]], method).summary()
+        assert summary["energy_kept"] == 1.0 and summary["energy_kept_min"] == 1.0
+        assert summary["n_truncated"] == 0
+    assert merge(ads, "task_arithmetic").summary()["max_rank"] == 12
+
+
+def test_dense_merge_holds_one_dense_module_at_a_time(monkeypatch):
+    """Each module's (m, n) update is factored and freed before the next module is computed."""
+    import weakref
+
+    import geometry.merging.elementwise as elementwise
+
+    seen: list[weakref.ref] = []
+    real = elementwise.factorize_dense
+
+    def spy(delta, *args, **kwargs):
+        assert all(ref() is None for ref in seen), "an earlier module's dense update is still alive"
+        seen.append(weakref.ref(delta))
+        return real(delta, *args, **kwargs)
+
+    monkeypatch.setattr(elementwise, "factorize_dense", spy)
+    ads = _wide(layers=3)
+    merged = merge(ads, "ties", density=0.3)
+    assert len(seen) == len(merged.modules) == 6
+    assert all(ref() is None for ref in seen)
+    for mod in merged.modules.values():  # no m x n tensor is held: only the thin factors
+        assert mod.delta is None and mod.B.device.type == "cpu" and mod.A.device.type == "cpu"
+        assert mod.B.numel() + mod.A.numel() < mod.shape[0] * mod.shape[1]
+
+
+def test_factorize_dense_randomized_energy_is_exact():
+    gen = torch.Generator().manual_seed(5)
+    U, _ = torch.linalg.qr(torch.randn(300, 200, generator=gen, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(200, 200, generator=gen, dtype=torch.float64))
+    S = 0.8 ** torch.arange(200, dtype=torch.float64)
+    d = (U * S) @ V.T
+    B, A, kept = factorize_dense(d, 10, exact_max=50, seed=1)  # randomized path
+    assert B.shape == (300, 10) and A.shape == (10, 200)
+    total = float(d.pow(2).sum())
+    # B A is an orthogonal projection of d: the reported energy is exactly what it keeps
+    assert float((d - B @ A).pow(2).sum()) == pytest.approx((1 - kept) * total, rel=1e-8)
+    best = float((S[:10] ** 2).sum()) / total
+    assert best * (1 - 1e-6) <= kept <= best * (1 + 1e-12)
+    B2, A2, kept2 = factorize_dense(d, 10, exact_max=50, seed=1)
+    assert torch.equal(B, B2) and torch.equal(A, A2) and kept == kept2
+    Be, Ae, kept_exact = factorize_dense(d, 10)  # 200 <= EXACT_SVD_MAX: full SVD
+    assert kept_exact == pytest.approx(best, rel=1e-12)
+
+
+def test_merge_device_parameter_and_cpu_storage(monkeypatch):
+    ads = _wide(layers=1)
+    monkeypatch.setenv("ADAPTER_ATLAS_DEVICE", "cpu")
+    for method in sorted(MERGE_METHODS):
+        inputs = [ads[0], ads[0]] if method == "lora_average" else ads
+        merged = merge(inputs, method, device="cpu")
+        for mod in merged.modules.values():
+            tensors = [mod.delta] if mod.delta is not None else [mod.B, mod.A]
+            assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+    assert merge(ads, "dare_ties", seed=1).params["mask_device"] == "cpu"
+    with pytest.raises(ValueError, match="does not take keep_dense"):
+        merge(ads, "task_arithmetic", keep_dense=True)

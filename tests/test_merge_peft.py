@@ -146,7 +146,8 @@ def test_peft_linear_is_lora_average_with_squared_weights(headless_pair):
 def test_peft_full_rank_svd_variants_equal_our_dense_methods(headless_pair, ours, theirs):
     pm = _load_peft("bert", {"sst": headless_pair[0], "nli": headless_pair[1]})
     _peft_merge(pm, theirs, [1.0, 0.7], density=0.3, svd_rank=32)
-    merged = merge([load_adapter(p) for p in headless_pair], ours, weights=[1.0, 0.7], density=0.3)
+    merged = merge([load_adapter(p) for p in headless_pair], ours, weights=[1.0, 0.7], density=0.3,
+                   keep_dense=True)
     for name, up in merged.peft_updates().items():  # svd_rank = 32 = min(m, n) everywhere: exact
         ref = peft_delta(pm, name, "m")
         assert float((up.dense() - ref).abs().max()) < 1e-4 * float(ref.abs().max()), name
@@ -170,7 +171,75 @@ def test_peft_dare_svd_with_the_same_masks(tmp_path, ours, monkeypatch):
 
     monkeypatch.setattr(merge_utils, "random_pruning", seeded_pruning)
     _peft_merge(pm, f"{ours}_svd", [1.0, 0.5], density=0.5, svd_rank=32)
-    merged = merge([load_adapter(p1), load_adapter(p2)], ours, weights=[1.0, 0.5], density=0.5, seed=3)
+    merged = merge([load_adapter(p1), load_adapter(p2)], ours, weights=[1.0, 0.5], density=0.5, seed=3,
+                   keep_dense=True, device="cpu")  # peft's masks come from the CPU generator
     (name, up), = merged.peft_updates().items()
     ref = peft_delta(pm, name, "m")
     assert float((up.dense() - ref).abs().max()) < 1e-4 * float(ref.abs().max())
+
+
+def test_phi3_qkv_proj_split_parts_merge_and_round_trip(tmp_path):
+    """Phi-3 qkv_proj (no GQA) is split into q / k / v; merges are written back into qkv_proj."""
+    p1, pm1 = save_adapter("phi3", tmp_path / "a", seed=1, r=4, lora_alpha=8)
+    p2, _ = save_adapter("phi3", tmp_path / "b", seed=2, r=2, lora_alpha=4)
+    ads = [load_adapter(p1), load_adapter(p2)]
+    name = "model.layers.0.self_attn.qkv_proj"
+    parts = [ads[0].modules[ModuleKey("model", 0, kind)] for kind in ("q", "k", "v")]
+    assert [p.rows for p in parts] == [(0, 32), (32, 64), (64, 96)] and all(p.name == name for p in parts)
+    full = peft_delta(pm1, name)
+    for p in parts:  # each part's dense update is exactly its rows of peft's delta weight
+        torch.testing.assert_close(p.dense(), full[p.rows[0] : p.rows[1]], atol=1e-7, rtol=1e-6)
+    for method in ("task_arithmetic", "ties", "dare_linear", "multislerp"):
+        merged = merge(ads, method)
+        ups = merged.peft_updates()
+        assert name in ups and ups[name].shape == (96, 32)
+        folder = merged.to_peft_folder(tmp_path / method)
+        config = json.loads((folder / "adapter_config.json").read_text())
+        assert "model.layers.0.self_attn.qkv_proj" in config["target_modules"]
+        _check_round_trip("phi3", merged, folder)
+    pm = _load_peft("phi3", {"a": p1, "b": p2})
+    merged = merge(ads, "task_arithmetic", weights=[0.7, -0.4])
+    for mod_name, up in merged.peft_updates().items():
+        ref = 0.7 * peft_delta(pm, mod_name, "a") + -0.4 * peft_delta(pm, mod_name, "b")
+        assert float((up.dense() - ref).abs().max()) < 1e-5 * float(ref.abs().max()), mod_name
+
+
+@pytest.mark.parametrize("method", ["ties", "magnitude_prune", "dare_ties"])
+def test_dense_export_defaults_to_sum_of_input_ranks(method, bert_pair, tmp_path):
+    """Without a rank, a dense merge is written at r_1 + r_2 = 8, not as a full-rank 'LoRA'."""
+    ads = [load_adapter(p) for p in bert_pair]
+    dense = merge(ads, method, keep_dense=True, device="cpu")
+    factored = merge(ads, method, device="cpu")
+    infos = []
+    for tag, merged in (("dense", dense), ("factored", factored)):
+        folder = merged.to_peft_folder(tmp_path / tag)
+        info = json.loads((folder / "merge_info.json").read_text())
+        assert set(info["ranks"].values()) == {8}, tag
+        assert info["rank_rule"] in ("sum of the input ranks", "dense (kept)")
+        infos.append(info)
+        n_dense = sum(up.shape[0] * up.shape[1] for up in dense.peft_updates().values())
+        n_lora = sum(t.numel() for t in load_adapter(folder).modules.values() for t in (t.A, t.B))
+        assert n_lora < n_dense
+    for name, up in dense.peft_updates().items():
+        S = torch.linalg.svdvals(up.dense())
+        want = float((S[:8] ** 2).sum() / (S**2).sum())
+        for info in infos:  # merge-time (factored) or write-time (dense) truncation: the same energy
+            assert info["energy_kept"][name] == pytest.approx(want, rel=1e-5), name
+    assert infos[0]["energy_kept_total"] == pytest.approx(infos[1]["energy_kept_total"], rel=1e-5)
+    assert infos[1]["energy_kept_total"] == pytest.approx(factored.energy_kept, rel=1e-6)
+    assert infos[1]["energy_kept_total"] < 1
+
+
+def test_export_energy_combines_merge_and_write_truncation(bert_pair, tmp_path):
+    ads = [load_adapter(p) for p in bert_pair]
+    dense = merge(ads, "ties", density=0.3, keep_dense=True)
+    merged = merge(ads, "ties", density=0.3)  # rank 8 at merge time
+    info = json.loads((merged.to_peft_folder(tmp_path / "r3", rank=3) / "merge_info.json").read_text())
+    assert info["rank_rule"] == "at most 3" and set(info["ranks"].values()) == {3}
+    kept = total = 0.0
+    for name, up in dense.peft_updates().items():
+        S2 = torch.linalg.svdvals(up.dense()) ** 2
+        assert info["energy_kept"][name] == pytest.approx(float(S2[:3].sum() / S2.sum()), rel=1e-4), name
+        kept, total = kept + float(S2[:3].sum()), total + float(S2.sum())
+    assert info["energy_kept_total"] == pytest.approx(kept / total, rel=1e-4)
+    assert info["energy_kept_min"] == min(info["energy_kept"].values())

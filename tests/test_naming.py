@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from geometry.naming import has_two_stacks, module_key
+from geometry.naming import fused_qkv_note, has_two_stacks, module_key
 from geometry.types import ModuleKey
 
 CASES = [
@@ -117,3 +117,56 @@ def test_two_stacks_decided_per_adapter():
     assert module_key(bart[0], two_stacks=True) == [(ModuleKey("encoder", 0, "q"), None)]
     assert module_key(bart[1], two_stacks=True) == [(ModuleKey("decoder", 0, "q"), None)]
     assert module_key(opt[0], two_stacks=False) == [(ModuleKey("model", 0, "q"), None)]
+
+
+def test_phi3_qkv_proj_splits_into_thirds_without_gqa():
+    # Phi-3-mini: hidden 3072, 32 heads, 32 kv heads: qkv_proj is 3 * 3072 rows, q | k | v contiguous
+    name = "base_model.model.model.layers.5.self_attn.qkv_proj"
+    parts = module_key(name, out_features=9216, in_features=3072)
+    assert parts == [
+        (ModuleKey("model", 5, "q"), (0, 3072)),
+        (ModuleKey("model", 5, "k"), (3072, 6144)),
+        (ModuleKey("model", 5, "v"), (6144, 9216)),
+    ]
+    assert fused_qkv_note("model.layers.5.self_attn.qkv_proj", out_features=9216, in_features=3072) is None
+
+
+@pytest.mark.parametrize("name, out, inp, base, why", [
+    ("model.layers.2.self_attn.qkv_proj", None, None, None, "output size is unknown"),
+    # Phi-4: hidden 5120, 40 heads, 10 kv heads of 128: 5120 + 2 * 1280 rows
+    ("model.layers.2.self_attn.qkv_proj", 7680, 5120, "microsoft/phi-4", "is not 3 x its input"),
+    # Phi-3-small-like GQA shapes on the qkv_proj path
+    ("model.layers.2.self_attn.qkv_proj", 6144, 4096, None, "is not 3 x its input"),
+    # MiniMax lightning attention: 3 * hidden rows, but q | k | v interleaved per head
+    ("model.layers.2.self_attn.qkv_proj", 18432, 6144, "MiniMaxAI/MiniMax-Text-01", "interleaves"),
+])
+def test_qkv_proj_stays_fused_with_a_reason(name, out, inp, base, why):
+    fused = [(ModuleKey("model", 2, "qkv"), None)]
+    assert module_key(name, out_features=out, in_features=inp, base_model=base) == fused
+    note = fused_qkv_note(name, out_features=out, in_features=inp, base_model=base)
+    assert note is not None and "kept fused as 'qkv'" in note and why in note
+
+
+def test_other_fused_qkv_paths_are_never_split():
+    # CodeGen attn.qkv_proj: 3 * hidden rows in four interleaved q | v | k partitions
+    for base in ("Salesforce/codegen-350M-mono", None):
+        parts = module_key("transformer.h.2.attn.qkv_proj", out_features=3072, in_features=1024,
+                           base_model=base)
+        assert parts == [(ModuleKey("model", 2, "qkv"), None)]
+    assert module_key("transformer.blocks.2.attn.Wqkv", out_features=3072, in_features=1024) == [
+        (ModuleKey("model", 2, "qkv"), None)]
+    bloom = "transformer.h.0.self_attention.query_key_value"
+    assert module_key(bloom, out_features=96, in_features=32) == [(ModuleKey("model", 0, "qkv"), None)]
+    assert fused_qkv_note(bloom, out_features=96, in_features=32) is None  # always fused: no note
+    assert fused_qkv_note("transformer.h.2.attn.qkv_proj", out_features=3072, in_features=1024) is None
+
+
+def test_peft_prefix_has_one_definition():
+    """``geometry.config.PEFT_PREFIX`` is the only spelling of peft's prefix in naming / loader / merging."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "geometry"
+    files = [root / "naming.py", root / "loader.py", *sorted((root / "merging").glob("*.py"))]
+    offenders = [f.name for f in files if '"base_model.model."' in f.read_text()]
+    assert offenders == []
+    assert '"base_model.model."' in (root / "config.py").read_text()

@@ -4,10 +4,12 @@ Every method is ``method(adapters, weights=None, **params) -> MergedAdapter`` (m
 ``merge_methods/`` in spirit): ``weights`` gives one ``lambda_t`` per task or per task and layer
 (:mod:`geometry.merging.weights`); each adapter's own scale ``s_t`` (``alpha/r``, rsLoRA,
 ``rank_pattern`` / ``alpha_pattern``, already resolved in ``LoraModule.scale``) is applied exactly.
-Each task keeps its own head (``MergedAdapter.heads``).
+Each task keeps its own head (``MergedAdapter.heads``). Every method also takes ``dtype`` (of the
+stored factors, default float32) and ``device`` (where it computes, default
+:func:`geometry.device.default_device`: CUDA when present); results are stored on the CPU.
 
 ========================  ===========  ==========================================================
-name                      form         update per module
+name                      computed     update per module (stored factored; rank below)
 ========================  ===========  ==========================================================
 ``lora_average``          factored     ``(sum w_t sqrt(s_t) B_t)(sum w_t sqrt(s_t) A_t)`` (cross terms)
 ``task_arithmetic``       factored     ``sum_t l_t s_t B_t A_t`` exact (rank sum), or truncated
@@ -18,13 +20,22 @@ name                      form         update per module
 ``magnitude_prune``       dense        trim top ``density``, sum
 ========================  ===========  ==========================================================
 
+Rank of the result: exact task arithmetic keeps ``sum_t r_t`` (energy kept 1.0); the dense
+methods compute one module at a time and keep its best factors of rank ``rank``, by default the
+sum of the inputs' ranks at that module, reporting the fraction of ``||Delta||_F^2`` kept per module
+(``MergedModule.energy_kept``) and overall (``MergedAdapter.energy_kept``, ``summary()``,
+``merge_info.json``); ``keep_dense=True`` keeps their ``m x n`` updates instead (small models).
+Writing peft folders: :mod:`geometry.merging.export`.
+
 Differences from peft's ``LoraModel.add_weighted_adapter`` (cross-checked in
 ``tests/test_merge_peft.py``):
 
 - ``cat`` equals exact ``task_arithmetic`` (same factors); ``svd`` equals ``task_arithmetic`` with
   ``rank`` up to the signs of singular vectors, but peft builds every ``m x n`` update and runs a
   full SVD (see ``bench/merge_bench.py``); ``ties_svd`` / ``dare_*_svd`` / ``magnitude_prune_svd``
-  with ``svd_rank = min(m, n)`` equal our dense ``ties`` / ``dare_*`` / ``magnitude_prune``.
+  with ``svd_rank = min(m, n)`` equal our ``ties`` / ``dare_*`` / ``magnitude_prune`` with
+  ``keep_dense=True`` (or ``rank = min(m, n)``); peft's default ``svd_rank`` is the largest input
+  rank, ours the sum of the input ranks.
 - peft's ``linear`` is the LoRA-level average with weights under a square root: peft ``linear``
   with weights ``w_t^2`` equals our ``lora_average`` with ``w_t``. peft's ``ties`` / ``dare_*`` /
   ``magnitude_prune`` (without ``_svd``) trim and elect **on the factors A and B separately**, then
@@ -71,12 +82,15 @@ MERGE_METHODS: dict[str, Callable[..., MergedAdapter]] = {
 METHOD_PARAMS: dict[str, tuple[str, ...]] = {
     "lora_average": (),
     "task_arithmetic": ("rank",),
-    "ties": ("density", "majority_sign_method", "rank"),
-    "dare_linear": ("density", "seed", "rank"),
-    "dare_ties": ("density", "seed", "majority_sign_method", "rank"),
-    "multislerp": ("rank",),
-    "magnitude_prune": ("density", "rank"),
+    "ties": ("density", "majority_sign_method", "rank", "keep_dense"),
+    "dare_linear": ("density", "seed", "rank", "keep_dense"),
+    "dare_ties": ("density", "seed", "majority_sign_method", "rank", "keep_dense"),
+    "multislerp": ("rank", "keep_dense"),
+    "magnitude_prune": ("density", "rank", "keep_dense"),
 }
+
+#: parameters every method takes besides its own: stored dtype and compute device
+COMMON_PARAMS: tuple[str, ...] = ("dtype", "device")
 
 
 class UnknownMergeMethodError(AtlasError, ValueError):
@@ -92,7 +106,7 @@ def merge(adapters: Sequence[Adapter], method: str, weights: Any = None, **param
     if method not in MERGE_METHODS:
         raise UnknownMergeMethodError(f"unknown merge method {method!r}; choose one of {', '.join(MERGE_METHODS)}")
     params = {k: v for k, v in params.items() if v is not None}
-    unknown = sorted(set(params) - set(METHOD_PARAMS[method]) - {"dtype"})
+    unknown = sorted(set(params) - set(METHOD_PARAMS[method]) - set(COMMON_PARAMS))
     if unknown:
         takes = ", ".join(METHOD_PARAMS[method]) or "only weights"
         raise ValueError(f"merge method {method!r} does not take {', '.join(unknown)} (it takes {takes})")
@@ -100,6 +114,7 @@ def merge(adapters: Sequence[Adapter], method: str, weights: Any = None, **param
 
 
 __all__ = [
+    "COMMON_PARAMS",
     "MERGE_METHODS",
     "METHOD_PARAMS",
     "MergedAdapter",

@@ -2,30 +2,27 @@
 
 A merged module holds the merged update ``Delta`` of one linear map ``(out, in)``, either
 
-- *factored*: ``Delta = B @ A`` with scale 1 (``B (m, k)``, ``A (k, n)``), as produced by the
-  LoRA-level average and by exact task arithmetic (rank ``k = sum_t r_t``), or
-- *dense*: the ``(m, n)`` matrix itself, as produced by the element-wise methods (TIES, DARE,
-  Multi-SLERP, magnitude pruning), which need every entry.
+- *factored*: ``Delta = B @ A`` with scale 1 (``B (m, k)``, ``A (k, n)``). Every method returns
+  this form by default: the LoRA-level average (rank ``r``), exact task arithmetic (rank
+  ``k = sum_t r_t``) and the element-wise methods (TIES, DARE, Multi-SLERP, magnitude pruning),
+  whose dense result is replaced, module by module as it is computed, by its best rank-``k``
+  factors with ``k`` = the sum of the inputs' ranks at that module (or the ``rank`` asked for);
+  ``energy_kept`` is the fraction of ``||Delta||_F^2`` those factors keep;
+- *dense*: the ``(m, n)`` matrix itself, only when an element-wise method is asked to
+  ``keep_dense=True`` (tests, cross-checks against peft's dense merges, small models).
 
+Tensors are stored on the CPU whatever device the merge ran on (:func:`merge_device`).
 Each task keeps its own head: ``heads[adapter name]`` is that adapter's ``other_tensors``
 (classification head, ``modules_to_save`` copies), untouched by the merge, as in both papers.
 
-:meth:`MergedAdapter.to_peft_folder` writes a peft LoRA folder (``adapter_config.json`` +
-``adapter_model.safetensors``) that ``PeftModel.from_pretrained`` loads on the base model:
-``lora_alpha = r`` per module (``rank_pattern`` = ``alpha_pattern``), so peft's scale is exactly 1
-and the stored ``B @ A`` is the merged update. Dense modules are written as their exact SVD
-``U S V^T`` with ``B = U S``, ``A = V^T`` (numerical rank, or a chosen rank with the energy kept
-reported); factored ones are written as they are, or truncated by the factored SVD
-(:mod:`geometry.merging.truncate`) when a rank is asked for.
+Writing a peft folder (:meth:`MergedAdapter.to_peft_folder`, :meth:`MergedAdapter.to_zip_bytes`)
+lives in :mod:`geometry.merging.export`; the methods here delegate to it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import re
-import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,14 +30,12 @@ from typing import Any
 
 import torch
 
-from geometry.config import PEFT_PREFIX
+from geometry.device import default_device
 from geometry.errors import IncompatibleAdaptersError
-from geometry.merging.truncate import factorize_dense, truncate_factored
 from geometry.types import Adapter, ModuleKey
 
-#: Files written next to the peft weights.
-MERGE_INFO = "merge_info.json"
-HEADS_DIR = "heads"
+#: Where merged tensors are kept between the merge and the export.
+STORAGE_DEVICE = torch.device("cpu")
 
 
 @dataclass
@@ -49,6 +44,8 @@ class MergedModule:
 
     Exactly one of ``(B, A)`` or ``delta`` is set. ``energy_kept`` is the fraction of the squared
     Frobenius norm kept when the update was truncated to a lower rank (1.0 when exact).
+    ``rank_sum`` is the sum of the merged adapters' ranks at this module: the default rank of an
+    element-wise merge's factors and of a dense module's export.
     """
 
     name: str
@@ -61,6 +58,7 @@ class MergedModule:
     is_embedding: bool = False
     fan_in_fan_out: bool = False
     energy_kept: float = 1.0
+    rank_sum: int | None = None
 
     @property
     def factored(self) -> bool:
@@ -77,6 +75,12 @@ class MergedModule:
             return self.delta.to(dtype)
         return self.B.to(dtype) @ self.A.to(dtype)
 
+    def norm2(self) -> float:
+        """``||Delta||_F^2`` (factored: ``trace((B^T B)(A A^T))``, no ``m x n`` product)."""
+        if self.delta is not None:
+            return float(self.delta.double().pow(2).sum())
+        return factored_norm2(self.B, self.A)
+
 
 @dataclass
 class PeftUpdate:
@@ -89,6 +93,7 @@ class PeftUpdate:
     delta: torch.Tensor | None = None
     is_embedding: bool = False
     fan_in_fan_out: bool = False
+    rank_sum: int | None = None
 
     def dense(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         if self.delta is not None:
@@ -98,6 +103,11 @@ class PeftUpdate:
     def as_update(self) -> tuple[torch.Tensor, torch.Tensor, float] | torch.Tensor:
         """``(B, A, 1.0)`` or the dense matrix: the form ``geometry.evaluate.apply_updates`` takes."""
         return self.delta if self.delta is not None else (self.B, self.A, 1.0)
+
+    def norm2(self) -> float:
+        if self.delta is not None:
+            return float(self.delta.double().pow(2).sum())
+        return factored_norm2(self.B, self.A)
 
 
 @dataclass
@@ -117,13 +127,20 @@ class MergedAdapter:
     # ----------------------------------------------------------------------------------- queries
     @property
     def energy_kept(self) -> float:
-        """Fraction of ``sum ||Delta||_F^2`` kept by truncation over all modules (1.0 when exact)."""
+        """Fraction of ``sum ||Delta||_F^2`` kept by truncation over all modules (1.0 when exact).
+
+        Each module's update before truncation has ``||Delta||^2 = ||kept||^2 / energy_kept``.
+        """
         kept = total = 0.0
         for mod in self.modules.values():
-            norm2 = float(mod.dense().pow(2).sum()) if mod.delta is not None else _factored_norm2(mod.B, mod.A)
+            norm2 = mod.norm2()
             total += norm2 / max(mod.energy_kept, 1e-300)
             kept += norm2
         return 1.0 if total == 0.0 else kept / total
+
+    def energy_by_module(self) -> dict[str, float]:
+        """``{module label: energy kept}`` (1.0 for an exact module), in module-key order."""
+        return {key.label: float(mod.energy_kept) for key, mod in sorted(self.modules.items())}
 
     @property
     def content_hash(self) -> str:
@@ -155,197 +172,98 @@ class MergedAdapter:
         return {name: up.as_update() for name, up in self.peft_updates().items()}
 
     def summary(self) -> dict[str, Any]:
+        """JSON-ready description: counts, ranks, and the energy kept overall and per module.
+
+        ``energy_kept`` is the fraction of ``sum_modules ||Delta||_F^2`` the stored factors keep
+        (1.0 for exact merges); ``energy_kept_min`` the smallest per module;
+        ``energy_kept_by_module`` maps each module label to its own fraction; ``rank_rule`` says
+        how the rank of each module was chosen.
+        """
         ranks = [m.rank for m in self.modules.values() if m.rank is not None]
+        energy = self.energy_by_module()
         return {
             "method": self.method,
             "params": _jsonable(self.params),
             "sources": list(self.sources),
             "n_modules": len(self.modules),
             "n_dense": sum(1 for m in self.modules.values() if not m.factored),
+            "n_truncated": sum(1 for e in energy.values() if e < 1.0),
+            "min_rank": min(ranks) if ranks else None,
             "max_rank": max(ranks) if ranks else None,
+            "rank_rule": self.rank_rule,
             "energy_kept": self.energy_kept,
+            "energy_kept_min": min(energy.values(), default=1.0),
+            "energy_kept_by_module": energy,
             "heads": sorted(self.heads),
         }
+
+    @property
+    def rank_rule(self) -> str:
+        """How each module's rank was chosen, in words (for summaries and the CLI)."""
+        if self.params.get("keep_dense"):
+            return "dense (kept)"
+        rank = self.params.get("rank")
+        if rank is not None:
+            return f"at most {int(rank)}"
+        if self.method == "lora_average":
+            return "the inputs' common rank"
+        return "sum of the input ranks"
 
     # ------------------------------------------------------------------------------------ output
     def to_peft_folder(self, path: str | Path, rank: int | None = None, head: str | None = None) -> Path:
-        """Write a peft LoRA adapter folder loadable by ``PeftModel.from_pretrained(base, path)``.
+        """Write a peft LoRA folder; see :func:`geometry.merging.export.to_peft_folder`."""
+        from geometry.merging.export import to_peft_folder
 
-        ``rank``: ``None`` keeps factored updates as they are and writes dense ones at their
-        numerical rank (exact to float tolerance); an integer truncates every module above that
-        rank by its exact SVD (factored: QR + core; dense: full SVD of that one module), keeping
-        the top singular directions; the energy kept per module goes to ``merge_info.json``.
-        ``head``: the source adapter whose head (``other_tensors``, ``modules_to_save``) is put in
-        the weights file so the folder is a complete classifier for that task; every head is also
-        written under ``heads/<name>.safetensors``. Default: the first source that has a head.
-        """
-        from safetensors.torch import save_file
+        return to_peft_folder(self, path, rank=rank, head=head)
 
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        weights, config, info = self._peft_payload(rank, head)
-        save_file(weights, str(path / "adapter_model.safetensors"))
-        (path / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        (path / MERGE_INFO).write_text(json.dumps(info, indent=2, sort_keys=True))
-        if self.heads:
-            (path / HEADS_DIR).mkdir(exist_ok=True)
-            for name, tensors in self.heads.items():
-                if tensors:
-                    save_file(_contiguous(tensors), str(path / HEADS_DIR / f"{_safe(name)}.safetensors"))
-        return path
+    def save(self, path: str | Path, rank: int | None = None, head: str | None = None) -> Path:
+        """Alias of :meth:`to_peft_folder` (the notebook API's ``m.save(path)``)."""
+        return self.to_peft_folder(path, rank=rank, head=head)
 
     def to_zip_bytes(self, rank: int | None = None, head: str | None = None) -> bytes:
-        """The :meth:`to_peft_folder` files as a zip (for a download button)."""
-        import tempfile
+        """The :meth:`to_peft_folder` files as a zip; see :func:`geometry.merging.export.to_zip_bytes`."""
+        from geometry.merging.export import to_zip_bytes
 
-        buf = io.BytesIO()
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = self.to_peft_folder(Path(tmp) / "merged", rank=rank, head=head)
-            with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-                for file in sorted(folder.rglob("*")):
-                    if file.is_file():
-                        zf.write(file, file.relative_to(folder).as_posix())
-        return buf.getvalue()
+        return to_zip_bytes(self, rank=rank, head=head)
 
     def _peft_payload(self, rank: int | None, head: str | None) -> tuple[dict, dict, dict]:
-        if rank is not None and int(rank) < 1:
-            raise ValueError(f"rank must be a positive integer, got {rank}")
-        head = self._choose_head(head)
-        weights: dict[str, torch.Tensor] = {}
-        ranks: dict[str, int] = {}
-        energy: dict[str, float] = {}
-        fan_in_fan_out = False
-        for name, up in sorted(self.peft_updates().items()):
-            B, A, kept = _factors_for_output(up, rank)
-            k = int(A.shape[0])
-            if k == 0:  # an all-zero update: peft needs r >= 1
-                B, A, k = torch.zeros(up.shape[0], 1), torch.zeros(1, up.shape[1]), 1
-            ranks[name] = k
-            energy[name] = kept
-            fan_in_fan_out = fan_in_fan_out or up.fan_in_fan_out
-            prefix = name if name.startswith(PEFT_PREFIX) else PEFT_PREFIX + name
-            if up.is_embedding:
-                weights[f"{prefix}.lora_embedding_A"] = A.float().contiguous()
-                weights[f"{prefix}.lora_embedding_B"] = B.float().contiguous()
-            else:
-                weights[f"{prefix}.lora_A.weight"] = A.float().contiguous()
-                weights[f"{prefix}.lora_B.weight"] = B.float().contiguous()
-        if not ranks:
-            raise IncompatibleAdaptersError(f"merge {self.method!r} has no module to write")
-        r = max(ranks.values())
-        pattern = {re.escape(_short(name)): k for name, k in ranks.items() if k != r}
-        config = {k: v for k, v in self.config_raw.items() if k not in _DROPPED_CONFIG_FIELDS}
-        config.update(
-            peft_type="LORA",
-            r=r,
-            lora_alpha=r,
-            use_rslora=False,
-            use_dora=False,
-            rank_pattern=pattern,
-            alpha_pattern=dict(pattern),
-            target_modules=sorted(_short(n) for n in ranks),
-            fan_in_fan_out=fan_in_fan_out,
-            base_model_name_or_path=self.base_model,
-            modules_to_save=None,
-            bias="none",
-        )
-        if head is not None:
-            weights.update(_contiguous(self.heads[head]))
-            config["modules_to_save"] = self.head_configs.get(head, {}).get("modules_to_save")
-            if self.head_configs.get(head, {}).get("task_type"):
-                config["task_type"] = self.head_configs[head]["task_type"]
-        info = {
-            "method": self.method,
-            "params": _jsonable(self.params),
-            "sources": list(self.sources),
-            "source_hashes": list(self.source_hashes),
-            "head": head,
-            "heads": sorted(self.heads),
-            "rank": rank,
-            "ranks": ranks,
-            "energy_kept": energy,
-            "energy_kept_total": _total_energy(self, energy),
-        }
-        return weights, config, info
+        from geometry.merging.export import peft_payload
 
-    def _choose_head(self, head: str | None) -> str | None:
-        if head is not None:
-            if head not in self.heads:
-                raise IncompatibleAdaptersError(
-                    f"head {head!r} is not one of the merged adapters' heads {sorted(self.heads)}"
-                )
-            return head if self.heads[head] else None
-        for name in self.sources:
-            if self.heads.get(name):
-                return name
-        return None
+        return peft_payload(self, rank, head)
 
 
-# config fields that describe the sources' placement or variants, not the merged adapter
-_DROPPED_CONFIG_FIELDS = {
-    "layers_to_transform", "layers_pattern", "exclude_modules", "target_parameters", "loftq_config",
-    "eva_config", "corda_config", "megatron_config", "lora_bias", "trainable_token_indices",
-    "revision", "auto_mapping",
-}
-
-
-def _short(name: str) -> str:
-    return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "head"
-
-
-def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous() for k, v in tensors.items()}
-
-
-def _factored_norm2(B: torch.Tensor, A: torch.Tensor) -> float:
+def factored_norm2(B: torch.Tensor, A: torch.Tensor) -> float:
     """``||B A||_F^2 = trace((B^T B)(A A^T))`` without forming ``B A``."""
     Bd, Ad = B.double(), A.double()
     return float(((Bd.T @ Bd) * (Ad @ Ad.T)).sum())
 
 
-def _total_energy(merged: MergedAdapter, written: dict[str, float]) -> float:
-    """Energy kept over all modules: merge-time truncation times write-time truncation."""
-    kept = total = 0.0
-    for name, up in merged.peft_updates().items():
-        norm2 = float(up.dense().pow(2).sum()) if up.delta is not None else _factored_norm2(up.B, up.A)
-        parts = [m for m in merged.modules.values() if m.name == name]
-        before = min((m.energy_kept for m in parts), default=1.0)
-        total += norm2 / max(before, 1e-300)
-        kept += norm2 * written.get(name, 1.0)
-    return 1.0 if total == 0.0 else kept / total
-
-
-def _factors_for_output(up: PeftUpdate, rank: int | None) -> tuple[torch.Tensor, torch.Tensor, float]:
-    if up.delta is not None:
-        return factorize_dense(up.delta, rank)
-    if rank is not None and up.A.shape[0] > rank:
-        return truncate_factored(up.B, up.A, rank)
-    return up.B, up.A, 1.0
-
-
 def _assemble(name: str, parts: list[MergedModule]) -> PeftUpdate:
+    """Put the parts of one peft module back together (see :meth:`MergedAdapter.peft_updates`).
+
+    ``rank_sum`` of a fused module is the sum over its parts (each part's default rank).
+    """
     first = parts[0]
+    flags = dict(is_embedding=first.is_embedding, fan_in_fan_out=first.fan_in_fan_out)
     if len(parts) == 1 and first.rows is None:
-        return PeftUpdate(name, first.shape, first.B, first.A, first.delta, first.is_embedding, first.fan_in_fan_out)
+        return PeftUpdate(name, first.shape, first.B, first.A, first.delta, rank_sum=first.rank_sum, **flags)
     parts = sorted(parts, key=lambda p: p.rows or (0, p.shape[0]))
     m = max((p.rows or (0, p.shape[0]))[1] for p in parts)
     n = first.shape[1]
+    sums = [p.rank_sum for p in parts]
+    rank_sum = None if any(r is None for r in sums) else sum(sums)
     if any(not p.factored for p in parts):
         delta = torch.zeros(m, n, dtype=torch.float32)
         for p in parts:
             lo, hi = p.rows or (0, p.shape[0])
             delta[lo:hi] = p.dense(torch.float32)
-        return PeftUpdate(name, (m, n), delta=delta, is_embedding=first.is_embedding, fan_in_fan_out=first.fan_in_fan_out)
+        return PeftUpdate(name, (m, n), delta=delta, rank_sum=rank_sum, **flags)
     if all(p.A.shape == first.A.shape and torch.equal(p.A, first.A) for p in parts):
         B = torch.zeros(m, first.A.shape[0], dtype=first.B.dtype)
         for p in parts:
             lo, hi = p.rows or (0, p.shape[0])
             B[lo:hi] = p.B
-        return PeftUpdate(name, (m, n), B, first.A, is_embedding=first.is_embedding, fan_in_fan_out=first.fan_in_fan_out)
+        return PeftUpdate(name, (m, n), B, first.A, rank_sum=rank_sum, **flags)
     k = sum(p.A.shape[0] for p in parts)
     B = torch.zeros(m, k, dtype=first.B.dtype)
     col = 0
@@ -354,7 +272,7 @@ def _assemble(name: str, parts: list[MergedModule]) -> PeftUpdate:
         B[lo:hi, col : col + p.A.shape[0]] = p.B
         col += p.A.shape[0]
     A = torch.cat([p.A for p in parts], dim=0)
-    return PeftUpdate(name, (m, n), B, A, is_embedding=first.is_embedding, fan_in_fan_out=first.fan_in_fan_out)
+    return PeftUpdate(name, (m, n), B, A, rank_sum=rank_sum, **flags)
 
 
 def _jsonable(value: Any) -> Any:
@@ -370,6 +288,26 @@ def _jsonable(value: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------ input helpers
+def merge_device(device: torch.device | str | None = None) -> torch.device:
+    """The device a merge computes on: ``device``, else :func:`geometry.device.default_device`
+    (CUDA when present, or ``ADAPTER_ATLAS_DEVICE``). Results are stored on the CPU."""
+    return torch.device(device) if device is not None else default_device()
+
+
+def check_rank(rank: int | None) -> int | None:
+    """``None`` or a positive ``int``; ``ValueError`` otherwise."""
+    if rank is None:
+        return None
+    if isinstance(rank, bool) or int(rank) != rank or int(rank) < 1:
+        raise ValueError(f"rank must be a positive integer, got {rank}")
+    return int(rank)
+
+
+def stored(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` as kept in a :class:`MergedModule`: on the CPU, in ``dtype``."""
+    return t.detach().to(device=STORAGE_DEVICE, dtype=dtype)
+
+
 def check_mergeable(adapters: Sequence[Adapter]) -> None:
     """Raise :class:`IncompatibleAdaptersError` for inputs no merge can combine.
 

@@ -16,7 +16,8 @@ for two adapters and ``w = 1/2`` it is ``(s1 B1A1 + s2 B2A2)/4 + sqrt(s1 s2)(B1 
 quarter of each task vector plus *cross terms* that belong to neither task.
 
 Steps: check every adapter has the same module keys and the same rank per module; sum the scaled
-factors per module.
+factors per module on the merge device (:func:`~geometry.merging.base.merge_device`); store on the
+CPU.
 
 Limits: equal ranks per module only (:class:`IncompatibleAdaptersError` names the modules and
 ranks otherwise); a negative weight flips both factors, so its diagonal term keeps a positive sign
@@ -31,16 +32,29 @@ from collections.abc import Sequence
 import torch
 
 from geometry.errors import IncompatibleAdaptersError
-from geometry.merging.base import MergedAdapter, MergedModule, all_keys, check_mergeable, wrap
+from geometry.merging.base import (
+    MergedAdapter,
+    MergedModule,
+    all_keys,
+    check_mergeable,
+    merge_device,
+    stored,
+    wrap,
+)
 from geometry.merging.weights import MergeWeights, WeightsSpec
 from geometry.types import Adapter
 
 
 def lora_average(
-    adapters: Sequence[Adapter], weights: WeightsSpec = None, *, dtype: torch.dtype = torch.float32
+    adapters: Sequence[Adapter],
+    weights: WeightsSpec = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
 ) -> MergedAdapter:
     """Average the LoRA factors (``sqrt(s_t)`` folded into both); see the module docstring."""
     check_mergeable(adapters)
+    dev = merge_device(device)
     keys = all_keys(adapters)
     missing = [(a.name, k.label) for a in adapters for k in keys if k not in a.modules]
     if missing:
@@ -64,15 +78,17 @@ def lora_average(
     for key in keys:
         wk = w.at(key)
         first = adapters[0].modules[key]
-        A = torch.zeros(first.A.shape, dtype=torch.float64)
-        B = torch.zeros(first.B.shape, dtype=torch.float64)
+        A = torch.zeros(first.A.shape, dtype=torch.float64, device=dev)
+        B = torch.zeros(first.B.shape, dtype=torch.float64, device=dev)
         for wt, ad in zip(wk, adapters):
             mod = ad.modules[key]
             root = math.sqrt(mod.scale)
-            A += (wt * root) * mod.A.double()
-            B += (wt * root) * mod.B.double()
+            A += (wt * root) * mod.A.to(device=dev, dtype=torch.float64)
+            B += (wt * root) * mod.B.to(device=dev, dtype=torch.float64)
         modules[key] = MergedModule(
-            name=first.name, key=key, shape=first.shape, B=B.to(dtype), A=A.to(dtype), rows=first.rows,
+            name=first.name, key=key, shape=first.shape, B=stored(B, dtype), A=stored(A, dtype),
+            rows=first.rows,
             is_embedding=first.is_embedding, fan_in_fan_out=first.fan_in_fan_out,
+            rank_sum=sum(ad.modules[key].rank for ad in adapters),
         )
     return wrap("lora_average", {"weights": w.describe()}, adapters, modules)

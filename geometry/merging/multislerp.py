@@ -17,7 +17,8 @@ Formula, per module, on flattened ``tau_t`` with weights normalised to ``sum w_t
 Limits: undefined when ``sum_t w_t u_t = 0`` (antipodal task vectors with balancing weights):
 two tasks fall back to the linear mix ``sum_t w_t tau_t`` as mergekit does, more raise
 ``ValueError``. A single adapter is returned unchanged. Only the weights' ratios matter.
-Element-wise in the sense of needing dense vectors: one module is materialized at a time.
+Element-wise in the sense of needing dense vectors: one module is materialized at a time (on the
+merge device) and stored as its factors at the sum of the input ranks, or ``rank``.
 """
 
 from __future__ import annotations
@@ -65,10 +66,13 @@ def multislerp(
     weights: WeightsSpec = None,
     *,
     rank: int | None = None,
+    keep_dense: bool = False,
     dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
 ) -> MergedAdapter:
     """Multi-SLERP of the task vectors, per module (default weights ``1/T``); see module docstring."""
     n = len(adapters)
     return elementwise_merge(
-        "multislerp", adapters, weights, 1.0 / max(n, 1), multislerp_tensors, {}, rank=rank, dtype=dtype
+        "multislerp", adapters, weights, 1.0 / max(n, 1), multislerp_tensors, {},
+        rank=rank, keep_dense=keep_dense, dtype=dtype, device=device,
     )

@@ -13,7 +13,8 @@ the factored SVD (QR of both factors, ``sum r_t``-sized core; :mod:`geometry.mer
 and ``energy_kept`` reports ``sum_{i<=R} S_i^2 / sum S_i^2`` per module.
 
 Steps: per module key, stack ``lambda_t s_t B_t`` column-wise and ``A_t`` row-wise over the adapters
-that have the module (a missing module contributes 0); optionally truncate.
+that have the module (a missing module contributes 0), on the merge device
+(:func:`~geometry.merging.base.merge_device`); optionally truncate; store on the CPU.
 
 Limits: none on ranks (they may differ); the default ``lambda_t = 1`` is the plain sum (pass
 ``1/T`` for the average of task vectors, DivMerge's "model averaging" baseline).
@@ -30,7 +31,10 @@ from geometry.merging.base import (
     MergedModule,
     all_keys,
     check_mergeable,
+    check_rank,
     iter_present,
+    merge_device,
+    stored,
     template,
     wrap,
 )
@@ -45,26 +49,30 @@ def task_arithmetic(
     *,
     rank: int | None = None,
     dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
 ) -> MergedAdapter:
     """``sum_t lambda_t s_t B_t A_t`` per module, factored (rank sum) or truncated to ``rank``."""
     check_mergeable(adapters)
-    if rank is not None and int(rank) < 1:
-        raise ValueError(f"rank must be a positive integer, got {rank}")
+    rank = check_rank(rank)
+    dev = merge_device(device)
     w = MergeWeights(weights, len(adapters), default=1.0)
     modules: dict = {}
     for key in all_keys(adapters):
         wk = w.at(key)
         Bs, As = [], []
         for t, mod in iter_present(adapters, key):
-            Bs.append((wk[t] * mod.scale) * mod.B.double())
-            As.append(mod.A.double())
+            Bs.append((wk[t] * mod.scale) * mod.B.to(device=dev, dtype=torch.float64))
+            As.append(mod.A.to(device=dev, dtype=torch.float64))
         B, A = torch.cat(Bs, dim=1), torch.cat(As, dim=0)
+        rank_sum = int(A.shape[0])
         kept = 1.0
-        if rank is not None and A.shape[0] > rank:
-            B, A, kept = truncate_factored(B, A, int(rank))
+        if rank is not None and rank_sum > rank:
+            B, A, kept = truncate_factored(B, A, rank, device=dev)
         first = template(adapters, key)
         modules[key] = MergedModule(
-            name=first.name, key=key, shape=first.shape, B=B.to(dtype), A=A.to(dtype), rows=first.rows,
+            name=first.name, key=key, shape=first.shape, B=stored(B, dtype), A=stored(A, dtype),
+            rows=first.rows,
             is_embedding=first.is_embedding, fan_in_fan_out=first.fan_in_fan_out, energy_kept=kept,
+            rank_sum=rank_sum,
         )
     return wrap("task_arithmetic", {"weights": w.describe(), "rank": rank}, adapters, modules)

@@ -16,8 +16,9 @@ With all ``w_t = lambda`` this is the paper's ``lambda * tau_m``; default ``w_t 
 
 Limits: the election uses the unweighted trimmed vectors and the mean divides by the count of
 agreeing tasks, as the paper and peft do; mergekit instead elects on ``w_t hat tau_t`` and divides
-by ``sum_{t in A} w_t`` (its ``normalize``), which cancels a common ``lambda``. Element-wise: one
-module is materialized densely at a time.
+by ``sum_{t in A} w_t`` (its ``normalize``, on by default for ``ties``), which cancels a common
+``lambda``. Element-wise: one module is materialized densely at a time (on the merge device) and
+stored as its factors at the sum of the input ranks, or ``rank`` (:mod:`~geometry.merging.elementwise`).
 """
 
 from __future__ import annotations
@@ -83,7 +84,9 @@ def ties(
     density: float = 0.2,
     majority_sign_method: SignMethod = "total",
     rank: int | None = None,
+    keep_dense: bool = False,
     dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
 ) -> MergedAdapter:
     """TIES-merging of the adapters' task vectors (keep ``density`` of each); see module docstring."""
     density = check_density(density)
@@ -93,5 +96,5 @@ def ties(
         "ties", adapters, weights, 1.0,
         lambda taus, w, key: ties_tensors(taus, w, density, majority_sign_method),
         {"density": density, "majority_sign_method": majority_sign_method},
-        rank=rank, dtype=dtype,
+        rank=rank, keep_dense=keep_dense, dtype=dtype, device=device,
     )
