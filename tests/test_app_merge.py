@@ -51,7 +51,7 @@ def test_merge_page_scores_pairs_and_downloads(monkeypatch, tmp_path, samples):
     at.run()
     assert not at.exception, at.exception
     assert any(m.label == "Mean pairwise ANP" for m in at.metric)
-    table = at.dataframe[-1].value
+    table = at.main.dataframe[-1].value
     assert list(table.index) == ["q", "v"]
     # the download is a peft folder zip (config, weights, merge_info, one head per task)
     data = at.get("download_button")
@@ -70,9 +70,9 @@ def test_merge_page_errors_are_messages(monkeypatch, tmp_path, samples):
     at = _merge_page(monkeypatch, tmp_path, samples)
     at.text_input(key="merge_weights").set_value("1,x")
     at.run()
-    assert not at.exception and "expected comma-separated numbers" in at.error[0].value
+    assert not at.exception and "expected comma-separated numbers" in at.main.error[0].value
     at.text_input(key="merge_weights").set_value("")
     at.text_input(key="merge_tasks").set_value(str(tmp_path))
     at.run()
-    assert not at.exception and "no task data for adapter" in at.warning[0].value
+    assert not at.exception and "no task data for adapter" in at.main.warning[0].value
     assert at.button(key="merge_run").disabled

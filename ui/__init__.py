@@ -50,26 +50,31 @@ def app_run():
 def require_app() -> None:
     """First line of every page: make sure the page runs inside ``app.py`` (navigation and sidebar).
 
-    Streamlit keeps a v1 multipage fallback: while no script run of this server has called
-    ``st.navigation`` yet (a freshly started server whose first request is a page URL such as
-    ``/distances``, or requests arriving before ``app.py``'s first run reached ``st.navigation``),
-    a ``pages/`` folder next to the entry script makes it run ``pages/<page>.py`` on its own, with
-    file names as navigation and no sidebar. A page run by ``app.py`` is inside :func:`app_run`
-    (a per-thread mark: each session's script runs in its own thread, so concurrent first requests
-    are told apart). Otherwise, when the server's entry script is ``app.py``, the page clears the
-    class-level ``PagesManager.uses_pages_directory`` flag as ``st.navigation`` would and reruns:
-    the rerun executes ``app.py``, whose ``st.navigation`` resolves the same URL (a page's identity
-    is the hash of its URL path) to this page with the shared sidebar. A page file run as its own
+    Streamlit keeps a v1 multipage fallback: while its class-level flag
+    ``PagesManager.uses_pages_directory`` is set (a freshly started server whose first request is a
+    page URL such as ``/distances``, requests arriving before ``app.py``'s first run reached
+    ``st.navigation``, and every run of Streamlit's AppTest), a ``pages/`` folder next to the entry
+    script makes it run ``pages/<page>.py`` on its own: file names as navigation, no sidebar.
+    A page run by ``app.py`` is inside :func:`app_run` (a per-thread mark: each session's script
+    runs in its own thread, so concurrent first requests are told apart). Otherwise, when the
+    server's entry script is ``app.py``, the page clears the flag as ``st.navigation`` would and
+    runs ``app.py`` right here, in the same script run (so a button click of this run is not lost):
+    its ``st.navigation`` resolves the same URL (a page's identity is the hash of its URL path) to
+    this page, drawn with the shared sidebar; then this outer run stops. A page file run as its own
     main script (Streamlit's AppTest of one page) is left alone.
     """
     if getattr(_RUN, "inside", False):
         return
+    import runpy
+
     import streamlit as st
     from streamlit.runtime.pages_manager import PagesManager
     from streamlit.runtime.scriptrunner import get_script_run_ctx
 
     ctx = get_script_run_ctx()
-    if ctx is None or Path(ctx.pages_manager.main_script_path).resolve() != REPO / "app.py":
+    app = REPO / "app.py"
+    if ctx is None or Path(ctx.pages_manager.main_script_path).resolve() != app:
         return
     PagesManager.uses_pages_directory = False
-    st.rerun()
+    runpy.run_path(str(app), run_name="__main__")
+    st.stop()
