@@ -192,7 +192,7 @@ def merge(adapters: AdapterSet | Sequence[Adapter], method: str = "task_arithmet
 
     ads = _adapters(adapters)
     merged = run(ads, method, weights, **params)
-    merged.source_adapters = ads  # what geometry.evaluate needs for the fine-tuned scores
+    merged.source_adapters = ads  # what geometry.evaluate needs for the fine-tuned scores (not saved)
     return merged
 
 

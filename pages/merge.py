@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import streamlit as st
 
 from geometry.errors import AtlasError
@@ -10,11 +11,9 @@ from geometry.merge_eval import (
     MissingTaskDataError,
     correlation_study,
     correlation_table,
-    evaluate_merge,
     find_task_dir,
-    pairwise_study,
 )
-from geometry.merging import MERGE_METHODS, METHOD_PARAMS, merge
+from geometry.merging import MERGE_METHODS, METHOD_PARAMS
 from ui import compute, controls, downloads, figures, merge_figures, require_app
 from ui.adapter_set import samples_dir
 
@@ -116,69 +115,67 @@ if weights_text.strip():
         st.stop()
 
 try:
-    merged = merge(adapters, method, weights, **params)
+    merged = compute.merged(adapters, method, weights, params)
 except (AtlasError, ValueError) as exc:
     st.error(str(exc), icon=":material/error:")
     st.stop()
 
 write_rank = rank if rank and "rank" not in takes else None
 summary = merged.summary()
-s1, s2, s3 = st.columns(3)
+s1, s2, s3, s4 = st.columns(4)
 s1.metric("Modules merged", summary["n_modules"])
-s2.metric("Dense modules", summary["n_dense"], help="Element-wise methods produce dense updates; the download "
-          "stores them as an exact SVD factorisation.")
-s3.metric("Energy kept", f"{100 * summary['energy_kept']:.2f}%", help="Σ kept σ² / Σ σ² over all modules.")
+ranks = (f"{summary['min_rank']}" if summary.get("min_rank") == summary.get("max_rank")
+         else f"{summary.get('min_rank')}–{summary.get('max_rank')}")
+s2.metric("Rank per module", ranks, help=f"Rule: {summary.get('rank_rule', 'exact')}. The download stores each "
+          "module as LoRA factors of this rank.")
+s3.metric("Energy kept", f"{100 * summary['energy_kept']:.2f}%",
+          help="Fraction of Σ‖Δ‖²_F kept over all modules; the default rank is the sum of the input ranks "
+               "(exact for task arithmetic).")
+s4.metric("Lowest per module", f"{100 * summary.get('energy_kept_min', summary['energy_kept']):.2f}%")
+by_module = summary.get("energy_kept_by_module") or {}
+if by_module and min(by_module.values()) < 1.0:
+    with st.expander("Energy kept per module"):
+        energy = pd.DataFrame({"module": list(by_module), "energy kept (%)": [100 * v for v in by_module.values()]})
+        st.dataframe(energy, hide_index=True, width="stretch")
+        downloads.csv_button(energy, f"merge_{method}_energy", key="csv_energy")
+st.caption(f"Weights used: {', '.join(f'{a}: {w:g}' for a, w in zip(names, merged.params.get('weights') or []))}"
+           if merged.params.get("weights") else "Weights used: the method's default.")
 
 d1, d2 = st.columns([2, 3])
 with d1:
     head = st.selectbox("Head in the download", names, key="merge_head",
                         help="The chosen task's classifier goes in the peft weights; every head is in heads/.")
 with d2:
-    zip_key = (merged.content_hash, write_rank, head)
-    if st.session_state.get("merge_zip_key") != zip_key:  # writing the zip runs an SVD per dense module
-        st.session_state["merge_zip_key"] = zip_key
-        st.session_state["merge_zip_bytes"] = merged.to_zip_bytes(rank=write_rank, head=head)
     st.download_button(
         ":material/download: Merged adapter (.zip, peft format)",
-        st.session_state["merge_zip_bytes"],
+        compute.merged_zip(merged, write_rank, head),
         file_name=f"merged_{method}.zip", mime="application/zip", key="merge_zip", on_click="ignore",
     )
 
-run_key = ("merge", merged.content_hash, tasks_dir, max_examples)
-if st.button("Score the merged model on every task", disabled=not can_score, key="merge_run", type="primary"):
-    with compute.progress_bar("Scoring fine-tuned and merged models") as update:
-        try:
-            st.session_state["merge_eval"] = (run_key, evaluate_merge(
-                adapters, tasks_dir, merged=merged, max_examples=max_examples, progress=update))
-        except AtlasError as exc:
-            st.error(str(exc), icon=":material/error:")
-            st.stop()
-stored = st.session_state.get("merge_eval")
-if stored and stored[0] == run_key:
-    result = stored[1]
+clicked = st.button("Score the merged model on every task", disabled=not can_score, key="merge_run", type="primary")
+result = None
+if can_score:
+    try:
+        result = compute.merge_scores(adapters, tasks_dir, merged, max_examples, run=clicked)
+    except AtlasError as exc:
+        st.error(str(exc), icon=":material/error:")
+if result is not None:
+    frame = result.frame.assign(adapter=names)  # current display names (the cached result is keyed by content)
     st.metric("ANP (average normalized performance)", f"{result.anp:.2f}%")
-    fig = merge_figures.performance_bars(result.frame, title=f"{METHOD_LABELS[method]}: merged vs fine-tuned, per task")
-    downloads.show(fig, f"merge_{method}_performance", result.frame, key="merge_bars")
+    fig = merge_figures.performance_bars(frame, title=f"{METHOD_LABELS[method]}: merged vs fine-tuned, per task")
+    downloads.show(fig, f"merge_{method}_performance", frame, key="merge_bars")
 
 st.subheader("Pairwise study")
 st.caption(f"Merges every pair of the {len(adapters)} adapters with the method above (each pair with the method's "
            "default weights) and scores both tasks: n fine-tuned and n(n − 1) merged evaluations.")
-pair_params = {k: v for k, v in params.items()}
-pair_key = ("pairwise", tuple(a.content_hash for a in adapters), method, tuple(sorted(pair_params.items())),
-            tasks_dir, max_examples)
-if st.button("Run the pairwise study", disabled=not can_score, key="merge_pairwise"):
-    with compute.progress_bar(f"Pairwise {method} merges") as update:
-        try:
-            st.session_state["merge_pairs"] = (pair_key, pairwise_study(
-                adapters, tasks_dir, method, max_examples=max_examples, progress=update, show_progress=False,
-                **pair_params))
-        except AtlasError as exc:
-            st.error(str(exc), icon=":material/error:")
-            st.stop()
-stored = st.session_state.get("merge_pairs")
-if stored and stored[0] == pair_key:
-    res = stored[1]
-    res.adapters = names  # display names of this run
+clicked = st.button("Run the pairwise study", disabled=not can_score, key="merge_pairwise")
+res = None
+if can_score:
+    try:
+        res = compute.pairwise(adapters, tasks_dir, method, params, max_examples, run=clicked)
+    except AtlasError as exc:
+        st.error(str(exc), icon=":material/error:")
+if res is not None:
     st.metric("Mean pairwise ANP", f"{res.mean_anp:.2f}%", help=f"std over pairs {res.std_anp:.2f}")
     h1, h2 = st.columns(2)
     with h1:
@@ -190,11 +187,13 @@ if stored and stored[0] == pair_key:
     with h2:
         fig = figures.matrix_heatmap(res.anp, names, title="Pairwise ANP (%)", value_label="ANP %",
                                      colorscale=figures.SIMILARITY)
-        downloads.show(fig, f"pairwise_anp_{method}", key="merge_anp")
+        anp_frame = pd.DataFrame(res.anp, index=names, columns=names).rename_axis("ANP %")
+        downloads.show(fig, f"pairwise_anp_{method}", anp_frame, index=True, key="merge_anp")
 
     st.subheader("Does the geometry predict the merge loss?")
-    if len(adapters) < 3:
-        st.info("Spearman correlations over partners need at least 3 adapters.")
+    if len(adapters) < 5:
+        st.info(f"Undefined here: each task has {len(adapters) - 1} partner(s), and a Spearman correlation over "
+                "fewer than 4 partners takes only a few values (over 2 it is always ±1). Merge at least 5 adapters.")
     else:
         with st.spinner("Correlating merge losses with distances..."):
             corr = correlation_study(adapters, res.delta, distances=compute.distances(adapters))

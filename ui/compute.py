@@ -209,3 +209,82 @@ def _sweep_memory(h1: str, h2: str, lams: tuple[float, ...], _a1: Adapter, _a2: 
 def lambda_sweep(a1: Adapter, a2: Adapter, lams: Sequence[float] = SWEEP_LAMBDAS) -> pd.DataFrame:
     """``geometry.inclusion.lambda_sweep``: mean metrics of ``tau1 -> tau2`` for each λ."""
     return _sweep_memory(a1.content_hash, a2.content_hash, tuple(float(v) for v in lams), a1, a2)
+
+
+# -- merging ------------------------------------------------------------------------------------
+def _merge_key(adapters: Sequence[Adapter], method: str, weights, params: dict) -> tuple:
+    return (content_key(adapters), method, None if weights is None else tuple(map(float, weights)),
+            tuple(sorted((k, v) for k, v in params.items())))
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _merged_memory(key: tuple, _adapters: tuple[Adapter, ...]):
+    from geometry.merging import merge
+
+    _, method, weights, params = key
+    return merge(list(_adapters), method, None if weights is None else list(weights), **dict(params))
+
+
+def merged(adapters: Sequence[Adapter], method: str, weights=None, params: dict | None = None):
+    """``geometry.merging.merge`` of the adapters, once per (contents, method, weights, parameters).
+
+    Raises the library's ``AtlasError`` / ``ValueError`` on a bad choice (the page shows it).
+    """
+    return _merged_memory(_merge_key(adapters, method, weights, params or {}), tuple(adapters))
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _zip_memory(content_hash: str, rank: int | None, head: str | None, _merged) -> bytes:
+    return _merged.to_zip_bytes(rank=rank, head=head)
+
+
+def merged_zip(merged_adapter, rank: int | None, head: str | None) -> bytes:
+    """The merged adapter as a peft folder zip (built once per merge, rank and head)."""
+    return _zip_memory(merged_adapter.content_hash, rank, head, merged_adapter)
+
+
+def _task_files_key(adapters: Sequence[Adapter], tasks_dir: str) -> tuple[str, ...]:
+    """Content hashes of each adapter's test split (what the scores depend on besides the models)."""
+    import hashlib
+
+    from geometry.merge_eval import find_task_dir
+
+    return tuple(hashlib.sha256((find_task_dir(a, tasks_dir) / "test.jsonl").read_bytes()).hexdigest()
+                 for a in adapters)
+
+
+def merge_scores(adapters: Sequence[Adapter], tasks_dir: str, merged_adapter, max_examples: int | None, *,
+                 run: bool):
+    """``geometry.merge_eval.evaluate_merge`` (per-task scores and ANP) when cached, or when ``run``
+    (then with a progress bar; every evaluation is cached on disk). ``None`` when neither."""
+    from geometry.merge_eval import evaluate_merge
+
+    key = (merged_adapter.content_hash, content_key(adapters), _task_files_key(adapters, tasks_dir), max_examples)
+    try:
+        return _disk_get("merge_scores", key)
+    except _Miss:
+        if not run:
+            return None
+    with progress_bar("Scoring fine-tuned and merged models") as update:
+        return _disk_compute("merge_scores", key, lambda: evaluate_merge(
+            list(adapters), tasks_dir, merged=merged_adapter, max_examples=max_examples, progress=update))
+
+
+def pairwise(adapters: Sequence[Adapter], tasks_dir: str, method: str, params: dict, max_examples: int | None, *,
+             run: bool):
+    """``geometry.merge_eval.pairwise_study`` labelled with the current names, when cached or when ``run``."""
+    import dataclasses
+
+    from geometry.merge_eval import pairwise_study
+
+    key = (*_merge_key(adapters, method, None, params), _task_files_key(adapters, tasks_dir), max_examples)
+    try:
+        result = _disk_get("pairwise", key)
+    except _Miss:
+        if not run:
+            return None
+        with progress_bar(f"Pairwise {method} merges") as update:
+            result = _disk_compute("pairwise", key, lambda: pairwise_study(
+                list(adapters), tasks_dir, method, max_examples=max_examples, progress=update, show_progress=False,
+                **params))
+    return dataclasses.replace(result, adapters=[a.name for a in adapters])  # a copy: cached results stay as they are

@@ -123,6 +123,9 @@ class MergedAdapter:
     base_model: str | None = None
     config_raw: dict[str, Any] = field(default_factory=dict)
     head_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: The input adapters, when the merge was made by ``geometry.merge`` (what ``geometry.evaluate`` needs
+    #: for the fine-tuned scores); not part of the merge's identity, not saved.
+    source_adapters: list[Adapter] | None = field(default=None, repr=False, compare=False)
 
     # ----------------------------------------------------------------------------------- queries
     @property
