@@ -132,7 +132,7 @@ class AdapterSet:
 
     def summary(self) -> pd.DataFrame:
         """Compact table of the set: name, base, r, alpha, targets, modules, parameters."""
-        from geometry.loader import adapter_summary
+        from geometry.summary import adapter_summary
 
         rows = []
         for name, adapter in self._items.items():

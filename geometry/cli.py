@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from geometry.errors import AtlasError
+from geometry.text import ranges
 
 #: Registration functions, one per subcommand, appended below their ``cmd_`` function.
 _REGISTRY: list[Callable[[argparse._SubParsersAction], None]] = []
@@ -31,6 +32,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        from geometry.device import configure_threads
+
+        configure_threads()  # every core, or $ADAPTER_ATLAS_THREADS
         return int(args.func(args) or 0)
     except (AtlasError, OSError, ValueError, KeyError) as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -50,7 +54,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     """Describe adapters: name, base, r, alpha, scale rule, and every module's stack, layer, kind, shape, rank."""
     import json
 
-    from geometry.loader import adapter_summary, format_summary, load_adapter
+    from geometry.loader import load_adapter
+    from geometry.summary import adapter_summary
 
     summaries = [adapter_summary(load_adapter(p)) for p in args.paths]
     if args.json:
@@ -58,6 +63,35 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         print("\n\n".join(format_summary(s) for s in summaries))
     return 0
+
+
+def format_summary(summary: dict) -> str:
+    """Human-readable text of :func:`adapter_summary` (the ``info`` command's default output)."""
+    s = summary
+    lines = [
+        f"adapter {s['name']}  ({s['source']})",
+        f"  base: {s['base'] or '?'}   task: {s['task_type'] or '?'}   r: {s['r']}   alpha: {s['alpha']:g}   "
+        f"scale: {s['scale_rule']} = {s['scale']:.4g}" + ("   DoRA" if s["use_dora"] else ""),
+    ]
+    if s["rank_pattern"] or s["alpha_pattern"]:
+        lines.append(f"  rank_pattern: {s['rank_pattern']}   alpha_pattern: {s['alpha_pattern']}")
+    lines.append(
+        f"  {s['n_modules']} modules, {s['n_params']} LoRA parameters; stacks {', '.join(s['stacks'])}; "
+        f"kinds {', '.join(s['kinds'])}; layers {ranges(s['layers'])}")
+    lines.append(f"  {'stack':8} {'layer':>5} {'kind':8} {'shape':>12} {'rank':>4} {'scale':>8}  name")
+    for m in s.get("modules", []):
+        shape = f"{m['shape'][0]}x{m['shape'][1]}"
+        extra = (f" rows {m['rows'][0]}:{m['rows'][1]}" if m["rows"] else "") + (" +magnitude" if m["dora"] else "")
+        lines.append(f"  {m['stack']:8} {m['layer']:>5} {m['kind'][:8]:8} {shape:>12} {m['rank']:>4} "
+                     f"{m['scale']:>8.4g}  {m['name']}{extra}")
+    lines.append(f"  unmapped: {', '.join(s['unmapped']) if s['unmapped'] else 'none'}")
+    if s["other_tensors"]:
+        lines.append("  non-LoRA tensors:")
+        lines.extend(f"    {k} {v}" for k, v in s["other_tensors"].items())
+    else:
+        lines.append("  non-LoRA tensors: none")
+    lines.extend(f"  warning: {w}" for w in s["warnings"])
+    return "\n".join(lines)
 
 
 def _add_info_parser(sub: argparse._SubParsersAction) -> None:
@@ -244,13 +278,11 @@ def _kinds_option(value: str | None) -> list[str] | None:
 
 def cmd_inclusion(args: argparse.Namespace) -> int:
     """Spectral inclusion tau1 -> tau2 (closed form): one record per common module."""
-    import torch
 
     from geometry.errors import IncompatibleAdaptersError
     from geometry.inclusion import inclusion
     from geometry.loader import load_adapter
 
-    torch.set_num_threads(1)
     if not args.lam >= 0:
         raise ValueError(f"--lambda must be >= 0, got {args.lam}")
     ad1, ad2 = load_adapter(args.path1), load_adapter(args.path2)
@@ -294,12 +326,10 @@ _REGISTRY.append(_add_inclusion_parser)
 
 def cmd_anatomy(args: argparse.Namespace) -> int:
     """Per-module anatomy of one adapter: norms, singular values, effective and stable rank."""
-    import torch
 
     from geometry.anatomy import anatomy
     from geometry.loader import load_adapter
 
-    torch.set_num_threads(1)
     frame = anatomy(load_adapter(args.path), kinds=_kinds_option(args.kind))
     _write_records(frame, args.format, args.out, ["singular_values"])
     return 0

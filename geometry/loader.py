@@ -46,7 +46,7 @@ from huggingface_hub import snapshot_download
 from geometry.config import PEFT_PREFIX, parse_config, rank_and_alpha
 from geometry.errors import AdapterLoadError
 from geometry.naming import fused_qkv_note, has_two_stacks, module_key
-from geometry.types import CANONICAL_KINDS, STACKS, Adapter, AdapterConfig, LoraModule, ModuleKey, lora_scale
+from geometry.types import Adapter, AdapterConfig, LoraModule, ModuleKey, lora_scale
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -463,99 +463,3 @@ def _place(adapter: Adapter, entries: list[tuple[str, ModuleKey, LoraModule]]) -
         adapter.warnings.append(
             f"{len(adapter.unmapped)} module(s) kept under their raw names (no canonical stack/layer/kind): "
             f"{', '.join(adapter.unmapped[:5])}")
-
-
-def adapter_summary(adapter: Adapter, modules: bool = True) -> dict:
-    """A JSON-ready description: name, base, r, alpha, scale rule, targets, counts, kinds, layers,
-    unmapped names, other tensors (name -> shape), warnings, and (``modules=True``) one record per module."""
-    cfg = adapter.config
-    out: dict[str, Any] = {
-        "name": adapter.name,
-        "source": adapter.source,
-        "content_hash": adapter.content_hash,
-        "base": cfg.base_model_name_or_path,
-        "task_type": cfg.task_type,
-        "r": cfg.r,
-        "alpha": cfg.lora_alpha,
-        "scale_rule": "alpha/sqrt(r)" if cfg.use_rslora else "alpha/r",
-        "scale": lora_scale(cfg.r, cfg.lora_alpha, cfg.use_rslora),
-        "rank_pattern": dict(cfg.rank_pattern),
-        "alpha_pattern": dict(cfg.alpha_pattern),
-        "use_dora": cfg.use_dora,
-        "fan_in_fan_out": cfg.fan_in_fan_out,
-        "targets": cfg.target_modules,
-        "n_modules": len(adapter.modules),
-        "n_params": adapter.n_params(),
-        "stacks": adapter.stacks(),
-        "kinds": adapter.kinds(),
-        "layers": adapter.layers(),
-        "unmapped": list(adapter.unmapped),
-        "other_tensors": {k: list(v.shape) for k, v in adapter.other_tensors.items()},
-        "warnings": list(adapter.warnings),
-    }
-    if modules:
-        out["modules"] = [
-            {
-                "stack": k.stack,
-                "layer": k.layer,
-                "kind": k.kind,
-                "name": m.name,
-                "shape": list(m.shape),
-                "rank": m.rank,
-                "r": m.r,
-                "alpha": m.alpha,
-                "scale": m.scale,
-                "rows": list(m.rows) if m.rows else None,
-                "dora": m.magnitude is not None,
-                "embedding": m.is_embedding,
-                "dtype": str(m.B.dtype).removeprefix("torch."),
-            }
-            for k, m in sorted(adapter.modules.items(), key=lambda item: _display_order(item[0]))
-        ]
-    return out
-
-
-def _display_order(key: ModuleKey) -> tuple:
-    stack = STACKS.index(key.stack) if key.stack in STACKS else len(STACKS)
-    kind = CANONICAL_KINDS.index(key.kind) if key.kind in CANONICAL_KINDS else len(CANONICAL_KINDS)
-    return (stack, key.layer, kind, key.kind)
-
-
-def format_summary(summary: dict) -> str:
-    """Human-readable text of :func:`adapter_summary` (the ``info`` command's default output)."""
-    s = summary
-    lines = [
-        f"adapter {s['name']}  ({s['source']})",
-        f"  base: {s['base'] or '?'}   task: {s['task_type'] or '?'}   r: {s['r']}   alpha: {s['alpha']:g}   "
-        f"scale: {s['scale_rule']} = {s['scale']:.4g}" + ("   DoRA" if s["use_dora"] else ""),
-    ]
-    if s["rank_pattern"] or s["alpha_pattern"]:
-        lines.append(f"  rank_pattern: {s['rank_pattern']}   alpha_pattern: {s['alpha_pattern']}")
-    lines.append(
-        f"  {s['n_modules']} modules, {s['n_params']} LoRA parameters; stacks {', '.join(s['stacks'])}; "
-        f"kinds {', '.join(s['kinds'])}; layers {_ranges(s['layers'])}")
-    lines.append(f"  {'stack':8} {'layer':>5} {'kind':8} {'shape':>12} {'rank':>4} {'scale':>8}  name")
-    for m in s.get("modules", []):
-        shape = f"{m['shape'][0]}x{m['shape'][1]}"
-        extra = (f" rows {m['rows'][0]}:{m['rows'][1]}" if m["rows"] else "") + (" +magnitude" if m["dora"] else "")
-        lines.append(f"  {m['stack']:8} {m['layer']:>5} {m['kind'][:8]:8} {shape:>12} {m['rank']:>4} "
-                     f"{m['scale']:>8.4g}  {m['name']}{extra}")
-    lines.append(f"  unmapped: {', '.join(s['unmapped']) if s['unmapped'] else 'none'}")
-    if s["other_tensors"]:
-        lines.append("  non-LoRA tensors:")
-        lines.extend(f"    {k} {v}" for k, v in s["other_tensors"].items())
-    else:
-        lines.append("  non-LoRA tensors: none")
-    lines.extend(f"  warning: {w}" for w in s["warnings"])
-    return "\n".join(lines)
-
-
-def _ranges(values: list[int]) -> str:
-    """``[0, 1, 2, 5]`` -> ``0-2, 5``."""
-    runs: list[list[int]] = []
-    for v in values:
-        if runs and v == runs[-1][1] + 1:
-            runs[-1][1] = v
-        else:
-            runs.append([v, v])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs) if runs else "none"

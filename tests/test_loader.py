@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 
 import geometry.loader as loader
 from geometry.errors import AdapterLoadError
-from geometry.loader import adapter_summary, load_adapter, load_files, load_hub, load_zip_bytes
+from geometry.loader import load_adapter, load_files, load_hub, load_zip_bytes
+from geometry.summary import adapter_summary
 from geometry.types import ModuleKey
 from tests.families import FAMILIES, legacy_forward, peft_delta, save_adapter
 

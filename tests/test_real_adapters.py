@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from geometry.loader import adapter_summary, load_adapter
+from geometry.loader import load_adapter
+from geometry.summary import adapter_summary
 from geometry.types import ModuleKey
 from tests.families import legacy_forward
 
