@@ -1,13 +1,18 @@
-"""Download buttons: every matrix and table as CSV, every figure as a standalone HTML file.
+"""Download buttons: every matrix and table as CSV, every figure as HTML, SVG and PDF.
 
 The files are produced only when a button is clicked (``st.download_button`` with a callable), so
-a slider move does not pay for serialising every figure. PNG export is the camera button in each
-figure's modebar (``ui.figures.plotly_config``).
+a slider move does not pay for serialising every figure. HTML embeds plotly.js (about 4.7 MB), so the
+file opens offline. SVG and PDF (for a paper) come from ``kaleido``, which drives a headless
+Chromium: the system's ``chromium`` (Debian's package) unless ``BROWSER_PATH`` names another;
+without one, the buttons are replaced by a note. PNG export is the camera button in each figure's
+modebar (``ui.figures.plotly_config``).
 """
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -32,10 +37,30 @@ def csv_button(frame: pd.DataFrame, name: str, label: str = "CSV", index: bool =
     )
 
 
+def chromium_path() -> str | None:
+    """The browser kaleido drives: ``$BROWSER_PATH``, else the system ``chromium`` (or ``None``)."""
+    return os.environ.get("BROWSER_PATH") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def figure_bytes(fig: go.Figure, fmt: str) -> bytes:
+    """``fig`` as ``html`` (plotly.js embedded: opens offline), ``svg`` or ``pdf`` (kaleido + Chromium)."""
+    if fmt == "html":
+        return fig.to_html(include_plotlyjs=True, full_html=True).encode()
+    if fmt not in ("svg", "pdf"):
+        raise ValueError(f"unknown figure format {fmt!r}; expected html, svg or pdf")
+    browser = chromium_path()
+    if browser is None:
+        raise RuntimeError("SVG / PDF export needs Chromium (apt-get install chromium) or BROWSER_PATH")
+    os.environ.setdefault("BROWSER_PATH", browser)
+    width = fig.layout.width or 1000
+    height = fig.layout.height or 600
+    return fig.to_image(format=fmt, width=width, height=height)
+
+
 def html_button(fig: go.Figure, name: str, key: str | None = None):
     st.download_button(
         ":material/download: HTML",
-        lambda: fig.to_html(include_plotlyjs="cdn", full_html=True).encode(),
+        lambda: figure_bytes(fig, "html"),
         file_name=f"{slug(name)}.html",
         mime="text/html",
         key=key or f"html_{slug(name)}",
@@ -55,5 +80,11 @@ def show(
     st.plotly_chart(fig, theme="streamlit", config=plotly_config(slug(name)), key=f"chart_{key}")
     with st.container(horizontal=True, gap="small"):
         html_button(fig, name, key=f"html_{key}")
+        if chromium_path() is not None:
+            for fmt, mime in (("svg", "image/svg+xml"), ("pdf", "application/pdf")):
+                st.download_button(
+                    f":material/download: {fmt.upper()}", lambda fmt=fmt: figure_bytes(fig, fmt),
+                    file_name=f"{slug(name)}.{fmt}", mime=mime, key=f"{fmt}_{key}", on_click="ignore",
+                )
         if frame is not None:
             csv_button(frame, name, index=index, key=f"csv_{key}")
