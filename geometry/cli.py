@@ -17,8 +17,17 @@ from geometry.text import ranges
 _REGISTRY: list[Callable[[argparse._SubParsersAction], None]] = []
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the contract's error shape: one ``error:`` line on stderr and exit status 2 (no usage dump)."""
+
+    def error(self, message: str):  # noqa: D401  (argparse's hook)
+        command = self.prog.removeprefix("python -m geometry").strip()
+        print(f"error: {command + ': ' if command else ''}{message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m geometry",
         description="Adapter Atlas: exact geometry of LoRA adapters (task vectors).",
     )
@@ -177,10 +186,15 @@ def _add_merge_options(p: argparse.ArgumentParser) -> None:
 def cmd_merge(args: argparse.Namespace) -> int:
     """Merge adapters and write a peft adapter folder (PeftModel.from_pretrained loads it)."""
     import json
+    from pathlib import Path
 
     from geometry.loader import load_adapter
     from geometry.merging import merge
 
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        what = "a file" if not out.is_dir() else "a folder that is not empty"
+        raise AtlasError(f"--out {out} is {what}: choose a new folder, or pass --force to write into it")
     weights, params = _merge_params(args)
     merged = merge([load_adapter(p) for p in args.paths], args.method, weights, **params)
     write_rank = args.rank if "rank" not in params else None
@@ -201,7 +215,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def _add_merge_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge", help="merge LoRA adapters into one peft adapter folder")
     _add_merge_options(p)
-    p.add_argument("--out", required=True, metavar="DIR", help="output peft adapter folder")
+    p.add_argument("--out", required=True, metavar="DIR", help="output peft adapter folder (new or empty)")
+    p.add_argument("--force", action="store_true", help="write into --out even when it is not empty")
     p.add_argument("--head", default=None, metavar="NAME", help="whose head goes in the weights (default: first); all go to heads/")
     p.set_defaults(func=cmd_merge)
 
@@ -382,7 +397,8 @@ def cmd_distances(args: argparse.Namespace) -> int:
     if args.per_layer:
         idx = [dt.layers.index(v) for v in layers]
         records = [
-            {"i": i, "j": j, "layer": layer, "kind": dt.kind, "value": num(dt.values[i, j, k])}
+            {"i": i, "j": j, "adapter_i": names[i], "adapter_j": names[j], "layer": layer, "kind": dt.kind,
+             "value": num(dt.values[i, j, k])}
             for i in range(len(names))
             for j in range(len(names))
             for layer, k in zip(layers, idx)
@@ -390,8 +406,12 @@ def cmd_distances(args: argparse.Namespace) -> int:
         if args.format == "json":
             text = json.dumps(records, indent=1) + "\n"
         else:
-            rows = ["i,j,layer,kind,value"]
-            rows += [f"{r['i']},{r['j']},{r['layer']},{r['kind']},{'' if r['value'] is None else repr(r['value'])}" for r in records]
+            def cell(name: str) -> str:
+                return json.dumps(name) if "," in name or '"' in name else name
+
+            rows = ["i,j,adapter_i,adapter_j,layer,kind,value"]
+            rows += [f"{r['i']},{r['j']},{cell(r['adapter_i'])},{cell(r['adapter_j'])},{r['layer']},{r['kind']},"
+                     f"{'' if r['value'] is None else repr(r['value'])}" for r in records]
             text = "\n".join(rows) + "\n"
     else:
         matrix = dt.reduce(layers)
@@ -418,8 +438,14 @@ def cmd_distances(args: argparse.Namespace) -> int:
             fh.write(text)
     else:
         sys.stdout.write(text)
+    if args.pad:  # the rank note states the default convention; say the one used
+        warnings = [w.replace("Grassmann distances use min(r1, r2) principal angles",
+                              "Grassmann distances (--pad) add |r1 - r2| right angles to the min(r1, r2) principal angles")
+                    for w in warnings]
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    if dt.metric == "grassmann":
+        print(f"note: {dt.convention}", file=sys.stderr)
     return 0
 
 

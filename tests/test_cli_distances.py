@@ -47,7 +47,8 @@ def test_per_layer_records_and_csv(capsys, folders, tmp_path):
     code, out, _ = run(capsys, "distances", *folders[:2], "--metric", "l2", "--kind", "down", "--per-layer", "--layers", "1,3")
     records = json.loads(out)
     assert code == 0 and len(records) == 2 * 2 * 2
-    assert set(records[0]) == {"i", "j", "layer", "kind", "value"}
+    assert set(records[0]) == {"i", "j", "adapter_i", "adapter_j", "layer", "kind", "value"}
+    assert {(r["i"], r["adapter_i"]) for r in records} == {(0, "ad0"), (1, "ad1")}  # indices kept, names added
     assert {r["layer"] for r in records} == {1, 3} and all(r["kind"] == "down" for r in records)
     target = tmp_path / "m.csv"
     code, out, _ = run(capsys, "distances", *folders, "--metric", "cosine", "--factor", "b", "--format", "csv", "--out", str(target))
@@ -75,3 +76,20 @@ def test_missing_path_and_single_adapter(capsys, folders, tmp_path):
     assert code == 2 and err.startswith("error:") and "nope" in err
     code, _, err = run(capsys, "distances", folders[0])
     assert code == 2 and "at least two adapters" in err
+
+
+def test_per_layer_csv_names_adapters_and_pad_notes_say_the_convention(capsys, folders):
+    code, out, err = run(capsys, "distances", *folders[:2], "--metric", "grassmann", "--pad", "--per-layer",
+                         "--format", "csv")
+    rows = list(csv.reader(io.StringIO(out)))
+    assert code == 0 and rows[0] == ["i", "j", "adapter_i", "adapter_j", "layer", "kind", "value"]
+    assert rows[1][2:4] == ["ad0", "ad0"]
+    assert "(--pad) add |r1 - r2| right angles" in err and "uses min(r1, r2)" not in err
+    assert "note: Grassmann distance d_G = sqrt(sum theta_i^2 + |r1 - r2| (pi/2)^2)" in err
+
+
+def test_bad_choice_is_one_error_line(capsys, folders):
+    with pytest.raises(SystemExit) as exc:
+        main(["distances", *folders[:2], "--metric", "manhattan"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("error: distances: argument --metric")

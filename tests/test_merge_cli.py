@@ -86,3 +86,19 @@ def test_merge_ties_defaults_to_sum_of_input_ranks_and_prints_energy(pair, tmp_p
     worst = min(info["energy_kept"], key=info["energy_kept"].get)
     assert f"lowest {100 * info['energy_kept'][worst]:.4g}% at {worst}" in lines[1]
     assert {m.rank for m in load_adapter(out).modules.values()} == {6}
+
+
+def test_bad_method_is_one_error_line_and_out_must_be_new_or_empty(pair, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["merge", str(pair[0]), str(pair[1]), "--method", "nope", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and "invalid choice: 'nope'" in err[0] and err[0].startswith("error:")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    args = ["merge", str(pair[0]), str(pair[1]), "--method", "task_arithmetic", "--out", str(full)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "not empty" in err and "--force" in err and (full / "keep.txt").read_text() == "mine"
+    assert not (full / "adapter_config.json").exists()
+    assert main([*args, "--force"]) == 0 and (full / "adapter_config.json").is_file()
