@@ -57,7 +57,7 @@ Scores are cached on disk, so a second run is instant.
     ],
 )
 
-adapters = controls.compared_adapters(key="merge_set", label="Adapters merged")
+adapters = controls.compared_adapters(key="merge_set", label="Adapters merged", max_default=3)
 names = [a.name for a in adapters]
 
 c1, c2 = st.columns([3, 2])
@@ -166,8 +166,13 @@ if result is not None:
     downloads.show(fig, f"merge_{method}_performance", frame, key="merge_bars")
 
 st.subheader("Pairwise study")
-st.caption(f"Merges every pair of the {len(adapters)} adapters with the method above (each pair with the method's "
-           "default weights) and scores both tasks: n fine-tuned and n(n − 1) merged evaluations.")
+n_eval = len(adapters) * len(adapters)  # n fine-tuned + n (n - 1) merged evaluations
+st.caption(
+    f"Merges every pair of the {len(adapters)} adapters with the method above (each pair with the method's default "
+    f"weights) and scores both tasks: {len(adapters)} fine-tuned and {n_eval - len(adapters)} merged evaluations of "
+    f"up to {max_examples} test examples each, about {compute.estimate_seconds(n_eval, max_examples)} on this "
+    "machine (estimate; evaluations already cached cost nothing). Pick the adapters above first."
+)
 clicked = st.button("Run the pairwise study", disabled=not can_score, key="merge_pairwise")
 res = None
 if can_score:

@@ -79,9 +79,9 @@ def test_merge_page_errors_are_messages(monkeypatch, tmp_path, samples):
 
 
 def test_merge_page_reruns_reuse_the_merge_and_keep_the_scores(monkeypatch, tmp_path, samples):
-    import geometry.merging as gm
-
     import streamlit as st
+
+    import geometry.merging as gm
 
     st.cache_data.clear()  # the merge of an earlier test would be served from memory
     calls = []
@@ -100,3 +100,9 @@ def test_merge_page_reruns_reuse_the_merge_and_keep_the_scores(monkeypatch, tmp_
     at.run()
     assert not at.exception
     assert any("Undefined here" in i.value for i in at.main.info)  # 3 adapters: 2 partners per task
+
+
+def test_pairwise_study_states_its_cost_first(monkeypatch, tmp_path, samples):
+    at = _merge_page(monkeypatch, tmp_path, samples)
+    cost = [c.value for c in at.caption if "merged evaluations" in c.value]
+    assert cost and "3 fine-tuned and 6 merged evaluations" in cost[0] and "about" in cost[0]

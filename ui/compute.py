@@ -12,6 +12,7 @@ cache, and the in-memory layer then reads it back.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
@@ -53,17 +54,46 @@ def _disk_compute(namespace: str, key: tuple, compute: Callable[[], object]) -> 
 
 
 @contextmanager
-def progress_bar(label: str):
-    """``st.status`` with a progress bar; yields a ``progress(done, total, message)`` callback."""
-    with st.status(label, expanded=False) as status:
-        bar = st.progress(0.0, text=label)
+def progress_bar(label: str, *, cancel: bool = True):
+    """A visible progress bar (not in a collapsed box) with the count, the elapsed time and an estimate
+    of what is left; yields a ``progress(done, total, message)`` callback.
 
-        def update(done: int, total: int, message: str = "") -> None:
-            frac = 0.0 if total <= 0 else min(1.0, max(0.0, done / total))
-            bar.progress(frac, text=f"{label} {done}/{total} {message}".strip())
+    ``cancel``: a Cancel button beside the bar. Clicking it reruns the page, which stops this run at its
+    next progress update; every step that finished is already in the disk cache (each evaluation,
+    each pair), so nothing done is lost and a new run resumes from there.
+    """
+    holder = st.empty()
+    box = holder.container(border=True)
+    bar = box.progress(0.0, text=f"{label}…")
+    if cancel:
+        box.button("Cancel (finished steps are kept)", key=f"cancel_{abs(hash(label)) % 10**8}",
+                   icon=":material/cancel:")
+    start = time.perf_counter()
 
-        yield update
-        status.update(label=f"{label} done", state="complete")
+    def update(done: int, total: int, message: str = "") -> None:
+        frac = 0.0 if total <= 0 else min(1.0, max(0.0, done / total))
+        elapsed = time.perf_counter() - start
+        left = f" · about {_seconds(elapsed / done * (total - done))} left" if 0 < done < total else ""
+        detail = f" · {message}" if message else ""
+        bar.progress(frac, text=f"{label}: {done}/{total} · {_seconds(elapsed)} elapsed{left}{detail}")
+
+    yield update
+    holder.empty()
+
+
+#: Scoring throughput measured on the 2-core development machine (all-MiniLM-L6-v2 with a LoRA applied
+#: by the runtime, 200 test examples in 1.1 s), plus the merge itself: for cost estimates only.
+EXAMPLES_PER_SECOND = 180.0
+SECONDS_PER_MERGE = 0.3
+
+
+def estimate_seconds(evaluations: int, examples: int) -> str:
+    """A rough wall time for ``evaluations`` scores of ``examples`` examples each (see EXAMPLES_PER_SECOND)."""
+    return _seconds(evaluations * (examples / EXAMPLES_PER_SECOND + SECONDS_PER_MERGE / 2))
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.0f} s" if value < 90 else f"{value / 60:.1f} min"
 
 
 # -- distances ----------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ def how_to_read(markdown: str, formulas: Sequence[str] = ()) -> None:
             st.latex(formula)
 
 
-def compared_adapters(key: str = "compare", min_count: int = 2, label: str = "Adapters compared") -> list[Adapter]:
+def compared_adapters(key: str = "compare", min_count: int = 2, label: str = "Adapters compared",
+                      max_default: int | None = None) -> list[Adapter]:
     """Multiselect of the set's adapters to compare (default: the largest group on one base model).
 
     Stops the page with a specific message when fewer than ``min_count`` are chosen or when the
@@ -37,6 +38,8 @@ def compared_adapters(key: str = "compare", min_count: int = 2, label: str = "Ad
         st.info(f"This page needs at least {min_count} adapters in the set (sidebar: Add adapters).")
         st.stop()
     default = compute.compatible_default(aset.adapters)
+    if max_default is not None:
+        default = default[:max_default]
     if key in st.session_state and not all(n in aset for n in st.session_state[key] or []):
         del st.session_state[key]  # an adapter was removed or renamed: back to the default choice
     chosen = st.multiselect(
@@ -46,7 +49,8 @@ def compared_adapters(key: str = "compare", min_count: int = 2, label: str = "Ad
         key=key,
         bind=URL,
     )
-    others = [n for n in aset.names if n not in default and n not in chosen]
+    full = compute.compatible_default(aset.adapters)
+    others = [n for n in aset.names if n not in full and n not in chosen]
     if others:
         bases = {n: str(aset[n].config.base_model_name_or_path or "no base declared").rstrip("/").split("/")[-1]
                  for n in others}
