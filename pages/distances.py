@@ -116,6 +116,8 @@ with right:
 
 st.subheader("Layer by layer")
 all_pairs = list(itertools.combinations(names, 2))
+if any(tuple(p) not in all_pairs for p in st.session_state.get("pairs") or []):
+    del st.session_state["pairs"]  # the adapters compared changed: back to the default pairs at once
 chosen = st.multiselect("Pairs", all_pairs, default=all_pairs[: min(4, len(all_pairs))], key="pairs",
                         format_func=lambda p: f"{p[0]} ↔ {p[1]}")
 profile = views.pair_layer_frame(tensor, chosen)

@@ -230,10 +230,14 @@ def test_dashboard_end_to_end(server, upload_zip):
             _idle(page)
             after_q = _wait_change(page, after_move)
             assert after_q[0] != after_move[0]
-            # The URL holds the view: a copied link reopens the same metric, kind and layer.
+            page.get_by_text("MDS", exact=True).click()
+            _idle(page)
+            after_q = _wait_change(page, after_q, index=1)  # the map is redrawn by MDS
+            # The URL holds the view: a copied link reopens the same metric, kind, layer and map method.
             try:
                 page.wait_for_function(
-                    "() => location.search.includes('kind=q') && location.search.includes('layers=one')", timeout=30_000
+                    "() => location.search.includes('kind=q') && location.search.includes('layers=one')"
+                    " && location.search.includes('map=MDS')", timeout=30_000
                 )
             except Exception:
                 _shot(page, "failure_url")
@@ -243,6 +247,7 @@ def test_dashboard_end_to_end(server, upload_zip):
             _wait_plots(link, 3)
             _idle(link)
             assert _plots(link)[0] == after_q[0]
+            assert _plots(link)[1] == after_q[1]  # the same MDS map
             link.close()
             page.get_by_text("Query vs value side by side").click()
             _idle(page)
