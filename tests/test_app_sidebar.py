@@ -9,19 +9,29 @@ from tests.app_fixtures import BASE, adapter_zip_bytes, app_test
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
+def _rows(at) -> list[str]:
+    """One line per adapter of the sidebar's list."""
+    block = next(m.value for m in at.sidebar.markdown if m.value.startswith("**"))
+    return block.split("  \n")
+
+
 def _names(at) -> list[str]:
-    return list(at.sidebar.dataframe[0].value["name"])
+    """The names listed in the sidebar (bold, in order), checked against the session's set."""
+    import re
+
+    shown = [re.match(r"\*\*(.+?)\*\*", line).group(1).replace("\\", "") for line in _rows(at)]
+    assert shown == at.session_state["adapter_set"].names
+    return shown
 
 
 def test_samples_loaded_by_default(monkeypatch, tmp_path):
     at = app_test(monkeypatch, tmp_path, n=3)
     assert not at.exception
     assert _names(at) == ["task0", "task1", "task2"]
-    table = at.sidebar.dataframe[0].value
-    # one base for the whole set: said once above the table, not repeated in a column
-    assert list(table.columns) == ["name", "r", "alpha"]  # narrow: full names; the rest is on Overview
-    assert any(BASE.split("/")[-1] in c.value for c in at.sidebar.caption)
-    assert list(table["r"]) == [4, 4, 4]
+    # one base for the whole set: said once above the list, not repeated per adapter; full names wrap
+    assert any(BASE.split("/")[-1].replace("-", "\\-") in c.value for c in at.sidebar.caption)
+    rows = _rows(at)
+    assert all("r 4 · α 8" in r for r in rows) and not any("base" in r for r in rows)
 
 
 def test_mixed_bases_keep_the_base_column(monkeypatch, tmp_path):
@@ -31,9 +41,8 @@ def test_mixed_bases_keep_the_base_column(monkeypatch, tmp_path):
     )
     at.run()
     assert not at.exception
-    table = at.sidebar.dataframe[0].value
-    assert "base" in table.columns
-    assert list(table["base"])[-1] == "other-base"
+    rows = _rows(at)
+    assert "other\\-base" in rows[-1] and "base" not in rows[0] and ":material/fiber_new:" in rows[-1]  # mixed bases: named per adapter
 
 
 def test_upload_zip_adds_an_adapter(monkeypatch, tmp_path):

@@ -8,6 +8,15 @@ from ui import state
 from ui.adapter_set import UPLOAD_TYPES, load_hub_id, load_uploads
 
 UPLOAD_COUNTER = "upload_generation"
+NEWEST_KEY = "newest_adapters"
+
+
+def _md(text: str) -> str:
+    """``text`` shown literally in markdown (names like ``sentiment_movies_r16`` must not turn italic)."""
+    import html
+    import re
+
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|~<>])", r"\\\1", html.escape(str(text), quote=False))
 
 
 def _uploader_key() -> str:
@@ -21,6 +30,7 @@ def on_upload() -> None:
         files = [files]
     aset = state.adapter_set()
     added, errors = load_uploads(aset, [(f.name, f.getvalue()) for f in files])
+    st.session_state[NEWEST_KEY] = added
     state.report(errors, [f"loaded {n}" for n in added])
     st.session_state[UPLOAD_COUNTER] = st.session_state.get(UPLOAD_COUNTER, 0) + 1
 
@@ -28,6 +38,7 @@ def on_upload() -> None:
 def on_hub() -> None:
     aset = state.adapter_set()
     added, errors = load_hub_id(aset, st.session_state.get("hub_id", ""))
+    st.session_state[NEWEST_KEY] = added
     state.report(errors, [f"loaded {n}" for n in added])
 
 
@@ -70,24 +81,21 @@ def render() -> None:
 
     if len(aset):
         summary = aset.summary()
-        if "base" in summary.columns and summary["base"].nunique(dropna=False) == 1:
-            sb.caption(f"Base model of every adapter: **{summary['base'].iloc[0]}**")
-            summary = summary.drop(columns=["base"])  # one base: say it once, keep the table narrow
-        # Narrow: full names, rank and alpha (targets, modules and parameters are on the Overview page);
-        # tall enough for every row, so a new upload (appended last) stays in view.
-        shown = summary[[c for c in ("name", "base", "r", "alpha") if c in summary.columns]]
-        sb.dataframe(
-            shown,
-            hide_index=True,
-            width="stretch",
-            height=min(38 + 35 * len(shown), 38 + 35 * 16),
-            column_config={
-                "name": st.column_config.TextColumn("name", width="large", help="display name (rename below)"),
-                "base": st.column_config.TextColumn("base", width="small"),
-                "r": st.column_config.NumberColumn("r", width=32),
-                "alpha": st.column_config.NumberColumn("α", width=40, format="%g"),
-            },
-        )
+        if summary["base"].nunique(dropna=False) == 1:
+            sb.caption(f"Base model of every adapter: **{_md(summary['base'].iloc[0])}**")
+        # A wrapped list, not a table: every name is shown whole (four sentiment_... names stay apart); one
+        # line per adapter, all in view up to 20 adapters (beyond, the list scrolls and new uploads come first).
+        newest = set(st.session_state.get(NEWEST_KEY) or [])
+        common = summary["base"].mode().iloc[0] if len(summary) else ""
+        lines = []
+        for row in summary.itertuples(index=False):
+            mark = " :material/fiber_new:" if row.name in newest else ""
+            base = f" · base {_md(str(row.base))}" if row.base != common else ""
+            lines.append(f"**{_md(row.name)}**{mark} <small>r {row.r} · α {row.alpha:g}{base}</small>")
+        if len(lines) > 20:
+            lines = [ln for ln in lines if ":material/fiber_new:" in ln] + [ln for ln in lines if "fiber_new" not in ln]
+        box = sb.container(height=40 + 24 * 20, border=True) if len(lines) > 20 else sb.container(border=True)
+        box.markdown("  \n".join(lines), unsafe_allow_html=True)
         sb.caption("Targets, modules and parameters: the Overview page.")
     else:
         sb.info("No adapters loaded. Upload some below or reset to the samples.")
