@@ -115,3 +115,16 @@ def test_inclusion_matrix_from_tables_is_row_to_column_mean():
     assert m[0, 1] == pytest.approx(0.3) and m[1, 0] == pytest.approx(0.8)
     assert np.isnan(m[0, 0])
     assert views.inclusion_matrix_from_tables({(0, 1): t01}, 2, "rec", kind="v")[0, 1] == pytest.approx(0.4)
+
+
+def test_map_labels_do_not_overlap_and_no_rounding_noise_ticks():
+    from ui.figures import embedding_scatter, label_positions
+
+    coords = np.array([[0.0, 0.0], [0.02, 0.0], [0.04, 0.01], [1.0, 1.0]])
+    names = ["sentiment_movies", "sentiment_movies_seed1", "sentiment_products", "nli"]
+    spots = label_positions(coords, names, (-0.3, 1.3), (-0.2, 1.2))
+    assert len(set(spots[:3])) == 3  # three crowded points: three different sides
+    fig = embedding_scatter(np.array([[1.0, 1.1e-16], [-1.0, -1.1e-16]]), ["a", "b"], title="t", method="PCA")
+    assert list(fig.data[0].y) == [0.0, 0.0]
+    lo, hi = fig.layout.yaxis.range
+    assert hi - lo > 0.3  # a readable axis, not a 1e-16 one

@@ -217,20 +217,96 @@ def side_by_side_heatmaps(
     return _base_layout(fig, title, _matrix_height(len(names)))
 
 
+#: Candidate label positions around a marker, and their box offsets in pixels (dx, dy of the box centre;
+#: y grows upwards) for a label of width w and height h.
+_LABEL_SPOTS = {
+    "top center": lambda w, h: (0.0, 9 + h / 2),
+    "bottom center": lambda w, h: (0.0, -9 - h / 2),
+    "middle right": lambda w, h: (9 + w / 2, 0.0),
+    "middle left": lambda w, h: (-9 - w / 2, 0.0),
+    "top right": lambda w, h: (6 + w / 2, 7 + h / 2),
+    "top left": lambda w, h: (-6 - w / 2, 7 + h / 2),
+    "bottom right": lambda w, h: (6 + w / 2, -7 - h / 2),
+    "bottom left": lambda w, h: (-6 - w / 2, -7 - h / 2),
+}
+
+
+def label_positions(coords: np.ndarray, names: Sequence[str], x_range: Sequence[float], y_range: Sequence[float],
+                    size: tuple[float, float] = (330.0, 330.0), char_px: float = 6.4, line_px: float = 14.0) -> list[str]:
+    """A Plotly ``textposition`` per point that keeps labels off each other, off the markers and inside the plot.
+
+    Greedy, most crowded points first: each label takes the candidate spot (above, below, right, left,
+    diagonals) whose box, in pixels of a ``size`` plot area, overlaps least with the labels already
+    placed, every marker and the plot's edges.
+    """
+    pts = np.asarray(coords, dtype=float).reshape(-1, 2)
+    n = len(pts)
+    if n == 0:
+        return []
+    (x0, x1), (y0, y1) = x_range, y_range
+    W, H = size
+    px = np.column_stack([(pts[:, 0] - x0) / ((x1 - x0) or 1.0) * W, (pts[:, 1] - y0) / ((y1 - y0) or 1.0) * H])
+    boxes: list[tuple[float, float, float, float]] = []
+    markers = [(x - 7, y - 7, x + 7, y + 7) for x, y in px]
+
+    def overlap(a, b) -> float:
+        return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+    def outside(b) -> float:
+        inner = (max(b[0], 0.0), max(b[1], 0.0), min(b[2], W), min(b[3], H))
+        area = (b[2] - b[0]) * (b[3] - b[1])
+        return area - max(0.0, inner[2] - inner[0]) * max(0.0, inner[3] - inner[1])
+
+    dist = np.linalg.norm(px[:, None] - px[None], axis=-1) + np.eye(n) * 1e9
+    order = np.argsort(dist.min(axis=1))
+    out = ["top center"] * n
+    for i in order:
+        w, h = char_px * len(str(names[i])) + 4, line_px
+        best, best_cost = "top center", float("inf")
+        for k, (spot, offset) in enumerate(_LABEL_SPOTS.items()):
+            dx, dy = offset(w, h)
+            cx, cy = px[i, 0] + dx, px[i, 1] + dy
+            box = (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
+            cost = sum(overlap(box, b) for b in boxes) + sum(overlap(box, m) for j, m in enumerate(markers) if j != i)
+            cost += 4.0 * outside(box) + 0.01 * k  # prefer the plain spots on ties
+            if cost < best_cost:
+                best, best_cost, best_box = spot, cost, box
+        out[i] = best
+        boxes.append(best_box)
+    return out
+
+
 def embedding_scatter(
     coords: np.ndarray, names: Sequence[str], *, title: str, method: str, detail: str = ""
 ) -> go.Figure:
-    """Labelled 2-D map of the adapters (rows of the distance matrix embedded by PCA / MDS / UMAP)."""
-    coords = np.asarray(coords, dtype=float)
+    """Labelled 2-D map of the adapters (rows of the distance matrix embedded by PCA / MDS / UMAP).
+
+    Coordinates below 1e-9 of the largest are rounding noise (a 2-point PCA's second axis is ~1e-16)
+    and are drawn as 0; labels are placed around the markers so that they do not overlap.
+    """
+    coords = np.array(coords, dtype=float).reshape(-1, 2)
     names = [str(n) for n in names]
     colors = [QUALITATIVE[i % len(QUALITATIVE)] for i in range(len(names))]
+    scale = float(np.abs(coords).max()) if coords.size else 1.0
+    scale = scale if scale > 0 else 1.0
+    coords[np.abs(coords) < 1e-9 * scale] = 0.0
+    if len(coords):
+        span = np.ptp(coords, axis=0)
+        span = np.where(span > 1e-9 * scale, span, scale)
+        lo, hi = coords.min(axis=0), coords.max(axis=0)
+        x_range = [lo[0] - 0.25 * span[0], hi[0] + 0.25 * span[0]]
+        y_range = [lo[1] - 0.15 * span[1], hi[1] + 0.18 * span[1]]
+        positions = label_positions(coords, names, x_range, y_range)
+    else:
+        x_range = y_range = None
+        positions = []
     fig = go.Figure(
         go.Scatter(
             x=coords[:, 0] if len(coords) else [],
             y=coords[:, 1] if len(coords) else [],
             mode="markers+text",
             text=names,
-            textposition="top center",
+            textposition=positions or "top center",
             marker=dict(size=13, color=colors, line=dict(width=1, color="#444")),
             hovertemplate=(
                 f"adapter: %{{text}}<br>{method} 1: %{{x:.3g}}<br>{method} 2: %{{y:.3g}}"
@@ -239,12 +315,9 @@ def embedding_scatter(
             cliponaxis=False,
         )
     )
-    if len(coords):  # room for the text labels around the outermost points
-        span = np.ptp(coords, axis=0)
-        span = np.where(span > 0, span, 1.0)
-        lo, hi = coords.min(axis=0), coords.max(axis=0)
-        fig.update_xaxes(range=[lo[0] - 0.25 * span[0], hi[0] + 0.25 * span[0]])
-        fig.update_yaxes(range=[lo[1] - 0.12 * span[1], hi[1] + 0.18 * span[1]])
+    if x_range is not None:  # room for the text labels around the outermost points
+        fig.update_xaxes(range=x_range)
+        fig.update_yaxes(range=y_range)
     fig.update_xaxes(title_text=f"{method} component 1 (arbitrary units)", zeroline=False)
     fig.update_yaxes(title_text=f"{method} component 2 (arbitrary units)", zeroline=False)
     return _base_layout(fig, title, MATRIX_HEIGHT)
