@@ -12,9 +12,13 @@ the samples' shapes: all-MiniLM-L6-v2, 6 layers, q and v of 384 x 384, r = 8) it
   the chosen layers, heatmap, PCA map, per-layer lines, figure JSON for the browser), with the
   geometry already computed;
 * slider move, whole page: an ``AppTest`` rerun of the Distances page after moving the slider
-  (Streamlit's script run, the memory cache lookups and every figure), median of the repeats.
+  (Streamlit's script run, the memory cache lookups and every figure), median of the repeats;
+* in a real browser (headless Debian chromium; skipped without it or with ``--no-browser``): the time
+  from a click on a control to the redrawn figure, ``--clicks`` per page on Distances, Inclusion and
+  Anatomy (``bench/browser_latency.py``), p50 / p95 per page and over all clicks.
 
-Prints the numbers, the ratio cold / slider move, and a last line of JSON.
+Prints the numbers, the ratio cold / slider move, and a last line of JSON (``p50_s``, ``p95_s``: the
+browser's click-to-figure times over every page).
 """
 
 from __future__ import annotations
@@ -30,11 +34,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 os.environ.setdefault("NUMBA_CACHE_DIR", str(REPO / "cache" / "numba"))
 
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+import browser_latency  # noqa: E402  (bench/, next to this file)
 
 from geometry.anatomy import anatomy  # noqa: E402
 from geometry.diskcache import cached  # noqa: E402
@@ -114,10 +121,18 @@ def apptest_slider(samples: Path, cache: Path, repeats: int) -> list[float]:
     return times
 
 
+def _pct(values: list[float], q: float) -> float:
+    import numpy as np
+
+    return float(np.percentile(np.asarray(values, dtype=float), q))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=Path, default=None, help="folder of adapters (default: sample_adapters/)")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--clicks", type=int, default=20, help="browser clicks per page (at least 20 for p95)")
+    parser.add_argument("--no-browser", action="store_true", help="skip the real-browser latency")
     args = parser.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="dashboard_bench_"))
@@ -159,7 +174,22 @@ def main(argv=None) -> int:
           f"(min {min(t_page) * 1e3:.1f}, max {max(t_page) * 1e3:.1f})")
     print(f"ratio cold compute / page rerun: {cold / page:.1f}x; target page rerun < 300 ms: "
           f"{'met' if page < 0.3 else 'NOT met'}")
+    browser: dict[str, list[float]] = {}
+    if not args.no_browser and browser_latency.chromium():
+        browser = browser_latency.measure(root, tmp / "browser_cache", clicks=args.clicks)
+        for path, times in browser.items():
+            print(f"browser, {path}: click to redrawn figure p50 {_pct(times, 50) * 1e3:.0f} ms, "
+                  f"p95 {_pct(times, 95) * 1e3:.0f} ms over {len(times)} clicks")
+    every = [t for times in browser.values() for t in times]
+    p50, p95 = (_pct(every, 50), _pct(every, 95)) if every else (None, None)
+    if every:
+        print(f"browser, all pages: p50 {p50 * 1e3:.0f} ms, p95 {p95 * 1e3:.0f} ms "
+              f"(target p50 < 250 ms: {'met' if p50 < 0.25 else 'NOT met'}; p95 < 500 ms: "
+              f"{'met' if p95 < 0.5 else 'NOT met'})")
     print(json.dumps({
+        "p50_s": None if p50 is None else round(p50, 4), "p95_s": None if p95 is None else round(p95, 4),
+        "browser_pages": {k: {"p50_s": round(_pct(v, 50), 4), "p95_s": round(_pct(v, 95), 4), "clicks": len(v)}
+                          for k, v in browser.items()},
         "bench": "dashboard", "source": source, "n_adapters": n, "cold_compute_s": round(cold, 4),
         "all_distances_s": round(t_dist[0], 4), "anatomy_s": round(t_anat[0], 4), "inclusion_s": round(t_incl[0], 4),
         "disk_hit_ms": round(statistics.median(t_disk) * 1e3, 2), "slider_library_ms": round(move * 1e3, 2),

@@ -78,31 +78,37 @@ else:  # one adapter: norms and ranks side by side
     left, right = st.columns([1, 1])
     _draw(first, left, right)
 
-st.subheader("Singular spectrum of one module")
-base = parts[first]
-kinds = list(dict.fromkeys(base["kind"]))
-layers = sorted(base["layer"].unique())
-k1, k2 = st.columns(2)
-with k1:
-    kind = st.selectbox("Module kind", kinds, key="a_kind", bind=controls.URL)
-with k2:
-    layer = (
-        st.select_slider("Layer", options=layers, value=layers[-1], key="a_layer", bind=controls.URL)
-        if len(layers) > 1 else layers[0]
-    )
-spectra = {}
-for name in shown:
-    row = parts[name][(parts[name]["layer"] == layer) & (parts[name]["kind"] == kind)]
-    if len(row):
-        spectra[name] = list(map(float, row.iloc[0]["singular_values"]))
-if spectra:
-    fig_s = figures.spectra_bars(
-        spectra, title=f"Singular values of τ, layer {layer}, {kind} module\n{' vs '.join(spectra)}",
-        detail=f"layer {layer} · {kind}",
-    )
-    frame = pd.DataFrame(
-        [{"adapter": n, "i": i + 1, "sigma": v} for n, s in spectra.items() for i, v in enumerate(s)]
-    )
-    downloads.show(fig_s, f"spectrum_{stack}_{layer}_{kind}", frame, key="spectrum")
-else:
-    st.info(f"No {kind} module at layer {layer}.")
+@st.fragment
+def spectrum() -> None:
+    """One module's spectrum: its kind and layer controls rerun only this section."""
+    st.subheader("Singular spectrum of one module")
+    base = parts[first]
+    kinds = list(dict.fromkeys(base["kind"]))
+    layers = sorted(base["layer"].unique())
+    k1, k2 = st.columns(2)
+    with k1:
+        kind = st.selectbox("Module kind", kinds, key="a_kind", bind=controls.URL)
+    with k2:
+        layer = (
+            st.select_slider("Layer", options=layers, value=layers[-1], key="a_layer", bind=controls.URL)
+            if len(layers) > 1 else layers[0]
+        )
+    spectra = {}
+    for name in shown:
+        row = parts[name][(parts[name]["layer"] == layer) & (parts[name]["kind"] == kind)]
+        if len(row):
+            spectra[name] = list(map(float, row.iloc[0]["singular_values"]))
+    if spectra:
+        fig_s = figures.spectra_bars(
+            spectra, title=f"Singular values of τ, layer {layer}, {kind} module\n{' vs '.join(spectra)}",
+            detail=f"layer {layer} · {kind}",
+        )
+        frame = pd.DataFrame(
+            [{"adapter": n, "i": i + 1, "sigma": v} for n, s in spectra.items() for i, v in enumerate(s)]
+        )
+        downloads.show(fig_s, f"spectrum_{stack}_{layer}_{kind}", frame, key="spectrum")
+    else:
+        st.info(f"No {kind} module at layer {layer}.")
+
+
+spectrum()

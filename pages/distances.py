@@ -48,103 +48,111 @@ if not dists:
     st.warning("These adapters have no module in common.")
     st.stop()
 
-stacks = views.stacks_of(dists)
-with st.container(horizontal=True, gap="medium"):
-    metric = controls.choice(st.segmented_control, "Metric", views.METRIC_LABELS, "cosine", "metric")
-    factor = controls.choice(
-        st.segmented_control, "Factor", views.FACTOR_LABELS, "ba", "factor",
+@st.fragment
+def view() -> None:
+    """Everything below the adapter choice: a control here reruns only this part (not the sidebar)."""
+    stacks = views.stacks_of(dists)
+    with st.container(horizontal=True, gap="medium"):
+        metric = controls.choice(st.segmented_control, "Metric", views.METRIC_LABELS, "cosine", "metric")
+        factor = controls.choice(
+            st.segmented_control, "Factor", views.FACTOR_LABELS, "ba", "factor",
+        )
+        stack = (
+            st.selectbox("Stack", stacks, key="stack", bind=controls.URL, width=160) if len(stacks) > 1 else stacks[0]
+        )
+        kinds = views.kinds_of(dists, stack)
+        kind = st.segmented_control(
+            "Projection", kinds, default="v" if "v" in kinds else kinds[0], required=True, key="kind",
+            bind=controls.URL,
+        )
+    kind_label = views.KIND_LABELS.get(kind, kind)
+    # (No help= on URL-bound widgets: in Streamlit 1.67 it stops the widget from writing the URL.)
+    st.caption(
+        "Factor: BA is the task vector τ = s·B·A; A and B are the down- and up-projection factors alone. "
+        "Projection: q = query, k = key, v = value, o = attention output; gate / up / down = MLP."
     )
-    stack = (
-        st.selectbox("Stack", stacks, key="stack", bind=controls.URL, width=160) if len(stacks) > 1 else stacks[0]
-    )
-    kinds = views.kinds_of(dists, stack)
-    kind = st.segmented_control(
-        "Projection", kinds, default="v" if "v" in kinds else kinds[0], required=True, key="kind",
-        bind=controls.URL,
-    )
-kind_label = views.KIND_LABELS.get(kind, kind)
-# (No help= on URL-bound widgets: in Streamlit 1.67 it stops the widget from writing the URL.)
-st.caption(
-    "Factor: BA is the task vector τ = s·B·A; A and B are the down- and up-projection factors alone. "
-    "Projection: q = query, k = key, v = value, o = attention output; gate / up / down = MLP."
-)
 
-tensor = dists.get((metric, factor, stack, kind))
-if tensor is None:
-    st.warning(f"No {metric} / {factor} distances for {stack} · {kind}.")
-    st.stop()
-choice = controls.layer_control(tensor.layers)
-matrix, used = views.distance_matrix(tensor, choice)
-where = choice.describe(used)
-unit = views.METRIC_UNITS[metric]
-if metric == "grassmann":
-    st.caption(f":material/info: Convention for different ranks: {tensor.convention}")
+    tensor = dists.get((metric, factor, stack, kind))
+    if tensor is None:
+        st.warning(f"No {metric} / {factor} distances for {stack} · {kind}.")
+        st.stop()
+    choice = controls.layer_control(tensor.layers)
+    matrix, used = views.distance_matrix(tensor, choice)
+    where = choice.describe(used)
+    unit = views.METRIC_UNITS[metric]
+    if metric == "grassmann":
+        st.caption(f":material/info: Convention for different ranks: {tensor.convention}")
 
-left, right = st.columns([3, 2] if len(names) > 6 else [1, 1])
-with left:
-    fig = figures.matrix_heatmap(
-        matrix, names,
-        title=f"{views.METRIC_LABELS[metric].capitalize()} distance, {kind_label} projections\n"
-        f"factor {views.FACTOR_LABELS[factor]} · {where}",
-        value_label=unit, detail=f"kind: {kind}<br>{where}",
-    )
-    downloads.show(fig, f"distance_{metric}_{factor}_{kind}_{choice.spec}", views.matrix_frame(matrix, names, unit),
-                   index=True, key="heatmap")
-with right:
-    method = controls.choice(
-        st.segmented_control, "2-D map", {"pca": "PCA", "mds": "MDS", "umap": "UMAP"}, "pca", "map"
-    )
-    try:
-        with st.spinner(f"{method.upper()} embedding (UMAP compiles once, then is cached)..."):
+    left, right = st.columns([3, 2] if len(names) > 6 else [1, 1])
+    with left:
+        fig = figures.matrix_heatmap(
+            matrix, names,
+            title=f"{views.METRIC_LABELS[metric].capitalize()} distance, {kind_label} projections\n"
+            f"factor {views.FACTOR_LABELS[factor]} · {where}",
+            value_label=unit, detail=f"kind: {kind}<br>{where}",
+        )
+        downloads.show(fig, f"distance_{metric}_{factor}_{kind}_{choice.spec}", views.matrix_frame(matrix, names, unit),
+                       index=True, key="heatmap")
+    with right:
+        method = controls.choice(
+            st.segmented_control, "2-D map", {"pca": "PCA", "mds": "MDS", "umap": "UMAP"}, "pca", "map"
+        )
+        try:
+            with st.spinner(f"{method.upper()} embedding (UMAP compiles once, then is cached)..."):
+                mapped = compute.embedding(matrix, tuple(names), method)
+        except AtlasError as exc:
+            st.caption(f":material/info: {exc}. Showing PCA.")
+            method = "pca"
             mapped = compute.embedding(matrix, tuple(names), method)
-    except AtlasError as exc:
-        st.caption(f":material/info: {exc}. Showing PCA.")
-        method = "pca"
-        mapped = compute.embedding(matrix, tuple(names), method)
-    if mapped.message:
-        st.warning(mapped.message, icon=":material/visibility_off:")
-    fig_map = figures.embedding_scatter(
-        mapped.coords, mapped.names, method=method.upper(),
-        detail=f"{views.METRIC_LABELS[metric]} · kind: {kind} · {where}",
-        title=f"2-D map ({method.upper()}) of the distance rows\n{views.METRIC_LABELS[metric]} · {kind_label} · {where}",
+        if mapped.message:
+            st.warning(mapped.message, icon=":material/visibility_off:")
+        fig_map = figures.embedding_scatter(
+            mapped.coords, mapped.names, method=method.upper(),
+            detail=f"{views.METRIC_LABELS[metric]} · kind: {kind} · {where}",
+            title=f"2-D map ({method.upper()}) of the distance rows\n{views.METRIC_LABELS[metric]} · {kind_label} · {where}",
+        )
+        frame = pd.DataFrame({"adapter": mapped.names, "x": mapped.coords[:, 0], "y": mapped.coords[:, 1]})
+        if mapped.left_out:
+            frame = pd.concat([frame, pd.DataFrame({"adapter": mapped.left_out, "x": float("nan"), "y": float("nan"),
+                                                    "note": "left out: undefined distance"})], ignore_index=True)
+        downloads.show(fig_map, f"map_{method}_{metric}_{factor}_{kind}_{choice.spec}", frame, key="map")
+
+    st.subheader("Layer by layer")
+    all_pairs = list(itertools.combinations(names, 2))
+    if any(tuple(p) not in all_pairs for p in st.session_state.get("pairs") or []):
+        del st.session_state["pairs"]  # the adapters compared changed: back to the default pairs at once
+    chosen = st.multiselect("Pairs", all_pairs, default=all_pairs[: min(4, len(all_pairs))], key="pairs",
+                            format_func=lambda p: f"{p[0]} ↔ {p[1]}")
+    profile = views.pair_layer_frame(tensor, chosen)
+    fig_lines = figures.layer_lines(
+        profile,
+        title=f"{views.METRIC_LABELS[metric].capitalize()} distance per layer, {kind_label} projections\n"
+        f"factor {views.FACTOR_LABELS[factor]} · one line per pair of adapters",
+        value_label=unit,
     )
-    frame = pd.DataFrame({"adapter": mapped.names, "x": mapped.coords[:, 0], "y": mapped.coords[:, 1]})
-    if mapped.left_out:
-        frame = pd.concat([frame, pd.DataFrame({"adapter": mapped.left_out, "x": float("nan"), "y": float("nan"),
-                                                "note": "left out: undefined distance"})], ignore_index=True)
-    downloads.show(fig_map, f"map_{method}_{metric}_{factor}_{kind}_{choice.spec}", frame, key="map")
+    downloads.show(fig_lines, f"layers_{metric}_{factor}_{kind}", profile, key="lines")
 
-st.subheader("Layer by layer")
-all_pairs = list(itertools.combinations(names, 2))
-if any(tuple(p) not in all_pairs for p in st.session_state.get("pairs") or []):
-    del st.session_state["pairs"]  # the adapters compared changed: back to the default pairs at once
-chosen = st.multiselect("Pairs", all_pairs, default=all_pairs[: min(4, len(all_pairs))], key="pairs",
-                        format_func=lambda p: f"{p[0]} ↔ {p[1]}")
-profile = views.pair_layer_frame(tensor, chosen)
-fig_lines = figures.layer_lines(
-    profile,
-    title=f"{views.METRIC_LABELS[metric].capitalize()} distance per layer, {kind_label} projections\n"
-    f"factor {views.FACTOR_LABELS[factor]} · one line per pair of adapters",
-    value_label=unit,
-)
-downloads.show(fig_lines, f"layers_{metric}_{factor}_{kind}", profile, key="lines")
-
-qv = [k for k in ("q", "v") if (metric, factor, stack, k) in dists]
-side = st.toggle(
-    "Query vs value side by side (the paper's Figure 3)", key="qv", bind=controls.URL, disabled=len(qv) < 2,
-)
-if side and len(qv) == 2:
-    mats = {k: views.distance_matrix(dists[(metric, factor, stack, k)], choice)[0] for k in qv}
-    fig_qv = figures.side_by_side_heatmaps(
-        mats, names,
-        title=f"Query vs value: {views.METRIC_LABELS[metric]} distance (the paper's Figure 3)\n"
-        f"factor {views.FACTOR_LABELS[factor]} · {where}",
-        value_label=unit, detail=where,
+    qv = [k for k in ("q", "v") if (metric, factor, stack, k) in dists]
+    side = st.toggle(
+        "Query vs value side by side (the paper's Figure 3)", key="qv", bind=controls.URL, disabled=len(qv) < 2,
     )
-    long = pd.concat([views.matrix_frame(m, names, unit).assign(kind=k) for k, m in mats.items()])
-    downloads.show(fig_qv, f"query_vs_value_{metric}_{factor}_{choice.spec}", long, index=True, key="qv")
+    if side and len(qv) == 2:
+        mats = {k: views.distance_matrix(dists[(metric, factor, stack, k)], choice)[0] for k in qv}
+        fig_qv = figures.side_by_side_heatmaps(
+            mats, names,
+            title=f"Query vs value: {views.METRIC_LABELS[metric]} distance (the paper's Figure 3)\n"
+            f"factor {views.FACTOR_LABELS[factor]} · {where}",
+            value_label=unit, detail=where,
+        )
+        long = pd.concat([views.matrix_frame(m, names, unit).assign(kind=k) for k, m in mats.items()])
+        downloads.show(fig_qv, f"query_vs_value_{metric}_{factor}_{choice.spec}", long, index=True, key="qv")
 
-with st.expander("Full table T_d(i, j, k) for this metric, factor and kind"):
     full = tensor.to_frame()
-    st.dataframe(full, hide_index=True, height=260)
-    downloads.csv_button(full, f"T_{metric}_{factor}_{stack}_{kind}", key="csv_full")
+    with st.container(horizontal=True, vertical_alignment="center"):
+        show_full = st.toggle("Full table T_d(i, j, k) for this metric, factor and kind", key="full_table")
+        downloads.csv_button(full, f"T_{metric}_{factor}_{stack}_{kind}", label="CSV of the full table", key="csv_full")
+    if show_full:  # drawn on demand: a large table costs every rerun
+        st.dataframe(full, hide_index=True, height=260)
+
+
+view()

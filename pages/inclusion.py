@@ -183,54 +183,60 @@ else:
                  column_config={c: st.column_config.NumberColumn(format="%.3f") for c in ("mean H(S1)", "mean H(S2)")})
     downloads.csv_button(ent, "inclusion_entropies", key="csv_ent")
 
-st.subheader("Student t-tests between two projections (the paper's Table 5)")
-directed = list(itertools.permutations(names, 2))  # (tau1, tau2) pairs; shown as "tau1 → tau2"
+@st.fragment
+def ttests() -> None:
+    """The t-tests: their controls rerun only this section."""
+    st.subheader("Student t-tests between two projections (the paper's Table 5)")
+    directed = list(itertools.permutations(names, 2))  # (tau1, tau2) pairs; shown as "tau1 → tau2"
 
 
-def _arrow(pair: tuple[str, str]) -> str:
-    return f"{pair[0]} → {pair[1]}"
+    def _arrow(pair: tuple[str, str]) -> str:
+        return f"{pair[0]} → {pair[1]}"
 
 
-t1, t2, t3, t4 = st.columns(4)
-with t1:
-    proj_x = st.selectbox("Projection X", directed, index=0, key="tt_x", format_func=_arrow)
-with t2:
-    proj_y = st.selectbox("Projection Y", directed, index=min(1, len(directed) - 1), key="tt_y", format_func=_arrow)
-with t3:
-    tt_metric = st.selectbox("Metric", list(views.INCLUSION_METRICS), format_func=views.INCLUSION_METRICS.get,
-                             key="tt_metric")
-table_x = compute.inclusion_pair(by_name[proj_x[0]], by_name[proj_x[1]], lam)
-table_y = compute.inclusion_pair(by_name[proj_y[0]], by_name[proj_y[1]], lam)
-tt_kinds = ordered_kinds(set(table_x["kind"]) | set(table_y["kind"]))  # the kinds these adapters have
-with t4:
-    tt_kind = st.selectbox("Modules", ["all", *tt_kinds], key="tt_kind",
-                           format_func=lambda k: "all modules" if k == "all" else f"{k} only")
+    t1, t2, t3, t4 = st.columns(4)
+    with t1:
+        proj_x = st.selectbox("Projection X", directed, index=0, key="tt_x", format_func=_arrow)
+    with t2:
+        proj_y = st.selectbox("Projection Y", directed, index=min(1, len(directed) - 1), key="tt_y", format_func=_arrow)
+    with t3:
+        tt_metric = st.selectbox("Metric", list(views.INCLUSION_METRICS), format_func=views.INCLUSION_METRICS.get,
+                                 key="tt_metric")
+    table_x = compute.inclusion_pair(by_name[proj_x[0]], by_name[proj_x[1]], lam)
+    table_y = compute.inclusion_pair(by_name[proj_y[0]], by_name[proj_y[1]], lam)
+    tt_kinds = ordered_kinds(set(table_x["kind"]) | set(table_y["kind"]))  # the kinds these adapters have
+    with t4:
+        tt_kind = st.selectbox("Modules", ["all", *tt_kinds], key="tt_kind",
+                               format_func=lambda k: "all modules" if k == "all" else f"{k} only")
 
 
-def _sample(table: pd.DataFrame) -> pd.Series:
-    return (table if tt_kind == "all" else table[table["kind"] == tt_kind])[tt_metric]
+    def _sample(table: pd.DataFrame) -> pd.Series:
+        return (table if tt_kind == "all" else table[table["kind"] == tt_kind])[tt_metric]
 
 
-x, y = _sample(table_x), _sample(table_y)
-proj_x, proj_y = _arrow(proj_x), _arrow(proj_y)
-try:
-    res = ttest(x.to_numpy(dtype=float), y.to_numpy(dtype=float))
-except ValueError as exc:
-    st.warning(f"t-test not possible: {exc}")
-else:
-    result = pd.DataFrame(
-        [{
-            "X": proj_x, "Y": proj_y, "metric": tt_metric, "modules": tt_kind,
-            "mean X": res["mean_a"], "mean Y": res["mean_b"], "t": res["t"],
-            "p (two-sided)": res["p_two_sided"], "p (X > Y)": res["p_greater"], "p (X < Y)": res["p_less"],
-            "n X": res["n_a"], "n Y": res["n_b"],
-        }]
-    )
-    st.dataframe(result, hide_index=True, width="stretch",
-                 column_config={c: st.column_config.NumberColumn(format="%.3g")
-                                for c in ("mean X", "mean Y", "t", "p (two-sided)", "p (X > Y)", "p (X < Y)")})
-    downloads.csv_button(result, f"ttest_{proj_x}_vs_{proj_y}_{tt_metric}", key="csv_tt")
-    st.caption(
-        "Independent two-sample Student t-test over per-module values (one value per layer and kind). "
-        "For REC a small p (X > Y) says X includes more than Y; for L1, a small p (X < Y) says X is closer."
-    )
+    x, y = _sample(table_x), _sample(table_y)
+    proj_x, proj_y = _arrow(proj_x), _arrow(proj_y)
+    try:
+        res = ttest(x.to_numpy(dtype=float), y.to_numpy(dtype=float))
+    except ValueError as exc:
+        st.warning(f"t-test not possible: {exc}")
+    else:
+        result = pd.DataFrame(
+            [{
+                "X": proj_x, "Y": proj_y, "metric": tt_metric, "modules": tt_kind,
+                "mean X": res["mean_a"], "mean Y": res["mean_b"], "t": res["t"],
+                "p (two-sided)": res["p_two_sided"], "p (X > Y)": res["p_greater"], "p (X < Y)": res["p_less"],
+                "n X": res["n_a"], "n Y": res["n_b"],
+            }]
+        )
+        st.dataframe(result, hide_index=True, width="stretch",
+                     column_config={c: st.column_config.NumberColumn(format="%.3g")
+                                    for c in ("mean X", "mean Y", "t", "p (two-sided)", "p (X > Y)", "p (X < Y)")})
+        downloads.csv_button(result, f"ttest_{proj_x}_vs_{proj_y}_{tt_metric}", key="csv_tt")
+        st.caption(
+            "Independent two-sample Student t-test over per-module values (one value per layer and kind). "
+            "For REC a small p (X > Y) says X includes more than Y; for L1, a small p (X < Y) says X is closer."
+        )
+
+
+ttests()

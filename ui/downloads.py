@@ -44,6 +44,8 @@ def chromium_path() -> str | None:
 
 def figure_bytes(fig: go.Figure, fmt: str) -> bytes:
     """``fig`` as ``html`` (plotly.js embedded: opens offline), ``svg`` or ``pdf`` (kaleido + Chromium)."""
+    if fig.layout.template is None or not fig.layout.template.to_plotly_json():  # built without one (ui.figures)
+        fig = go.Figure(fig).update_layout(template="plotly_white")
     if fmt == "html":
         return fig.to_html(include_plotlyjs=True, full_html=True).encode()
     if fmt not in ("svg", "pdf"):

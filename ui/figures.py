@@ -14,7 +14,13 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+import plotly.io as pio
 from plotly.subplots import make_subplots
+
+# Figures are drawn with theme="streamlit" (the app's colours, light or dark), so plotly's own default
+# template would be overridden anyway; building figures without it is several times faster (a control
+# change rebuilds them). Downloads apply a plain white template (ui.downloads.figure_bytes).
+pio.templates.default = "none"
 
 #: Sequential scale for distances / norms (low = dark purple, high = yellow).
 SEQUENTIAL = "Viridis"
@@ -53,16 +59,18 @@ def _base_layout(
         legend = dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0)
     else:
         legend = dict(orientation="h", yanchor="top", y=-legend_below, xanchor="left", x=0.0)
-    fig.update_layout(
+    layout = dict(
         title=dict(text=main, x=0.0, xanchor="left", subtitle=dict(text=sub) if sub else None),
         margin=dict(MARGIN, t=top),
         hoverlabel=dict(namelength=-1),
         legend=legend,
     )
     if height is not None:
-        fig.update_layout(height=height)
-    fig.update_xaxes(automargin=True)
-    fig.update_yaxes(automargin=True)
+        layout["height"] = height
+    for axis in fig.layout:  # one update for every axis (update_xaxes / update_yaxes walk the subplots again)
+        if axis.startswith(("xaxis", "yaxis")):
+            layout[axis] = dict(automargin=True)
+    fig.update_layout(layout)
     return fig
 
 

@@ -1,0 +1,125 @@
+"""Click-to-redrawn-figure latency of the dashboard in a real browser (headless Debian chromium + playwright).
+
+Starts ``streamlit run app.py`` on a free local port (the sample adapters, a private disk cache,
+caches warmed by a first visit of each page), then on each page clicks a control back and forth and
+times, from the click to the moment the figure's data in the page has changed (polled every animation
+frame), at least ``clicks`` times per page:
+
+* Distances: the metric (L2 / cosine / Grassmann) and the projection (q / v);
+* Inclusion: "L1 on" (raw spectra / normalized);
+* Anatomy: "Compare with a second adapter" (on / off).
+
+``measure(...)`` returns the times per page; ``bench/dashboard_bench.py`` prints p50 / p95.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+FIGURES_JS = """() => Array.from(document.querySelectorAll('.js-plotly-plot')).map(
+    d => (d.data || []).map(t => JSON.stringify([t.z, t.y, t.x, t.type])).join('|'))"""
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium")
+
+
+@contextmanager
+def streamlit_server(samples: Path, cache: Path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, ADAPTER_ATLAS_SAMPLES=str(samples), ADAPTER_ATLAS_CACHE=str(cache), HF_HUB_OFFLINE="1",
+               PYTHONPATH=str(REPO))
+    log = open(cache.parent / "streamlit.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.headless", "true",
+         "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
+         "--server.fileWatcherType", "none"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("streamlit did not start")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _idle(page, timeout: float = 300.0) -> None:
+    page.wait_for_function(
+        "() => { const app = document.querySelector('[data-testid=\"stApp\"]');"
+        " return app && app.getAttribute('data-test-script-state') === 'notRunning'; }", timeout=timeout * 1000)
+
+
+def _click_times(page, labels: list[str], clicks: int, figure: int) -> list[float]:
+    """Click the controls named ``labels`` in turn; seconds from each click to figure ``figure`` changing.
+
+    Timed inside the page: from the ``pointerdown`` event (a capture listener) to the first animation
+    frame at which the figure's data differs, so the driver's own overhead is not counted.
+    """
+    page.evaluate("() => { if (!window.__atlasClick) { window.__atlasClick = true; document.addEventListener("
+                  "'pointerdown', () => { window.__t0 = performance.now(); }, true); } }")
+    times = []
+    for k in range(clicks):
+        label = labels[k % len(labels)]
+        target = page.locator('[data-testid="stMain"]').get_by_text(label, exact=True).filter(visible=True).first
+        before = page.evaluate(FIGURES_JS)[figure]
+        target.scroll_into_view_if_needed()
+        target.click()
+        page.wait_for_function(f"(b) => {{ const f = ({FIGURES_JS})(); const done = f.length > {figure} && f[{figure}]"
+                               f" && f[{figure}] !== b; if (done) window.__t1 = performance.now(); return done; }}",
+                               arg=before, polling="raf", timeout=60_000)
+        times.append(page.evaluate("() => (window.__t1 - window.__t0) / 1000"))
+        _idle(page)
+    return times
+
+
+def measure(samples: Path, cache: Path, clicks: int = 20) -> dict[str, list[float]]:
+    """``{page: [seconds per click]}`` for Distances, Inclusion and Anatomy."""
+    from playwright.sync_api import sync_playwright
+
+    out: dict[str, list[float]] = {}
+    with streamlit_server(samples, cache) as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium(), args=ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1366, "height": 900})
+            page.set_default_timeout(300_000)
+            plan = [
+                ("distances", ["Grassmann", "L2", "cosine", "q", "v"], 0),
+                ("inclusion", ["normalized", "raw spectra"], 0),
+                ("anatomy", ["Compare with a second adapter"], 1),
+            ]
+            for path, labels, figure in plan:
+                page.goto(f"{url}/{path}")
+                _idle(page)
+                page.wait_for_function(f"() => document.querySelectorAll('.js-plotly-plot').length > {figure}")
+                _click_times(page, labels, len(labels), figure)  # warm-up round: caches, first figures
+                out[path] = _click_times(page, labels, clicks, figure)
+        finally:
+            browser.close()
+    return out
