@@ -13,9 +13,10 @@ from ui import app_run, quiet_environment
 quiet_environment()
 
 from geometry.device import configure_threads  # noqa: E402  (after the environment is set)
-from ui import sidebar  # noqa: E402
+from ui import sidebar, warmup  # noqa: E402
 
 configure_threads()  # every core, or $ADAPTER_ATLAS_THREADS
+warmup.start()  # UMAP's numba compile, once per server process, in the background
 
 st.set_page_config(
     layout="wide", page_title="Adapter Atlas", page_icon=":material/hub:", initial_sidebar_state=360

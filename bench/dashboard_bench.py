@@ -35,7 +35,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
-os.environ.setdefault("NUMBA_CACHE_DIR", str(REPO / "cache" / "numba"))
+os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                                               / "adapter-atlas" / "numba"))
 
 import torch  # noqa: E402
 

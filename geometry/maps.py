@@ -71,6 +71,28 @@ def classical_mds(D: np.ndarray) -> np.ndarray:
     return _orient(_two_columns(coords, n))
 
 
+def numba_cache_dir() -> Path:
+    """Where numba keeps UMAP's compiled code: outside the repository, in the user's cache folder
+    (``$XDG_CACHE_HOME`` or ``~/.cache``) under ``adapter-atlas/numba``; survives reinstalls of the app."""
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "adapter-atlas" / "numba"
+
+
+def warm_umap() -> float:
+    """Compile UMAP's numba code once (a fit on 8 random points); returns the seconds it took.
+
+    The first UMAP fit of a process otherwise pays the compile (minutes on 2 cores without a warm
+    numba cache); the dashboard runs this in a background thread at server start.
+    """
+    import time
+
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(8, 3))
+    umap_embed(np.linalg.norm(X[:, None] - X[None], axis=-1), seed=0)
+    return time.perf_counter() - t0
+
+
 def umap_embed(D: np.ndarray, seed: int = 0) -> np.ndarray:
     """UMAP on the precomputed distances (``umap-learn``, imported lazily)."""
     n = D.shape[0]
@@ -78,7 +100,7 @@ def umap_embed(D: np.ndarray, seed: int = 0) -> np.ndarray:
         raise AtlasError(
             f"UMAP needs at least {UMAP_MIN_POINTS} adapters to build a neighbour graph (got {n}); use PCA or MDS"
         )
-    os.environ.setdefault("NUMBA_CACHE_DIR", str(REPO / "cache" / "numba"))
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(numba_cache_dir()))
     import umap  # slow import (numba): only when asked for
 
     reducer = umap.UMAP(

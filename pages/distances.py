@@ -8,7 +8,8 @@ import pandas as pd
 import streamlit as st
 
 from geometry.errors import AtlasError
-from ui import compute, controls, downloads, figures, require_app, views
+from geometry.maps import UMAP_MIN_POINTS
+from ui import compute, controls, downloads, figures, require_app, views, warmup
 
 require_app()  # a shared link opened first on a fresh server still gets the app around it
 
@@ -47,6 +48,15 @@ dists = compute.distances(adapters, within=controls.comparable_set())
 if not dists:
     st.warning("These adapters have no module in common.")
     st.stop()
+
+@st.fragment(run_every=2)
+def _await_umap() -> None:
+    """While UMAP compiles in the background: a note, checked every 2 s, then a redraw with the UMAP map."""
+    if warmup.umap_ready():
+        st.rerun(scope="app")
+    st.caption(":material/hourglass_top: UMAP is being compiled in the background (numba, once per installation; "
+               "about a minute on 2 cores). Showing PCA until it is ready: the map switches by itself.")
+
 
 @st.fragment
 def view() -> None:
@@ -97,8 +107,15 @@ def view() -> None:
         method = controls.choice(
             st.segmented_control, "2-D map", {"pca": "PCA", "mds": "MDS", "umap": "UMAP"}, "pca", "map"
         )
+        if method == "umap" and len(names) >= UMAP_MIN_POINTS and not warmup.umap_ready():
+            warmup.start()  # normally started with the server (app.py); idempotent
+            _await_umap()  # PCA meanwhile; the page redraws with UMAP once the compile is done
+            method = "pca"
+        if method == "umap" and warmup.umap_error():
+            st.caption(f":material/info: UMAP is unavailable ({warmup.umap_error()}). Showing PCA.")
+            method = "pca"
         try:
-            with st.spinner(f"{method.upper()} embedding (UMAP compiles once, then is cached)..."):
+            with st.spinner(f"{method.upper()} embedding..."):
                 mapped = compute.embedding(matrix, tuple(names), method)
         except AtlasError as exc:
             st.caption(f":material/info: {exc}. Showing PCA.")

@@ -34,3 +34,18 @@ def test_subset_is_sliced_from_the_full_set(samples, monkeypatch):
     expected = real(subset)["cosine", "ba", "model", "v"].reduce("all")
     np.testing.assert_allclose(shown, expected, rtol=1e-12, atol=1e-15)
     assert plotly_specs(at)[1]["data"][0]["text"] == ["task0", "task2", "task3"]
+
+
+def test_umap_while_compiling_shows_pca_and_says_so(samples, monkeypatch):
+    from ui import warmup
+
+    monkeypatch.setattr(warmup, "start", lambda: None)
+    monkeypatch.setattr(warmup, "umap_ready", lambda: False)
+    at = page_test("distances.py", {"map": "UMAP"})
+    assert not at.exception
+    assert any("UMAP is being compiled" in c.value for c in at.caption)
+    assert "PCA" in plotly_specs(at)[1]["layout"]["xaxis"]["title"]["text"]
+    monkeypatch.setattr(warmup, "umap_ready", lambda: True)
+    monkeypatch.setattr(warmup, "umap_error", lambda: "ImportError: no umap")
+    at.run()
+    assert any("UMAP is unavailable (ImportError: no umap)" in c.value for c in at.caption)

@@ -16,13 +16,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def quiet_environment() -> None:
-    """Silence library chatter a dashboard user would see, and keep numba's cache in ``cache/``.
+    """Silence library chatter a dashboard user would see, and keep numba's cache out of the repository.
 
     Sets environment variables only (cheap; no heavy import): transformers / hub progress bars and
-    advisory warnings off, ``NUMBA_CACHE_DIR`` to ``cache/numba`` (UMAP JIT-compiles with numba),
+    advisory warnings off, ``NUMBA_CACHE_DIR`` to ``~/.cache/adapter-atlas/numba`` (UMAP JIT-compiles with numba),
     and filters UMAP / sklearn warnings that do not concern the user.
     """
-    os.environ.setdefault("NUMBA_CACHE_DIR", str(REPO / "cache" / "numba"))
+    from geometry.maps import numba_cache_dir
+
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(numba_cache_dir()))
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -1,0 +1,46 @@
+"""Background warm-up at server start: UMAP's numba compile runs once, off the request path.
+
+``start()`` (called by ``app.py``) launches one daemon thread per server process that runs
+:func:`geometry.maps.warm_umap`; ``umap_ready()`` says whether it has finished, so the Distances page
+shows PCA with a note meanwhile and the UMAP map as soon as it is ready (never a minutes-long spinner).
+"""
+
+from __future__ import annotations
+
+import threading
+
+_READY = threading.Event()
+_LOCK = threading.Lock()
+_STATE: dict[str, object] = {"thread": None, "seconds": None, "error": None}
+
+
+def _run() -> None:
+    from geometry.maps import warm_umap
+
+    try:
+        _STATE["seconds"] = warm_umap()
+    except Exception as exc:  # an unusable UMAP install: the page says so instead of waiting for ever
+        _STATE["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        _READY.set()
+
+
+def start() -> None:
+    """Start the warm-up thread once per process (later calls do nothing)."""
+    with _LOCK:
+        if _STATE["thread"] is None:
+            thread = threading.Thread(target=_run, name="umap-warmup", daemon=True)
+            _STATE["thread"] = thread
+            thread.start()
+
+
+def umap_ready() -> bool:
+    return _READY.is_set()
+
+
+def umap_error() -> str | None:
+    return _STATE["error"]  # type: ignore[return-value]
+
+
+def wait(timeout: float | None = None) -> bool:
+    return _READY.wait(timeout)
