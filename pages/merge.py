@@ -165,6 +165,45 @@ if result is not None:
     fig = merge_figures.performance_bars(frame, title=f"{METHOD_LABELS[method]}: merged vs fine-tuned, per task")
     downloads.show(fig, f"merge_{method}_performance", frame, key="merge_bars")
 
+st.subheader("Methods side by side on these tasks")
+st.caption("Each method with its default weights and parameters (TIES / magnitude pruning keep 20%, DARE 50%, "
+           "seed 0; task arithmetic λ = 1, averages and Multi-SLERP 1/T), scored on the same test examples.")
+compared = st.multiselect(
+    "Methods compared", list(MERGE_METHODS), format_func=METHOD_LABELS.get, key="merge_compare",
+    default=["task_arithmetic", "ties", "dare_ties", "multislerp"],
+)
+clicked = st.button("Score every method", disabled=not can_score or not compared, key="merge_compare_run")
+view_key = (compute.content_key(adapters), tuple(compared), tasks_dir, max_examples)
+if clicked:
+    st.session_state["merge_compare_view"] = view_key  # what to show; the results come from the caches
+rows, anps = [], {}
+if can_score and compared and st.session_state.get("merge_compare_view") == view_key:
+    for m_name in compared:
+        try:
+            m_params = {"density": 0.2} if m_name in ("ties", "magnitude_prune") else {}
+            m_merged = compute.merged(adapters, m_name, None, m_params)
+            scored = compute.merge_scores(adapters, tasks_dir, m_merged, max_examples, run=clicked)
+        except (AtlasError, ValueError) as exc:
+            st.caption(f":material/info: {METHOD_LABELS[m_name]}: {exc}")
+            continue
+        if scored is None:
+            continue
+        anps[m_name] = scored.anp
+        weights_used = ", ".join(f"{w:g}" for w in (m_merged.params.get("weights") or []))
+        for r in scored.frame.assign(adapter=names).itertuples(index=False):
+            rows.append({"method": m_name, "weights": weights_used, "task": r.task, "adapter": r.adapter,
+                         "finetuned": r.finetuned, "merged": r.merged, "normalized": r.normalized})
+if rows:
+    table = pd.DataFrame(rows)
+    wide = table.pivot_table(index="method", columns="task", values="normalized", sort=False)
+    wide["ANP"] = [anps[m] for m in wide.index]
+    st.dataframe(wide, width="stretch", column_config={c: st.column_config.NumberColumn(format="%.1f") for c in wide.columns})
+    fig = merge_figures.method_comparison(table, anps, title="Merged score as % of the fine-tuned adapter, per task and method")
+    downloads.show(fig, "merge_methods_compared", table, key="merge_methods")
+    missing = [m for m in compared if m not in anps]
+    if missing:
+        st.caption(f"Not scored yet: {', '.join(METHOD_LABELS[m] for m in missing)} (press the button).")
+
 st.subheader("Pairwise study")
 n_eval = len(adapters) * len(adapters)  # n fine-tuned + n (n - 1) merged evaluations
 st.caption(

@@ -106,3 +106,15 @@ def test_pairwise_study_states_its_cost_first(monkeypatch, tmp_path, samples):
     at = _merge_page(monkeypatch, tmp_path, samples)
     cost = [c.value for c in at.caption if "merged evaluations" in c.value]
     assert cost and "3 fine-tuned and 6 merged evaluations" in cost[0] and "about" in cost[0]
+
+
+def test_methods_side_by_side(monkeypatch, tmp_path, samples):
+    at = _merge_page(monkeypatch, tmp_path, samples)
+    at.multiselect(key="merge_compare").set_value(["task_arithmetic", "ties"])
+    at.button(key="merge_compare_run").click()
+    at.run()
+    assert not at.exception, at.exception
+    wide = at.main.dataframe[0].value
+    assert list(wide.index) == ["task_arithmetic", "ties"] and "ANP" in wide.columns
+    assert set(TASKS) <= set(wide.columns)
+    assert any(f["layout"]["barmode"] == "group" for f in __import__("tests.app_fixtures", fromlist=["x"]).plotly_specs(at))

@@ -12,6 +12,7 @@ cache, and the in-memory layer then reads it back.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -66,7 +67,7 @@ def progress_bar(label: str, *, cancel: bool = True):
     box = holder.container(border=True)
     bar = box.progress(0.0, text=f"{label}…")
     if cancel:
-        box.button("Cancel (finished steps are kept)", key=f"cancel_{abs(hash(label)) % 10**8}",
+        box.button("Cancel (finished steps are kept)", key=f"cancel_{next(_BARS)}",
                    icon=":material/cancel:")
     start = time.perf_counter()
 
@@ -90,6 +91,9 @@ SECONDS_PER_MERGE = 0.3
 def estimate_seconds(evaluations: int, examples: int) -> str:
     """A rough wall time for ``evaluations`` scores of ``examples`` examples each (see EXAMPLES_PER_SECOND)."""
     return _seconds(evaluations * (examples / EXAMPLES_PER_SECOND + SECONDS_PER_MERGE / 2))
+
+
+_BARS = itertools.count()
 
 
 def _seconds(value: float) -> str:

@@ -56,6 +56,30 @@ def correlation_lines(frame: pd.DataFrame, *, title: str) -> go.Figure:
             ), row=1, col=c)
         fig.update_xaxes(title_text="k (last k layers averaged)", dtick=1, row=1, col=c)
     fig.update_yaxes(title_text="Spearman ρ(δ(i,·), T̄_d(i,·)), mean over tasks", row=1, col=1)
-    fig.update_layout(title=dict(text=title, x=0.0, xanchor="left"), margin=MARGIN, height=420,
-                      legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0))
+    # Legend below the panels: above them it covered the title and the subplot titles.
+    fig.update_layout(title=dict(text=title, x=0.0, xanchor="left"), margin=dict(MARGIN, t=max(MARGIN["t"], 80)),
+                      height=460, legend=dict(orientation="h", yanchor="top", y=-0.22, xanchor="left", x=0.0))
+    return fig
+
+
+def method_comparison(frame: pd.DataFrame, anps: dict[str, float], *, title: str) -> go.Figure:
+    """Grouped bars: per task, each method's merged score as % of the fine-tuned adapter's; ANP last.
+
+    ``frame`` columns: ``method``, ``task``, ``normalized`` (%); ``anps``: method -> ANP (%).
+    """
+    fig = go.Figure()
+    tasks = list(dict.fromkeys(frame["task"]))
+    for i, (method, part) in enumerate(frame.groupby("method", sort=False)):
+        by_task = dict(zip(part["task"], part["normalized"]))
+        xs = [*tasks, "ANP (mean)"]
+        ys = [by_task.get(t) for t in tasks] + [anps.get(method)]
+        fig.add_trace(go.Bar(
+            x=xs, y=ys, name=str(method), marker_color=QUALITATIVE[i % len(QUALITATIVE)],
+            hovertemplate=f"{method}<br>%{{x}}: %{{y:.1f}}% of fine-tuned<extra></extra>",
+        ))
+    fig.add_hline(y=100, line_dash="dot", line_color="gray", annotation_text="fine-tuned", annotation_position="top left")
+    fig.update_layout(barmode="group", title=dict(text=title, x=0.0, xanchor="left"), margin=dict(MARGIN, t=80),
+                      height=460, legend=dict(orientation="h", yanchor="top", y=-0.25, xanchor="left", x=0.0))
+    fig.update_yaxes(title_text="merged / fine-tuned score (%)", rangemode="tozero")
+    fig.update_xaxes(title_text="task (with its own head)", tickangle=-25, automargin=True)
     return fig
