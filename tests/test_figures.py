@@ -128,3 +128,13 @@ def test_map_labels_do_not_overlap_and_no_rounding_noise_ticks():
     assert list(fig.data[0].y) == [0.0, 0.0]
     lo, hi = fig.layout.yaxis.range
     assert hi - lo > 0.3  # a readable axis, not a 1e-16 one
+
+
+def test_long_names_are_shortened_on_matrix_axes_not_in_hover():
+    from ui.figures import matrix_heatmap, short_name
+
+    long = "MatthewZhang473__LoRA_Qwen0.5B__r6_alpha32"
+    assert short_name(long) == "MatthewZha…_r6_alpha32" and len(short_name(long)) == 22
+    fig = matrix_heatmap(np.eye(2), ["nli", long], title="t", value_label="v")
+    assert list(fig.layout.xaxis.ticktext) == ["nli", short_name(long)]
+    assert fig.data[0].customdata[1][1][0] == long  # hover: the full name

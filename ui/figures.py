@@ -96,13 +96,30 @@ def off_diagonal_range(*matrices: np.ndarray) -> tuple[float | None, float | Non
     return lo, hi
 
 
+#: Longest tick label on matrix axes; longer names are shortened in the middle (the hover shows them whole),
+#: so that a 44-character hub name does not squash the heatmap to a strip.
+TICK_CHARS = 22
+
+
+def short_name(name: str, limit: int = TICK_CHARS) -> str:
+    """``name`` cut to ``limit`` characters around a middle ellipsis (start and end kept: they tell names apart)."""
+    name = str(name)
+    if len(name) <= limit:
+        return name
+    head = (limit - 1) // 2
+    return f"{name[:head]}…{name[-(limit - 1 - head):]}"
+
+
 def _all_names(fig: go.Figure, names: Sequence[str], **where) -> None:
-    """Show every adapter name on both axes (Plotly would drop overlapping category labels)."""
+    """Show every adapter name on both axes (Plotly would drop overlapping category labels), shortened
+    in the middle when long (:func:`short_name`); the hover text names both adapters in full."""
     small = len(names) > 8
     font = dict(size=10) if small else None
-    fig.update_xaxes(tickmode="array", tickvals=list(names), ticktext=list(names), tickangle=-40, tickfont=font,
-                     **where)
-    fig.update_yaxes(tickmode="array", tickvals=list(names), ticktext=list(names), tickfont=font, **where)
+    ticks = [short_name(n) for n in names]
+    if len(set(ticks)) < len(set(names)):  # shortening made two names equal: keep them whole
+        ticks = list(names)
+    fig.update_xaxes(tickmode="array", tickvals=list(names), ticktext=ticks, tickangle=-40, tickfont=font, **where)
+    fig.update_yaxes(tickmode="array", tickvals=list(names), ticktext=ticks, tickfont=font, **where)
 
 
 def _matrix_height(n: int) -> int:
