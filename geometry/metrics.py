@@ -1,4 +1,4 @@
-"""Scores of model outputs: accuracy and macro F1 of class predictions, ROUGE-L F1 of generations.
+"""Scores of model outputs: accuracy and macro F1 of class predictions, ROUGE-1 and ROUGE-L F1 of generations.
 
 * Accuracy: ``mean(pred == label)``.
 * Macro F1: per class ``c`` (the union of the classes in labels and predictions, as scikit-learn),
@@ -6,12 +6,20 @@
 * ROUGE-L F1 (Lin, 2004): with ``LCS`` the longest common subsequence of the candidate and reference
   tokens, ``P = LCS / |cand|``, ``R = LCS / |ref|``, ``F = 2 P R / (P + R)``. Tokens are the
   lower-cased alphanumeric runs (the reference scorer's tokenisation, no stemming).
+* ROUGE-1 F1 (Lin, 2004; DivMerge scores generation with it): ``overlap = sum_w min(c_w, r_w)`` over the
+  unigram counts of candidate and reference, ``P = overlap / |cand|``, ``R = overlap / |ref|``, ``F`` as above.
+
+Both come from Google's ``rouge-score`` package (``rouge_scorer.RougeScorer``, no stemmer) when it is
+installed (``requirements.txt``), and from the identical implementations below otherwise (same
+tokenisation; ``tests/test_divmerge.py`` checks that the two agree).
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 
@@ -53,8 +61,47 @@ def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
     return prev[-1]
 
 
+@lru_cache(maxsize=1)
+def _scorer():
+    """``rouge_score.rouge_scorer.RougeScorer(["rouge1", "rougeL"])``, or ``None`` without the package."""
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError:
+        return None
+    return rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=False)
+
+
+def rouge_scores(candidate: str, reference: str) -> dict[str, float]:
+    """``{"rouge_1": F1, "rouge_l": F1}`` of ``candidate`` against ``reference`` (``rouge-score`` when installed)."""
+    scorer = _scorer()
+    if scorer is not None:
+        s = scorer.score(reference, candidate)  # rouge-score takes (target, prediction)
+        return {"rouge_1": float(s["rouge1"].fmeasure), "rouge_l": float(s["rougeL"].fmeasure)}
+    return {"rouge_1": rouge_1_reference(candidate, reference), "rouge_l": rouge_l_reference(candidate, reference)}
+
+
+def rouge_1(candidate: str, reference: str) -> float:
+    """ROUGE-1 F1 (unigram overlap), the paper's generation metric."""
+    return rouge_scores(candidate, reference)["rouge_1"]
+
+
 def rouge_l(candidate: str, reference: str) -> float:
     """ROUGE-L F1 (Lin, 2004): ``P = LCS / |cand|``, ``R = LCS / |ref|``, ``F = 2 P R / (P + R)``."""
+    return rouge_scores(candidate, reference)["rouge_l"]
+
+
+def rouge_1_reference(candidate: str, reference: str) -> float:
+    """ROUGE-1 F1 written out (the fallback of :func:`rouge_1`)."""
+    c, r = Counter(rouge_tokens(candidate)), Counter(rouge_tokens(reference))
+    overlap = sum((c & r).values())
+    if overlap == 0:
+        return 0.0
+    p, rec = overlap / sum(c.values()), overlap / sum(r.values())
+    return 2 * p * rec / (p + rec)
+
+
+def rouge_l_reference(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 written out (the fallback of :func:`rouge_l`)."""
     c, r = rouge_tokens(candidate), rouge_tokens(reference)
     lcs = lcs_length(c, r)
     if lcs == 0:
