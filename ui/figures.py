@@ -586,3 +586,17 @@ def sweep_lines(frame: pd.DataFrame, *, title: str, metrics: Mapping[str, str], 
         fig.update_xaxes(title_text="λ (sparsity penalty)", type="category", row=1, col=c)
     fig.update_yaxes(title_text="mean over modules", row=1, col=1)
     return _base_layout(fig, title, 420, legend_below=0.25)
+
+
+def coefficient_heatmap(table: pd.DataFrame, *, title: str, value_label: str = "Γ") -> go.Figure:
+    """Task x layer heatmap of learned coefficients (``table``: rows adapters, columns layers)."""
+    rows = [str(r) for r in table.index]
+    cols = [str(c) for c in table.columns]
+    fig = go.Figure(go.Heatmap(
+        z=table.to_numpy(dtype=float), x=cols, y=rows, colorscale="RdBu", zmid=0.0,
+        colorbar=dict(title=dict(text=value_label, side="right")),
+        hovertemplate=f"adapter: %{{y}}<br>layer: %{{x}}<br>{value_label}: %{{z:.4g}}<extra></extra>",
+    ))
+    fig.update_yaxes(title_text="adapter (task)", autorange="reversed", type="category")
+    fig.update_xaxes(title_text="layer (transformer block)", type="category")
+    return _base_layout(fig, title, max(320, 40 * len(rows) + 220))

@@ -1,0 +1,72 @@
+"""Learned merge page in AppTest: a DivMerge run starts, runs in the background, stops on the button keeping
+its coefficients, and shows the final merge (coefficients, download, comparison with the baselines)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.app_fixtures import APP, plotly_specs
+from tests.learned_fixtures import learned_study
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture()
+def page(tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    folders, tasks_dir = learned_study(tmp_path)
+    monkeypatch.setenv("ADAPTER_ATLAS_SAMPLES", str(folders[0].parent))
+    monkeypatch.setenv("ADAPTER_ATLAS_CACHE", str(tmp_path / "cache"))
+    at = AppTest.from_file(str(APP), default_timeout=300)
+    at.run()
+    at.switch_page("pages/learned.py").run()
+    assert not at.exception, at.exception
+    at.text_input(key="learned_tasks").set_value(str(tasks_dir))
+    at.number_input(key="learned_samples_task").set_value(5)
+    at.number_input(key="learned_limit").set_value(20)
+    return at
+
+
+def _wait(at, done) -> None:
+    deadline = time.time() + 120
+    while time.time() < deadline and not done(at.session_state["learned_run"].run):
+        time.sleep(0.2)
+
+
+def test_run_stop_keeps_coefficients_and_shows_the_merge(page):
+    at = page
+    at.number_input(key="learned_epochs_divmerge").set_value(50)
+    at.button(key="learned_start").click()
+    at.run()
+    assert not at.exception, at.exception
+    live = at.session_state["learned_run"]
+    _wait(at, lambda run: run.step >= 2)
+    at.run()
+    at.button(key="learned_stop").click()
+    at.run()
+    live.run.join(60)
+    assert not live.run.running and 2 <= live.run.step < live.run.total_steps
+    reached = live.run.coefficients.copy()
+    at.run()
+    assert not at.exception, at.exception
+    assert any("Stopped early" in c.value for c in at.caption)
+    shown = at.main.dataframe[0].value
+    assert list(shown.index) == live.run.names
+    assert abs(float(shown.iloc[0, 0]) - float(reached[0, 0])) < 1e-12  # the coefficients reached are kept
+    titles = [f["layout"]["title"]["text"] for f in plotly_specs(at)]
+    assert any("objective" in t for t in titles) and any("Coefficients" in t for t in titles)
+    assert at.get("download_button")
+
+
+def test_bad_task_folder_is_a_message_and_keeps_the_set(page, tmp_path):
+    at = page
+    names = list(at.session_state["adapter_set"].names)
+    at.text_input(key="learned_tasks").set_value(str(tmp_path / "nowhere"))
+    at.button(key="learned_start").click()
+    at.run()
+    assert not at.exception
+    assert at.main.error and "nowhere" in at.main.error[0].value
+    assert at.session_state["adapter_set"].names == names
