@@ -289,8 +289,8 @@ def test_dashboard_end_to_end(server, upload_zip):
 
 
 PAGE_URLS = {"overview": "Adapter Atlas", "anatomy": "Adapter anatomy", "distances": "Distances between adapters",
-             "inclusion": "Spectral inclusion", "merge": "Merging adapters"}
-TITLES = ["Overview", "Anatomy", "Distances", "Inclusion", "Merge"]
+             "inclusion": "Spectral inclusion", "merge": "Merging adapters", "learned": "Learned merges"}
+TITLES = ["Overview", "Anatomy", "Distances", "Inclusion", "Merge", "Learned merge"]
 
 
 def _inside_the_app(page, path: str) -> None:
