@@ -259,15 +259,21 @@ def _angles_from(cos: torch.Tensor, sines: torch.Tensor, r1: torch.Tensor, r2: t
 def grassmann_from_angles(
     theta: torch.Tensor, rank1: int | torch.Tensor, rank2: int | torch.Tensor, pad: bool = False
 ) -> torch.Tensor:
-    """``d_G = sqrt(sum_i theta_i^2)`` over the ``min(rank1, rank2)`` angles.
+    """``d_G = sqrt(sum_i theta_i^2)`` over the ``min(rank1, rank2)`` angles; NaN when either rank is 0.
 
     ``pad=False`` (default): the distance from the smaller subspace to the nearest subspace of the
     larger one (0 when one contains the other). ``pad=True``: add ``|rank1 - rank2|`` angles of
     ``pi / 2`` (the larger space's extra directions count as orthogonal).
+
+    The zero subspace (a zero matrix, rank 0) has no principal angle with any subspace, so its
+    distance is undefined in both conventions: NaN (not the 0 of an empty sum, which would make it
+    contained in, hence at distance 0 from, everything; nor the padded ``sqrt(r) pi / 2``, a value
+    set by convention only).
     """
     sq = (theta * theta).sum(-1)
+    r1 = torch.as_tensor(rank1, device=theta.device)
+    r2 = torch.as_tensor(rank2, device=theta.device)
     if pad:
-        r1 = torch.as_tensor(rank1, device=theta.device)
-        r2 = torch.as_tensor(rank2, device=theta.device)
         sq = sq + (r1 - r2).abs().to(sq.dtype) * (math.pi / 2) ** 2
-    return sq.sqrt()
+    d = sq.sqrt()
+    return torch.where((r1 > 0) & (r2 > 0), d, torch.full_like(d, math.nan))

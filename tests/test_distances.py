@@ -269,3 +269,83 @@ def test_factors_wider_than_the_space_use_the_per_pair_path_and_match_dense():
     """m < r: Householder Q has m columns, the pair-batched path does not apply."""
     ads = [random_adapter(f"ad{i}", layers=2, kinds={"tiny": (3, 10), "q": (12, 10)}, r=4, seed=110 + i) for i in range(3)]
     assert_matches_dense(ads)
+
+
+# ---------------------------------------------------------------------------------------------
+# Zero task vectors (B = 0: peft's init, or a module that never trained) and reduce() coverage
+def _zero_set():
+    ads = [random_adapter(f"ad{i}", layers=3, kinds=KINDS, r=4, seed=200 + i) for i in range(3)]
+    ads[0].name = "nli"
+    for kind in ("q", "v"):
+        ads[0].modules[ModuleKey("model", 1, kind)].B.zero_()  # peft init: B = 0
+    ads[2].modules[ModuleKey("model", 2, "down")].A.zero_()  # A = 0 (rank 0 on the A side)
+    return ads
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_zero_task_vector_has_undefined_grassmann_and_cosine_not_zero(pad):
+    ads = _zero_set()
+    res = all_distances(ads, device=CPU, pad=pad)
+    for factor in ("ba", "b"):
+        g = res["grassmann", factor, "model", "q"].values
+        assert np.isnan(g[0, 1, 1]) and np.isnan(g[0, 2, 1]) and np.isnan(g[1, 0, 1]), factor
+        assert np.isfinite(g[1, 2, 1]) and np.isfinite(g[0, 1, 0]) and np.isfinite(g[0, 1, 2]), factor
+        assert np.isnan(res["cosine", factor, "model", "q"].values[0, 1, 1])
+    # The A side of a zero-B module is a genuine subspace: its Grassmann distances stay defined.
+    assert np.isfinite(res["grassmann", "a", "model", "q"].values[0, 1, 1])
+    # A = 0: tau and the A side are undefined for Grassmann, the B side is not.
+    for factor in ("ba", "a"):
+        assert np.isnan(res["grassmann", factor, "model", "down"].values[2, 0, 2]), factor
+    assert np.isfinite(res["grassmann", "b", "model", "down"].values[2, 0, 2])
+    # L2 between a zero and a non-zero task vector is ||tau|| of the other one.
+    key = ModuleKey("model", 1, "q")
+    other = float(torch.linalg.matrix_norm(ads[1].modules[key].dense()))
+    assert res["l2", "ba", "model", "q"].values[0, 1, 1] == pytest.approx(other, rel=1e-12)
+    assert res["l2", "b", "model", "q"].values[0, 1, 1] == pytest.approx(
+        float(torch.linalg.matrix_norm(ads[1].modules[key].B.double())), rel=1e-12
+    )
+    # The diagonal stays 0 (a zero module is "itself").
+    assert np.all(np.diagonal(res["grassmann", "ba", "model", "q"].values) == 0)
+
+
+def test_zero_modules_are_named_once_per_adapter_in_the_notes():
+    ads = _zero_set()
+    ads[0].modules[ModuleKey("model", 2, "q")].B.zero_()
+    res = all_distances(ads, device=CPU)
+    notes = res["grassmann", "ba", "model", "q"].notes
+    zero = [n for n in notes if "is zero" in n or "are zero" in n]
+    assert len(zero) == 1, notes
+    assert "'nli'" in zero[0] and "model.1-2.q" in zero[0] and "B = 0" in zero[0] and "undefined" in zero[0]
+    assert res["grassmann", "ba", "model", "q"].zero == {"nli": [1, 2]}
+    down = res["grassmann", "a", "model", "down"]
+    assert down.zero == {"ad2": [2]} and any("A = 0" in n for n in down.notes)
+    assert res["grassmann", "b", "model", "down"].zero == {}
+    # L2 stays defined: its note says what the value is.
+    l2 = [n for n in res["l2", "ba", "model", "v"].notes if "is zero" in n]
+    assert len(l2) == 1 and "L2 to it is the norm of the other adapter's matrix" in l2[0]
+
+
+def test_reduce_reports_how_many_layers_each_pair_averaged():
+    ads = _zero_set()
+    dt = all_distances(ads, metrics=["grassmann"], factors=["ba"], kinds=["q"], device=CPU)["grassmann", "ba", "model", "q"]
+    default = dt.reduce()
+    values, counts = dt.reduce("all", return_counts=True)
+    np.testing.assert_array_equal(values, default)
+    assert counts[0, 1] == 2 and counts[1, 2] == 3 and counts[0, 0] == 3
+    np.testing.assert_array_equal(dt.counts("all"), counts)
+    assert dt.counts("last:1")[0, 1] == 1
+    notes = dt.coverage_notes("all")
+    assert any("pair ('nli', 'ad1') averaged 2 of 3 layers" in n for n in notes), notes
+    assert not any("'ad1', 'ad2'" in n for n in notes)
+    assert dt.coverage_notes("2") == []
+
+
+def test_one_note_for_one_cause():
+    """Ten adapters without one adapter's k modules: one line naming that adapter, not ten."""
+    from geometry.align import check_compatible as check
+
+    qv = [random_adapter(f"t{i}", layers=2, kinds={"q": (8, 6), "v": (8, 6)}, r=2, seed=i) for i in range(10)]
+    wide = random_adapter("wide", layers=2, kinds={"q": (8, 6), "k": (8, 6), "v": (8, 6)}, r=2, seed=11)
+    notes = [n for n in check([*qv, wide]) if "module(s)" in n]
+    assert notes == ["2 module(s) (model.0.k, model.1.k) only in 'wide'; comparisons use the modules common to all "
+                     "11 adapters"]

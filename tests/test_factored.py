@@ -181,3 +181,18 @@ def test_principal_angles_batched_with_different_ranks_per_item():
         ref = np.sort(scipy.linalg.subspace_angles(X[i].numpy(), Y[i].numpy()))
         np.testing.assert_allclose(theta[i, : int(p[i])].numpy(), ref, rtol=1e-9, atol=1e-12)
         assert torch.all(theta[i, int(p[i]) :] == 0)
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_grassmann_distance_to_the_zero_subspace_is_undefined(pad):
+    """A zero matrix (B = 0) spans the zero subspace: no principal angle, NaN (not 0, not sqrt(r) pi / 2)."""
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(2, 12, 3, generator=g, dtype=torch.float64)
+    Y = torch.randn(2, 12, 3, generator=g, dtype=torch.float64)
+    X[1] = 0.0
+    Q1, r1 = orthonormal_basis(X, device=CPU)
+    Q2, r2 = orthonormal_basis(Y, device=CPU)
+    theta, p = principal_angles(Q1, r1, Q2, r2)
+    assert r1.tolist() == [3, 0] and p.tolist() == [3, 0]
+    d = grassmann_from_angles(theta, r1, r2, pad=pad)
+    assert math.isfinite(float(d[0])) and math.isnan(float(d[1]))

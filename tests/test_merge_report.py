@@ -1,0 +1,79 @@
+"""MERGE_RESULTS.md generator: pre-registered headline cell, best-of-many labelled and tested by a permutation
+null for the same selection, atomic writes (no merges evaluated here)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from geometry.distances import all_distances
+from geometry.merge_eval import correlation_study, row_spearman
+from sample_adapters import merge_report
+from tests.synthetic import random_adapter
+
+
+def _random_case(n=8, cells=5, seed=0):
+    rng = np.random.default_rng(seed)
+    delta = np.round(rng.normal(size=(n, n)), 1)  # rounding makes ties
+    delta[3] = 0.5  # a constant row: undefined for that task
+    mats = []
+    for _ in range(cells):
+        D = rng.random((n, n))
+        mats.append((D + D.T) / 2)
+    mats[1][2] = 1.0  # a constant distance row
+    return delta, mats
+
+
+def test_spearman_cells_observed_means_equal_row_spearman():
+    delta, mats = _random_case()
+    observed, null = merge_report.spearman_cells(delta, mats, n_perm=50)
+    for c, D in enumerate(mats):
+        rho = row_spearman(delta, D)
+        assert observed[c] == pytest.approx(np.nanmean(rho), rel=1e-12)
+    assert null.shape == (50, len(mats))
+
+
+def test_permutation_null_finds_a_real_relation_and_penalises_selection():
+    rng = np.random.default_rng(1)
+    n = 8
+    D = rng.random((n, n))
+    D = (D + D.T) / 2
+    delta = D + 1e-3 * rng.random((n, n))  # merge loss increases with distance: Spearman 1 per task
+    observed, null = merge_report.spearman_cells(delta, [D], n_perm=2000, seed=2)
+    assert observed[0] == pytest.approx(1.0) and merge_report.p_value(null[:, 0], observed[0]) < 0.001
+    # 42 unrelated cells: the best looks good alone, not once its selection is accounted for.
+    delta = rng.normal(size=(n, n))
+    mats = [(lambda M: (M + M.T) / 2)(rng.random((n, n))) for _ in range(42)]
+    observed, null = merge_report.spearman_cells(delta, mats, n_perm=2000, seed=3)
+    best = int(np.argmax(observed))
+    p_alone = merge_report.p_value(null[:, best], observed[best])
+    p_selected = merge_report.p_value(null.max(1), observed[best])
+    assert p_alone < 0.05 < p_selected
+
+
+def test_selection_lines_headline_is_the_preregistered_cell():
+    kinds = {"q": (12, 10), "v": (12, 10)}
+    ads = [random_adapter(f"t{i}", layers=6, kinds=kinds, r=3, seed=500 + i) for i in range(5)]
+    distances = all_distances(ads, device="cpu", factors=["ba"])
+    delta = np.random.default_rng(0).normal(size=(5, 5))
+    corr = correlation_study(ads, delta, distances=distances)
+    assert len(corr) == 42
+    lines = merge_report.selection_lines(delta, corr, distances, n_perm=200)
+    assert lines[0].startswith("**Pre-registered cell**") and "grassmann on v over the last 5 layers" in lines[0]
+    assert "5 of 6" in lines[0] and "permutation p = " in lines[0]
+    assert "of the 42 cells, **selected after the fact**" in lines[1] and "p = " in lines[1]
+
+
+def test_write_is_atomic(tmp_path, monkeypatch):
+    out = tmp_path / "MERGE_RESULTS.md"
+    merge_report._write(out, ["# head"], ["| `m` | 1 | 2 | 3 |"], ["body"], ["m"], 0.0)
+    assert out.read_text().startswith("# head") and list(tmp_path.iterdir()) == [out]
+    before = out.read_text()
+
+    def broken(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(merge_report.os, "replace", broken)
+    with pytest.raises(OSError):
+        merge_report._write(out, ["# other"], [], [], ["m"], 0.0)
+    assert out.read_text() == before and list(tmp_path.iterdir()) == [out]
