@@ -92,6 +92,14 @@ def view() -> None:
     unit = views.METRIC_UNITS[metric]
     if metric == "grassmann":
         st.caption(f":material/info: Convention for different ranks: {tensor.convention}")
+    undefined = [n for n in tensor.notes if "is zero" in n] + (tensor.coverage_notes(used) if used else [])
+    if undefined:  # zero modules and partial means are named, never silently averaged away
+        with st.container(border=True):
+            st.markdown(":material/warning: **Undefined values in this view**")
+            for note in undefined[:8]:
+                st.caption(note)
+            if len(undefined) > 8:
+                st.caption(f"... and {len(undefined) - 8} more (in the CSV of the full table, as empty cells)")
 
     left, right = st.columns([3, 2] if len(names) > 6 else [1, 1])
     with left:
