@@ -42,6 +42,7 @@ def streamlit_server(samples: Path, cache: Path):
         port = s.getsockname()[1]
     env = dict(os.environ, ADAPTER_ATLAS_SAMPLES=str(samples), ADAPTER_ATLAS_CACHE=str(cache), HF_HUB_OFFLINE="1",
                PYTHONPATH=str(REPO))
+    cache.mkdir(parents=True, exist_ok=True)
     log = open(cache.parent / "streamlit.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.headless", "true",

@@ -377,7 +377,8 @@ def merge_section(merge_md: str) -> list[str]:
         if not title.startswith("`"):
             continue
         method = title.split("`")[1]
-        best = next((x for x in body if x.startswith("Highest mean") or x.startswith("Every correlation")), None)
+        picked = [x for x in body if x.startswith(("**Pre-registered cell**", "Highest of the", "Highest mean",
+                                                   "Every correlation"))]
         if method == "lora_average":
             start = next((i for i, x in enumerate(body) if x.startswith("| kind |")), None)
             block = []
@@ -390,9 +391,20 @@ def merge_section(merge_md: str) -> list[str]:
                 lines += ["Spearman correlation between the merge loss delta(i, .) and the distance Tbar_d(i, .) for "
                           "`lora_average` (the geometry paper's merge), value modules, mean (std) over tasks:", ""]
                 lines += table + [""]
-        if best:
-            lines += [f"- `{method}`: {best}"]
+        lines += [f"- `{method}`: {x}" for x in picked]
     return lines + [""]
+
+
+def replace_merge_section(results_md: str, merge_md: str) -> str:
+    """``results_md`` (RESULTS.md) with its ``## Merging`` section rebuilt from ``merge_md`` (MERGE_RESULTS.md),
+    everything else kept byte for byte (the other sections need the full training set to regenerate)."""
+    lines = results_md.splitlines()
+    start = next((i for i, x in enumerate(lines) if x.strip() == "## Merging"), None)
+    section = merge_section(merge_md)
+    if start is None:
+        return results_md.rstrip("\n") + "\n\n" + "\n".join(section) + "\n"
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return "\n".join(lines[:start] + section + lines[end:]) + "\n"
 
 
 def main(argv=None) -> int:
@@ -401,7 +413,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None, help="output file (default: ROOT/RESULTS.md)")
     p.add_argument("--second-root", type=Path, default=None,
                    help="a second adapter set trained from another init seed: adds the robustness section")
+    p.add_argument("--merging-only", action="store_true",
+                   help="rewrite only the Merging section of the existing file from MERGE_RESULTS.md")
     args = p.parse_args(argv)
+    if args.merging_only:
+        out = args.out or args.root / "RESULTS.md"
+        out.write_text(replace_merge_section(out.read_text(), (args.root / "MERGE_RESULTS.md").read_text()))
+        print(f"rewrote the Merging section of {out}")
+        return 0
     import torch
 
     torch.set_num_threads(1)

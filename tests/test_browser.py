@@ -13,13 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import shutil
 import socket
-import subprocess
-import sys
 import time
-import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -45,38 +41,16 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def _streamlit(tmp: Path, samples: Path):
-    """``streamlit run app.py`` on a free port with its own disk cache; yields the URL once healthy."""
-    port = _free_port()
-    env = dict(os.environ, ADAPTER_ATLAS_SAMPLES=str(samples), ADAPTER_ATLAS_CACHE=str(tmp / "cache"),
-               HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    log = open(tmp / "streamlit.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.headless", "true",
-         "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
-         "--server.fileWatcherType", "none"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
+    """``streamlit run app.py`` on a free port with its own disk cache (``bench/browser_latency.py``'s
+    server, shared with the latency benchmark); yields the URL once healthy. Log: ``tmp/streamlit.log``."""
+    from bench.browser_latency import streamlit_server
+
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                pytest.fail(f"streamlit did not start: {(tmp / 'streamlit.log').read_text()[-2000:]}")
-            time.sleep(0.3)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        with streamlit_server(samples, tmp / "cache") as url:
+            yield url
+    except RuntimeError as exc:
+        log = tmp / "streamlit.log"
+        pytest.fail(f"{exc}: {log.read_text()[-2000:] if log.is_file() else 'no log'}")
 
 
 def _samples(tmp: Path) -> Path:

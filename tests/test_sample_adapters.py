@@ -187,3 +187,19 @@ def test_merge_section_on_a_small_report():
     assert "| v | cosine | 0.2 |" in out and "| q | cosine | 0.1 |" not in out
     assert "- `ties`: Highest mean: l2 on v over the last 1 layers, 0.1 (0.2)." in out
     assert any(x.startswith("- `lora_average`: Every correlation") for x in out)
+
+
+def test_merge_section_carries_the_preregistered_cell_and_the_labelled_best():
+    from sample_adapters.report import merge_section, replace_merge_section
+
+    text = "\n".join([
+        "# Merging", "", "## Summary", "", "| method | ANP |", "|---|---|", "| `ties` | 90.00 |", "",
+        "## `ties`: TIES", "", "**Pre-registered cell** (fixed before this study): mean Spearman 0.10 (0.20).",
+        "Highest of the 42 cells, **selected after the fact**: l2 on v, 0.3 (0.1). p = 0.400: not evidence.",
+    ])
+    out = merge_section(text)
+    assert "- `ties`: **Pre-registered cell** (fixed before this study): mean Spearman 0.10 (0.20)." in out
+    assert any(x.startswith("- `ties`: Highest of the 42 cells, **selected after the fact**") for x in out)
+    results = "# R\n\n## Tasks\n\nkept\n\n## Merging\n\nold\n\n## Robustness\n\nkept too\n"
+    new = replace_merge_section(results, text)
+    assert "old" not in new and "kept\n" in new and "## Robustness\n\nkept too" in new and "Pre-registered" in new
