@@ -45,10 +45,8 @@ import argparse
 import gc
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -56,29 +54,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.runtime_bench import QWEN_KINDS, SAMPLE_TASKS, dense_weights, qwen_config, random_updates  # noqa: E402
+from bench.runtime_bench import (  # noqa: E402
+    QWEN_KINDS,
+    SAMPLE_TASKS,
+    dense_weights,
+    qwen_config,
+    random_updates,
+)
+from bench.runtime_bench import _median_time as _median  # noqa: E402
 from geometry.base_models import MINILM, quiet  # noqa: E402
 from geometry.learned.divergences import js_divergence  # noqa: E402
 from geometry.runtime import Runtime, adapter_updates  # noqa: E402
 
 SAMPLES = ROOT / "sample_adapters"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _median(fn, device: torch.device, repeats: int) -> float:
-    fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 # ---------------------------------------------------------------------------------------------- step vs base
