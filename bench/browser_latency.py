@@ -7,7 +7,10 @@ frame), at least ``clicks`` times per page:
 
 * Distances: the metric (L2 / cosine / Grassmann) and the projection (q / v);
 * Inclusion: "L1 on" (raw spectra / normalized);
-* Anatomy: "Compare with a second adapter" (on / off).
+* Anatomy: the adapter shown (a select box: opening it is not timed, the pick of another adapter is;
+  every figure of the page changes), and, reported apart as ``anatomy_compare``, "Compare with a
+  second adapter" (on / off): the second adapter's figures appear (five figures) or go (three), and
+  the time runs until the page holds the new number of figures, every one drawn.
 
 ``measure(...)`` returns the times per page; ``bench/dashboard_bench.py`` prints p50 / p95.
 """
@@ -77,9 +80,17 @@ def _idle(page, timeout: float = 300.0) -> None:
         " return app && app.getAttribute('data-test-script-state') === 'notRunning'; }", timeout=timeout * 1000)
 
 
-def _click_times(page, labels: list[str], clicks: int, figure: int) -> list[float]:
-    """Click the controls named ``labels`` in turn; seconds from each click to figure ``figure`` changing.
+COUNT_JS = """(n) => { const f = Array.from(document.querySelectorAll('.js-plotly-plot'));
+    return f.length === n && f.every(d => d._fullLayout && (d.data || []).length > 0); }"""
 
+
+def _click_times(page, labels: list[str], clicks: int, figure: int | None,
+                 counts: dict[int, int] | None = None) -> list[float]:
+    """Click the controls named ``labels`` in turn; seconds from each click to the redrawn figure.
+
+    ``figure``: the index of the figure whose data must change; ``None``: the click changes the number
+    of figures, and the time runs until the page holds ``counts[figures before]`` figures, all drawn
+    (learnt by a warm-up round: :func:`_learn_counts`).
     Timed inside the page: from the ``pointerdown`` event (a capture listener) to the first animation
     frame at which the figure's data differs, so the driver's own overhead is not counted.
     """
@@ -87,21 +98,62 @@ def _click_times(page, labels: list[str], clicks: int, figure: int) -> list[floa
                   "'pointerdown', () => { window.__t0 = performance.now(); }, true); } }")
     times = []
     for k in range(clicks):
-        label = labels[k % len(labels)]
-        target = page.locator('[data-testid="stMain"]').get_by_text(label, exact=True).filter(visible=True).first
-        before = page.evaluate(FIGURES_JS)[figure]
-        target.scroll_into_view_if_needed()
-        target.click()
-        page.wait_for_function(f"(b) => {{ const f = ({FIGURES_JS})(); const done = f.length > {figure} && f[{figure}]"
-                               f" && f[{figure}] !== b; if (done) window.__t1 = performance.now(); return done; }}",
-                               arg=before, polling="raf", timeout=60_000)
+        target = _target(page, labels[k % len(labels)])
+        if figure is None:
+            expected = counts[page.evaluate("() => document.querySelectorAll('.js-plotly-plot').length")]
+            target.click()
+            page.wait_for_function(f"(n) => {{ const done = ({COUNT_JS})(n); if (done) window.__t1 = performance.now();"
+                                   " return done; }", arg=expected, polling="raf", timeout=60_000)
+        else:
+            before = page.evaluate(FIGURES_JS)[figure]
+            target.click()
+            page.wait_for_function(f"(b) => {{ const f = ({FIGURES_JS})(); const done = f.length > {figure} && f[{figure}]"
+                                   f" && f[{figure}] !== b; if (done) window.__t1 = performance.now(); return done; }}",
+                                   arg=before, polling="raf", timeout=60_000)
         times.append(page.evaluate("() => (window.__t1 - window.__t0) / 1000"))
         _idle(page)
     return times
 
 
+def _target(page, action):
+    """The element whose click is timed: a control named ``action`` (its text), or, for ``("select", label,
+    option)``, the option of the select box ``label`` (the box is opened first, untimed)."""
+    main = page.locator('[data-testid="stMain"]')
+    if isinstance(action, tuple):
+        _, label, option = action
+        box = main.locator('[data-testid="stSelectbox"]').filter(has_text=label).first
+        box.scroll_into_view_if_needed()
+        box.get_by_role("combobox").click()
+        target = page.get_by_role("option", name=option, exact=True).first
+        target.wait_for()
+        return target
+    target = main.get_by_text(action, exact=True).filter(visible=True).first
+    target.scroll_into_view_if_needed()
+    return target
+
+
+def _learn_counts(page, labels: list[str]) -> dict[int, int]:
+    """``{figures before: figures after}`` of each click of a warm-up round (controls that add figures)."""
+    counts = {}
+    for label in labels * 2:
+        n0 = _settled_count(page)
+        _target(page, label).click()
+        _idle(page)
+        counts[n0] = _settled_count(page)
+    return counts
+
+
+def _settled_count(page) -> int:
+    """The number of figures on the page once it stays the same for 4 polls in a row (0.8 s)."""
+    seen: list[int] = []
+    while len(seen) < 4 or len(set(seen[-4:])) > 1:
+        page.wait_for_timeout(200)
+        seen.append(page.evaluate("() => document.querySelectorAll('.js-plotly-plot').length"))
+    return seen[-1]
+
+
 def measure(samples: Path, cache: Path, clicks: int = 20) -> dict[str, list[float]]:
-    """``{page: [seconds per click]}`` for Distances, Inclusion and Anatomy."""
+    """``{page: [seconds per click]}`` for Distances, Inclusion, Anatomy and Anatomy's comparison toggle."""
     from playwright.sync_api import sync_playwright
 
     out: dict[str, list[float]] = {}
@@ -113,14 +165,16 @@ def measure(samples: Path, cache: Path, clicks: int = 20) -> dict[str, list[floa
             plan = [
                 ("distances", ["Grassmann", "L2", "cosine", "q", "v"], 0),
                 ("inclusion", ["normalized", "raw spectra"], 0),
-                ("anatomy", ["Compare with a second adapter"], 1),
+                ("anatomy", [("select", "Adapter", "negation"), ("select", "Adapter", "acceptability")], 0),
+                ("anatomy_compare", ["Compare with a second adapter"], None),
             ]
-            for path, labels, figure in plan:
-                page.goto(f"{url}/{path}")
+            for name, labels, figure in plan:
+                page.goto(f"{url}/{name.split('_')[0]}")
                 _idle(page)
-                page.wait_for_function(f"() => document.querySelectorAll('.js-plotly-plot').length > {figure}")
-                _click_times(page, labels, len(labels), figure)  # warm-up round: caches, first figures
-                out[path] = _click_times(page, labels, clicks, figure)
+                page.wait_for_function(f"() => document.querySelectorAll('.js-plotly-plot').length > {figure or 0}")
+                counts = _learn_counts(page, labels) if figure is None else None
+                _click_times(page, labels, len(labels), figure, counts)  # warm-up round: caches, first figures
+                out[name] = _click_times(page, labels, clicks, figure, counts)
         finally:
             browser.close()
     return out

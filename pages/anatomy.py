@@ -34,53 +34,54 @@ if not len(aset):
     st.info("No adapters loaded: add some in the sidebar.")
     st.stop()
 
-names = aset.names
-second = None
-with st.container(horizontal=True, gap="medium", vertical_alignment="bottom"):
-    first = st.selectbox("Adapter", names, key="adapter", bind=controls.URL, width=380)
-    compare = st.toggle("Compare with a second adapter", key="compare2", bind=controls.URL, disabled=len(names) < 2)
-    if compare and len(names) > 1:
-        others = [n for n in names if n != first]
-        second = st.selectbox("Second adapter", others, key="adapter2", bind=controls.URL, width=380)
-
-shown = [first] + ([second] if second else [])
-tables = {name: compute.anatomy(aset[name]) for name in shown}
-stacks = list(dict.fromkeys(s for t in tables.values() for s in t["stack"]))
-stack = st.selectbox("Stack", stacks, key="stack_a") if len(stacks) > 1 else stacks[0]
-parts = {name: t[t["stack"] == stack] for name, t in tables.items()}
-# Two adapters: one colour scale for both heatmaps (the same colour is the same norm).
-zmin = min(float(p["fro_norm"].min()) for p in parts.values() if len(p)) if second else None
-zmax = max(float(p["fro_norm"].max()) for p in parts.values() if len(p)) if second else None
-
-def _draw(name: str, norms_box, ranks_box) -> None:
-    part = parts[name]
-    if part.empty:
-        norms_box.warning(f"{name} has no module in the {stack} stack.")
-        return
-    fig = figures.norm_heatmap(
-        part, adapter=name, zmin=zmin, zmax=zmax,
-        title=f"‖τ‖_F by layer and module kind\n{name}" + (" · colour scale shared by both adapters" if second else ""),
-    )
-    with norms_box:
-        downloads.show(fig, f"anatomy_norms_{name}", part.drop(columns=["singular_values"]), key=f"norms_{name}")
-    fig_r = figures.rank_lines(part, adapter=name, title=f"Effective and stable rank by layer\n{name}")
-    with ranks_box:
-        ranks = part[[c for c in ("stack", "layer", "kind", "effective_rank", "stable_rank") if c in part.columns]]
-        downloads.show(fig_r, f"anatomy_ranks_{name}", ranks, key=f"ranks_{name}")
-
-
-if second:  # two adapters: one column each, heatmaps on one colour scale
-    cols = st.columns(2)
-    for col, name in zip(cols, shown):
-        col.markdown(f"#### {name}")
-        _draw(name, col.container(), col.container())
-else:  # one adapter: norms and ranks side by side
-    left, right = st.columns([1, 1])
-    _draw(first, left, right)
-
 @st.fragment
-def spectrum() -> None:
-    """One module's spectrum: its kind and layer controls rerun only this section."""
+def view() -> None:
+    """Everything below the title: a control here reruns only this part (not the sidebar)."""
+    names = aset.names
+    second = None
+    with st.container(horizontal=True, gap="medium", vertical_alignment="bottom"):
+        first = st.selectbox("Adapter", names, key="adapter", bind=controls.URL, width=380)
+        compare = st.toggle("Compare with a second adapter", key="compare2", bind=controls.URL, disabled=len(names) < 2)
+        if compare and len(names) > 1:
+            others = [n for n in names if n != first]
+            second = st.selectbox("Second adapter", others, key="adapter2", bind=controls.URL, width=380)
+
+    shown = [first] + ([second] if second else [])
+    tables = {name: compute.anatomy(aset[name]) for name in shown}
+    stacks = list(dict.fromkeys(s for t in tables.values() for s in t["stack"]))
+    stack = st.selectbox("Stack", stacks, key="stack_a") if len(stacks) > 1 else stacks[0]
+    parts = {name: t[t["stack"] == stack] for name, t in tables.items()}
+    # Two adapters: one colour scale for both heatmaps (the same colour is the same norm).
+    zmin = min(float(p["fro_norm"].min()) for p in parts.values() if len(p)) if second else None
+    zmax = max(float(p["fro_norm"].max()) for p in parts.values() if len(p)) if second else None
+
+    def _draw(name: str, norms_box, ranks_box) -> None:
+        part = parts[name]
+        if part.empty:
+            norms_box.warning(f"{name} has no module in the {stack} stack.")
+            return
+        fig = figures.norm_heatmap(
+            part, adapter=name, zmin=zmin, zmax=zmax,
+            title=f"‖τ‖_F by layer and module kind\n{name}" + (" · colour scale shared by both adapters" if second else ""),
+        )
+        with norms_box:
+            downloads.show(fig, f"anatomy_norms_{name}", part.drop(columns=["singular_values"]), key=f"norms_{name}")
+        fig_r = figures.rank_lines(part, adapter=name, title=f"Effective and stable rank by layer\n{name}")
+        with ranks_box:
+            ranks = part[[c for c in ("stack", "layer", "kind", "effective_rank", "stable_rank") if c in part.columns]]
+            downloads.show(fig_r, f"anatomy_ranks_{name}", ranks, key=f"ranks_{name}")
+
+
+    # The same two columns either way, the first adapter's heatmap at the same place: turning the comparison
+    # on or off updates the figures there instead of building every figure of the page anew in the browser.
+    left, right = st.columns(2)
+    if second:  # two adapters: one column each (the subtitles name them), heatmaps on one colour scale
+        _draw(first, left, left)
+        _draw(second, right, right)
+    else:  # one adapter: norms and ranks side by side
+        _draw(first, left, right)
+
+    # One module's spectrum
     st.subheader("Singular spectrum of one module")
     base = parts[first]
     kinds = list(dict.fromkeys(base["kind"]))
@@ -111,4 +112,4 @@ def spectrum() -> None:
         st.info(f"No {kind} module at layer {layer}.")
 
 
-spectrum()
+view()

@@ -55,133 +55,140 @@ with c2:
 
 ROW_LABELS = {k: v for k, v in views.INCLUSION_METRICS.items()}
 
-if mode == "pair":
-    p1, p2 = st.columns(2)
-    with p1:
-        tau1 = st.selectbox("τ1 (basis)", names, index=0, key="tau1", bind=controls.URL)
-    with p2:
-        tau2 = st.selectbox("τ2 (projected)", names, index=1, key="tau2", bind=controls.URL)
-    if tau1 == tau2:
-        st.info("Choose two different adapters.")
-        st.stop()
-    with st.spinner("Spectral inclusion in both directions..."):
-        t12 = compute.inclusion_pair(by_name[tau1], by_name[tau2], lam)
-        t21 = compute.inclusion_pair(by_name[tau2], by_name[tau1], lam)
-    d12, d21 = f"{tau1} → {tau2}", f"{tau2} → {tau1}"
-    stacks = list(dict.fromkeys(t12["stack"]))
-    stack = st.selectbox("Stack", stacks, key="stack_i") if len(stacks) > 1 else stacks[0]
-    present = list(dict.fromkeys(t12[t12["stack"] == stack]["kind"]))
-    default_kinds = [k for k in ("q", "v") if k in present] or present[:2]
-    k1, k2 = st.columns([3, 2])
-    with k1:
-        kinds = st.multiselect("Projections", present, default=default_kinds, key="kinds", bind=controls.URL)
-    with k2:
-        l1_col = controls.choice(
-            st.segmented_control, "L1 on", {"l1": "raw spectra", "l1_normalized": "normalized"}, "l1", "l1"
+@st.fragment
+def view() -> None:
+    """The pair or all-pairs view: its controls rerun only this part (not the sidebar, not the t-tests)."""
+    if mode == "pair":
+        p1, p2 = st.columns(2)
+        with p1:
+            tau1 = st.selectbox("τ1 (basis)", names, index=0, key="tau1", bind=controls.URL)
+        with p2:
+            tau2 = st.selectbox("τ2 (projected)", names, index=1, key="tau2", bind=controls.URL)
+        if tau1 == tau2:
+            st.info("Choose two different adapters.")
+            return
+        with st.spinner("Spectral inclusion in both directions..."):
+            t12 = compute.inclusion_pair(by_name[tau1], by_name[tau2], lam)
+            t21 = compute.inclusion_pair(by_name[tau2], by_name[tau1], lam)
+        d12, d21 = f"{tau1} → {tau2}", f"{tau2} → {tau1}"
+        stacks = list(dict.fromkeys(t12["stack"]))
+        stack = st.selectbox("Stack", stacks, key="stack_i") if len(stacks) > 1 else stacks[0]
+        present = list(dict.fromkeys(t12[t12["stack"] == stack]["kind"]))
+        default_kinds = [k for k in ("q", "v") if k in present] or present[:2]
+        k1, k2 = st.columns([3, 2])
+        with k1:
+            kinds = st.multiselect("Projections", present, default=default_kinds, key="kinds", bind=controls.URL)
+        with k2:
+            l1_col = controls.choice(
+                st.segmented_control, "L1 on", {"l1": "raw spectra", "l1_normalized": "normalized"}, "l1", "l1"
+            )
+        curves = views.inclusion_curves_frame({d12: t12, d21: t21}, kinds or present, stack)
+        fig2 = figures.grid_curves(
+            curves, title=f"Per-layer {ROW_LABELS[l1_col].split(' =')[0]} and REC, both directions (the paper's Figure 2)",
+            rows=[l1_col, "rec"], cols=kinds or present, row_labels=ROW_LABELS,
         )
-    curves = views.inclusion_curves_frame({d12: t12, d21: t21}, kinds or present, stack)
-    fig2 = figures.grid_curves(
-        curves, title=f"Per-layer {ROW_LABELS[l1_col].split(' =')[0]} and REC, both directions (the paper's Figure 2)",
-        rows=[l1_col, "rec"], cols=kinds or present, row_labels=ROW_LABELS,
-    )
-    downloads.show(fig2, f"inclusion_curves_{tau1}_{tau2}", curves, key="curves")
-    gaps = curves[curves["rec"].isna()]
-    if len(gaps):
-        where = ", ".join(f"{r.direction} layer {r.layer} {r.kind}" for r in gaps.itertuples())
-        st.caption(
-            f":material/info: Gaps in the REC curves: S2 = 0 at {where} (τ2 has no positive component on "
-            "τ1's singular directions there), so REC is undefined."
-        )
+        downloads.show(fig2, f"inclusion_curves_{tau1}_{tau2}", curves, key="curves")
+        gaps = curves[curves["rec"].isna()]
+        if len(gaps):
+            where = ", ".join(f"{r.direction} layer {r.layer} {r.kind}" for r in gaps.itertuples())
+            st.caption(
+                f":material/info: Gaps in the REC curves: S2 = 0 at {where} (τ2 has no positive component on "
+                "τ1's singular directions there), so REC is undefined."
+            )
 
-    summary = (
-        curves.groupby(["direction", "kind"], sort=False)[["l1", "l1_normalized", "rec", "h1", "h2"]]
-        .mean()
-        .reset_index()
-        .rename(columns={"l1": "mean L1 (raw)", "l1_normalized": "mean L1 (normalized)", "rec": "mean REC",
-                         "h1": "mean H(S1)", "h2": "mean H(S2)"})
-    )
-    st.markdown("**Means over layers** (entropies of the basis spectrum S1 and of the projected S2)")
-    st.dataframe(summary, hide_index=True, width="stretch")
-    downloads.csv_button(summary, f"inclusion_means_{tau1}_{tau2}", key="csv_means")
+        summary = (
+            curves.groupby(["direction", "kind"], sort=False)[["l1", "l1_normalized", "rec", "h1", "h2"]]
+            .mean()
+            .reset_index()
+            .rename(columns={"l1": "mean L1 (raw)", "l1_normalized": "mean L1 (normalized)", "rec": "mean REC",
+                             "h1": "mean H(S1)", "h2": "mean H(S2)"})
+        )
+        st.markdown("**Means over layers** (entropies of the basis spectrum S1 and of the projected S2)")
+        st.dataframe(summary, hide_index=True, width="stretch")
+        downloads.csv_button(summary, f"inclusion_means_{tau1}_{tau2}", key="csv_means")
 
-    st.subheader("S1 vs S2 at one module")
-    s1, s2, s3 = st.columns(3)
-    with s1:
-        direction = st.radio("Direction", [d12, d21], horizontal=True, key="direction")
-    with s2:
-        skind = st.selectbox("Kind", present, index=present.index(kinds[0]) if kinds else 0, key="s_kind")
-    layers = sorted(t12[(t12["stack"] == stack) & (t12["kind"] == skind)]["layer"].unique())
-    with s3:
-        slayer = (
-            st.select_slider("Layer", options=layers, value=layers[-1], key="s_layer", bind=controls.URL)
-            if len(layers) > 1 else layers[0]
+        st.subheader("S1 vs S2 at one module")
+        s1, s2, s3 = st.columns(3)
+        with s1:
+            direction = st.radio("Direction", [d12, d21], horizontal=True, key="direction")
+        with s2:
+            skind = st.selectbox("Kind", present, index=present.index(kinds[0]) if kinds else 0, key="s_kind")
+        layers = sorted(t12[(t12["stack"] == stack) & (t12["kind"] == skind)]["layer"].unique())
+        with s3:
+            slayer = (
+                st.select_slider("Layer", options=layers, value=layers[-1], key="s_layer", bind=controls.URL)
+                if len(layers) > 1 else layers[0]
+            )
+        table = t12 if direction == d12 else t21
+        spectra = views.spectra_at(table, int(slayer), skind, stack)
+        if spectra and not any(spectra["S2 (τ2 projected on τ1's basis)"]):
+            st.caption(
+                ":material/info: S2 = 0 here: τ2 has no positive component on any of τ1's singular directions "
+                "at this module (REC and H(S2) are undefined)."
+            )
+        if spectra:
+            fig_s = figures.spectra_bars(
+                spectra, title=f"{direction}: spectra at layer {slayer}, {skind}", detail=f"{direction} · layer {slayer} · {skind}"
+            )
+            if st.toggle("Log scale (S2 is often orders of magnitude below S1)", key="s_log"):
+                fig_s.update_yaxes(type="log", title_text="singular value σ_i (log scale)")
+            frame = pd.DataFrame({k: pd.Series(v) for k, v in spectra.items()}).rename_axis("i")
+            downloads.show(fig_s, f"spectra_{direction}_{slayer}_{skind}", frame, index=True, key="spectra")
+        st.subheader("λ sweep (the paper's appendix A)")
+        with st.spinner("λ sweep..."):
+            sweep = pd.concat(
+                [compute.lambda_sweep(by_name[tau1], by_name[tau2]).assign(direction=d12),
+                 compute.lambda_sweep(by_name[tau2], by_name[tau1]).assign(direction=d21)],
+                ignore_index=True,
+            )
+        fig_l = figures.sweep_lines(
+            sweep, title="Mean REC and L1 as the sparsity penalty λ grows\nS2 = 0 for every module once λ ≥ 1",
+            metrics={"rec": "mean REC", l1_col: "mean " + ("L1 (raw)" if l1_col == "l1" else "L1 (normalized)")},
         )
-    table = t12 if direction == d12 else t21
-    spectra = views.spectra_at(table, int(slayer), skind, stack)
-    if spectra and not any(spectra["S2 (τ2 projected on τ1's basis)"]):
+        downloads.show(fig_l, f"lambda_sweep_{tau1}_{tau2}", sweep, key="sweep")
+    else:
+        tables = compute.inclusion_all_pairs(adapters, lam)
+        kinds_all = list(dict.fromkeys(k for t in tables.values() for k in t["kind"]))
+        m1, m2 = st.columns(2)
+        with m1:
+            metric = controls.choice(
+                st.selectbox, "Metric", views.INCLUSION_SHORT, "rec", "inc_metric",
+            )
+        with m2:
+            kind = st.selectbox("Projections (all = every module)", ["all", *kinds_all], key="inc_kind",
+                                bind=controls.URL)
+        matrix = views.inclusion_matrix_from_tables(tables, len(names), metric, None if kind == "all" else kind)
         st.caption(
-            ":material/info: S2 = 0 here: τ2 has no positive component on any of τ1's singular directions "
-            "at this module (REC and H(S2) are undefined)."
+            ":material/east: **Direction: row τ_i → column τ_j** (τ_j projected on τ_i's singular basis). "
+            "A high REC in row i, column j means τ_j lies in the directions of τ_i; compare with cell (j, i) "
+            "for the reverse. The diagonal (an adapter with itself) is left blank."
         )
-    if spectra:
-        fig_s = figures.spectra_bars(
-            spectra, title=f"{direction}: spectra at layer {slayer}, {skind}", detail=f"{direction} · layer {slayer} · {skind}"
+        fig_m = figures.matrix_heatmap(
+            matrix, names, title=f"Inclusion matrix · mean {views.INCLUSION_METRICS[metric]} · {kind} · λ = {lam:g}",
+            value_label=metric.upper() if metric == "rec" else metric, detail=f"kinds: {kind} · λ = {lam:g}",
+            colorscale=figures.SIMILARITY if metric == "rec" else figures.SEQUENTIAL,
+            row_label="τ_i (basis, row) →", col_label="τ_j (projected, column)",
         )
-        if st.toggle("Log scale (S2 is often orders of magnitude below S1)", key="s_log"):
-            fig_s.update_yaxes(type="log", title_text="singular value σ_i (log scale)")
-        frame = pd.DataFrame({k: pd.Series(v) for k, v in spectra.items()}).rename_axis("i")
-        downloads.show(fig_s, f"spectra_{direction}_{slayer}_{skind}", frame, index=True, key="spectra")
-    st.subheader("λ sweep (the paper's appendix A)")
-    with st.spinner("λ sweep..."):
-        sweep = pd.concat(
-            [compute.lambda_sweep(by_name[tau1], by_name[tau2]).assign(direction=d12),
-             compute.lambda_sweep(by_name[tau2], by_name[tau1]).assign(direction=d21)],
-            ignore_index=True,
-        )
-    fig_l = figures.sweep_lines(
-        sweep, title="Mean REC and L1 as the sparsity penalty λ grows\nS2 = 0 for every module once λ ≥ 1",
-        metrics={"rec": "mean REC", l1_col: "mean " + ("L1 (raw)" if l1_col == "l1" else "L1 (normalized)")},
-    )
-    downloads.show(fig_l, f"lambda_sweep_{tau1}_{tau2}", sweep, key="sweep")
-else:
-    tables = compute.inclusion_all_pairs(adapters, lam)
-    kinds_all = list(dict.fromkeys(k for t in tables.values() for k in t["kind"]))
-    m1, m2 = st.columns(2)
-    with m1:
-        metric = controls.choice(
-            st.selectbox, "Metric", views.INCLUSION_SHORT, "rec", "inc_metric",
-        )
-    with m2:
-        kind = st.selectbox("Projections (all = every module)", ["all", *kinds_all], key="inc_kind",
-                            bind=controls.URL)
-    matrix = views.inclusion_matrix_from_tables(tables, len(names), metric, None if kind == "all" else kind)
-    st.caption(
-        ":material/east: **Direction: row τ_i → column τ_j** (τ_j projected on τ_i's singular basis). "
-        "A high REC in row i, column j means τ_j lies in the directions of τ_i; compare with cell (j, i) "
-        "for the reverse. The diagonal (an adapter with itself) is left blank."
-    )
-    fig_m = figures.matrix_heatmap(
-        matrix, names, title=f"Inclusion matrix · mean {views.INCLUSION_METRICS[metric]} · {kind} · λ = {lam:g}",
-        value_label=metric.upper() if metric == "rec" else metric, detail=f"kinds: {kind} · λ = {lam:g}",
-        colorscale=figures.SIMILARITY if metric == "rec" else figures.SEQUENTIAL,
-        row_label="τ_i (basis, row) →", col_label="τ_j (projected, column)",
-    )
-    ent = views.entropy_frame(tables, names)
-    left, right = st.columns([3, 2])
-    with left:
-        downloads.show(fig_m, f"inclusion_matrix_{metric}_{kind}", views.matrix_frame(matrix, names, metric),
-                       index=True, key="inc_matrix")
-    with right:
-        label = views.INCLUSION_SHORT[metric]
-        st.markdown(f"**Per adapter**: mean {label} as the basis τ1 (its row) and as the projected τ2 (its column)")
-        margins = views.inclusion_margins(matrix, names, label, ent)
-        st.dataframe(margins, hide_index=True, width="stretch",
-                     column_config={c: st.column_config.NumberColumn(format="%.3f") for c in margins.columns[1:]})
-        downloads.csv_button(margins, f"inclusion_margins_{metric}_{kind}", key="csv_margins")
-    st.markdown("**Mean entropies per direction** (H of the basis spectrum S1 and of the projected S2, 0 to 1)")
-    st.dataframe(ent, hide_index=True, width="stretch", height=min(420, 38 + 35 * len(ent)),
-                 column_config={c: st.column_config.NumberColumn(format="%.3f") for c in ("mean H(S1)", "mean H(S2)")})
-    downloads.csv_button(ent, "inclusion_entropies", key="csv_ent")
+        ent = views.entropy_frame(tables, names)
+        left, right = st.columns([3, 2])
+        with left:
+            downloads.show(fig_m, f"inclusion_matrix_{metric}_{kind}", views.matrix_frame(matrix, names, metric),
+                           index=True, key="inc_matrix")
+        with right:
+            label = views.INCLUSION_SHORT[metric]
+            st.markdown(f"**Per adapter**: mean {label} as the basis τ1 (its row) and as the projected τ2 (its column)")
+            margins = views.inclusion_margins(matrix, names, label, ent)
+            st.dataframe(margins, hide_index=True, width="stretch",
+                         column_config={c: st.column_config.NumberColumn(format="%.3f") for c in margins.columns[1:]})
+            downloads.csv_button(margins, f"inclusion_margins_{metric}_{kind}", key="csv_margins")
+        st.markdown("**Mean entropies per direction** (H of the basis spectrum S1 and of the projected S2, 0 to 1)")
+        st.dataframe(ent, hide_index=True, width="stretch", height=min(420, 38 + 35 * len(ent)),
+                     column_config={c: st.column_config.NumberColumn(format="%.3f") for c in ("mean H(S1)", "mean H(S2)")})
+        downloads.csv_button(ent, "inclusion_entropies", key="csv_ent")
+
+
+view()
+
 
 @st.fragment
 def ttests() -> None:

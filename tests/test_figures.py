@@ -138,3 +138,29 @@ def test_long_names_are_shortened_on_matrix_axes_not_in_hover():
     fig = matrix_heatmap(np.eye(2), ["nli", long], title="t", value_label="v")
     assert list(fig.layout.xaxis.ticktext) == ["nli", short_name(long)]
     assert fig.data[0].customdata[1][1][0] == long  # hover: the full name
+
+
+@pytest.mark.parametrize("rows, cols, hspace, vspace", [(1, 2, 0.05, 0.3), (2, 2, 0.08, 0.16), (1, 3, 0.1, 0.3)])
+def test_grid_lays_out_panels_as_make_subplots(rows, cols, hspace, vspace):
+    """The one-shot figure specs place panels and subplot titles exactly where make_subplots would."""
+    from plotly.subplots import make_subplots
+
+    titles = [f"t{k}" for k in range(rows * cols)]
+    ref = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=hspace,
+                        vertical_spacing=vspace).layout
+    cells, notes = figures._grid(rows, cols, titles=titles, hspace=hspace, vspace=vspace)
+    for cell in cells.values():
+        np.testing.assert_allclose(ref[cell["xaxis"]].domain, cell["xdomain"], atol=1e-12)
+        np.testing.assert_allclose(ref[cell["yaxis"]].domain, cell["ydomain"], atol=1e-12)
+        assert ref[cell["xaxis"]].anchor == cell["y"] and ref[cell["yaxis"]].anchor == cell["x"]
+    for mine, theirs in zip(notes, ref.annotations):
+        assert mine["text"] == theirs.text
+        assert mine["x"] == pytest.approx(theirs.x) and mine["y"] == pytest.approx(theirs.y)
+
+
+def test_margins_leave_room_for_long_names_and_rotated_ticks():
+    names = ["nli", "sentiment_movies_seed1"]
+    fig = figures.matrix_heatmap(np.eye(2), names, title="t", value_label="v")
+    assert fig.layout.margin.l >= 0.5 * 12 * len("sentiment_movies_seed1")  # the longest tick fits at the left
+    assert fig.layout.margin.b > fig.layout.margin.t / 2  # rotated x names need height under the plot
+    assert fig.layout.xaxis.automargin and fig.layout.yaxis.automargin  # a wrong estimate still does not clip

@@ -9,18 +9,23 @@ Cividis, RdBu) that read on both light and dark backgrounds; the pages draw them
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
-from plotly.subplots import make_subplots
 
 # Figures are drawn with theme="streamlit" (the app's colours, light or dark), so plotly's own default
 # template would be overridden anyway; building figures without it is several times faster (a control
 # change rebuilds them). Downloads apply a plain white template (ui.downloads.figure_bytes).
 pio.templates.default = "none"
+
+# Every builder writes its figure as one plain spec ``{"data": [...], "layout": {...}}`` and validates it
+# once (``go.Figure(spec)``): Plotly's ``update_*`` / ``make_subplots`` / ``add_trace`` calls walk and
+# re-validate the figure at each step, about 8x slower for the same JSON (17 ms against 2 ms for an
+# 11 x 11 heatmap; a control change rebuilds three or four figures).
 
 #: Sequential scale for distances / norms (low = dark purple, high = yellow).
 SEQUENTIAL = "Viridis"
@@ -44,34 +49,118 @@ def plotly_config(filename: str) -> dict:
     }
 
 
-def _base_layout(
-    fig: go.Figure, title: str, height: int | None = None, legend_below: float | None = None
-) -> go.Figure:
-    """Title (a second line after ``\n`` becomes the subtitle), margins, hover and legend placement.
+def _layout(
+    title: str, height: int | None = None, legend_below: float | None = None, *, axes: Mapping[str, dict] | None = None,
+    annotations: Sequence[dict] = (), **extra,
+) -> dict:
+    """Layout of a figure: title (a second line after ``\n`` becomes the subtitle), margins, hover, legend.
 
-    The legend sits above the plot on the right; figures with subplot titles put it below the
-    plot instead (``legend_below``: its offset in plot-height units) so it never covers a title.
+    ``axes``: ``{"xaxis": {...}, "yaxis2": {...}}`` (each gets ``automargin``); ``annotations``:
+    subplot titles (from :func:`_grid`) or notes. The legend sits above the plot on the right;
+    figures with subplot titles put it below the plot instead (``legend_below``: its offset in
+    plot-height units) so it never covers a title.
     """
     main, _, sub = title.partition("\n")
-    has_subplot_titles = any(getattr(a, "yref", None) == "paper" and a.y and a.y >= 0.99 for a in fig.layout.annotations)
+    has_subplot_titles = any(a.get("yref") == "paper" and (a.get("y") or 0) >= 0.99 for a in annotations)
     top = (84 if sub else MARGIN["t"]) + (22 if has_subplot_titles else 0)
     if legend_below is None:
         legend = dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0)
     else:
         legend = dict(orientation="h", yanchor="top", y=-legend_below, xanchor="left", x=0.0)
+    axes = dict(axes or {"xaxis": {}, "yaxis": {}})
     layout = dict(
-        title=dict(text=main, x=0.0, xanchor="left", subtitle=dict(text=sub) if sub else None),
-        margin=dict(MARGIN, t=top),
+        title=dict(text=main, x=0.0, xanchor="left", **({"subtitle": dict(text=sub)} if sub else {})),
+        margin=dict(MARGIN, t=top, l=_left_margin(axes.get("yaxis", {})), b=_bottom_margin(axes.get("xaxis", {}))),
         hoverlabel=dict(namelength=-1),
         legend=legend,
+        **extra,
     )
     if height is not None:
         layout["height"] = height
-    for axis in fig.layout:  # one update for every axis (update_xaxes / update_yaxes walk the subplots again)
-        if axis.startswith(("xaxis", "yaxis")):
-            layout[axis] = dict(automargin=True)
-    fig.update_layout(layout)
-    return fig
+    for name, axis in axes.items():
+        layout[name] = dict(axis, automargin=True)
+    if annotations:
+        layout["annotations"] = list(annotations)
+    return layout
+
+
+#: Width of one character of tick text, in pixels per pixel of font size (the app's sans-serif font).
+_CHAR_EM = 0.58
+
+
+def _tick_extent(axis: dict) -> float:
+    """Estimated width in pixels of the longest tick label of ``axis`` (numbers: about 5 characters)."""
+    size = (axis.get("tickfont") or {}).get("size") or 12
+    labels = axis.get("ticktext")
+    chars = max((len(str(t)) for t in labels), default=1) if labels else 5
+    return chars * _CHAR_EM * size
+
+
+def _left_margin(axis: dict) -> int:
+    """Left margin that fits the y tick labels and title, so that ``automargin`` rarely has to redraw.
+
+    Plotly's ``automargin`` measures the drawn labels and, when they do not fit, lays the figure out
+    a second time (about 30 ms a figure in the browser here); starting from a margin that already
+    fits skips that pass. ``automargin`` stays on for the labels the estimate gets wrong.
+    """
+    return round(_tick_extent(axis) + 10 + (24 if axis.get("title") else 0))
+
+
+def _bottom_margin(axis: dict) -> int:
+    """Bottom margin for the x tick labels (rotated by ``tickangle``) and title (see :func:`_left_margin`)."""
+    angle = math.radians(abs(axis.get("tickangle") or 0))
+    size = (axis.get("tickfont") or {}).get("size") or 12
+    extent = _tick_extent(axis) * math.sin(angle) + size * math.cos(angle) if axis.get("ticktext") else size
+    return round(extent + 12 + (24 if axis.get("title") else 0))
+
+
+def _figure(data: Sequence[dict], layout: dict) -> go.Figure:
+    """One validated ``go.Figure`` from trace dicts (each with its ``type``) and a layout dict."""
+    return go.Figure({"data": list(data), "layout": layout})
+
+
+def _grid(rows: int, cols: int, *, titles: Sequence[str] | None = None, hspace: float = 0.2,
+          vspace: float = 0.3) -> tuple[dict[tuple[int, int], dict], list[dict]]:
+    """Axes of a ``rows x cols`` grid of panels, as ``plotly.subplots.make_subplots`` lays them out.
+
+    Returns ``({(row, col): {"xaxis": name, "yaxis": name, "x": ref, "y": ref, "xdomain": [..],
+    "ydomain": [..]}}, subplot-title annotations)``; rows and columns count from 1, row 1 on top.
+    """
+    width = (1.0 - hspace * (cols - 1)) / cols
+    height = (1.0 - vspace * (rows - 1)) / rows
+    cells, notes = {}, []
+    for r in range(1, rows + 1):
+        for c in range(1, cols + 1):
+            k = (r - 1) * cols + c
+            x0 = (c - 1) * (width + hspace)
+            y1 = 1.0 - (r - 1) * (height + vspace)
+            cells[(r, c)] = {
+                "xaxis": "xaxis" if k == 1 else f"xaxis{k}", "yaxis": "yaxis" if k == 1 else f"yaxis{k}",
+                "x": "x" if k == 1 else f"x{k}", "y": "y" if k == 1 else f"y{k}",
+                "xdomain": [round(x0, 12), round(min(x0 + width, 1.0), 12)],
+                "ydomain": [round(max(y1 - height, 0.0), 12), round(y1, 12)],
+            }
+            if titles is not None and k <= len(titles) and titles[k - 1] is not None:
+                notes.append(dict(text=titles[k - 1], x=x0 + width / 2, y=y1, xref="paper", yref="paper",
+                                  xanchor="center", yanchor="bottom", showarrow=False, font=dict(size=16)))
+    return cells, notes
+
+
+def _grid_axes(cells: Mapping[tuple[int, int], dict], x: Mapping[tuple[int, int], dict] | None = None,
+               y: Mapping[tuple[int, int], dict] | None = None, shared_y: bool = False) -> dict[str, dict]:
+    """Layout axes of :func:`_grid` cells, with per-cell extra x / y settings.
+
+    ``shared_y``: panels of a row share the first panel's y axis (``matches``, ticks on the first only).
+    """
+    axes: dict[str, dict] = {}
+    first_y = {r: cell["y"] for (r, c), cell in cells.items() if c == 1}
+    for rc, cell in cells.items():
+        axes[cell["xaxis"]] = dict(anchor=cell["y"], domain=cell["xdomain"], **(x or {}).get(rc, {}))
+        yaxis = dict(anchor=cell["x"], domain=cell["ydomain"], **(y or {}).get(rc, {}))
+        if shared_y and rc[1] > 1:
+            yaxis.update(matches=first_y[rc[0]], showticklabels=False)
+        axes[cell["yaxis"]] = yaxis
+    return axes
 
 
 def off_diagonal_range(*matrices: np.ndarray) -> tuple[float | None, float | None]:
@@ -110,16 +199,26 @@ def short_name(name: str, limit: int = TICK_CHARS) -> str:
     return f"{name[:head]}…{name[-(limit - 1 - head):]}"
 
 
-def _all_names(fig: go.Figure, names: Sequence[str], **where) -> None:
-    """Show every adapter name on both axes (Plotly would drop overlapping category labels), shortened
-    in the middle when long (:func:`short_name`); the hover text names both adapters in full."""
+def _name_ticks(names: Sequence[str]) -> tuple[dict, dict]:
+    """x and y axis settings that show every adapter name (Plotly would drop overlapping category
+    labels), shortened in the middle when long (:func:`short_name`); the hover text names both
+    adapters in full."""
     small = len(names) > 8
     font = dict(size=10) if small else None
     ticks = [short_name(n) for n in names]
     if len(set(ticks)) < len(set(names)):  # shortening made two names equal: keep them whole
         ticks = list(names)
-    fig.update_xaxes(tickmode="array", tickvals=list(names), ticktext=ticks, tickangle=-40, tickfont=font, **where)
-    fig.update_yaxes(tickmode="array", tickvals=list(names), ticktext=ticks, tickfont=font, **where)
+    y = dict(tickmode="array", tickvals=list(names), ticktext=ticks, **({"tickfont": font} if font else {}))
+    return dict(y, tickangle=-40), y
+
+
+def _pair_names(names: Sequence[str]) -> np.ndarray:
+    """``custom[i, j] = (names[i], names[j])``: the hover text of cell ``(i, j)`` of a matrix."""
+    n = len(names)
+    custom = np.empty((n, n, 2), dtype=object)
+    custom[:, :, 0] = np.asarray(names, dtype=object)[:, None]
+    custom[:, :, 1] = np.asarray(names, dtype=object)[None, :]
+    return custom
 
 
 def _matrix_height(n: int) -> int:
@@ -168,33 +267,19 @@ def matrix_heatmap(
         lo, hi = off_diagonal_range(matrix)
         zmin = lo if zmin is None else zmin
         zmax = hi if zmax is None else zmax
-    custom = np.empty(matrix.shape + (2,), dtype=object)
-    for i, a in enumerate(names):
-        for j, b in enumerate(names):
-            custom[i, j, 0] = a
-            custom[i, j, 1] = b
     hover = (
         f"{row_label}: %{{customdata[0]}}<br>{col_label}: %{{customdata[1]}}<br>"
         f"{value_label}: %{{z:.4g}}" + (f"<br>{detail}" if detail else "") + "<extra></extra>"
     )
-    fig = go.Figure(
-        go.Heatmap(
-            z=matrix,
-            x=names,
-            y=names,
-            customdata=custom,
-            hovertemplate=hover,
-            colorscale=colorscale,
-            zmin=zmin,
-            zmax=zmax,
-            texttemplate=_cell_text(matrix, len(names)),
-            colorbar=dict(title=dict(text=value_label, side="right")),
-        )
+    trace = dict(
+        type="heatmap", z=matrix, x=names, y=names, customdata=_pair_names(names), hovertemplate=hover,
+        colorscale=colorscale, zmin=zmin, zmax=zmax, texttemplate=_cell_text(matrix, len(names)),
+        colorbar=dict(title=dict(text=value_label, side="right")),
     )
-    fig.update_yaxes(autorange="reversed", title_text=row_label, type="category")
-    fig.update_xaxes(title_text=col_label, type="category")
-    _all_names(fig, names)
-    return _base_layout(fig, title, _matrix_height(len(names)))
+    xt, yt = _name_ticks(names)
+    axes = {"xaxis": dict(xt, title=dict(text=col_label), type="category"),
+            "yaxis": dict(yt, autorange="reversed", title=dict(text=row_label), type="category")}
+    return _figure([trace], _layout(title, _matrix_height(len(names)), axes=axes))
 
 
 def side_by_side_heatmaps(
@@ -209,37 +294,27 @@ def side_by_side_heatmaps(
     """One heatmap per module kind on a shared colour scale (the paper's Figure 3: query | value)."""
     kinds = list(matrices)
     names = [str(n) for n in names]
-    fig = make_subplots(
-        rows=1, cols=len(kinds), subplot_titles=[f"{k} projections" for k in kinds], horizontal_spacing=0.08
-    )
+    cells, notes = _grid(1, len(kinds), titles=[f"{k} projections" for k in kinds], hspace=0.08)
     zmin, zmax = off_diagonal_range(*matrices.values())
+    custom = _pair_names(names)
+    xt, yt = _name_ticks(names)
+    data, x_extra, y_extra = [], {}, {}
     for c, kind in enumerate(kinds, start=1):
         matrix = np.asarray(matrices[kind], dtype=float)
-        custom = np.array([[[a, b] for b in names] for a in names], dtype=object)
-        fig.add_trace(
-            go.Heatmap(
-                z=matrix,
-                x=names,
-                y=names,
-                customdata=custom,
-                zmin=zmin,
-                zmax=zmax,
-                colorscale=colorscale,
-                showscale=c == len(kinds),
-                texttemplate=_cell_text(matrix, len(names)),
-                colorbar=dict(title=dict(text=value_label, side="right")),
-                hovertemplate=(
-                    f"kind: {kind}<br>adapter: %{{customdata[0]}}<br>adapter: %{{customdata[1]}}"
-                    f"<br>{value_label}: %{{z:.4g}}" + (f"<br>{detail}" if detail else "") + "<extra></extra>"
-                ),
+        data.append(dict(
+            type="heatmap", z=matrix, x=names, y=names, customdata=custom, zmin=zmin, zmax=zmax,
+            colorscale=colorscale, showscale=c == len(kinds), texttemplate=_cell_text(matrix, len(names)),
+            colorbar=dict(title=dict(text=value_label, side="right")),
+            hovertemplate=(
+                f"kind: {kind}<br>adapter: %{{customdata[0]}}<br>adapter: %{{customdata[1]}}"
+                f"<br>{value_label}: %{{z:.4g}}" + (f"<br>{detail}" if detail else "") + "<extra></extra>"
             ),
-            row=1,
-            col=c,
-        )
-        fig.update_yaxes(autorange="reversed", type="category", row=1, col=c, showticklabels=c == 1)
-        fig.update_xaxes(type="category", row=1, col=c)
-        _all_names(fig, names, row=1, col=c)
-    return _base_layout(fig, title, _matrix_height(len(names)))
+            xaxis=cells[(1, c)]["x"], yaxis=cells[(1, c)]["y"],
+        ))
+        x_extra[(1, c)] = dict(xt, type="category")
+        y_extra[(1, c)] = dict(yt, autorange="reversed", type="category", showticklabels=c == 1)
+    axes = _grid_axes(cells, x_extra, y_extra)
+    return _figure(data, _layout(title, _matrix_height(len(names)), axes=axes, annotations=notes))
 
 
 #: Candidate label positions around a marker, and their box offsets in pixels (dx, dy of the box centre;
@@ -254,6 +329,7 @@ _LABEL_SPOTS = {
     "bottom right": lambda w, h: (6 + w / 2, -7 - h / 2),
     "bottom left": lambda w, h: (-6 - w / 2, -7 - h / 2),
 }
+
 
 
 def label_positions(coords: np.ndarray, names: Sequence[str], x_range: Sequence[float], y_range: Sequence[float],
@@ -315,37 +391,26 @@ def embedding_scatter(
     scale = float(np.abs(coords).max()) if coords.size else 1.0
     scale = scale if scale > 0 else 1.0
     coords[np.abs(coords) < 1e-9 * scale] = 0.0
-    if len(coords):
+    x_axis = dict(title=dict(text=f"{method} component 1 (arbitrary units)"), zeroline=False)
+    y_axis = dict(title=dict(text=f"{method} component 2 (arbitrary units)"), zeroline=False)
+    positions: list[str] = []
+    if len(coords):  # room for the text labels around the outermost points
         span = np.ptp(coords, axis=0)
         span = np.where(span > 1e-9 * scale, span, scale)
         lo, hi = coords.min(axis=0), coords.max(axis=0)
-        x_range = [lo[0] - 0.25 * span[0], hi[0] + 0.25 * span[0]]
-        y_range = [lo[1] - 0.15 * span[1], hi[1] + 0.18 * span[1]]
-        positions = label_positions(coords, names, x_range, y_range)
-    else:
-        x_range = y_range = None
-        positions = []
-    fig = go.Figure(
-        go.Scatter(
-            x=coords[:, 0] if len(coords) else [],
-            y=coords[:, 1] if len(coords) else [],
-            mode="markers+text",
-            text=names,
-            textposition=positions or "top center",
-            marker=dict(size=13, color=colors, line=dict(width=1, color="#444")),
-            hovertemplate=(
-                f"adapter: %{{text}}<br>{method} 1: %{{x:.3g}}<br>{method} 2: %{{y:.3g}}"
-                + (f"<br>{detail}" if detail else "") + "<extra></extra>"
-            ),
-            cliponaxis=False,
-        )
+        x_axis["range"] = [lo[0] - 0.25 * span[0], hi[0] + 0.25 * span[0]]
+        y_axis["range"] = [lo[1] - 0.15 * span[1], hi[1] + 0.18 * span[1]]
+        positions = label_positions(coords, names, x_axis["range"], y_axis["range"])
+    trace = dict(
+        type="scatter", x=coords[:, 0], y=coords[:, 1], mode="markers+text", text=names,
+        textposition=positions or "top center", marker=dict(size=13, color=colors, line=dict(width=1, color="#444")),
+        hovertemplate=(
+            f"adapter: %{{text}}<br>{method} 1: %{{x:.3g}}<br>{method} 2: %{{y:.3g}}"
+            + (f"<br>{detail}" if detail else "") + "<extra></extra>"
+        ),
+        cliponaxis=False,
     )
-    if x_range is not None:  # room for the text labels around the outermost points
-        fig.update_xaxes(range=x_range)
-        fig.update_yaxes(range=y_range)
-    fig.update_xaxes(title_text=f"{method} component 1 (arbitrary units)", zeroline=False)
-    fig.update_yaxes(title_text=f"{method} component 2 (arbitrary units)", zeroline=False)
-    return _base_layout(fig, title, MATRIX_HEIGHT)
+    return _figure([trace], _layout(title, MATRIX_HEIGHT, axes={"xaxis": x_axis, "yaxis": y_axis}))
 
 
 def layer_lines(
@@ -365,42 +430,30 @@ def layer_lines(
     (a pair of adapters, a direction, a kind), the layer and the value.
     """
     facets = list(dict.fromkeys(frame[facet])) if facet and len(frame) else [None]
-    fig = make_subplots(
-        rows=1,
-        cols=len(facets),
-        shared_yaxes=True,
-        subplot_titles=[f"{f} projections" for f in facets] if facet else None,
-        horizontal_spacing=0.05,
-    )
+    cells, notes = _grid(1, len(facets), titles=[f"{f} projections" for f in facets] if facet else None, hspace=0.05)
     names = list(dict.fromkeys(frame[series])) if len(frame) else []
+    groups = {key: part.sort_values(x) for key, part in frame.groupby(
+        [facet, series] if facet else [series], sort=False)} if len(frame) else {}
+    dtick = _layer_dtick(frame[x] if len(frame) else [])
+    data, x_extra = [], {}
     for c, fv in enumerate(facets, start=1):
-        part = frame if fv is None else frame[frame[facet] == fv]
         for s_i, name in enumerate(names):
-            sub = part[part[series] == name].sort_values(x)
-            if sub.empty:
+            sub = groups.get((fv, name) if facet else (name,))
+            if sub is None or sub.empty:
                 continue
             label = f"{fv} · " if fv is not None else ""
-            fig.add_trace(
-                go.Scatter(
-                    x=sub[x],
-                    y=sub[y],
-                    mode="lines+markers",
-                    name=str(name),
-                    legendgroup=str(name),
-                    showlegend=c == 1,
-                    line=dict(color=QUALITATIVE[s_i % len(QUALITATIVE)]),
-                    hovertemplate=(
-                        f"{label}{name}<br>layer: %{{x}}<br>{value_label}: %{{y:.4g}}<extra></extra>"
-                    ),
-                ),
-                row=1,
-                col=c,
-            )
-        fig.update_xaxes(title_text="layer", dtick=_layer_dtick(frame[x] if len(frame) else []), row=1, col=c)
-    fig.update_yaxes(title_text=value_label, row=1, col=1)
+            data.append(dict(
+                type="scatter", x=sub[x].to_numpy(), y=sub[y].to_numpy(), mode="lines+markers", name=str(name),
+                legendgroup=str(name), showlegend=c == 1, line=dict(color=QUALITATIVE[s_i % len(QUALITATIVE)]),
+                hovertemplate=f"{label}{name}<br>layer: %{{x}}<br>{value_label}: %{{y:.4g}}<extra></extra>",
+                xaxis=cells[(1, c)]["x"], yaxis=cells[(1, c)]["y"],
+            ))
+        x_extra[(1, c)] = dict(title=dict(text="layer"), **({"dtick": dtick} if dtick else {}))
+    y_extra = {(1, 1): dict(title=dict(text=value_label))}
     if y_range is not None:
-        fig.update_yaxes(range=list(y_range))
-    return _base_layout(fig, title, 460, legend_below=0.22)
+        y_extra = {rc: dict(y_extra.get(rc, {}), range=list(y_range)) for rc in cells}
+    axes = _grid_axes(cells, x_extra, y_extra, shared_y=True)
+    return _figure(data, _layout(title, 460, legend_below=0.22, axes=axes, annotations=notes))
 
 
 def grid_curves(
@@ -419,38 +472,33 @@ def grid_curves(
     in ``rows``.
     """
     titles = [f"{row_labels.get(r, r)} · {c} projections" for r in rows for c in cols]
-    fig = make_subplots(
-        rows=len(rows), cols=len(cols), subplot_titles=titles, vertical_spacing=0.16, horizontal_spacing=0.08
-    )
+    cells, notes = _grid(len(rows), len(cols), titles=titles, vspace=0.16, hspace=0.08)
     names = list(dict.fromkeys(frame[series])) if len(frame) else []
+    groups = {key: part.sort_values("layer") for key, part in frame.groupby([col_key, series], sort=False)} \
+        if len(frame) else {}
+    dtick = _layer_dtick(frame["layer"] if len(frame) else [])
+    data, x_extra, y_extra = [], {}, {}
     for ri, metric in enumerate(rows, start=1):
         for ci, kind in enumerate(cols, start=1):
-            part = frame[frame[col_key] == kind]
             for s_i, name in enumerate(names):
-                sub = part[part[series] == name].sort_values("layer")
-                if sub.empty:
+                sub = groups.get((kind, name))
+                if sub is None or sub.empty:
                     continue
-                fig.add_trace(
-                    go.Scatter(
-                        x=sub["layer"],
-                        y=sub[metric],
-                        mode="lines+markers",
-                        name=str(name),
-                        legendgroup=str(name),
-                        showlegend=ri == 1 and ci == 1,
-                        line=dict(color=QUALITATIVE[s_i % len(QUALITATIVE)]),
-                        hovertemplate=(
-                            f"{name}<br>kind: {kind}<br>layer: %{{x}}<br>{row_labels.get(metric, metric)}: "
-                            "%{y:.4g}<extra></extra>"
-                        ),
+                data.append(dict(
+                    type="scatter", x=sub["layer"].to_numpy(), y=sub[metric].to_numpy(), mode="lines+markers",
+                    name=str(name), legendgroup=str(name), showlegend=ri == 1 and ci == 1,
+                    line=dict(color=QUALITATIVE[s_i % len(QUALITATIVE)]),
+                    hovertemplate=(
+                        f"{name}<br>kind: {kind}<br>layer: %{{x}}<br>{row_labels.get(metric, metric)}: "
+                        "%{y:.4g}<extra></extra>"
                     ),
-                    row=ri,
-                    col=ci,
-                )
-            fig.update_xaxes(title_text="layer", dtick=_layer_dtick(frame["layer"] if len(frame) else []), row=ri, col=ci)
+                    xaxis=cells[(ri, ci)]["x"], yaxis=cells[(ri, ci)]["y"],
+                ))
+            x_extra[(ri, ci)] = dict(title=dict(text="layer"), **({"dtick": dtick} if dtick else {}))
             if ci == 1:
-                fig.update_yaxes(title_text=row_labels.get(metric, metric).split(" (")[0], row=ri, col=ci)
-    return _base_layout(fig, title, 300 * len(rows) + 120, legend_below=0.12)
+                y_extra[(ri, ci)] = dict(title=dict(text=row_labels.get(metric, metric).split(" (")[0]))
+    axes = _grid_axes(cells, x_extra, y_extra)
+    return _figure(data, _layout(title, 300 * len(rows) + 120, legend_below=0.12, axes=axes, annotations=notes))
 
 
 def norm_heatmap(
@@ -471,80 +519,60 @@ def norm_heatmap(
         z[i, j] = float(row.fro_norm)
         shape = f"{getattr(row, 'm', '?')} x {getattr(row, 'n', '?')}"
         custom[i, j] = [adapter, shape, str(getattr(row, "rank", getattr(row, "r", "?")))]
-    fig = go.Figure(
-        go.Heatmap(
-            z=z,
-            x=kinds,
-            y=[str(v) for v in layers],
-            customdata=custom,
-            colorscale=SEQUENTIAL,
-            zmin=zmin,
-            zmax=zmax,
-            texttemplate="%{z:.3g}" if z.size and z.size <= 200 else None,
-            colorbar=dict(title=dict(text="‖τ‖_F", side="right")),
-            hovertemplate=(
-                "adapter: %{customdata[0]}<br>layer: %{y}<br>kind: %{x}<br>‖τ‖_F: %{z:.4g}"
-                "<br>shape (out x in): %{customdata[1]}<br>numerical rank: %{customdata[2]}<extra></extra>"
-            ),
-        )
+    trace = dict(
+        type="heatmap", z=z, x=kinds, y=[str(v) for v in layers], customdata=custom, colorscale=SEQUENTIAL,
+        zmin=zmin, zmax=zmax, texttemplate="%{z:.3g}" if z.size and z.size <= 200 else None,
+        colorbar=dict(title=dict(text="‖τ‖_F", side="right")),
+        hovertemplate=(
+            "adapter: %{customdata[0]}<br>layer: %{y}<br>kind: %{x}<br>‖τ‖_F: %{z:.4g}"
+            "<br>shape (out x in): %{customdata[1]}<br>numerical rank: %{customdata[2]}<extra></extra>"
+        ),
     )
-    fig.update_xaxes(title_text="module kind", type="category")
-    fig.update_yaxes(title_text="layer", type="category", autorange="reversed")
-    return _base_layout(fig, title, max(320, 28 * len(layers) + 160))
+    axes = {"xaxis": dict(title=dict(text="module kind"), type="category"),
+            "yaxis": dict(title=dict(text="layer"), type="category", autorange="reversed")}
+    return _figure([trace], _layout(title, max(320, 28 * len(layers) + 160), axes=axes))
 
 
 def spectra_bars(spectra: Mapping[str, Sequence[float]], *, title: str, detail: str = "") -> go.Figure:
     """Grouped bars of singular values (index i = 1..r), one group per named spectrum."""
-    fig = go.Figure()
+    data = []
     for s_i, (name, values) in enumerate(spectra.items()):
         values = np.asarray(values, dtype=float)
-        fig.add_trace(
-            go.Bar(
-                x=np.arange(1, len(values) + 1),
-                y=values,
-                name=str(name),
-                marker_color=QUALITATIVE[s_i % len(QUALITATIVE)],
-                hovertemplate=(
-                    f"{name}" + (f"<br>{detail}" if detail else "") + "<br>i = %{x}<br>σ_i: %{y:.4g}<extra></extra>"
-                ),
-            )
-        )
-    fig.update_layout(barmode="group")
-    fig.update_xaxes(title_text="singular value index i", dtick=1)
-    fig.update_yaxes(title_text="singular value σ_i")
-    return _base_layout(fig, title, 380)
+        data.append(dict(
+            type="bar", x=np.arange(1, len(values) + 1), y=values, name=str(name),
+            marker=dict(color=QUALITATIVE[s_i % len(QUALITATIVE)]),
+            hovertemplate=(
+                f"{name}" + (f"<br>{detail}" if detail else "") + "<br>i = %{x}<br>σ_i: %{y:.4g}<extra></extra>"
+            ),
+        ))
+    axes = {"xaxis": dict(title=dict(text="singular value index i"), dtick=1),
+            "yaxis": dict(title=dict(text="singular value σ_i"))}
+    return _figure(data, _layout(title, 380, axes=axes, barmode="group"))
 
 
 def rank_lines(frame: pd.DataFrame, *, adapter: str, title: str) -> go.Figure:
     """Effective rank (exp of spectral entropy) and stable rank (‖τ‖_F² / σ_1²) by layer, per kind."""
-    fig = make_subplots(
-        rows=1, cols=2, subplot_titles=["effective rank", "stable rank"], horizontal_spacing=0.1
-    )
+    cells, notes = _grid(1, 2, titles=["effective rank", "stable rank"], hspace=0.1)
     kinds = list(dict.fromkeys(frame["kind"])) if len(frame) else []
+    groups = {k: part.sort_values("layer") for k, part in frame.groupby("kind", sort=False)} if len(frame) else {}
+    dtick = _layer_dtick(frame["layer"] if len(frame) else [])
+    data, x_extra, y_extra = [], {}, {}
     for c, col in enumerate(("effective_rank", "stable_rank"), start=1):
         for k_i, kind in enumerate(kinds):
-            sub = frame[frame["kind"] == kind].sort_values("layer")
-            fig.add_trace(
-                go.Scatter(
-                    x=sub["layer"],
-                    y=sub[col],
-                    mode="lines+markers",
-                    name=kind,
-                    legendgroup=kind,
-                    showlegend=c == 1,
-                    line=dict(color=QUALITATIVE[k_i % len(QUALITATIVE)]),
-                    hovertemplate=(
-                        f"adapter: {adapter}<br>kind: {kind}<br>layer: %{{x}}<br>{col.replace('_', ' ')}: "
-                        "%{y:.3g}<extra></extra>"
-                    ),
+            sub = groups[kind]
+            data.append(dict(
+                type="scatter", x=sub["layer"].to_numpy(), y=sub[col].to_numpy(), mode="lines+markers", name=kind,
+                legendgroup=kind, showlegend=c == 1, line=dict(color=QUALITATIVE[k_i % len(QUALITATIVE)]),
+                hovertemplate=(
+                    f"adapter: {adapter}<br>kind: {kind}<br>layer: %{{x}}<br>{col.replace('_', ' ')}: "
+                    "%{y:.3g}<extra></extra>"
                 ),
-                row=1,
-                col=c,
-            )
-        fig.update_xaxes(title_text="layer", dtick=_layer_dtick(frame["layer"] if len(frame) else []), row=1, col=c)
-        fig.update_yaxes(rangemode="tozero", row=1, col=c)
-    fig.update_yaxes(title_text="rank (directions)", row=1, col=1)
-    return _base_layout(fig, title, 420, legend_below=0.25)
+                xaxis=cells[(1, c)]["x"], yaxis=cells[(1, c)]["y"],
+            ))
+        x_extra[(1, c)] = dict(title=dict(text="layer"), **({"dtick": dtick} if dtick else {}))
+        y_extra[(1, c)] = dict(rangemode="tozero", **({"title": dict(text="rank (directions)")} if c == 1 else {}))
+    axes = _grid_axes(cells, x_extra, y_extra)
+    return _figure(data, _layout(title, 420, legend_below=0.25, axes=axes, annotations=notes))
 
 
 def figure_arrays(fig: go.Figure) -> list[np.ndarray]:
@@ -564,39 +592,33 @@ def sweep_lines(frame: pd.DataFrame, *, title: str, metrics: Mapping[str, str], 
     ``frame``: one row per ``(series, lam)`` with a column per metric key of ``metrics``; λ is
     drawn as categories (``0`` cannot sit on a log axis).
     """
-    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=list(metrics.values()), horizontal_spacing=0.1)
+    cells, notes = _grid(1, len(metrics), titles=list(metrics.values()), hspace=0.1)
     names = list(dict.fromkeys(frame[series])) if len(frame) else []
+    data, x_extra = [], {}
     for c, metric in enumerate(metrics, start=1):
         for s_i, name in enumerate(names):
             sub = frame[frame[series] == name].sort_values("lam")
-            fig.add_trace(
-                go.Scatter(
-                    x=[f"{v:g}" for v in sub["lam"]],
-                    y=sub[metric],
-                    mode="lines+markers",
-                    name=str(name),
-                    legendgroup=str(name),
-                    showlegend=c == 1,
-                    line=dict(color=QUALITATIVE[s_i % len(QUALITATIVE)]),
-                    hovertemplate=f"{name}<br>λ = %{{x}}<br>{metrics[metric]}: %{{y:.4g}}<extra></extra>",
-                ),
-                row=1,
-                col=c,
-            )
-        fig.update_xaxes(title_text="λ (sparsity penalty)", type="category", row=1, col=c)
-    fig.update_yaxes(title_text="mean over modules", row=1, col=1)
-    return _base_layout(fig, title, 420, legend_below=0.25)
+            data.append(dict(
+                type="scatter", x=[f"{v:g}" for v in sub["lam"]], y=sub[metric].to_numpy(), mode="lines+markers",
+                name=str(name), legendgroup=str(name), showlegend=c == 1,
+                line=dict(color=QUALITATIVE[s_i % len(QUALITATIVE)]),
+                hovertemplate=f"{name}<br>λ = %{{x}}<br>{metrics[metric]}: %{{y:.4g}}<extra></extra>",
+                xaxis=cells[(1, c)]["x"], yaxis=cells[(1, c)]["y"],
+            ))
+        x_extra[(1, c)] = dict(title=dict(text="λ (sparsity penalty)"), type="category")
+    axes = _grid_axes(cells, x_extra, {(1, 1): dict(title=dict(text="mean over modules"))})
+    return _figure(data, _layout(title, 420, legend_below=0.25, axes=axes, annotations=notes))
 
 
 def coefficient_heatmap(table: pd.DataFrame, *, title: str, value_label: str = "Γ") -> go.Figure:
     """Task x layer heatmap of learned coefficients (``table``: rows adapters, columns layers)."""
     rows = [str(r) for r in table.index]
     cols = [str(c) for c in table.columns]
-    fig = go.Figure(go.Heatmap(
-        z=table.to_numpy(dtype=float), x=cols, y=rows, colorscale="RdBu", zmid=0.0,
+    trace = dict(
+        type="heatmap", z=table.to_numpy(dtype=float), x=cols, y=rows, colorscale="RdBu", zmid=0.0,
         colorbar=dict(title=dict(text=value_label, side="right")),
         hovertemplate=f"adapter: %{{y}}<br>layer: %{{x}}<br>{value_label}: %{{z:.4g}}<extra></extra>",
-    ))
-    fig.update_yaxes(title_text="adapter (task)", autorange="reversed", type="category")
-    fig.update_xaxes(title_text="layer (transformer block)", type="category")
-    return _base_layout(fig, title, max(320, 40 * len(rows) + 220))
+    )
+    axes = {"xaxis": dict(title=dict(text="layer (transformer block)"), type="category"),
+            "yaxis": dict(title=dict(text="adapter (task)"), autorange="reversed", type="category")}
+    return _figure([trace], _layout(title, max(320, 40 * len(rows) + 220), axes=axes))

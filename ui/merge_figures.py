@@ -1,14 +1,20 @@
-"""Figures of the Merge page (pure: data in, ``go.Figure`` out), styled like :mod:`ui.figures`."""
+"""Figures of the Merge page (pure: data in, ``go.Figure`` out), styled like :mod:`ui.figures`.
+
+Built as one spec each and validated once, like every builder in :mod:`ui.figures`.
+"""
 
 from __future__ import annotations
 
 import pandas as pd
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 
-from ui.figures import MARGIN, QUALITATIVE
+from ui.figures import MARGIN, QUALITATIVE, _grid, _grid_axes
 
 METRIC_NAMES = {"l2": "L2", "cosine": "cosine", "grassmann": "Grassmann"}
+
+
+def _title(text: str) -> dict:
+    return dict(text=text, x=0.0, xanchor="left")
 
 
 def performance_bars(frame: pd.DataFrame, *, title: str, metric_label: str = "accuracy") -> go.Figure:
@@ -17,19 +23,21 @@ def performance_bars(frame: pd.DataFrame, *, title: str, metric_label: str = "ac
     ``frame`` columns: ``task``, ``adapter``, ``finetuned``, ``merged``, ``normalized`` (%).
     """
     labels = [f"{t} ({a})" if t != a else t for t, a in zip(frame["task"], frame["adapter"])]
-    fig = go.Figure()
-    for col, name, color in (("finetuned", "fine-tuned adapter", QUALITATIVE[0]), ("merged", "merged model", QUALITATIVE[1])):
-        fig.add_trace(go.Bar(
-            x=labels, y=frame[col], name=name, marker_color=color,
-            customdata=frame["normalized"],
-            hovertemplate=f"%{{x}}<br>{name}: %{{y:.4f}} {metric_label}"
-            + ("<br>merged / fine-tuned: %{customdata:.1f}%" if col == "merged" else "") + "<extra></extra>",
-        ))
-    fig.update_layout(barmode="group", title=dict(text=title, x=0.0, xanchor="left"), margin=MARGIN, height=420,
-                      legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0))
-    fig.update_yaxes(title_text=metric_label, rangemode="tozero")
-    fig.update_xaxes(title_text="task (adapter)", tickangle=-25, automargin=True)
-    return fig
+    data = [
+        dict(type="bar", x=labels, y=frame[col].to_numpy(), name=name, marker=dict(color=color),
+             customdata=frame["normalized"].to_numpy(),
+             hovertemplate=f"%{{x}}<br>{name}: %{{y:.4f}} {metric_label}"
+             + ("<br>merged / fine-tuned: %{customdata:.1f}%" if col == "merged" else "") + "<extra></extra>")
+        for col, name, color in (("finetuned", "fine-tuned adapter", QUALITATIVE[0]),
+                                 ("merged", "merged model", QUALITATIVE[1]))
+    ]
+    layout = dict(
+        barmode="group", title=_title(title), margin=MARGIN, height=420,
+        legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
+        yaxis=dict(title=dict(text=metric_label), rangemode="tozero"),
+        xaxis=dict(title=dict(text="task (adapter)"), tickangle=-25, automargin=True),
+    )
+    return go.Figure({"data": data, "layout": layout})
 
 
 def correlation_lines(frame: pd.DataFrame, *, title: str) -> go.Figure:
@@ -39,27 +47,30 @@ def correlation_lines(frame: pd.DataFrame, *, title: str) -> go.Figure:
     """
     last = frame[frame["layers"].str.startswith("last:")]
     kinds = list(dict.fromkeys(last["kind"]))
-    fig = make_subplots(rows=1, cols=max(1, len(kinds)), shared_yaxes=True, horizontal_spacing=0.05,
-                        subplot_titles=[f"{k} projections" for k in kinds])
+    cells, notes = _grid(1, max(1, len(kinds)), titles=[f"{k} projections" for k in kinds], hspace=0.05)
     metrics = list(dict.fromkeys(last["metric"]))
+    data, x_extra = [], {}
     for c, kind in enumerate(kinds, start=1):
         for m_i, metric in enumerate(metrics):
             sub = last[(last["kind"] == kind) & (last["metric"] == metric)].sort_values("k")
             if sub.empty:
                 continue
             name = METRIC_NAMES.get(metric, metric)
-            fig.add_trace(go.Scatter(
-                x=sub["k"], y=sub["mean"], error_y=dict(type="data", array=sub["std"], visible=True, thickness=1),
+            data.append(dict(
+                type="scatter", x=sub["k"].to_numpy(), y=sub["mean"].to_numpy(),
+                error_y=dict(type="data", array=sub["std"].to_numpy(), visible=True, thickness=1),
                 mode="lines+markers", name=name, legendgroup=name, showlegend=c == 1,
                 line=dict(color=QUALITATIVE[m_i % len(QUALITATIVE)]),
                 hovertemplate=f"{kind} · {name}<br>last %{{x}} layers<br>Spearman: %{{y:.3f}}<extra></extra>",
-            ), row=1, col=c)
-        fig.update_xaxes(title_text="k (last k layers averaged)", dtick=1, row=1, col=c)
-    fig.update_yaxes(title_text="Spearman ρ(δ(i,·), T̄_d(i,·)), mean over tasks", row=1, col=1)
+                xaxis=cells[(1, c)]["x"], yaxis=cells[(1, c)]["y"],
+            ))
+        x_extra[(1, c)] = dict(title=dict(text="k (last k layers averaged)"), dtick=1)
+    axes = _grid_axes(cells, x_extra, {(1, 1): dict(title=dict(text="Spearman ρ(δ(i,·), T̄_d(i,·)), mean over tasks"))},
+                      shared_y=True)
     # Legend below the panels: above them it covered the title and the subplot titles.
-    fig.update_layout(title=dict(text=title, x=0.0, xanchor="left"), margin=dict(MARGIN, t=max(MARGIN["t"], 80)),
-                      height=460, legend=dict(orientation="h", yanchor="top", y=-0.22, xanchor="left", x=0.0))
-    return fig
+    layout = dict(title=_title(title), margin=dict(MARGIN, t=max(MARGIN["t"], 80)), height=460, annotations=notes,
+                  legend=dict(orientation="h", yanchor="top", y=-0.22, xanchor="left", x=0.0), **axes)
+    return go.Figure({"data": data, "layout": layout})
 
 
 def method_comparison(frame: pd.DataFrame, anps: dict[str, float], *, title: str) -> go.Figure:
@@ -67,19 +78,24 @@ def method_comparison(frame: pd.DataFrame, anps: dict[str, float], *, title: str
 
     ``frame`` columns: ``method``, ``task``, ``normalized`` (%); ``anps``: method -> ANP (%).
     """
-    fig = go.Figure()
     tasks = list(dict.fromkeys(frame["task"]))
+    data = []
     for i, (method, part) in enumerate(frame.groupby("method", sort=False)):
         by_task = dict(zip(part["task"], part["normalized"]))
-        xs = [*tasks, "ANP (mean)"]
-        ys = [by_task.get(t) for t in tasks] + [anps.get(method)]
-        fig.add_trace(go.Bar(
-            x=xs, y=ys, name=str(method), marker_color=QUALITATIVE[i % len(QUALITATIVE)],
+        data.append(dict(
+            type="bar", x=[*tasks, "ANP (mean)"], y=[by_task.get(t) for t in tasks] + [anps.get(method)],
+            name=str(method), marker=dict(color=QUALITATIVE[i % len(QUALITATIVE)]),
             hovertemplate=f"{method}<br>%{{x}}: %{{y:.1f}}% of fine-tuned<extra></extra>",
         ))
-    fig.add_hline(y=100, line_dash="dot", line_color="gray", annotation_text="fine-tuned", annotation_position="top left")
-    fig.update_layout(barmode="group", title=dict(text=title, x=0.0, xanchor="left"), margin=dict(MARGIN, t=80),
-                      height=460, legend=dict(orientation="h", yanchor="top", y=-0.25, xanchor="left", x=0.0))
-    fig.update_yaxes(title_text="merged / fine-tuned score (%)", rangemode="tozero")
-    fig.update_xaxes(title_text="task (with its own head)", tickangle=-25, automargin=True)
-    return fig
+    layout = dict(
+        barmode="group", title=_title(title), margin=dict(MARGIN, t=80), height=460,
+        legend=dict(orientation="h", yanchor="top", y=-0.25, xanchor="left", x=0.0),
+        yaxis=dict(title=dict(text="merged / fine-tuned score (%)"), rangemode="tozero"),
+        xaxis=dict(title=dict(text="task (with its own head)"), tickangle=-25, automargin=True),
+        # the fine-tuned level, 100 %: a dotted line across the plot, labelled on the left
+        shapes=[dict(type="line", xref="x domain", x0=0, x1=1, yref="y", y0=100, y1=100,
+                     line=dict(dash="dot", color="gray"))],
+        annotations=[dict(text="fine-tuned", xref="x domain", x=0, yref="y", y=100, xanchor="left",
+                          yanchor="bottom", showarrow=False)],
+    )
+    return go.Figure({"data": data, "layout": layout})
