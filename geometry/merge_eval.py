@@ -105,12 +105,21 @@ def _unique_names(adapters: Sequence[Adapter]) -> None:
 # ------------------------------------------------------------------------------- one merge, T tasks
 @dataclass
 class MergeEvaluation:
-    """Per-task scores of one merge: ``frame`` has task, adapter, finetuned, merged, normalized (%)."""
+    """Per-task scores of one merge: ``frame`` has task, adapter, finetuned, merged, normalized (%).
+
+    ``tasks_total``: the tasks the run was asked to score; a run stopped half-way has fewer rows in
+    ``frame`` (``complete`` is False) and its ``anp`` is over the scored tasks only.
+    """
 
     method: str
     params: dict[str, Any]
     frame: pd.DataFrame
     anp: float
+    tasks_total: int | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.tasks_total is None or len(self.frame) == self.tasks_total
 
 
 def evaluate_merge(
@@ -122,9 +131,15 @@ def evaluate_merge(
     max_examples: int | None = None,
     progress: Progress | None = None,
     merged: Any = None,
+    partial: Callable[[MergeEvaluation], None] | None = None,
     **params: Any,
 ) -> MergeEvaluation:
-    """Merge ``adapters`` (or take ``merged``) and score it on every task with that task's head."""
+    """Merge ``adapters`` (or take ``merged``) and score it on every task with that task's head.
+
+    ``partial``: called after each task with the evaluation of the tasks scored so far
+    (``MergeEvaluation.complete`` is False until the last), so that a run stopped half-way can
+    still show what it finished.
+    """
     from geometry.merging import merge
 
     adapters = list(adapters)
@@ -143,10 +158,15 @@ def evaluate_merge(
         mg = performance(merged, folder, head=ad.name, max_examples=max_examples)
         rows.append({"task": folder.name, "adapter": ad.name, "finetuned": ft, "merged": mg,
                      "normalized": 100.0 * mg / ft if ft > 0 else math.nan})
+        if partial and len(rows) < len(adapters):
+            frame = pd.DataFrame(rows)
+            partial(MergeEvaluation(merged.method, dict(merged.params), frame,
+                                    anp(frame["merged"], frame["finetuned"]), tasks_total=len(adapters)))
     if progress:
         progress(total, total, "done")
     frame = pd.DataFrame(rows)
-    return MergeEvaluation(merged.method, dict(merged.params), frame, anp(frame["merged"], frame["finetuned"]))
+    return MergeEvaluation(merged.method, dict(merged.params), frame, anp(frame["merged"], frame["finetuned"]),
+                           tasks_total=len(adapters))
 
 
 # -------------------------------------------------------------------------------------- pairwise
@@ -156,7 +176,8 @@ class PairwiseResult:
 
     ``finetuned[i] = P(theta_i, i)``; ``merged[i, j] = P(merge(i, j), i)`` (diagonal: fine-tuned);
     ``delta = finetuned[:, None] - merged`` (diagonal 0); ``anp[i, j]`` symmetric pairwise ANP in %
-    (diagonal 100).
+    (diagonal 100). A study stopped half-way has NaN for the pairs it did not merge
+    (``complete`` False); its mean and std are over the finished pairs (``pairs_done`` of ``pairs_total``).
     """
 
     adapters: list[str]
@@ -181,16 +202,34 @@ class PairwiseResult:
         np.fill_diagonal(out, 100.0)
         return out
 
+    def _finished(self) -> np.ndarray:
+        """ANP of the finished pairs ``i < j``."""
+        iu = np.triu_indices(len(self.adapters), k=1)
+        values = self.anp[iu]
+        return values[np.isfinite(values)]
+
+    @property
+    def pairs_total(self) -> int:
+        return len(self.adapters) * (len(self.adapters) - 1) // 2
+
+    @property
+    def pairs_done(self) -> int:
+        return len(self._finished())
+
+    @property
+    def complete(self) -> bool:
+        return self.pairs_done == self.pairs_total
+
     @property
     def mean_anp(self) -> float:
-        """Mean pairwise ANP over the pairs ``i < j`` (DivMerge's Table 3 statistic)."""
-        iu = np.triu_indices(len(self.adapters), k=1)
-        return float(np.mean(self.anp[iu])) if len(iu[0]) else math.nan
+        """Mean pairwise ANP over the (finished) pairs ``i < j`` (DivMerge's Table 3 statistic)."""
+        done = self._finished()
+        return float(np.mean(done)) if len(done) else math.nan
 
     @property
     def std_anp(self) -> float:
-        iu = np.triu_indices(len(self.adapters), k=1)
-        return float(np.std(self.anp[iu])) if len(iu[0]) else math.nan
+        done = self._finished()
+        return float(np.std(done)) if len(done) else math.nan
 
     def to_frame(self) -> pd.DataFrame:
         """Long table, one row per ordered pair ``i != j``."""
@@ -224,12 +263,16 @@ def pairwise_study(
     max_examples: int | None = None,
     progress: Progress | None = None,
     show_progress: bool = True,
+    partial: Callable[[PairwiseResult], None] | None = None,
     **params: Any,
 ) -> PairwiseResult:
     """Merge every pair with ``method`` and score each merge on both tasks (with each task's head).
 
     ``weights`` (one per member of a pair, e.g. ``[0.5, 0.5]``) applies to every pair. Cost:
     ``n`` fine-tuned and ``n (n - 1)`` merged evaluations, each cached on disk.
+
+    ``partial``: called after each pair with the result so far, the pairs not merged yet NaN
+    (``PairwiseResult.complete`` is False until the last), so that a stopped run can show them.
     """
     from tqdm.auto import tqdm
 
@@ -258,7 +301,8 @@ def pairwise_study(
     for i, (ad, folder) in enumerate(zip(adapters, dirs)):
         finetuned[i] = performance(ad, folder, max_examples=max_examples)
         tick(f"{ad.name} fine-tuned")
-    merged_scores = np.diag(finetuned).astype(float)
+    merged_scores = np.full((n, n), np.nan)  # NaN: this pair is not merged yet
+    np.fill_diagonal(merged_scores, finetuned)
     params_used: dict[str, Any] = {}
     for i, j in pairs:
         m = merge([adapters[i], adapters[j]], method, weights, **params)
@@ -266,6 +310,9 @@ def pairwise_study(
         merged_scores[i, j] = performance(m, dirs[i], head=adapters[i].name, max_examples=max_examples)
         merged_scores[j, i] = performance(m, dirs[j], head=adapters[j].name, max_examples=max_examples)
         tick(f"{adapters[i].name} + {adapters[j].name}")
+        if partial and (i, j) != pairs[-1]:
+            partial(PairwiseResult([a.name for a in adapters], [d.name for d in dirs], method, params_used,
+                                   finetuned.copy(), merged_scores.copy(), max_examples))
     bar.close()
     return PairwiseResult([a.name for a in adapters], [d.name for d in dirs], method, params_used,
                           finetuned, merged_scores, max_examples)

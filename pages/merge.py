@@ -160,8 +160,14 @@ if can_score:
     except AtlasError as exc:
         st.error(str(exc), icon=":material/error:")
 if result is not None:
-    frame = result.frame.assign(adapter=names)  # current display names (the cached result is keyed by content)
-    st.metric("ANP (average normalized performance)", f"{result.anp:.2f}%")
+    frame = result.frame.assign(adapter=names[:len(result.frame)])  # current names (results are keyed by content)
+    if result.complete:
+        st.metric("ANP (average normalized performance)", f"{result.anp:.2f}%")
+    else:
+        st.warning(f"Cancelled after {len(result.frame)} of {result.tasks_total} tasks: the scores below are those "
+                   "tasks only. Press the button again to finish (the finished evaluations are cached).",
+                   icon=":material/pause_circle:")
+        st.metric(f"ANP over the {len(result.frame)} tasks scored (partial)", f"{result.anp:.2f}%")
     fig = merge_figures.performance_bars(frame, title=f"{METHOD_LABELS[method]}: merged vs fine-tuned, per task")
     downloads.show(fig, f"merge_{method}_performance", frame, key="merge_bars")
 
@@ -176,7 +182,7 @@ clicked = st.button("Score every method", disabled=not can_score or not compared
 view_key = (compute.content_key(adapters), tuple(compared), tasks_dir, max_examples)
 if clicked:
     st.session_state["merge_compare_view"] = view_key  # what to show; the results come from the caches
-rows, anps = [], {}
+rows, anps, partial_methods = [], {}, []
 if can_score and compared and st.session_state.get("merge_compare_view") == view_key:
     for m_name in compared:
         try:
@@ -187,6 +193,9 @@ if can_score and compared and st.session_state.get("merge_compare_view") == view
             st.caption(f":material/info: {METHOD_LABELS[m_name]}: {exc}")
             continue
         if scored is None:
+            continue
+        if not scored.complete:  # cancelled half-way: named below, not mixed with complete results
+            partial_methods.append(f"{METHOD_LABELS[m_name]} ({len(scored.frame)} of {scored.tasks_total} tasks)")
             continue
         anps[m_name] = scored.anp
         weights_used = ", ".join(f"{w:g}" for w in (m_merged.params.get("weights") or []))
@@ -203,6 +212,9 @@ if rows:
     missing = [m for m in compared if m not in anps]
     if missing:
         st.caption(f"Not scored yet: {', '.join(METHOD_LABELS[m] for m in missing)} (press the button).")
+if partial_methods:
+    st.caption(f":material/pause_circle: Cancelled before every task was scored: {', '.join(partial_methods)}; "
+               "press the button again to finish (finished evaluations are cached).")
 
 st.subheader("Pairwise study")
 n_eval = len(adapters) * len(adapters)  # n fine-tuned + n (n - 1) merged evaluations
@@ -220,13 +232,21 @@ if can_score:
     except AtlasError as exc:
         st.error(str(exc), icon=":material/error:")
 if res is not None:
-    st.metric("Mean pairwise ANP", f"{res.mean_anp:.2f}%", help=f"std over pairs {res.std_anp:.2f}")
+    if res.complete:
+        st.metric("Mean pairwise ANP", f"{res.mean_anp:.2f}%", help=f"std over pairs {res.std_anp:.2f}")
+    else:
+        st.warning(f"Cancelled after {res.pairs_done} of {res.pairs_total} pairs: the pairs not merged yet are blank "
+                   "below. Run the study again to finish (the finished evaluations are cached).",
+                   icon=":material/pause_circle:")
+        st.metric(f"Mean pairwise ANP over the {res.pairs_done} finished pairs (partial)",
+                  f"{res.mean_anp:.2f}%" if res.pairs_done else "undefined",
+                  help=f"std over those pairs {res.std_anp:.2f}")
     h1, h2 = st.columns(2)
     with h1:
         fig = figures.matrix_heatmap(res.delta, names, title="Merge loss δ(i, j) (row i: task scored)",
                                      value_label="δ", row_label="task i (scored)", col_label="merged with j",
-                                     colorscale="RdBu_r", zmin=-float(np.abs(res.delta).max() or 1),
-                                     zmax=float(np.abs(res.delta).max() or 1))
+                                     colorscale="RdBu_r", zmin=-float(np.nanmax(np.abs(res.delta)) or 1),
+                                     zmax=float(np.nanmax(np.abs(res.delta)) or 1))
         downloads.show(fig, f"pairwise_delta_{method}", res.to_frame(), key="merge_delta")
     with h2:
         fig = figures.matrix_heatmap(res.anp, names, title="Pairwise ANP (%)", value_label="ANP %",
@@ -235,7 +255,9 @@ if res is not None:
         downloads.show(fig, f"pairwise_anp_{method}", anp_frame, index=True, key="merge_anp")
 
     st.subheader("Does the geometry predict the merge loss?")
-    if len(adapters) < 5:
+    if not res.complete:
+        st.info("Undefined until the study is complete: the correlations need the merge loss of every pair.")
+    elif len(adapters) < 5:
         st.info(f"Undefined here: each task has {len(adapters) - 1} partner(s), and a Spearman correlation over "
                 "fewer than 4 partners takes only a few values (over 2 it is always ±1). Merge at least 5 adapters.")
     else:

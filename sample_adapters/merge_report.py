@@ -57,6 +57,15 @@ METHODS: dict[str, tuple[dict, str]] = {
     "ties": ({"density": 0.2}, "TIES, keep the top 20% per module, lambda = 1 (DivMerge's recipe)"),
     "multislerp": ({}, "Multi-SLERP, weights 1/T (DivMerge's baseline)"),
 }
+#: The weights each method used, as the summary table states them (T = number of adapters merged).
+#: ``task_arithmetic`` is the same method as on the Merge page and in the CLI, whose default is
+#: lambda = 1; this report passes lambda = 1/T explicitly, as DivMerge's "model averaging" does.
+WEIGHTS: dict[str, str] = {
+    "lora_average": "1/T (averages A and B)",
+    "task_arithmetic": "λ = 1/T (explicit; the page and CLI default is λ = 1)",
+    "ties": "λ = 1, keep 20%",
+    "multislerp": "1/T",
+}
 
 
 def task_adapters(root: Path = ROOT) -> list[Path]:
@@ -268,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         full = evaluate_merge(adapters, tasks_dir, method, max_examples=args.max_examples, **_params(method, n))
         full_s = time.perf_counter() - t0
         corr = correlation_study(adapters, res.delta, distances=distances)
-        summary_rows.append(f"| `{method}` | {res.mean_anp:.2f} ({res.std_anp:.2f}) | {full.anp:.2f} | "
+        summary_rows.append(f"| `{method}` | {WEIGHTS.get(method, 'default')} | {res.mean_anp:.2f} ({res.std_anp:.2f}) | {full.anp:.2f} | "
                             f"{pair_s:.0f} s + {full_s:.0f} s |")
         n_layers = int(corr["k"].max())
         best_lines = selection_lines(res.delta, corr, distances)
@@ -306,8 +315,8 @@ def _write(out_file: Path, head: list[str], summary_rows: list[str], sections: l
     lines = head + [
         "## Summary",
         "",
-        "| method | pairwise ANP, mean (std) over pairs | ANP of the all-task merge | time of this run, pairs + all (cached scores: ~0) |",
-        "|---|---|---|---|",
+        "| method | weights | pairwise ANP, mean (std) over pairs | ANP of the all-task merge | time of this run, pairs + all (cached scores: ~0) |",
+        "|---|---|---|---|---|",
         *summary_rows,
         "",
         "For comparison, DivMerge's Table 3 (full fine-tunes of Qwen2.5-0.5B on 7 GLUE tasks, pairwise): model "

@@ -118,3 +118,36 @@ def test_methods_side_by_side(monkeypatch, tmp_path, samples):
     assert list(wide.index) == ["task_arithmetic", "ties"] and "ANP" in wide.columns
     assert set(TASKS) <= set(wide.columns)
     assert any(f["layout"]["barmode"] == "group" for f in __import__("tests.app_fixtures", fromlist=["x"]).plotly_specs(at))
+
+
+def test_a_cancelled_pairwise_study_shows_the_pairs_it_finished(monkeypatch, tmp_path, samples):
+    """Cancel reruns the page, which stops the run at its next Streamlit call; here the third merged
+    evaluation stops the script the same way (``st.stop``). The next run shows the finished pair."""
+    import streamlit as st
+
+    import geometry.merge_eval as merge_eval
+
+    at = _merge_page(monkeypatch, tmp_path, samples)
+    real, calls = merge_eval.performance, []
+
+    def stopping(source, *args, **kwargs):
+        if kwargs.get("head") is not None:  # a merged evaluation
+            calls.append(1)
+            if len(calls) == 3:
+                st.stop()
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(merge_eval, "performance", stopping)
+    at.button(key="merge_pairwise").click()
+    at.run()
+    monkeypatch.setattr(merge_eval, "performance", real)
+    at.run()  # the rerun after the cancel: no click
+    assert not at.exception, at.exception
+    assert any("Cancelled after 1 of 3 pairs" in w.value for w in at.main.warning)
+    metric = next(m for m in at.metric if "finished pairs" in m.label)
+    assert "partial" in metric.label and metric.value.endswith("%")
+    assert any("Undefined until the study is complete" in i.value for i in at.main.info)
+    at.button(key="merge_pairwise").click()  # run again: finishes (the first pair comes from the cache)
+    at.run()
+    assert any(m.label == "Mean pairwise ANP" for m in at.metric)
+    assert not any("Cancelled" in w.value for w in at.main.warning)

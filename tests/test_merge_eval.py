@@ -64,6 +64,25 @@ def test_pairwise_study_consistent_with_direct_evaluation(study):
     assert res.mean_anp == pytest.approx(np.mean([res.anp[0, 1], res.anp[0, 2], res.anp[1, 2]]))
 
 
+def test_partial_results_of_a_stopped_run_name_what_finished(study):
+    """A run stopped half-way can show what it finished: NaN for the pairs not merged, means over the rest."""
+    adapters, tasks = study
+    seen = []
+    full = pairwise_study(adapters, tasks, "task_arithmetic", weights=[0.5, 0.5], show_progress=False,
+                          partial=seen.append)
+    assert [r.pairs_done for r in seen] == [1, 2] and not any(r.complete for r in seen)
+    assert full.complete and full.pairs_done == full.pairs_total == 3
+    first = seen[0]  # after the pair (0, 1): the others are NaN, not 0
+    assert np.isfinite(first.merged[0, 1]) and np.isnan(first.merged[0, 2]) and np.isnan(first.anp[1, 2])
+    assert first.mean_anp == pytest.approx(full.anp[0, 1]) and first.std_anp == 0.0
+    assert first.merged[0, 1] == pytest.approx(full.merged[0, 1])
+    rows = []
+    ev = evaluate_merge(adapters, tasks, "task_arithmetic", weights=[0.5, 0.5, 0.5], partial=rows.append)
+    assert [len(r.frame) for r in rows] == [1, 2] and [r.complete for r in rows] == [False, False]
+    assert ev.complete and ev.tasks_total == 3
+    assert rows[0].anp == pytest.approx(ev.frame["normalized"].iloc[0])
+
+
 def test_merge_of_one_adapter_scores_like_the_adapter(study):
     adapters, tasks = study
     ev = evaluate_merge(adapters[:1], tasks, "task_arithmetic")

@@ -287,26 +287,51 @@ def _task_files_key(adapters: Sequence[Adapter], tasks_dir: str) -> tuple[str, .
                  for a in adapters)
 
 
+def _keep_partial(namespace: str, key: tuple):
+    """A callback that keeps the latest partial result of a run in the session (see :func:`partial`)."""
+    def keep(result) -> None:
+        st.session_state.setdefault("_partial_results", {})[(namespace, key)] = result
+    return keep
+
+
+def partial(namespace: str, key: tuple):
+    """What a run of ``namespace`` on ``key`` finished before it was cancelled (or ``None``).
+
+    Runs report their partial results after each step; a Cancel click reruns the page, which stops the
+    run, and the page shows this until a complete result exists (labelled as partial).
+    """
+    return st.session_state.get("_partial_results", {}).get((namespace, key))
+
+
+def merge_scores_key(adapters: Sequence[Adapter], tasks_dir: str, merged_adapter, max_examples: int | None) -> tuple:
+    return (merged_adapter.content_hash, content_key(adapters), _task_files_key(adapters, tasks_dir), max_examples)
+
+
 def merge_scores(adapters: Sequence[Adapter], tasks_dir: str, merged_adapter, max_examples: int | None, *,
                  run: bool):
     """``geometry.merge_eval.evaluate_merge`` (per-task scores and ANP) when cached, or when ``run``
-    (then with a progress bar; every evaluation is cached on disk). ``None`` when neither."""
+    (then with a progress bar; every evaluation is cached on disk). When neither: the tasks a
+    cancelled run finished (``complete`` False), or ``None``."""
     from geometry.merge_eval import evaluate_merge
 
-    key = (merged_adapter.content_hash, content_key(adapters), _task_files_key(adapters, tasks_dir), max_examples)
+    key = merge_scores_key(adapters, tasks_dir, merged_adapter, max_examples)
     try:
         return _disk_get("merge_scores", key)
     except _Miss:
         if not run:
-            return None
+            return partial("merge_scores", key)
     with progress_bar("Scoring fine-tuned and merged models") as update:
         return _disk_compute("merge_scores", key, lambda: evaluate_merge(
-            list(adapters), tasks_dir, merged=merged_adapter, max_examples=max_examples, progress=update))
+            list(adapters), tasks_dir, merged=merged_adapter, max_examples=max_examples, progress=update,
+            partial=_keep_partial("merge_scores", key)))
 
 
 def pairwise(adapters: Sequence[Adapter], tasks_dir: str, method: str, params: dict, max_examples: int | None, *,
              run: bool):
-    """``geometry.merge_eval.pairwise_study`` labelled with the current names, when cached or when ``run``."""
+    """``geometry.merge_eval.pairwise_study`` labelled with the current names, when cached or when ``run``.
+
+    When neither: the pairs a cancelled run finished (``complete`` False, the others NaN), or ``None``.
+    """
     import dataclasses
 
     from geometry.merge_eval import pairwise_study
@@ -316,9 +341,12 @@ def pairwise(adapters: Sequence[Adapter], tasks_dir: str, method: str, params: d
         result = _disk_get("pairwise", key)
     except _Miss:
         if not run:
-            return None
-        with progress_bar(f"Pairwise {method} merges") as update:
-            result = _disk_compute("pairwise", key, lambda: pairwise_study(
-                list(adapters), tasks_dir, method, max_examples=max_examples, progress=update, show_progress=False,
-                **params))
+            result = partial("pairwise", key)
+            if result is None:
+                return None
+        else:
+            with progress_bar(f"Pairwise {method} merges") as update:
+                result = _disk_compute("pairwise", key, lambda: pairwise_study(
+                    list(adapters), tasks_dir, method, max_examples=max_examples, progress=update,
+                    show_progress=False, partial=_keep_partial("pairwise", key), **params))
     return dataclasses.replace(result, adapters=[a.name for a in adapters])  # a copy: cached results stay as they are
