@@ -76,7 +76,7 @@ def load_uploads(aset: AdapterSet, files: Sequence[tuple[str, bytes]]) -> tuple[
         base = Path(filename).name
         if base.lower().endswith(".zip"):
             try:
-                adapter = load_zip_bytes(data, name=Path(base).stem)
+                adapter = load_zip_bytes(data, name=Path(base).stem, source=base)
                 added.append(aset.add(adapter, origin="upload"))
             except (AtlasError, OSError, ValueError) as exc:
                 errors.append(_error_text(exc, base))
