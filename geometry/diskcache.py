@@ -1,36 +1,74 @@
-"""A tiny on-disk cache of computed results (pickles), keyed by the content of what they depend on.
+"""An on-disk cache of computed results, keyed by the content of what they depend on.
 
     value = cached("all_distances", content_hashes, lambda: all_distances(adapters))
 
-Files live in ``cache_dir() / namespace / <sha256 of the key parts>.pkl``. Every key also holds
-:func:`code_version`, a hash of the code that computes the results (the source of the
-``geometry`` package and of the dashboard's ``ui`` package, plus the torch / numpy versions), so that
-after any change to the maths old results are never returned. Writes are atomic
-(temporary file then ``os.replace``), so a crash never leaves a half-written entry; an unreadable
-or corrupt entry is recomputed and overwritten. When the directory is not writable the value is
-still returned (just not stored). Only this program's own pickles are read back: the cache lives
-in a directory the user owns, never in uploaded content.
+Storage is a :class:`diskcache.Cache` (SQLite index plus one file per large value) in
+``cache_dir() / "store"``. Every key also holds :func:`code_version`, a hash of the code that computes
+the results (the source of the ``geometry`` package and of the dashboard's ``ui`` package, plus the
+torch / numpy versions), so that after any change to the maths old results are never returned.
+
+* Size cap: ``$ADAPTER_ATLAS_CACHE_MB`` mebibytes (default 2048); past it the least recently *used*
+  entries are evicted when a new one is written.
+* Crash safety: a value file is written in full under a fresh random name before the SQLite row that
+  points at it is committed, so a writer killed mid-way leaves at most an orphan file, never an entry.
+  Every entry also stores the sha256 of its bytes; an entry whose bytes do not match (truncated,
+  overwritten, a damaged row) is dropped and recomputed, never returned and never raised.
+* Concurrency: two threads or processes writing the same key both get their value back and leave
+  one valid entry (the last write wins; SQLite serialises the commits).
+* Only this program's own results are read back: keys are sha256 hex of the key parts, the directory
+  is the user's own (never uploaded content), diskcache itself only handles bytes (it never
+  unpickles), and the one ``pickle.loads`` here runs on bytes whose sha256 matches the digest stored
+  with them.
+* When the directory is not writable (or SQLite is unusable) the value is still returned, just not
+  stored; a value that cannot be pickled is returned and not stored.
+
+Entries of the earlier hand-written cache (``cache_dir() / namespace / <sha256>.pkl``) are ignored
+and may be deleted.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
-import tempfile
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import diskcache as _dc
+
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[1]
 ENV = "ADAPTER_ATLAS_CACHE"
+#: Size cap of the store in MiB (``2**20`` bytes); a float is accepted.
+ENV_MB = "ADAPTER_ATLAS_CACHE_MB"
+DEFAULT_MB = 2048
+#: Sub-folder of :func:`cache_dir` holding the diskcache store.
+STORE = "store"
+EVICTION = "least-recently-used"
+_MISSING = object()
 
 
 def cache_dir() -> Path:
     """``$ADAPTER_ATLAS_CACHE`` when set, else ``<repo>/cache``."""
     env = os.environ.get(ENV)
     return Path(env).expanduser() if env else REPO / "cache"
+
+
+def store_dir() -> Path:
+    """The folder of the diskcache store: ``cache_dir() / "store"``."""
+    return cache_dir() / STORE
+
+
+def size_limit() -> int:
+    """The store's size cap in bytes, from ``$ADAPTER_ATLAS_CACHE_MB`` (default 2048 MiB)."""
+    try:
+        mb = float(os.environ.get(ENV_MB, DEFAULT_MB))
+    except ValueError:
+        mb = DEFAULT_MB
+    return max(int(mb * 2**20), 0)
 
 
 #: Source folders whose code produces cached results (relative to the repository root).
@@ -69,36 +107,135 @@ def cache_key(key_parts: Iterable[Any]) -> str:
     return h.hexdigest()
 
 
-def cache_path(namespace: str, key_parts: Iterable[Any]) -> Path:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in namespace) or "default"
-    return cache_dir() / safe / f"{cache_key((code_version(), *key_parts))}.pkl"
+def _safe(namespace: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in namespace) or "default"
+
+
+def entry_key(namespace: str, key_parts: Iterable[Any]) -> str:
+    """The store's key of ``(namespace, key_parts)``: ``<namespace>/<sha256 of code_version and parts>``."""
+    return f"{_safe(namespace)}/{cache_key((code_version(), *key_parts))}"
+
+
+# ------------------------------------------------------------------------------------------ the store
+class _BytesOnlyDisk(_dc.Disk):
+    """diskcache's serialiser, refusing to hand back anything but bytes (so it never unpickles)."""
+
+    def fetch(self, mode, filename, value, read):
+        if mode not in (_dc.core.MODE_RAW, _dc.core.MODE_BINARY):
+            raise OSError(f"unexpected diskcache entry mode {mode}")  # read by Cache.get as a miss
+        data = super().fetch(mode, filename, value, read)
+        if not isinstance(data, bytes):
+            raise OSError("unexpected diskcache entry type")
+        return data
+
+
+_LOCK = threading.Lock()
+_OPEN: dict[str, Any] = {}  # {"where": (directory, size_limit), "cache": Cache}
+
+
+def open_store() -> _dc.Cache | None:
+    """The :class:`diskcache.Cache` at :func:`store_dir` with the current size cap, or ``None`` when it
+    cannot be opened (directory not writable, ...). Opened once and re-opened when ``$ADAPTER_ATLAS_CACHE``
+    or ``$ADAPTER_ATLAS_CACHE_MB`` change; safe to share between threads and across ``fork``."""
+    where = (str(store_dir()), size_limit())
+    with _LOCK:
+        if _OPEN.get("where") == where:
+            return _OPEN["cache"]
+        try:
+            # cull_limit=0: diskcache would evict 10 entries at a time inside each write; _evict below
+            # evicts one least recently used entry at a time until the store fits the cap
+            cache = _dc.Cache(where[0], disk=_BytesOnlyDisk, size_limit=where[1], eviction_policy=EVICTION,
+                              cull_limit=0)
+        except Exception:  # not writable, not a directory, SQLite unusable: run without a disk cache
+            return None
+        old = _OPEN.get("cache")
+        _OPEN.update(where=where, cache=cache)
+    if old is not None:
+        try:
+            old.close()
+        except Exception:
+            pass
+    return cache
+
+
+def _digest(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def load(namespace: str, key_parts: Iterable[Any], default: Any = None) -> Any:
+    """The stored value for ``(namespace, key_parts)``, or ``default`` when there is none (or it is damaged,
+    in which case the entry is dropped)."""
+    cache = open_store()
+    if cache is None:
+        return default
+    key = entry_key(namespace, tuple(key_parts))
+    try:
+        data, digest = cache.get(key, default=_MISSING, tag=True)
+    except Exception:  # SQLite busy past its timeout, damaged database, unreadable file: a miss
+        return default
+    if data is _MISSING:
+        return default
+    try:
+        if isinstance(data, bytes) and digest == _digest(data):
+            return pickle.loads(data)
+    except Exception:  # digest matched but the pickle needs what this process lacks: recompute
+        pass
+    try:
+        cache.delete(key)
+    except Exception:
+        pass
+    return default
+
+
+def store(namespace: str, key_parts: Iterable[Any], value: Any) -> bool:
+    """Store ``value`` for ``(namespace, key_parts)``; ``False`` when it was not stored (the value cannot
+    be pickled, the directory is not writable, the database stayed locked past its timeout)."""
+    cache = open_store()
+    if cache is None:
+        return False
+    key = entry_key(namespace, tuple(key_parts))
+    try:
+        data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        return False
+    try:
+        digest = _digest(data)
+        if len(data) < cache.disk.min_file_size:  # kept inside the SQLite row
+            stored = bool(cache.set(key, data, tag=digest))
+        else:  # a file; as a reader it is copied in 4 MiB chunks (bytes would be written line by line)
+            stored = bool(cache.set(key, io.BytesIO(data), read=True, tag=digest))
+    except Exception:
+        return False
+    try:
+        _evict(cache)
+    except Exception:  # busy past the timeout: the next write evicts
+        pass
+    return stored
+
+
+def _evict(cache: _dc.Cache) -> int:
+    """Drop least recently used entries, one at a time, until the store's volume fits its size cap
+    (``Cache.cull`` would drop ten at a time). Returns how many were dropped."""
+    dropped = 0
+    for _ in range(100_000):
+        if cache.volume() <= cache.size_limit:
+            break
+        # every key this module writes is a str, stored raw (raw = 1)
+        rows = cache._sql("SELECT key FROM Cache WHERE raw = 1 ORDER BY access_time LIMIT 1").fetchall()
+        if not rows or not cache.delete(rows[0][0]):
+            break
+        dropped += 1
+    return dropped
 
 
 def cached(namespace: str, key_parts: Iterable[Any], compute: Callable[[], T]) -> T:
-    """The stored value for ``(namespace, key_parts)``, or ``compute()`` stored atomically then returned."""
-    path = cache_path(namespace, tuple(key_parts))
-    try:
-        with open(path, "rb") as fh:
-            return pickle.load(fh)
-    except Exception:  # missing, corrupt, truncated or from an incompatible version: recompute
-        pass
+    """The stored value for ``(namespace, key_parts)``, or ``compute()`` stored then returned.
+
+    An exception from ``compute`` propagates and nothing is stored."""
+    key_parts = tuple(key_parts)
+    value = load(namespace, key_parts, _MISSING)
+    if value is not _MISSING:
+        return value
     value = compute()
-    _store(path, value)
+    store(namespace, key_parts, value)
     return value
-
-
-def _store(path: Path, value: Any) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pkl")
-    except OSError:
-        return
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            pickle.dump(value, fh, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, path)
-    except Exception:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass

@@ -515,21 +515,17 @@ class LearnedMergeRun:
     def _store_cached(self) -> None:
         if not self.use_cache:
             return
-        from geometry.diskcache import _store, cache_path
+        from geometry.diskcache import store
 
         payload = {"coefficients": self.coefficients, "history": self.history, "notes": self.notes,
                    "evaluations": self.evaluations, "step": self.step}
-        _store(cache_path("learned_merge", self.cache_key()), payload)
+        store("learned_merge", self.cache_key(), payload)
 
     def _load_cached(self) -> bool:
-        import pickle
+        from geometry.diskcache import load
 
-        from geometry.diskcache import cache_path
-
-        path = cache_path("learned_merge", self.cache_key())
-        try:
-            with open(path, "rb") as fh:
-                payload = pickle.load(fh)
+        payload = load("learned_merge", self.cache_key())
+        try:  # no entry (None) or another shape: not this run's result
             gamma = np.asarray(payload["coefficients"], dtype=float)
             if gamma.shape != self.layout.shape:
                 return False
