@@ -23,7 +23,8 @@ st.set_page_config(
 )
 
 PAGES = [
-    st.Page("pages/home.py", title="Overview", icon=":material/home:", url_path="overview", default=True),
+    # The default page lives at "/" (Streamlit ignores a url_path here: "/overview" would be "Page not found").
+    st.Page("pages/home.py", title="Overview", icon=":material/home:", default=True),
     st.Page("pages/anatomy.py", title="Anatomy", icon=":material/biotech:", url_path="anatomy"),
     st.Page("pages/distances.py", title="Distances", icon=":material/grid_on:", url_path="distances"),
     st.Page("pages/inclusion.py", title="Inclusion", icon=":material/join_inner:", url_path="inclusion"),

@@ -38,20 +38,29 @@ def chromium() -> str | None:
     return shutil.which("chromium")
 
 
+class ServerURL(str):
+    """The server's URL; ``pid`` is the ``streamlit run`` process (for its memory)."""
+
+    pid: int
+
+
 @contextmanager
-def streamlit_server(samples: Path, cache: Path):
+def streamlit_server(samples: Path, cache: Path, env: dict[str, str] | None = None):
+    """``streamlit run app.py`` on a free local port over ``samples`` with the disk cache ``cache``
+    (and extra environment ``env``); yields its URL (a :class:`ServerURL`) once healthy."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, ADAPTER_ATLAS_SAMPLES=str(samples), ADAPTER_ATLAS_CACHE=str(cache), HF_HUB_OFFLINE="1",
-               PYTHONPATH=str(REPO))
+               PYTHONPATH=str(REPO), **(env or {}))
     cache.mkdir(parents=True, exist_ok=True)
     log = open(cache.parent / "streamlit.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.headless", "true",
          "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
          "--server.fileWatcherType", "none"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    url = ServerURL(f"http://127.0.0.1:{port}")
+    url.pid = proc.pid
     try:
         deadline = time.time() + 90
         while True:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pandas as pd
 import streamlit as st
 
 from geometry.errors import AtlasError
-from ui import compute, controls, downloads, figures, merge_figures, require_app
-from ui.adapter_set import samples_dir
+from geometry.learned.data import parse_unlabeled
+from ui import compute, controls, demo, downloads, figures, merge_figures, require_app
 from ui.learned import LiveRun
 
 require_app()  # a shared link opened first on a fresh server still gets the app around it
@@ -34,13 +36,16 @@ transformer block. Defaults are DivMerge's Table 9: Adam, lr 10⁻² (AdaMerging
      r"\quad \Phi = \theta_0 + \sum_t \Gamma_t\,\tau_t"],
 )
 
-adapters = controls.compared_adapters(key="learned_set", label="Adapters merged", max_default=2)
+caps = demo.caps()
+adapters = controls.compared_adapters(key="learned_set", label="Adapters merged", max_default=2,
+                                      max_count=caps.max_merged)
 names = [a.name for a in adapters]
+controls.demo_caps_note()
 
 c1, c2, c3, c4 = st.columns([3, 2, 2, 2])
 with c1:
-    tasks_dir = st.text_input("Task data folder", value=str(samples_dir() / "tasks"), key="learned_tasks",
-                              help="One folder per task: validation.jsonl (unlabeled inputs) and test.jsonl (ANP).")
+    tasks_dir = controls.task_data("learned_tasks", help="One folder per task: validation.jsonl (unlabeled inputs) "
+                                   "and test.jsonl (ANP).")
 with c2:
     method = st.selectbox("Method", list(METHODS), format_func=METHODS.get, key="learned_method", bind=controls.URL)
 with c3:
@@ -52,10 +57,12 @@ with c4:
 d1, d2, d3, d4, d5 = st.columns(5)
 defaults = {"divmerge": (1e-2, 4), "adamerging": (1e-3, 5)}[method]
 with d1:
-    samples = int(st.number_input("Inputs per task", 5, 400, 200 if level == "task" else 300, step=25,
+    top = caps.max_learned_samples or 400
+    samples = int(st.number_input("Inputs per task", 5, top, min(200 if level == "task" else 300, top), step=25,
                                   key=f"learned_samples_{level}"))
 with d2:
-    epochs = int(st.number_input("Epochs", 1, 50, defaults[1], key=f"learned_epochs_{method}"))
+    epochs = int(st.number_input("Epochs", 1, caps.max_learned_epochs or 50,
+                                 min(defaults[1], caps.max_learned_epochs or 50), key=f"learned_epochs_{method}"))
 with d3:
     lr = float(st.number_input("Learning rate", 1e-5, 1.0, defaults[0], format="%.4f", key=f"learned_lr_{method}"))
 with d4:
@@ -65,8 +72,27 @@ with d5:
     limit = int(st.number_input("ANP test examples", 20, 2000, 100, step=20, key="learned_limit"))
 every = int(st.slider("Measure ANP every k steps", 5, 100, 25, step=5, key="learned_every"))
 
+# Unlabeled inputs of one's own (kept in this session's memory, never written to the server's disk).
+uploaded: dict[str, bytes] = {}
+with st.expander("Your own unlabeled inputs (optional): a CSV or JSONL file per adapter", icon=":material/upload:"):
+    st.caption("Columns `text` and optionally `text_pair` (labels, if any, are ignored). Adapters without a file "
+               "use their task's validation split from the task data above.")
+    for a in adapters:
+        f = st.file_uploader(f"Inputs for {a.name}", type=["csv", "jsonl", "json", "tsv"], key=f"learned_up_{a.name}")
+        if f is None:
+            continue
+        try:
+            parsed = parse_unlabeled(f.getvalue(), f.name)
+        except (AtlasError, ValueError, UnicodeDecodeError) as exc:
+            st.error(f"{f.name}: {exc}" if f.name not in str(exc) else str(exc), icon=":material/error:")
+            continue
+        uploaded[a.name] = f.getvalue()
+        st.caption(f":material/check: {f.name}: {len(parsed.texts)} inputs"
+                   + (" (pairs)" if parsed.pairs is not None else "") + f" for {a.name}.")
+
 settings = (compute.content_key(adapters), method, level, divergence if method == "divmerge" else None, samples,
-            epochs, lr, init, tasks_dir)
+            epochs, lr, init, tasks_dir,
+            tuple(sorted((n, hashlib.sha256(b).hexdigest()) for n, b in uploaded.items())))
 live: LiveRun | None = st.session_state.get(RUN_KEY)
 running = bool(live and live.run.running)
 b1, b2, _ = st.columns([2, 3, 5])
@@ -81,11 +107,13 @@ if start:
     if method == "divmerge":
         kwargs["divergence"] = divergence
     try:
-        run = RUNS[method](adapters, tasks_dir, **kwargs)
+        if not tasks_dir:
+            raise AtlasError("no task data to measure ANP on")
+        run = RUNS[method](adapters, tasks_dir, data=uploaded or None, **kwargs)
     except (AtlasError, ValueError, OSError) as exc:
         st.error(str(exc), icon=":material/error:")
     else:
-        live = LiveRun(run, settings, every, limit)
+        live = LiveRun(run, settings, every, limit, alive=demo.session_liveness())
         st.session_state[RUN_KEY] = live
         live.start()
         st.rerun()  # redraw the buttons for a running run (Start off, Stop on)
@@ -98,6 +126,8 @@ def _draw(live: LiveRun) -> None:
     snap = run.snapshot()
     if run.error is not None:
         st.error(f"The run stopped: {run.error}", icon=":material/error:")
+    if live.stopped_because:
+        st.info(f"The run was stopped because {live.stopped_because}; the coefficients it reached are kept.")
     frac = snap.step / max(snap.total_steps, 1)
     state = "running" if run.running else ("done" if snap.done else ("stopped" if snap.step else "starting"))
     prep = " (computing the fine-tuned models' reference distributions first)" if snap.step == 0 and run.running else ""

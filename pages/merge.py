@@ -14,8 +14,7 @@ from geometry.merge_eval import (
     find_task_dir,
 )
 from geometry.merging import MERGE_METHODS, METHOD_PARAMS
-from ui import compute, controls, downloads, figures, merge_figures, require_app
-from ui.adapter_set import samples_dir
+from ui import compute, controls, demo, downloads, figures, merge_figures, require_app
 
 require_app()  # a shared link opened first on a fresh server still gets the app around it
 
@@ -57,23 +56,24 @@ Scores are cached on disk, so a second run is instant.
     ],
 )
 
-adapters = controls.compared_adapters(key="merge_set", label="Adapters merged", max_default=3)
+adapters = controls.compared_adapters(key="merge_set", label="Adapters merged", max_default=3,
+                                      max_count=demo.caps().max_merged)
+controls.demo_caps_note()
 names = [a.name for a in adapters]
 
 c1, c2 = st.columns([3, 2])
 with c1:
-    tasks_dir = st.text_input(
-        "Task data folder", value=str(samples_dir() / "tasks"), key="merge_tasks",
-        help="Holds one folder per task (test.jsonl + labels.json). Each adapter's task is read from its "
-        "training_info.json, else its name.",
+    tasks_dir = controls.task_data(
+        "merge_tasks", help="Holds one folder per task (test.jsonl + labels.json). Each adapter's task is read "
+        "from its training_info.json, else its name.",
     )
 with c2:
     max_examples = int(st.number_input(
-        "Test examples per task", min_value=10, max_value=100000, value=200, step=50, key="merge_max",
-        help="Scores use the first N test examples of each task (fewer = faster).",
+        "Test examples per task", min_value=10, max_value=demo.caps().max_test_examples or 100000, value=200,
+        step=50, key="merge_max", help="Scores use the first N test examples of each task (fewer = faster).",
     ))
-task_errors = []
-for a in adapters:
+task_errors = [] if tasks_dir else ["no task data"]
+for a in adapters if tasks_dir else []:
     try:
         find_task_dir(a, tasks_dir)
     except MissingTaskDataError as exc:

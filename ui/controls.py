@@ -27,11 +27,12 @@ def how_to_read(markdown: str, formulas: Sequence[str] = ()) -> None:
 
 
 def compared_adapters(key: str = "compare", min_count: int = 2, label: str = "Adapters compared",
-                      max_default: int | None = None) -> list[Adapter]:
+                      max_default: int | None = None, max_count: int | None = None) -> list[Adapter]:
     """Multiselect of the set's adapters to compare (default: the largest group on one base model).
 
     Stops the page with a specific message when fewer than ``min_count`` are chosen or when the
     library finds them incompatible (``IncompatibleAdaptersError``: different bases or shapes).
+    ``max_count``: at most this many (a demo server's cap, :mod:`ui.demo`), said on the page.
     """
     aset = state.adapter_set()
     if len(aset) < min_count:
@@ -62,6 +63,10 @@ def compared_adapters(key: str = "compare", min_count: int = 2, label: str = "Ad
     if len(chosen) < min_count:
         st.info(f"Choose at least {min_count} adapters.")
         st.stop()
+    if max_count is not None and len(chosen) > max_count:
+        st.warning(f"This demo server merges at most {max_count} adapters at once: using the first {max_count} "
+                   f"({', '.join(chosen[:max_count])}).", icon=":material/speed:")
+        chosen = chosen[:max_count]
     adapters = aset.subset(chosen)
     try:
         notes = compute.check(adapters)
@@ -75,6 +80,32 @@ def compared_adapters(key: str = "compare", min_count: int = 2, label: str = "Ad
     else:
         st.caption("Adapters must share a base model (same module shapes) to be compared.")
     return adapters
+
+
+def task_data(key: str, help: str) -> str | None:
+    """The folder of task data a page scores on: a typed path on a local server, one of the bundled task
+    sets on a demo server (``ui.demo``: no page reads a path a visitor typed). ``None`` when there is none."""
+    from ui import demo
+    from ui.adapter_set import samples_dir
+
+    if not demo.demo_mode():
+        return st.text_input("Task data folder", value=str(samples_dir() / "tasks"), key=key, help=help)
+    sets = demo.bundled_task_sets()
+    if not sets:
+        st.warning("This demo server has no bundled task data: scoring is off.", icon=":material/warning:")
+        return None
+    label = st.selectbox("Task data (bundled with this demo)", list(sets), key=key,
+                         help=help + " On this demo server only the bundled task sets can be used.")
+    return str(sets[label])
+
+
+def demo_caps_note() -> None:
+    """The demo server's compute caps, in one caption (nothing outside demo mode)."""
+    from ui import demo
+
+    text = demo.caps().describe()
+    if text:
+        st.caption(f":material/speed: {text}")
 
 
 def comparable_set() -> list[Adapter]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,10 @@ class LiveRun:
     was_running: bool = False
     started: float | None = None
     ended: float | None = None
+    #: Whether the browser session that started the run is still there (``ui.demo.session_liveness``);
+    #: checked after every step: a run whose session has gone stops (keeping what it reached).
+    alive: Callable[[], bool] | None = None
+    stopped_because: str | None = None
 
     def wall_seconds(self) -> float:
         """Seconds since Start (frozen when the run ends)."""
@@ -41,6 +46,9 @@ class LiveRun:
         """``on_step`` callback (the run's thread): keep the coefficients of this step."""
         with self.lock:
             self.coefficients.append((int(state.step), np.array(state.coefficients, dtype=float)))
+        if self.alive is not None and not self.alive():
+            self.stopped_because = "the browser session that started it has gone"
+            self.run.stop()
 
     def start(self) -> None:
         init = np.array(self.run.coefficients, dtype=float)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import streamlit as st
 
-from ui import state
+from ui import demo, state
 from ui.adapter_set import UPLOAD_TYPES, load_hub_id, load_uploads
 
 UPLOAD_COUNTER = "upload_generation"
@@ -28,6 +30,11 @@ def on_upload() -> None:
     files = st.session_state.get(_uploader_key()) or []
     if not isinstance(files, list):
         files = [files]
+    full = _room(state.adapter_set())
+    if files and full:
+        state.report([f"{', '.join(f.name for f in files)}: {full}"], [])
+        st.session_state[UPLOAD_COUNTER] = st.session_state.get(UPLOAD_COUNTER, 0) + 1
+        return
     aset = state.adapter_set()
     added, errors = load_uploads(aset, [(f.name, f.getvalue()) for f in files])
     st.session_state[NEWEST_KEY] = added
@@ -35,9 +42,31 @@ def on_upload() -> None:
     st.session_state[UPLOAD_COUNTER] = st.session_state.get(UPLOAD_COUNTER, 0) + 1
 
 
+def _demo_upload_mb() -> int | None:
+    if not demo.demo_mode():
+        return None
+    from geometry.limits import limits
+
+    return max(1, limits().max_upload_bytes // 2**20)
+
+
+def _room(aset) -> str | None:
+    """Why no more adapters fit in this session's set (a demo server's cap), or ``None``."""
+    cap = demo.caps().max_adapters
+    if cap is not None and len(aset) >= cap:
+        return f"this demo server keeps at most {cap} adapters per session: remove some first"
+    return None
+
+
 def on_hub() -> None:
     aset = state.adapter_set()
-    added, errors = load_hub_id(aset, st.session_state.get("hub_id", ""))
+    repo_id = st.session_state.get("hub_id", "").strip()
+    ok, why = demo.hub_allowed(repo_id)
+    full = _room(aset)
+    if not ok or full:
+        state.report([f"{repo_id or 'hub'}: {why or full}"], [])
+        return
+    added, errors = load_hub_id(aset, repo_id)
     st.session_state[NEWEST_KEY] = added
     state.report(errors, [f"loaded {n}" for n in added])
 
@@ -108,9 +137,21 @@ def render() -> None:
             key=_uploader_key(),
             on_change=on_upload,
             help="A peft adapter folder zipped, or adapter_config.json + adapter_model.safetensors (or .bin).",
+            # a demo server's cap, refused by the browser before the upload (the library checks again)
+            max_upload_size=_demo_upload_mb(),
         )
-        st.text_input("Hugging Face hub id", key="hub_id", placeholder="owner/name")
-        st.button("Load from hub", on_click=on_hub, width="stretch")
+        if demo.demo_mode():
+            from geometry.limits import limits
+
+            cap = demo.caps().max_adapters
+            st.caption(f":material/speed: Demo server: uploads up to {limits().max_upload_bytes // 2**20} MB each "
+                       f"(uncompressed), {cap} adapters per session; they stay in this session's memory and go "
+                       "when you close the tab.")
+        if demo.hub_allowed("")[0] or os.environ.get(demo.HUB_ALLOW_ENV):
+            st.text_input("Hugging Face hub id", key="hub_id", placeholder="owner/name")
+            st.button("Load from hub", on_click=on_hub, width="stretch")
+        else:
+            st.caption(":material/cloud_off: Hub downloads are off on this demo server.")
 
     if len(aset):
         with sb.expander("Rename or remove", expanded=False):

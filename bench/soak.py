@@ -1,0 +1,205 @@
+"""Soak test of a hosted demo: N concurrent browser sessions against one local server, for a bounded time.
+
+    .venv/bin/python bench/soak.py [--sessions 8] [--seconds 120] [--samples DIR] [--demo]
+
+Starts ``streamlit run app.py`` (``bench/browser_latency.py``'s server: the sample adapters, a private
+disk cache), warms every page once, then runs ``--sessions`` browser sessions at once (one headless
+Debian chromium, one context each: separate cookies and Streamlit sessions) for ``--seconds``. Each
+session opens the app from its URL once (timed as ``first load``), then moves through the pages in a
+loop by the sidebar's links, as a visitor does, and times each page: from the click to the page's
+script having finished with its title drawn; every fifth visit is a full reload of the page's URL
+(a shared link opened again, timed as ``reload``). It counts as an error any page that shows a
+Streamlit exception or does not finish within 60 s.
+
+The browsers run on the same 2 cores as the server here (on a real host they are the visitors'
+machines), so the bench also reports the server's share of the CPU (its user + system time over the
+wall time of the soak, from ``/proc``): what the server itself costs.
+
+Prints page-load latency p50 / p95 / max per page, the server's peak resident memory (``VmHWM`` of the
+server process) and the error count; the last line is one JSON object with ``p95_s`` per page,
+``max_p95_s``, ``peak_rss_mb``, ``errors`` and ``target_met`` (every page's p95 under 3 s, no error).
+The baseline is the same page loads with one session alone, timed first in the same run
+(``single_p50_s``): the ratio says what sharing the server costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import browser_latency  # noqa: E402  (bench/, next to this file)
+
+#: url path -> title in the sidebar navigation (app.py)
+PAGES = {"overview": "Overview", "anatomy": "Anatomy", "distances": "Distances", "inclusion": "Inclusion",
+         "merge": "Merge", "learned": "Learned merge"}
+TARGET_P95_S = 3.0
+DONE_JS = """(path) => { const app = document.querySelector('[data-testid="stApp"]');
+    return app && app.getAttribute('data-test-script-state') === 'notRunning'
+        && document.querySelector('[data-testid="stMain"] h1') !== null
+        && (path === 'overview' ? location.pathname.endsWith('/') : location.pathname.endsWith('/' + path)); }"""
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc/pid/stat``)."""
+    import os
+
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+def peak_rss_mb(pid: int) -> float:
+    """Peak resident memory of process ``pid`` (Linux ``VmHWM``), in MB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+async def _load(page, url: str, path: str, by_link: bool = False) -> tuple[float, str | None]:
+    """Seconds to open ``path`` in ``page`` (a full load of its URL, or a click on its sidebar link)
+    until its script is done; an error text or None."""
+    t0 = time.perf_counter()
+    try:
+        if by_link:
+            nav = page.locator('[data-testid="stSidebarNav"] a')
+            await (nav.first if path == "overview" else nav.and_(page.locator(f'a[href$="/{path}"]'))).click()
+        else:
+            await page.goto(f"{url}/{path}" if path != "overview" else url, wait_until="domcontentloaded")
+        await page.wait_for_timeout(50)  # the click's rerun has started (the script state leaves notRunning)
+        await page.wait_for_function(DONE_JS, arg=path, timeout=60_000, polling=100)
+    except Exception as exc:  # noqa: BLE001  (a timeout or a crashed page is an error of the run, counted)
+        return time.perf_counter() - t0, f"{path}: {type(exc).__name__}: {str(exc)[:900]}"
+    elapsed = time.perf_counter() - t0
+    if await page.locator('[data-testid="stException"]').count():
+        text = await page.locator('[data-testid="stException"]').first.inner_text()
+        return elapsed, f"{path}: exception on the page: {text[:160]}"
+    return elapsed, None
+
+
+async def _session(browser, url: str, pages: list[str], deadline: float, times: dict, errors: list, offset: int):
+    context = await browser.new_context(viewport={"width": 1366, "height": 900})
+    page = await context.new_page()
+    k = offset
+    try:
+        elapsed, error = await _load(page, url, pages[k % len(pages)])
+        times.setdefault("first load", []).append(elapsed)
+        errors.extend([error] if error else [])
+        while time.perf_counter() < deadline:
+            k += 1
+            path = pages[k % len(pages)]
+            reload = k % 5 == 0
+            elapsed, error = await _load(page, url, path, by_link=not reload)
+            times.setdefault("reload" if reload else path, []).append(elapsed)
+            if error:
+                errors.append(error)
+    finally:
+        await context.close()
+
+
+async def soak(url: str, sessions: int = 8, seconds: float = 120.0, pages: list[str] | None = None,
+               pid: int | None = None) -> dict:
+    """Run the soak against a running server at ``url``; returns ``{"single": {...}, "times": {...}, "errors": [...]}``."""
+    from playwright.async_api import async_playwright
+
+    pages = pages or list(PAGES)
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=browser_latency.chromium(), args=browser_latency.ARGS,
+                                           headless=True)
+        try:
+            single: dict[str, list[float]] = {}
+            warm_errors: list[str] = []
+            context = await browser.new_context(viewport={"width": 1366, "height": 900})
+            page = await context.new_page()
+            await _load(page, url, pages[0])
+            for round_ in range(3):  # the first round warms the caches; the next two are the baseline
+                for path in pages[1:] + pages[:1]:
+                    elapsed, error = await _load(page, url, path, by_link=True)
+                    if round_:
+                        single.setdefault(path, []).append(elapsed)
+                    if error:
+                        warm_errors.append(error)
+            for _ in range(2):
+                elapsed, error = await _load(page, url, pages[1])
+                single.setdefault("reload", []).append(elapsed)
+                single.setdefault("first load", []).append(elapsed)
+            await context.close()
+            times: dict[str, list[float]] = {}
+            errors: list[str] = []
+            cpu0, t0 = cpu_seconds(pid) if pid else float("nan"), time.perf_counter()
+            deadline = t0 + seconds
+            await asyncio.gather(*(_session(browser, url, pages, deadline, times, errors, offset=i)
+                                   for i in range(sessions)))
+            wall = time.perf_counter() - t0
+            server_cpu = (cpu_seconds(pid) - cpu0) / wall if pid else float("nan")
+        finally:
+            await browser.close()
+    return {"single": single, "times": times, "errors": errors, "warm_errors": warm_errors,
+            "server_cpu_share": server_cpu}
+
+
+def _pct(values: list[float], q: float) -> float:
+    v = sorted(values)
+    return v[min(len(v) - 1, max(0, round(q / 100 * (len(v) - 1))))] if v else float("nan")
+
+
+def report(result: dict, sessions: int, pid: int | None) -> dict:
+    times, single = result["times"], result["single"]
+    out = {"bench": "soak", "sessions": sessions, "pages": {}}
+    for path, values in times.items():
+        base = statistics.median(single.get(path) or [float("nan")])
+        row = {"p50_s": round(_pct(values, 50), 3), "p95_s": round(_pct(values, 95), 3),
+               "max_s": round(max(values), 3), "loads": len(values), "single_p50_s": round(base, 3)}
+        out["pages"][path] = row
+        print(f"{path:10s} {sessions} sessions: p50 {row['p50_s']:.2f} s, p95 {row['p95_s']:.2f} s, "
+              f"max {row['max_s']:.2f} s over {row['loads']} loads (one session alone: p50 {base:.2f} s, "
+              f"x{row['p50_s'] / base:.1f})")
+    out["max_p95_s"] = max((r["p95_s"] for r in out["pages"].values()), default=float("nan"))
+    out["errors"] = len(result["errors"]) + len(result["warm_errors"])
+    out["peak_rss_mb"] = round(peak_rss_mb(pid), 1) if pid else None
+    out["server_cpu_cores"] = round(result.get("server_cpu_share", float("nan")), 2)
+    print(f"server CPU during the soak: {out['server_cpu_cores']:.2f} of 2 cores (the rest: the {sessions} browsers)")
+    out["target_met"] = out["errors"] == 0 and out["max_p95_s"] < TARGET_P95_S
+    for e in (result["warm_errors"] + result["errors"])[:10]:
+        print("error:", e)
+    print(f"server peak memory {out['peak_rss_mb']} MB; errors {out['errors']}; "
+          f"target (every page p95 < {TARGET_P95_S:g} s, no error): {'met' if out['target_met'] else 'NOT met'}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sessions", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=120.0)
+    parser.add_argument("--samples", type=Path, default=REPO / "sample_adapters")
+    parser.add_argument("--demo", action="store_true", help="run the server in demo mode (ADAPTER_ATLAS_DEMO=1)")
+    args = parser.parse_args(argv)
+    if not browser_latency.chromium():
+        print("error: no chromium on PATH (apt-get install chromium)", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {"ADAPTER_ATLAS_DEMO": "1"} if args.demo else {}
+        with browser_latency.streamlit_server(args.samples, Path(tmp) / "cache", env=env) as url:
+            result = asyncio.run(soak(url, args.sessions, args.seconds, pid=url.pid))
+            out = report(result, args.sessions, url.pid)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
