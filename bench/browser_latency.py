@@ -45,9 +45,9 @@ class ServerURL(str):
 
 
 @contextmanager
-def streamlit_server(samples: Path, cache: Path, env: dict[str, str] | None = None):
-    """``streamlit run app.py`` on a free local port over ``samples`` with the disk cache ``cache``
-    (and extra environment ``env``); yields its URL (a :class:`ServerURL`) once healthy."""
+def streamlit_server(samples: Path, cache: Path, env: dict[str, str] | None = None, app: Path | None = None):
+    """``streamlit run app.py`` (or ``app``) on a free local port over ``samples`` with the disk cache
+    ``cache`` (and extra environment ``env``); yields its URL (a :class:`ServerURL`) once healthy."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -56,7 +56,7 @@ def streamlit_server(samples: Path, cache: Path, env: dict[str, str] | None = No
     cache.mkdir(parents=True, exist_ok=True)
     log = open(cache.parent / "streamlit.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.headless", "true",
+        [sys.executable, "-m", "streamlit", "run", str(app or REPO / "app.py"), "--server.headless", "true",
          "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
          "--server.fileWatcherType", "none"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = ServerURL(f"http://127.0.0.1:{port}")
@@ -159,6 +159,26 @@ def _settled_count(page) -> int:
         page.wait_for_timeout(200)
         seen.append(page.evaluate("() => document.querySelectorAll('.js-plotly-plot').length"))
     return seen[-1]
+
+
+def measure_floor(cache: Path, clicks: int = 20) -> list[float]:
+    """Click-to-figure seconds of ``bench/latency_floor_app.py`` (one control, one heatmap): the baseline."""
+    from playwright.sync_api import sync_playwright
+
+    with streamlit_server(cache, cache, app=REPO / "bench" / "latency_floor_app.py") as url, \
+            sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium(), args=ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1366, "height": 900})
+            page.set_default_timeout(300_000)
+            page.goto(url)
+            _idle(page)
+            page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length > 0")
+            labels = ["L2", "Grassmann", "cosine"]
+            _click_times(page, labels, len(labels), 0)
+            return _click_times(page, labels, clicks, 0)
+        finally:
+            browser.close()
 
 
 def measure(samples: Path, cache: Path, clicks: int = 20) -> dict[str, list[float]]:

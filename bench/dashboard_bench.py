@@ -15,7 +15,9 @@ the samples' shapes: all-MiniLM-L6-v2, 6 layers, q and v of 384 x 384, r = 8) it
   (Streamlit's script run, the memory cache lookups and every figure), median of the repeats;
 * in a real browser (headless Debian chromium; skipped without it or with ``--no-browser``): the time
   from a click on a control to the redrawn figure, ``--clicks`` per page on Distances, Inclusion and
-  Anatomy (``bench/browser_latency.py``), p50 / p95 per page and over all clicks.
+  Anatomy (``bench/browser_latency.py``), p50 / p95 per page and over all clicks, each page's p50 as a
+  ratio of the floor: the same clicks on ``bench/latency_floor_app.py`` (one control, one heatmap,
+  nothing else), the cost of a Streamlit round trip in this browser on this machine.
 
 Prints the numbers, the ratio cold / slider move, and a last line of JSON (``p50_s``, ``p95_s``: the
 browser's click-to-figure times over every page).
@@ -176,11 +178,16 @@ def main(argv=None) -> int:
     print(f"ratio cold compute / page rerun: {cold / page:.1f}x; target page rerun < 300 ms: "
           f"{'met' if page < 0.3 else 'NOT met'}")
     browser: dict[str, list[float]] = {}
+    floor: list[float] = []
     if not args.no_browser and browser_latency.chromium():
+        floor = browser_latency.measure_floor(tmp / "floor_cache", clicks=args.clicks)
+        print(f"browser, floor (bench/latency_floor_app.py: one control, one heatmap): p50 "
+              f"{_pct(floor, 50) * 1e3:.0f} ms, p95 {_pct(floor, 95) * 1e3:.0f} ms over {len(floor)} clicks")
         browser = browser_latency.measure(root, tmp / "browser_cache", clicks=args.clicks)
         for path, times in browser.items():
             print(f"browser, {path}: click to redrawn figure p50 {_pct(times, 50) * 1e3:.0f} ms, "
-                  f"p95 {_pct(times, 95) * 1e3:.0f} ms over {len(times)} clicks")
+                  f"p95 {_pct(times, 95) * 1e3:.0f} ms over {len(times)} clicks "
+                  f"(p50 {_pct(times, 50) / _pct(floor, 50):.2f}x the floor)")
     every = [t for times in browser.values() for t in times]
     p50, p95 = (_pct(every, 50), _pct(every, 95)) if every else (None, None)
     if every:
@@ -191,6 +198,8 @@ def main(argv=None) -> int:
         "p50_s": None if p50 is None else round(p50, 4), "p95_s": None if p95 is None else round(p95, 4),
         "browser_pages": {k: {"p50_s": round(_pct(v, 50), 4), "p95_s": round(_pct(v, 95), 4), "clicks": len(v)}
                           for k, v in browser.items()},
+        "floor_p50_s": round(_pct(floor, 50), 4) if floor else None,
+        "floor_p95_s": round(_pct(floor, 95), 4) if floor else None,
         "bench": "dashboard", "source": source, "n_adapters": n, "cold_compute_s": round(cold, 4),
         "all_distances_s": round(t_dist[0], 4), "anatomy_s": round(t_anat[0], 4), "inclusion_s": round(t_incl[0], 4),
         "disk_hit_ms": round(statistics.median(t_disk) * 1e3, 2), "slider_library_ms": round(move * 1e3, 2),

@@ -78,7 +78,8 @@ async def _load(page, url: str, path: str, by_link: bool = False) -> tuple[float
     try:
         if by_link:
             nav = page.locator('[data-testid="stSidebarNav"] a')
-            await (nav.first if path == "overview" else nav.and_(page.locator(f'a[href$="/{path}"]'))).click()
+            link = nav.first if path == "overview" else nav.and_(page.locator(f'a[href$="/{path}"]'))
+            await link.click(timeout=60_000)
         else:
             await page.goto(f"{url}/{path}" if path != "overview" else url, wait_until="domcontentloaded")
         await page.wait_for_timeout(50)  # the click's rerun has started (the script state leaves notRunning)

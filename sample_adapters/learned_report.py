@@ -171,6 +171,24 @@ def spearman_rows(neg_div: np.ndarray, perf: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------- main
+def _write(out: Path, lines: list[str], pending: list[str], times: dict[str, float], start: float) -> None:
+    """Write the report so far (atomically: a temporary file, then renamed), naming the sections not run yet."""
+    body = list(lines)
+    if pending:
+        body += ["## Not run yet", "", "This run stopped (or is still running) before: " + ", ".join(pending)
+                 + ". Run the script again: every finished score and run is cached, so it resumes there.", ""]
+    body += ["## Time", "",
+             ", ".join(f"{k}: {v:.0f} s" for k, v in times.items())
+             + f"; total {time.perf_counter() - start:.0f} s on {platform.machine()} with 1 torch thread "
+             f"(cached scores and runs count as ~0; load average at the end {os.getloadavg()[0]:.2f}).", ""]
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text("\n".join(body), encoding="utf-8")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -239,6 +257,49 @@ def main(argv: list[str] | None = None) -> int:
                          f"{len(pairs)} pairs).")
     lines.append("")
 
+    out = Path(args.out)
+    pending = ["Table 2", "Figure 4", "Figure 2 / Table 6"]
+    _write(out, lines, pending, times, start)  # after each section: a stopped run leaves what it finished
+
+    # ---------------------------------------------------------------- Table 2
+    t0 = time.perf_counter()
+    cross = cross_table(adapters, args)
+    times["Table 2"] = time.perf_counter() - t0
+    _log("Table 2", start)
+    rho = {d: spearman_rows(-cross["div"][d], cross["perf"]) for d in ("kl", "js")}
+    lines += ["## Table 2: divergence against performance", "",
+              f"Per task i: Spearman correlation over the {n} models j (diagonal included) between -D(theta_i, "
+              f"theta_j) on {args.divergence_inputs} validation inputs of task i (theta_j's body with task i's head) "
+              "and that model's accuracy on task i's test split.", "",
+              "| task | KL | JS |", "|---|---|---|"]
+    for i, a in enumerate(adapters):
+        lines.append(f"| {a.name} | {rho['kl'][i]:.3f} | {rho['js'][i]:.3f} |")
+    lines += [f"| average | {np.nanmean(rho['kl']):.3f} | {np.nanmean(rho['js']):.3f} |",
+              f"| the paper's average | {PAPER_TABLE2['kl']:.3f} | {PAPER_TABLE2['js']:.3f} |", ""]
+
+    pending.remove("Table 2")
+    _write(out, lines, pending, times, start)
+
+    # ---------------------------------------------------------------- Figure 4
+    t0 = time.perf_counter()
+    lines += ["## Figure 4: DivMerge TL (JS) against the number of unlabeled inputs", "",
+              "Pairwise ANP; the pairs stand in for the paper's (CoLA, SST-2), (MNLI, QNLI), (MRPC, RTE). "
+              "Baselines on the same pair for reference.", "",
+              "| pair | " + " | ".join(str(s) for s in fig4_samples) + " | averaging | TIES |",
+              "|---|" + "---|" * (len(fig4_samples) + 2)]
+    for a, b in fig4_pairs:
+        if a not in by_name or b not in by_name:
+            continue
+        pair = [by_name[a], by_name[b]]
+        cells = [f"{merge_anp('js_tl', pair, args, samples=s):.2f}" for s in fig4_samples]
+        base = [f"{merge_anp(m, pair, args):.2f}" for m in ("averaging", "ties")]
+        lines.append(f"| {a} + {b} | " + " | ".join(cells + base) + " |")
+        _log(f"Figure 4 {a} + {b}", start)
+    times["Figure 4"] = time.perf_counter() - t0
+    lines.append("")
+    pending.remove("Figure 4")
+    _write(out, lines, pending, times, start)
+
     # ---------------------------------------------------------------- Figure 2 / Table 6
     t0 = time.perf_counter()
     rng = np.random.default_rng(args.seed)
@@ -267,49 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {k} | {len(by_k[k][methods[0]])} | " + " | ".join(cells) + " |")
     lines.append("")
 
-    # ---------------------------------------------------------------- Table 2
-    t0 = time.perf_counter()
-    cross = cross_table(adapters, args)
-    times["Table 2"] = time.perf_counter() - t0
-    _log("Table 2", start)
-    rho = {d: spearman_rows(-cross["div"][d], cross["perf"]) for d in ("kl", "js")}
-    lines += ["## Table 2: divergence against performance", "",
-              f"Per task i: Spearman correlation over the {n} models j (diagonal included) between -D(theta_i, "
-              f"theta_j) on {args.divergence_inputs} validation inputs of task i (theta_j's body with task i's head) "
-              "and that model's accuracy on task i's test split.", "",
-              "| task | KL | JS |", "|---|---|---|"]
-    for i, a in enumerate(adapters):
-        lines.append(f"| {a.name} | {rho['kl'][i]:.3f} | {rho['js'][i]:.3f} |")
-    lines += [f"| average | {np.nanmean(rho['kl']):.3f} | {np.nanmean(rho['js']):.3f} |",
-              f"| the paper's average | {PAPER_TABLE2['kl']:.3f} | {PAPER_TABLE2['js']:.3f} |", ""]
-
-    # ---------------------------------------------------------------- Figure 4
-    t0 = time.perf_counter()
-    lines += ["## Figure 4: DivMerge TL (JS) against the number of unlabeled inputs", "",
-              "Pairwise ANP; the pairs stand in for the paper's (CoLA, SST-2), (MNLI, QNLI), (MRPC, RTE). "
-              "Baselines on the same pair for reference.", "",
-              "| pair | " + " | ".join(str(s) for s in fig4_samples) + " | averaging | TIES |",
-              "|---|" + "---|" * (len(fig4_samples) + 2)]
-    for a, b in fig4_pairs:
-        if a not in by_name or b not in by_name:
-            continue
-        pair = [by_name[a], by_name[b]]
-        cells = [f"{merge_anp('js_tl', pair, args, samples=s):.2f}" for s in fig4_samples]
-        base = [f"{merge_anp(m, pair, args):.2f}" for m in ("averaging", "ties")]
-        lines.append(f"| {a} + {b} | " + " | ".join(cells + base) + " |")
-        _log(f"Figure 4 {a} + {b}", start)
-    times["Figure 4"] = time.perf_counter() - t0
-    lines += ["", "## Time", "",
-              ", ".join(f"{k}: {v:.0f} s" for k, v in times.items())
-              + f"; total {time.perf_counter() - start:.0f} s on {platform.machine()} with 1 torch thread "
-              f"(cached scores and runs count as ~0; load average at the end {os.getloadavg()[0]:.2f}).", ""]
-    out = Path(args.out)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text("\n".join(lines), encoding="utf-8")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    pending.remove("Figure 2 / Table 6")
+    _write(out, lines, pending, times, start)
     print(f"wrote {out} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     return 0
 

@@ -1,0 +1,23 @@
+"""The latency floor of ``bench/browser_latency.py``: the smallest Streamlit page with one control and one figure.
+
+One segmented control redraws one 11 x 11 heatmap (built by ``ui.figures.matrix_heatmap``, as on the
+Distances page) and nothing else: no sidebar, no fragment, no other element. Its click-to-figure time
+in the same browser, on the same machine, in the same run is what a Streamlit round trip costs here;
+the dashboard's pages are reported against it.
+"""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ui import figures  # noqa: E402
+
+choice = st.segmented_control("Metric", ["L2", "cosine", "Grassmann"], default="cosine", key="m")
+rng = np.random.default_rng(["L2", "cosine", "Grassmann"].index(choice or "cosine"))
+names = [f"adapter_{i:02d}" for i in range(11)]
+st.plotly_chart(figures.matrix_heatmap(rng.random((11, 11)), names, title=f"{choice} distance\nfloor",
+                                       value_label="distance"), theme="streamlit")
