@@ -74,7 +74,12 @@ class AdapterSet:
         return [self._items[n] for n in names if n in self._items]
 
     def select(self, names: Iterable[str]) -> AdapterSet:
-        """A new set holding ``names`` (in that order); raises ``KeyError`` naming an unknown one."""
+        """A new set holding ``names`` (in that order); raises ``KeyError`` naming an unknown one and
+        ``ValueError`` naming a repeated one (a set holds each adapter once)."""
+        names = list(names)
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"adapters named more than once: {', '.join(map(repr, repeated))}")
         out = AdapterSet()
         for n in names:
             adapter = self[n]

@@ -64,11 +64,11 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
-from huggingface_hub import snapshot_download
+from huggingface_hub import HfApi, snapshot_download
 
 from geometry.config import PEFT_PREFIX, parse_config, rank_and_alpha
 from geometry.errors import AdapterLoadError
-from geometry.limits import NORMAL, RATIO_MIN_BYTES
+from geometry.limits import NORMAL, RATIO_MIN_BYTES, is_demo
 from geometry.limits import limits as current_limits
 from geometry.naming import fused_qkv_note, has_two_stacks, module_key
 from geometry.types import Adapter, AdapterConfig, LoraModule, ModuleKey, lora_scale
@@ -387,14 +387,39 @@ def load_files(files: dict[str, bytes], name: str | None = None, *, max_upload_b
         CONFIG_NAME: configs[0], wname: wkey})
 
 
-def load_hub(repo_id: str, revision: str | None = None, name: str | None = None) -> Adapter:
-    """Download the adapter files of ``repo_id`` with ``huggingface_hub.snapshot_download`` and load them."""
+HUB_PATTERNS = ["*adapter_config.json", "*adapter_model.safetensors", "*adapter_model.bin"]
+
+
+def _hub_size(repo_id: str, revision: str | None) -> int:
+    """Total bytes of the adapter files of ``repo_id`` (``HfApi.model_info`` with file sizes), before download."""
+    import fnmatch
+
+    info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+    sizes = [f.size for f in info.siblings or [] if any(fnmatch.fnmatch(f.rfilename, p) for p in HUB_PATTERNS)]
+    if any(size is None for size in sizes):
+        raise AdapterLoadError(f"hub:{repo_id}: the hub does not say how large its adapter files are, so this "
+                               "server cannot check them against its limit before downloading")
+    return sum(sizes)
+
+
+def load_hub(repo_id: str, revision: str | None = None, name: str | None = None,
+             max_bytes: int | None = None) -> Adapter:
+    """Download the adapter files of ``repo_id`` with ``huggingface_hub.snapshot_download`` and load them.
+
+    ``max_bytes``: refuse, before downloading anything, a repository whose adapter files are larger (their
+    sizes come from the hub's file metadata). Default: the upload limit in demo mode
+    (:mod:`geometry.limits`), no cap otherwise.
+    """
+    if max_bytes is None and is_demo():
+        max_bytes = current_limits().max_upload_bytes
     try:
-        folder = snapshot_download(
-            repo_id=repo_id,
-            revision=revision,
-            allow_patterns=["*adapter_config.json", "*adapter_model.safetensors", "*adapter_model.bin"],
-        )
+        total = _hub_size(repo_id, revision) if max_bytes is not None else None
+        if total is not None and total > max_bytes:
+            raise AdapterLoadError(f"hub:{repo_id}: its adapter files are {total} bytes, more than this server's "
+                                   f"limit of {max_bytes} bytes; nothing was downloaded")
+        folder = snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
+    except AdapterLoadError:
+        raise
     except Exception as exc:  # network, auth, missing repo: one sentence for the user
         raise AdapterLoadError(f"hub:{repo_id}: download failed ({type(exc).__name__}: {exc})") from exc
     adapter = load_folder(folder, name=name or repo_id)

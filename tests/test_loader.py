@@ -499,3 +499,47 @@ def test_legacy_bad_shapes_say_what_the_format_is(tmp_path):
                folder / "adapter_model.bin")
     with pytest.raises(AdapterLoadError, match=r"legacy peft<=0.2 merged-LoRA format \(enable_lora="):
         load_adapter(folder)
+
+
+def test_hub_size_is_checked_before_downloading_in_demo_mode(llama_dir, tmp_path, monkeypatch):
+    """A demo server refuses a hub adapter larger than its upload limit without downloading it (sizes come
+    from the hub's file metadata, mocked here like the download)."""
+    from types import SimpleNamespace
+
+    path, _ = llama_dir
+    downloads = []
+
+    def fake_snapshot_download(repo_id, revision=None, **kwargs):
+        downloads.append(repo_id)
+        return str(path)
+
+    def fake_api(sizes):
+        files = [SimpleNamespace(rfilename=name, size=size) for name, size in sizes.items()]
+        return lambda: SimpleNamespace(model_info=lambda repo_id, revision=None, files_metadata=False:
+                                       SimpleNamespace(siblings=files))
+
+    monkeypatch.setattr(loader, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setenv("ADAPTER_ATLAS_DEMO", "1")
+    monkeypatch.setattr(loader, "HfApi", fake_api({"adapter_config.json": 500, "adapter_model.safetensors": 3 * 2**30,
+                                                    "README.md": 10}))
+    with pytest.raises(AdapterLoadError, match=r"hub:big/lora: its adapter files are 3221225972 bytes, more than"):
+        load_hub("big/lora")
+    assert downloads == []
+    monkeypatch.setattr(loader, "HfApi", fake_api({"adapter_config.json": 500, "adapter_model.safetensors": None}))
+    with pytest.raises(AdapterLoadError, match="does not say how large"):
+        load_hub("odd/lora")
+    monkeypatch.setattr(loader, "HfApi", fake_api({"adapter_config.json": 500, "adapter_model.safetensors": 9000}))
+    assert load_hub("small/lora").source == "hub:small/lora" and downloads == ["small/lora"]
+    monkeypatch.delenv("ADAPTER_ATLAS_DEMO")
+    monkeypatch.setattr(loader, "HfApi", lambda: pytest.fail("no size check outside demo mode"))
+    load_hub("any/lora")  # a researcher's own server: no cap, no metadata call
+
+
+def test_selecting_an_adapter_twice_is_an_error(llama_dir):
+    from geometry.adapter_set import AdapterSet
+
+    path, _ = llama_dir
+    ads = AdapterSet()
+    ads.add(load_adapter(path), name="a")
+    with pytest.raises(ValueError, match="named more than once: 'a'"):
+        ads[["a", "a"]]
