@@ -69,7 +69,8 @@ with d4:
     init = st.selectbox("Initial Γ", ["0.5", "uniform"], key="learned_init",
                         help="0.5: the paper's Table 9 (default); uniform: 1/T, its Algorithm 1.")
 with d5:
-    limit = int(st.number_input("ANP test examples", 20, 2000, 100, step=20, key="learned_limit"))
+    limit = int(st.number_input("ANP test examples", 20, caps.max_test_examples or 2000, 100, step=20,
+                                key="learned_limit"))
 every = int(st.slider("Measure ANP every k steps", 5, 100, 25, step=5, key="learned_every"))
 
 # Unlabeled inputs of one's own (kept in this session's memory, never written to the server's disk).
@@ -78,7 +79,8 @@ with st.expander("Your own unlabeled inputs (optional): a CSV or JSONL file per 
     st.caption("Columns `text` and optionally `text_pair` (labels, if any, are ignored). Adapters without a file "
                "use their task's validation split from the task data above.")
     for a in adapters:
-        f = st.file_uploader(f"Inputs for {a.name}", type=["csv", "jsonl", "json", "tsv"], key=f"learned_up_{a.name}")
+        f = st.file_uploader(f"Inputs for {a.name}", type=["csv", "jsonl", "json", "tsv"], key=f"learned_up_{a.name}",
+                             max_upload_size=20 if demo.demo_mode() else None)  # MB: text inputs are small
         if f is None:
             continue
         try:
