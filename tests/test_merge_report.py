@@ -77,3 +77,18 @@ def test_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         merge_report._write(out, ["# other"], [], [], ["m"], 0.0)
     assert out.read_text() == before and list(tmp_path.iterdir()) == [out]
+
+
+def test_results_merging_section_carries_the_learned_table():
+    from sample_adapters.report import merge_section
+
+    merge_md = "# x\n\n## Summary\n\n| method | weights |\n|---|---|\n| `ties` | λ = 1 |\n"
+    learned_md = ("# y\n\n8 task adapters on all-MiniLM-L6-v2 (LoRA r = 8 on query, value): ... **25 unlabeled ...\n\n"
+                  "## Table 3: pairwise ANP\n\n| method | ANP here | paper |\n|---|---|---|\n| DivMerge TL (JS) | 95.1 (2.0) | 95.54 |\n\n"
+                  "Best baseline: TIES (94.0).\n- DivMerge TL (JS) beats it on average (+1.10 ANP points).\n\n"
+                  "## Not run yet\n\nThis run stopped (or is still running) before: Figure 2 / Table 6.\n")
+    lines = merge_section(merge_md, learned_md)
+    text = "\n".join(lines)
+    assert "| DivMerge TL (JS) | 95.1 (2.0) | 95.54 |" in text and "Best baseline: TIES" in text
+    assert "25 unlabeled" in text and "before: Figure 2 / Table 6" in text
+    assert "LEARNED_RESULTS.md" not in "\n".join(merge_section(merge_md))  # no learned file: nothing about it
