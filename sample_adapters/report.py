@@ -371,7 +371,8 @@ def learned_lines(learned_md: str) -> list[str]:
     out += settings + [""] if settings else []
     out += [x for x in table3 if x.startswith("|")] + [""]
     out += [x for x in table3 if x.startswith(("Best baseline", "- "))]
-    out += [x for x in sections.get("Not run yet", []) if x.strip()]
+    pending = [x for x in sections.get("Not run yet", []) if x.strip()]
+    out += ([""] + pending) if pending else []
     return out + [""]
 
 
