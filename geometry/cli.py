@@ -166,6 +166,11 @@ def _merge_params(args: argparse.Namespace) -> tuple[list[float] | None, dict]:
                 continue
             raise ValueError(f"--{name} does not apply to --method {args.method} (it takes {', '.join(takes) or 'only --weights'})")
         params[name] = value
+    from geometry.merging.params import parse
+
+    for text in args.param or ():
+        name, value = parse(text, takes, args.method)
+        params[name] = value
     return weights, params
 
 
@@ -180,7 +185,10 @@ def _add_merge_options(p: argparse.ArgumentParser) -> None:
                    help="rank of each merged module (default: exact for task_arithmetic, the sum of "
                    "the input ranks for ties / dare_* / multislerp / magnitude_prune); "
                    "the energy kept is reported")
-    p.add_argument("--seed", type=int, default=None, help="random seed (dare_*)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (dare_*, della*)")
+    p.add_argument("--param", action="append", default=None, metavar="NAME=VALUE",
+                   help="any other parameter of the method, repeatable (e.g. gamma=0.01 for breadcrumbs, "
+                   "epsilon=0.1 for della); see geometry/merging/params.py")
 
 
 def cmd_merge(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from geometry.merge_eval import (
     find_task_dir,
 )
 from geometry.merging import MERGE_METHODS, METHOD_PARAMS
+from geometry.merging import params as merge_params
 from ui import compute, controls, demo, downloads, figures, merge_figures, require_app
 
 require_app()  # a shared link opened first on a fresh server still gets the app around it
@@ -26,6 +27,15 @@ METHOD_LABELS = {
     "dare_ties": "DARE (TIES)",
     "multislerp": "Multi-SLERP",
     "magnitude_prune": "Magnitude pruning",
+    "breadcrumbs": "Model Breadcrumbs",
+    "breadcrumbs_ties": "Model Breadcrumbs (TIES)",
+    "della": "DELLA",
+    "della_linear": "DELLA (linear)",
+    "knots": "KnOTS (merge in the shared SVD basis)",
+    "core_space": "Core Space merging",
+    "tsv_m": "TSV-M (task singular vectors)",
+    "iso_c": "Iso-C (isotropic)",
+    "iso_cts": "Iso-CTS (common + task-specific)",
 }
 
 st.title("Merging adapters")
@@ -38,7 +48,16 @@ controls.how_to_read(
 **Methods.** *LoRA-level average* averages the factors A and B (the geometry paper's merge; it adds
 cross terms B₁A₂ that belong to neither task). *Task arithmetic* adds λₜ·τₜ exactly (kept as a
 rank-Σrₜ product; optionally truncated to a rank, with the energy kept shown). *TIES*, *DARE*,
-*Multi-SLERP* and *magnitude pruning* work entry by entry on each module's dense task vector.
+*Multi-SLERP* and *magnitude pruning* work entry by entry on each module's dense task vector;
+*Model Breadcrumbs* drops each task vector's largest outliers and smallest entries, *DELLA* drops
+entries with probabilities ranked by magnitude and rescales the rest.
+The LoRA-native methods work on singular vectors, computed exactly from the factors (no out × in
+matrix): *TSV-M* keeps each task's singular vectors and orthogonalises them across tasks; *Iso-C*
+flattens the spectrum of the task-arithmetic sum to its mean, *Iso-CTS* does so on a common subspace
+plus task-specific directions; *KnOTS* runs TIES / DARE on the tasks' coordinates in the SVD basis of
+their concatenation; *Core Space* runs a merge on small r·T × r·T cores in the bases of the stacked
+factors (exact for task arithmetic). The formula and reference of each are in the docstring of its
+file in `geometry/merging/`.
 Each adapter's own scale (α/r, rsLoRA, per-module patterns) is applied before combining.
 
 **Scores.** P(θ, t) is accuracy on task t's test split (ROUGE-L for generation). **ANP** is the mean,
@@ -94,10 +113,16 @@ with m2:
         "Weights λ (one per adapter, comma-separated)", value="", key="merge_weights",
         placeholder="method default", help="Empty: 1/T for the averages and Multi-SLERP, 1 otherwise.",
     )
+extra = [n for n in takes if n in merge_params.PARAMS and n not in ("density", "seed", "rank", "keep_dense")]
+for col, name in zip(st.columns(max(len(extra), 4)) if extra else (), extra):
+    with col:
+        params[name] = controls.merge_param(method, merge_params.PARAMS[name], key=f"merge_{name}_{method}")
 with m3:
-    if "density" in takes:
-        default = 0.2 if method in ("ties", "magnitude_prune") else 0.5
-        params["density"] = st.slider("Density (kept)", 0.05, 1.0, default, 0.05, key=f"merge_density_{method}")
+    density = merge_params.density_default(method, params)
+    if "density" in takes and density is not None:
+        params["density"] = st.slider("Density (kept)", 0.05, 1.0, density, 0.05,
+                                      key="_".join(("merge_density", method, *[params[k] for k in ("merge_method",)
+                                                                                   if k in params])))
     if "seed" in takes:
         params["seed"] = int(st.number_input("Seed", 0, 2**31 - 1, 0, key="merge_seed"))
 with m4:
@@ -172,8 +197,9 @@ if result is not None:
     downloads.show(fig, f"merge_{method}_performance", frame, key="merge_bars")
 
 st.subheader("Methods side by side on these tasks")
-st.caption("Each method with its default weights and parameters (TIES / magnitude pruning keep 20%, DARE 50%, "
-           "seed 0; task arithmetic λ = 1, averages and Multi-SLERP 1/T), scored on the same test examples.")
+st.caption("Each method with its default weights and parameters (those of its function: TIES / magnitude pruning "
+           "keep 20%, DARE and DELLA 50%, seed 0; task arithmetic λ = 1, averages and Multi-SLERP 1/T), scored on "
+           "the same test examples.")
 compared = st.multiselect(
     "Methods compared", list(MERGE_METHODS), format_func=METHOD_LABELS.get, key="merge_compare",
     default=["task_arithmetic", "ties", "dare_ties", "multislerp"],
@@ -186,8 +212,7 @@ rows, anps, partial_methods = [], {}, []
 if can_score and compared and st.session_state.get("merge_compare_view") == view_key:
     for m_name in compared:
         try:
-            m_params = {"density": 0.2} if m_name in ("ties", "magnitude_prune") else {}
-            m_merged = compute.merged(adapters, m_name, None, m_params)
+            m_merged = compute.merged(adapters, m_name, None, {})
             scored = compute.merge_scores(adapters, tasks_dir, m_merged, max_examples, run=clicked)
         except (AtlasError, ValueError) as exc:
             st.caption(f":material/info: {METHOD_LABELS[m_name]}: {exc}")

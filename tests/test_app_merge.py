@@ -151,3 +151,30 @@ def test_a_cancelled_pairwise_study_shows_the_pairs_it_finished(monkeypatch, tmp
     at.run()
     assert any(m.label == "Mean pairwise ANP" for m in at.metric)
     assert not any("Cancelled" in w.value for w in at.main.warning)
+
+
+def test_method_specific_parameters_get_widgets_and_reach_the_merge(monkeypatch, tmp_path, samples):
+    """Breadcrumbs' gamma and DELLA's epsilon / rescale: widgets from geometry.merging.params, defaults from
+    the method's signature, values passed to the merge (its info caption shows the method's parameters)."""
+    at = _merge_page(monkeypatch, tmp_path, samples)
+    at.selectbox(key="merge_method").set_value("breadcrumbs").run()
+    assert not at.exception, at.exception
+    assert at.number_input(key="merge_gamma_breadcrumbs").value == pytest.approx(0.01)
+    assert at.slider(key="merge_density_breadcrumbs").value == pytest.approx(0.9)
+    at.selectbox(key="merge_method").set_value("della").run()
+    assert at.selectbox(key="merge_rescale_della").value == "probability"
+    at.number_input(key="merge_epsilon_della").set_value(0.45).run()  # density 0.5 +/- 0.45: allowed
+    assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
+    at.slider(key="merge_density_della").set_value(0.3).run()  # 0.3 - 0.45 < 0: the method's own error
+    assert any("epsilon must keep density" in e.value for e in at.error)
+
+
+def test_knots_density_follows_the_inner_merge(monkeypatch, tmp_path, samples):
+    at = _merge_page(monkeypatch, tmp_path, samples)
+    at.selectbox(key="merge_method").set_value("knots").run()
+    assert at.slider(key="merge_density_knots_ties").value == pytest.approx(0.2)
+    at.selectbox(key="merge_merge_method_knots").set_value("dare_linear").run()
+    assert at.slider(key="merge_density_knots_dare_linear").value == pytest.approx(0.5)
+    at.selectbox(key="merge_merge_method_knots").set_value("task_arithmetic").run()  # takes no density
+    assert not [s for s in at.slider if s.key.startswith("merge_density")]
+    assert not at.exception and not at.error

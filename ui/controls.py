@@ -156,3 +156,22 @@ def layer_control(layers: Sequence[int], key: str = "layers") -> LayerChoice:
             )
             return LayerChoice("last", k=k)
     return LayerChoice("all")
+
+
+def merge_param(method: str, param, key: str):
+    """A widget for one merge parameter (:data:`geometry.merging.params.PARAMS`), defaulting to the method's own."""
+    from geometry.merging import MERGE_METHODS
+    from geometry.merging.params import choices, default
+
+    label = param.name.replace("_", " ").capitalize()
+    value = default(MERGE_METHODS[method], param.name)
+    if param.kind == "bool":
+        return st.checkbox(label, value=bool(value), key=key, help=param.help)
+    if param.kind == "choice":
+        options = choices(method, param.name)
+        return st.selectbox(label, options, index=options.index(value), key=key, help=param.help)
+    if param.kind == "int":
+        return int(st.number_input(label, int(param.low), int(param.high), int(value), key=key, help=param.help))
+    number = st.number_input(label, float(param.low), float(param.high), None if value is None else float(value),
+                             step=0.01, key=key, help=param.help, format="%.3g", placeholder="method default")
+    return None if number is None else float(number)

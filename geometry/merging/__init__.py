@@ -18,6 +18,15 @@ name                      computed     update per module (stored factored; rank 
 ``dare_ties``             dense        drop and rescale, elect sign, disjoint mean
 ``multislerp``            dense        spherical barycentre of the task vectors
 ``magnitude_prune``       dense        trim top ``density``, sum
+``breadcrumbs``           dense        drop the top ``gamma`` and keep the next ``density``, sum
+``breadcrumbs_ties``      dense        breadcrumbs masks, sign election on weighted deltas, sum
+``della``                 dense        MagPrune (rank-based keep probabilities), rescale, elect, mean
+``della_linear``          dense        MagPrune, rescale, weighted sum
+``knots``                 factored     TIES / DARE on the coordinates in the SVD basis of ``[tau_1..tau_T]``
+``core_space``            factored     any merge on ``R x R`` cores in the bases of stacked ``B`` / ``A``
+``tsv_m``                 factored     each task's top singular vectors, orthogonalised across tasks, summed
+``iso_c``                 factored     the task-arithmetic sum with its spectrum flattened to the mean
+``iso_cts``               factored     Iso-C on a common subspace plus task-specific directions
 ========================  ===========  ==========================================================
 
 Rank of the result: exact task arithmetic keeps ``sum_t r_t`` (energy kept 1.0); the dense
@@ -59,12 +68,18 @@ from typing import Any
 
 from geometry.errors import AtlasError
 from geometry.merging.base import MergedAdapter, MergedModule, PeftUpdate
+from geometry.merging.breadcrumbs import breadcrumbs, breadcrumbs_ties
+from geometry.merging.core_space import core_space
 from geometry.merging.dare import dare_linear, dare_ties
+from geometry.merging.della import della, della_linear
+from geometry.merging.iso import iso_c, iso_cts
+from geometry.merging.knots import knots
 from geometry.merging.lora_average import lora_average
 from geometry.merging.magnitude_prune import magnitude_prune
 from geometry.merging.multislerp import multislerp
 from geometry.merging.task_arithmetic import task_arithmetic
 from geometry.merging.ties import ties
+from geometry.merging.tsv import task_interference, tsv_m
 from geometry.types import Adapter
 
 #: name -> method function ``(adapters, weights=None, **params) -> MergedAdapter``
@@ -76,6 +91,15 @@ MERGE_METHODS: dict[str, Callable[..., MergedAdapter]] = {
     "dare_ties": dare_ties,
     "multislerp": multislerp,
     "magnitude_prune": magnitude_prune,
+    "breadcrumbs": breadcrumbs,
+    "breadcrumbs_ties": breadcrumbs_ties,
+    "della": della,
+    "della_linear": della_linear,
+    "knots": knots,
+    "core_space": core_space,
+    "tsv_m": tsv_m,
+    "iso_c": iso_c,
+    "iso_cts": iso_cts,
 }
 
 #: parameters (besides ``weights``) each method accepts
@@ -87,6 +111,15 @@ METHOD_PARAMS: dict[str, tuple[str, ...]] = {
     "dare_ties": ("density", "seed", "majority_sign_method", "rank", "keep_dense"),
     "multislerp": ("rank", "keep_dense"),
     "magnitude_prune": ("density", "rank", "keep_dense"),
+    "breadcrumbs": ("density", "gamma", "per_row", "rank", "keep_dense"),
+    "breadcrumbs_ties": ("density", "gamma", "per_row", "rank", "keep_dense"),
+    "della": ("density", "epsilon", "rescale", "scaling", "seed", "rank", "keep_dense"),
+    "della_linear": ("density", "epsilon", "rescale", "scaling", "seed", "rank", "keep_dense"),
+    "knots": ("merge_method", "density", "seed", "majority_sign_method", "scale_coordinates", "rank"),
+    "core_space": ("merge_method", "density", "seed", "majority_sign_method", "rank"),
+    "tsv_m": ("alpha", "fraction", "rank"),
+    "iso_c": ("alpha", "spectrum", "rank"),
+    "iso_cts": ("alpha", "common_space_fraction", "spectrum", "rank"),
 }
 
 #: parameters every method takes besides its own: stored dtype and compute device
@@ -121,12 +154,22 @@ __all__ = [
     "MergedModule",
     "PeftUpdate",
     "UnknownMergeMethodError",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "core_space",
     "dare_linear",
     "dare_ties",
+    "della",
+    "della_linear",
+    "iso_c",
+    "iso_cts",
+    "knots",
     "lora_average",
     "magnitude_prune",
     "merge",
     "multislerp",
     "task_arithmetic",
+    "task_interference",
     "ties",
+    "tsv_m",
 ]

@@ -34,6 +34,17 @@ from geometry.device import default_device
 from geometry.errors import IncompatibleAdaptersError
 from geometry.types import Adapter, ModuleKey
 
+#: How the factored methods choose each module's rank (the element-wise ones: the sum of the input ranks).
+RANK_RULES: dict[str, str] = {
+    "lora_average": "the inputs' common rank",
+    "task_arithmetic": "sum of the input ranks",
+    "knots": "numerical rank of the concatenated task vectors",
+    "core_space": "rank of the merged core",
+    "tsv_m": "sum of the components kept per task",
+    "iso_c": "rank of the task-arithmetic sum",
+    "iso_cts": "common and task-specific directions kept",
+}
+
 #: Where merged tensors are kept between the merge and the export.
 STORAGE_DEVICE = torch.device("cpu")
 
@@ -208,9 +219,7 @@ class MergedAdapter:
         rank = self.params.get("rank")
         if rank is not None:
             return f"at most {int(rank)}"
-        if self.method == "lora_average":
-            return "the inputs' common rank"
-        return "sum of the input ranks"
+        return RANK_RULES.get(self.method, "sum of the input ranks")
 
     # ------------------------------------------------------------------------------------ output
     def to_peft_folder(self, path: str | Path, rank: int | None = None, head: str | None = None) -> Path:
@@ -309,6 +318,15 @@ def check_rank(rank: int | None) -> int | None:
 def stored(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t`` as kept in a :class:`MergedModule`: on the CPU, in ``dtype``."""
     return t.detach().to(device=STORAGE_DEVICE, dtype=dtype)
+
+
+def factored_module(first, key: ModuleKey, B: torch.Tensor, A: torch.Tensor, dtype: torch.dtype, kept: float = 1.0,
+                    rank_sum: int | None = None) -> MergedModule:
+    """The factored :class:`MergedModule` ``B @ A`` of ``key``, laid out like ``first`` (the module's template)."""
+    return MergedModule(
+        name=first.name, key=key, shape=first.shape, B=stored(B, dtype), A=stored(A, dtype), rows=first.rows,
+        is_embedding=first.is_embedding, fan_in_fan_out=first.fan_in_fan_out, energy_kept=kept, rank_sum=rank_sum,
+    )
 
 
 def check_mergeable(adapters: Sequence[Adapter]) -> None:

@@ -28,13 +28,12 @@ import torch
 
 from geometry.merging.base import (
     MergedAdapter,
-    MergedModule,
     all_keys,
     check_mergeable,
     check_rank,
+    factored_module,
     iter_present,
     merge_device,
-    stored,
     template,
     wrap,
 )
@@ -68,11 +67,5 @@ def task_arithmetic(
         kept = 1.0
         if rank is not None and rank_sum > rank:
             B, A, kept = truncate_factored(B, A, rank, device=dev)
-        first = template(adapters, key)
-        modules[key] = MergedModule(
-            name=first.name, key=key, shape=first.shape, B=stored(B, dtype), A=stored(A, dtype),
-            rows=first.rows,
-            is_embedding=first.is_embedding, fan_in_fan_out=first.fan_in_fan_out, energy_kept=kept,
-            rank_sum=rank_sum,
-        )
+        modules[key] = factored_module(template(adapters, key), key, B, A, dtype, kept, rank_sum)
     return wrap("task_arithmetic", {"weights": w.describe(), "rank": rank}, adapters, modules)
