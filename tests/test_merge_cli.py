@@ -102,3 +102,27 @@ def test_bad_method_is_one_error_line_and_out_must_be_new_or_empty(pair, tmp_pat
     assert "not empty" in err and "--force" in err and (full / "keep.txt").read_text() == "mine"
     assert not (full / "adapter_config.json").exists()
     assert main([*args, "--force"]) == 0 and (full / "adapter_config.json").is_file()
+
+
+def test_method_parameters_through_param(pair, tmp_path, capsys):
+    out = tmp_path / "bc"
+    assert main(["merge", str(pair[0]), str(pair[1]), "--method", "breadcrumbs", "--density", "0.5",
+                 "--param", "gamma=0.02", "--param", "per-row=true", "--out", str(out)]) == 0
+    info = json.loads((out / "merge_info.json").read_text())
+    assert info["params"]["gamma"] == 0.02 and info["params"]["per_row"] is True
+    out = tmp_path / "kn"
+    assert main(["merge", str(pair[0]), str(pair[1]), "--method", "knots", "--param", "merge_method=dare_ties",
+                 "--seed", "3", "--out", str(out)]) == 0
+    info = json.loads((out / "merge_info.json").read_text())
+    assert info["params"]["merge_method"] == "dare_ties" and info["rank_rule"].startswith("numerical rank")
+    capsys.readouterr()
+    for extra, message in (
+        (["--method", "ties", "--param", "gamma=0.1"], "--param gamma: merge method 'ties' does not take it"),
+        (["--method", "della", "--param", "rescale=l2"], "--param rescale=l2: expected one of probability, l1, none"),
+        (["--method", "knots", "--param", "merge_method=iso_c"], "expected one of ties, dare_ties"),
+        (["--method", "iso_c", "--param", "alpha"], "expected NAME=VALUE"),
+        (["--method", "della", "--param", "epsilon=0.6"], "epsilon must keep density +/- epsilon"),
+    ):
+        assert main(["merge", str(pair[0]), str(pair[1]), *extra, "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
