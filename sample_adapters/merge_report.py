@@ -56,7 +56,16 @@ METHODS: dict[str, tuple[dict, str]] = {
     "task_arithmetic": ({"weights": "1/T"}, "task arithmetic with lambda = 1/T (model averaging of task vectors)"),
     "ties": ({"density": 0.2}, "TIES, keep the top 20% per module, lambda = 1 (DivMerge's recipe)"),
     "multislerp": ({}, "Multi-SLERP, weights 1/T (DivMerge's baseline)"),
+    "breadcrumbs": ({}, "Model Breadcrumbs, drop the top 1% and keep the next 90% per module, lambda = 1"),
+    "della": ({}, "DELLA, keep 50% +/- 15% by magnitude rank, 1/p rescale, sign election, lambda = 1"),
+    "tsv_m": ({}, "TSV-M, every task's singular vectors orthogonalised across tasks, alpha = 1"),
+    "iso_c": ({}, "Iso-C, the task-arithmetic sum with a flat spectrum (mean over its rank), alpha = 1"),
+    "iso_cts": ({}, "Iso-CTS, 80% common subspace + task-specific directions, flat spectrum, alpha = 1"),
+    "knots": ({}, "KnOTS-TIES, TIES (keep 20%) on the coordinates S V_t^T of the concatenation's SVD, lambda = 1"),
+    "core_space": ({}, "Core Space merging, TIES (keep 20%) on the r T x r T cores, lambda = 1"),
 }
+#: The methods of the classic set, against which the LoRA-native ones are compared in the summary.
+CLASSIC = ("lora_average", "task_arithmetic", "ties", "multislerp")
 #: The weights each method used, as the summary table states them (T = number of adapters merged).
 #: ``task_arithmetic`` is the same method as on the Merge page and in the CLI, whose default is
 #: lambda = 1; this report passes lambda = 1/T explicitly, as DivMerge's "model averaging" does.
@@ -65,6 +74,13 @@ WEIGHTS: dict[str, str] = {
     "task_arithmetic": "λ = 1/T (explicit; the page and CLI default is λ = 1)",
     "ties": "λ = 1, keep 20%",
     "multislerp": "1/T",
+    "breadcrumbs": "λ = 1, density 0.9, gamma 0.01",
+    "della": "λ = 1, density 0.5, epsilon 0.15",
+    "tsv_m": "α = 1 (not tuned)",
+    "iso_c": "α = 1 (not tuned)",
+    "iso_cts": "α = 1 (not tuned)",
+    "knots": "λ = 1, keep 20%",
+    "core_space": "λ = 1, keep 20%",
 }
 
 
@@ -267,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     summary_rows, sections = [], []
+    pair_anp: dict[str, np.ndarray] = {}
+    full_anp: dict[str, float] = {}
     for method in methods:
         params = _params(method, 2)
         t0 = time.perf_counter()
@@ -277,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         full = evaluate_merge(adapters, tasks_dir, method, max_examples=args.max_examples, **_params(method, n))
         full_s = time.perf_counter() - t0
         corr = correlation_study(adapters, res.delta, distances=distances)
+        pair_anp[method] = res.anp[np.triu_indices(n, 1)]
+        full_anp[method] = float(full.anp)
         summary_rows.append(f"| `{method}` | {WEIGHTS.get(method, 'default')} | {res.mean_anp:.2f} ({res.std_anp:.2f}) | {full.anp:.2f} | "
                             f"{pair_s:.0f} s + {full_s:.0f} s |")
         n_layers = int(corr["k"].max())
@@ -304,12 +324,35 @@ def main(argv: list[str] | None = None) -> int:
             "",
             *(x for line in best_lines for x in (line, "")),
         ]
-        _write(out_file, lines, summary_rows, sections, methods, t_start)
+        _write(out_file, lines, summary_rows, sections, methods, t_start, verdict_lines(pair_anp, full_anp))
     return 0
 
 
+def verdict_lines(pair_anp: dict[str, np.ndarray], full_anp: dict[str, float]) -> list[str]:
+    """Which method helps on these tasks: the best classic method (picked after the fact) against each other
+    method on the same pairs (paired Wilcoxon signed-rank test, two-sided; a difference only when p < 0.05)."""
+    from scipy.stats import wilcoxon
+
+    classic = [m for m in CLASSIC if m in pair_anp]
+    others = [m for m in pair_anp if m not in CLASSIC]
+    if not classic or not others:
+        return []
+    best = max(classic, key=lambda m: float(pair_anp[m].mean()))
+    out = [f"Which helps here: the best classic method on pairs is `{best}` ({pair_anp[best].mean():.2f}, the "
+           f"highest mean of {len(classic)}, picked after the fact). Against it, on the same {len(pair_anp[best])} pairs "
+           "(paired Wilcoxon signed-rank test, two-sided; a difference is called one only when p < 0.05):", ""]
+    for m in others:
+        diff = pair_anp[m] - pair_anp[best]
+        p = float(wilcoxon(pair_anp[m], pair_anp[best]).pvalue) if np.any(diff != 0) else 1.0
+        verdict = ("higher" if diff.mean() > 0 else "lower") if p < 0.05 else "not distinguishable"
+        out.append(f"- `{m}`: {verdict} ({diff.mean():+.2f} ANP points on average, higher on {int((diff > 0).sum())} "
+                   f"and lower on {int((diff < 0).sum())} pairs, p = {p:.2g}); all-task merge {full_anp[m]:.2f} "
+                   f"against {full_anp[best]:.2f}.")
+    return out + [""]
+
+
 def _write(out_file: Path, head: list[str], summary_rows: list[str], sections: list[str], methods: list[str],
-           t_start: float) -> None:
+           t_start: float, verdicts: list[str] = ()) -> None:
     """Write what is done so far (after each method: a long run leaves a usable file)."""
     todo = methods[len(summary_rows):]
     lines = head + [
@@ -324,6 +367,7 @@ def _write(out_file: Path, head: list[str], summary_rows: list[str], sections: l
         "GLUE-style tasks) reports value-module correlations of 0.68 (cosine) and 0.64 (Grassmann) over all layers, "
         "0.74 and 0.77 over the last 5 of 12.",
         "",
+        *verdicts,
         *sections,
         (f"Not run yet: {', '.join(todo)}." if todo else
          f"Total {time.perf_counter() - t_start:.0f} s on {platform.machine()} with 1 torch thread "

@@ -145,8 +145,10 @@ def test_merge_report_on_a_study(tmp_path):
     from sample_adapters import merge_report
 
     folders, _ = write_study(tmp_path / "samples", TASKS, n_examples=8, seed=3)
-    assert merge_report.main(["--root", str(tmp_path / "samples"), "--methods", "task_arithmetic,ties"]) == 0
+    assert merge_report.main(["--root", str(tmp_path / "samples"), "--methods", "task_arithmetic,ties,iso_c"]) == 0
     text = (tmp_path / "samples" / "MERGE_RESULTS.md").read_text()
-    assert "| `task_arithmetic` |" in text and "| `ties` |" in text
+    assert "| `task_arithmetic` |" in text and "| `ties` |" in text and "| `iso_c` |" in text
+    # the LoRA-native method is compared with the best classic one, which is labelled as picked after the fact
+    assert "picked after the fact" in text and "- `iso_c`: " in text and "all-task merge" in text
     assert "| v | grassmann |" in text and "Merge loss delta(i, j)" in text
     assert merge_report.main(["--root", str(tmp_path / "nothing")]) == 2
