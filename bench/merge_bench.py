@@ -21,6 +21,16 @@ line is JSON.
 
 The dense full SVD of a 14336 x 4096 ``gate`` / ``up`` / ``down`` module takes many minutes on one CPU
 thread: ask for them explicitly (or run with a GPU: ``--device cuda``).
+
+**LoRA-native methods** (``--native``, on by default for ``--native-modules v``): TSV-M, Iso-C,
+Iso-CTS, KnOTS-TIES and Core-Space-TIES as :mod:`geometry.merging` computes them (from the factors:
+QR of the stacked factors, ``T r``-sized cores, no ``m x n`` matrix) against their dense formulations
+(:mod:`bench.dense_merges`: build each ``m x n`` task vector, thin SVDs of ``m x n`` / ``m x T n``
+matrices, as FusionBench does on dense weights). Each (method, formulation) runs in a fresh child
+process, so its peak memory is measured alone: ``ru_maxrss`` after the merge minus the resident
+size just before it (the inputs, torch and the interpreter are excluded). The dense child also runs
+the factored merge afterwards (untimed) and reports the relative Frobenius difference of the two
+results. Printed: seconds and peak MB of each, the ratios dense / factored, the difference.
 """
 
 from __future__ import annotations
@@ -28,6 +38,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import resource
+import subprocess
 import sys
 import time
 import warnings
@@ -107,6 +119,96 @@ def bench_module(kind: str, m: int, n: int, tasks: int, r: int, rank: int, seed:
     }
 
 
+#: the LoRA-native methods timed by ``--native`` (Core Space and KnOTS with their TIES default, keep 20%)
+NATIVE_METHODS = ("tsv_m", "iso_c", "iso_cts", "knots", "core_space")
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _native_inputs(kind: str, tasks: int, r: int, seed: int):
+    """``tasks`` synthetic adapters holding one Llama-3-8B module of ``kind`` (float32 factors, scale 2)."""
+    from geometry.types import Adapter, AdapterConfig, LoraModule, ModuleKey
+
+    m, n = LLAMA3_8B_SHAPES[kind]
+    gen = torch.Generator().manual_seed(seed)
+    key = ModuleKey("model", 0, kind)
+    adapters = []
+    for t in range(tasks):
+        B, A = random_factors(m, n, r, seed=gen, dtype=torch.float32)
+        mod = LoraModule(name=f"model.layers.0.self_attn.{kind}_proj", key=key, A=A, B=B, r=r, alpha=2.0 * r, scale=2.0)
+        config = AdapterConfig(r=r, lora_alpha=2.0 * r, target_modules=[f"{kind}_proj"], base_model_name_or_path="bench")
+        adapters.append(Adapter(name=f"t{t}", config=config, modules={key: mod}, source="bench", content_hash=f"b{t}"))
+    return adapters, key
+
+
+def _dense_merge(method: str, adapters, key) -> torch.Tensor:
+    from bench import dense_merges
+
+    mods = [a.modules[key] for a in adapters]
+    Bs = [mod.B.double() for mod in mods]
+    As = [mod.A.double() for mod in mods]
+    w = torch.ones(len(mods), dtype=torch.float64)
+    if method == "core_space":
+        return dense_merges.core_space_ties(Bs, As, [mod.scale for mod in mods], w)
+    taus = [mod.scale * (B @ A) for mod, B, A in zip(mods, Bs, As)]
+    if method == "knots":
+        return dense_merges.knots_ties(taus, w)
+    return getattr(dense_merges, method)(taus)
+
+
+def native_case(method: str, form: str, kind: str, tasks: int, r: int, seed: int) -> dict:
+    """One (method, formulation) run, meant for a fresh process: seconds, peak MB above the inputs."""
+    from geometry.merging import merge
+
+    adapters, key = _native_inputs(kind, tasks, r, seed)
+    before = _rss_mb()
+    t0 = time.perf_counter()
+    if form == "factored":
+        out = merge(adapters, method, dtype=torch.float64, device="cpu").modules[key]
+        seconds = time.perf_counter() - t0
+    else:
+        out = _dense_merge(method, adapters, key)
+        seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    row = {"method": method, "form": form, "seconds": seconds, "peak_mb": max(peak, 0.0)}
+    if form == "dense":  # untimed: the factored result against this one
+        factored = merge(adapters, method, dtype=torch.float64, device="cpu").modules[key].dense()
+        row["rel_diff"] = float((factored - out).norm() / out.norm())
+    return row
+
+
+def _native_child(method: str, form: str, kind: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--_native-case", f"{method}:{form}:{kind}", "--tasks", str(args.tasks),
+           "--r", str(args.r), "--seed", str(args.seed), "--threads", str(args.threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bench_native(kinds: list[str], args) -> list[dict]:
+    rows = []
+    print(f"\nLoRA-native merges, factored vs dense formulation ({args.tasks} tasks, r = {args.r}, "
+          f"{args.threads} thread(s), each run in its own process)")
+    print(f"{'method':>11} {'kind':>5} {'m x n':>11} {'factored s':>11} {'dense s':>9} {'time x':>7} "
+          f"{'factored MB':>12} {'dense MB':>9} {'memory x':>9} {'rel diff':>9}")
+    for kind in kinds:
+        m, n = LLAMA3_8B_SHAPES[kind]
+        for method in NATIVE_METHODS:
+            fac = _native_child(method, "factored", kind, args)
+            den = _native_child(method, "dense", kind, args)
+            row = {"method": method, "kind": kind, "shape": [m, n], "factored_s": fac["seconds"],
+                   "dense_s": den["seconds"], "time_ratio": den["seconds"] / fac["seconds"],
+                   "factored_mb": fac["peak_mb"], "dense_mb": den["peak_mb"],
+                   "memory_ratio": den["peak_mb"] / max(fac["peak_mb"], 1.0), "rel_diff": den["rel_diff"]}
+            rows.append(row)
+            print(f"{method:>11} {kind:>5} {f'{m}x{n}':>11} {row['factored_s']:11.3f} {row['dense_s']:9.2f} "
+                  f"{row['time_ratio']:7.0f} {row['factored_mb']:12.1f} {row['dense_mb']:9.0f} "
+                  f"{row['memory_ratio']:9.1f} {row['rel_diff']:9.1e}", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modules", default="v,q", help=f"kinds among {','.join(LLAMA3_8B_SHAPES)} (default v,q)")
@@ -116,8 +218,15 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--native-modules", default="v",
+                        help="kinds for the LoRA-native comparison (default v; empty to skip it)")
+    parser.add_argument("--_native-case", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args._native_case:  # a child of bench_native: one run, one JSON line
+        method, form, kind = args._native_case.split(":")
+        print(json.dumps(native_case(method, form, kind, args.tasks, args.r, args.seed)))
+        return 0
     device = torch.device(args.device)
     kinds = [k.strip() for k in args.modules.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in LLAMA3_8B_SHAPES]
@@ -133,9 +242,11 @@ def main(argv=None) -> int:
         print(f"{kind:>5} {f'{m}x{n}':>12} {row['ours_s']:9.4f} {row['peft_s']:9.2f} {row['ratio']:8.0f} "
               f"{row['err_ours']:10.3e} {row['err_peft']:10.3e} {row['err_optimal']:10.3e}", flush=True)
     ours, peft = sum(r["ours_s"] for r in rows), sum(r["peft_s"] for r in rows)
+    native_kinds = [k.strip() for k in args.native_modules.split(",") if k.strip()]
+    native = bench_native(native_kinds, args) if native_kinds else []
     print(json.dumps({"bench": "merge_svd", "device": str(device), "threads": args.threads, "tasks": args.tasks,
                       "r": args.r, "rank": args.rank, "ours_s": ours, "peft_s": peft, "ratio": peft / ours,
-                      "modules": rows}))
+                      "modules": rows, "native": native}))
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -56,6 +57,39 @@ def _await_umap() -> None:
         st.rerun(scope="app")
     st.caption(":material/hourglass_top: UMAP is being compiled in the background (numba, once per installation; "
                "about a minute on 2 cores). Showing PCA until it is ready: the map switches by itself.")
+
+
+def interference_view(kind: str, kind_label: str, stack: str, used, where: str) -> None:
+    """TSV's task interference (Gargiulo et al. 2025) beside the distances: it is geometry too."""
+    if not st.toggle("Task interference (TSV-M's singular-vector overlap) for these layers", key="interference",
+                     bind=controls.URL):
+        return
+    score = controls.choice(st.segmented_control, "Interference score",
+                            {"overlap": "subspace overlap", "sti": "STI"}, "overlap", "interference_score")
+    per_module = compute.interference(adapters, score)
+    layers = set(used or [])
+    labels = [mk for mk in per_module if (mk[0], mk[2]) == (stack, kind) and mk[1] in layers]
+    if not labels:
+        st.info(f"No {kind} module in the chosen layers.")
+        return
+    with np.errstate(invalid="ignore"):
+        stackd = np.stack([per_module[lab] for lab in labels])
+        matrix = np.nanmean(stackd, axis=0) if np.isfinite(stackd).any() else stackd[0]
+    unit = "mean cos² of principal angles" if score == "overlap" else "STI (‖·‖₁)"
+    st.caption(
+        "Per module, each task's singular vectors U_t, V_t (exact, from the factors). **Subspace overlap** = "
+        "(‖U_iᵀU_j‖²_F + ‖V_iᵀV_j‖²_F) / (2 min(r_i, r_j)): 1 when one task's spaces contain the other's, 0 when "
+        "orthogonal (undefined for a zero task vector). **STI** (the paper's singular task interference, entry-wise "
+        "L1) = ‖X S_j Yᵀ‖₁ + ‖Xᵀ S_i Y‖₁ with X = U_iᵀU_j, Y = V_iᵀV_j: it grows with the task vectors' size. "
+        f"Mean over the {len(labels)} {kind} module(s) of {where}. Formula and code: geometry/merging/tsv.py."
+    )
+    fig = figures.matrix_heatmap(
+        matrix, names, title=f"Task interference ({'subspace overlap' if score == 'overlap' else 'STI'}), "
+        f"{kind_label} projections\n{where}", value_label=unit, detail=f"kind: {kind}<br>{where}",
+        colorscale=figures.SIMILARITY if score == "overlap" else figures.SEQUENTIAL,
+    )
+    downloads.show(fig, f"interference_{score}_{kind}", views.matrix_frame(matrix, names, unit), index=True,
+                   key="interference_heatmap")
 
 
 @st.fragment
@@ -171,6 +205,8 @@ def view() -> None:
         )
         long = pd.concat([views.matrix_frame(m, names, unit).assign(kind=k) for k, m in mats.items()])
         downloads.show(fig_qv, f"query_vs_value_{metric}_{factor}_{choice.spec}", long, index=True, key="qv")
+
+    interference_view(kind, kind_label, stack, used, where)
 
     full = tensor.to_frame()
     with st.container(horizontal=True, vertical_alignment="center"):

@@ -95,3 +95,26 @@ def test_map_methods(samples):
     assert not at.exception
     assert any("UMAP needs at least" in c.value for c in at.caption)
     assert "PCA" in plotly_specs(at)[1]["layout"]["xaxis"]["title"]["text"]
+
+
+def test_task_interference_beside_the_distances(samples):
+    """TSV's interference: the mean over the chosen value modules of geometry.merging.tsv.task_interference."""
+    from geometry.loader import load_adapter
+    from geometry.merging.tsv import task_interference
+    from geometry.types import ModuleKey
+
+    adapters = [load_adapter(str(samples / f"task{k}"), name=f"task{k}") for k in range(3)]
+    at = page_test("distances.py")
+    n_before = len(plotly_specs(at))
+    at.toggle(key="interference").set_value(True).run()
+    assert not at.exception and not at.error
+    specs = plotly_specs(at)
+    assert len(specs) == n_before + 1
+    fig = next(s for s in specs if "Task interference" in s["layout"]["title"]["text"])
+    ref = np.mean([task_interference(adapters, score="overlap", module=ModuleKey("model", k, "v")).to_numpy()
+                   for k in range(4)], axis=0)
+    np.testing.assert_allclose(np.asarray(decode(fig["data"][0]["z"]), dtype=float), ref, rtol=1e-12)
+    assert np.allclose(np.diag(ref), 1.0)  # a task's spaces contain themselves
+    at.segmented_control(key="interference_score").set_value("STI").run()
+    fig = next(s for s in plotly_specs(at) if "Task interference" in s["layout"]["title"]["text"])
+    assert "STI" in fig["layout"]["title"]["text"]

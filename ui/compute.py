@@ -162,6 +162,25 @@ def anatomy(adapter: Adapter) -> pd.DataFrame:
         return _anatomy_memory(adapter.content_hash or f"unhashed:{id(adapter)}", adapter)
 
 
+# -- task interference (TSV) --------------------------------------------------------------------
+@st.cache_data(show_spinner=False, max_entries=16)
+def _interference_memory(key: tuple[str, ...], score: str, _adapters: Sequence[Adapter]) -> dict:
+    from geometry.merging.base import all_keys
+    from geometry.merging.tsv import task_interference
+
+    def compute():
+        return {(k.stack, k.layer, k.kind): task_interference(_adapters, score=score, module=k).to_numpy()
+                for k in all_keys(_adapters)}
+
+    return _disk_compute("interference", (*key, score), compute)
+
+
+def interference(adapters: Sequence[Adapter], score: str) -> dict[tuple[str, int, str], np.ndarray]:
+    """``geometry.merging.tsv.task_interference`` per module: (stack, layer, kind) -> adapters x adapters matrix."""
+    with st.spinner("Task singular vectors of every module (once per adapter set)..."):
+        return _interference_memory(content_key(adapters), score, adapters)
+
+
 # -- inclusion ----------------------------------------------------------------------------------
 @st.cache_data(show_spinner=False, max_entries=1024)
 def _inclusion_memory(h1: str, h2: str, lam: float, _a1: Adapter, _a2: Adapter) -> pd.DataFrame:
