@@ -27,8 +27,9 @@ Iso-CTS, KnOTS-TIES and Core-Space-TIES as :mod:`geometry.merging` computes them
 QR of the stacked factors, ``T r``-sized cores, no ``m x n`` matrix) against their dense formulations
 (:mod:`bench.dense_merges`: build each ``m x n`` task vector, thin SVDs of ``m x n`` / ``m x T n``
 matrices, as FusionBench does on dense weights). Each (method, formulation) runs in a fresh child
-process, so its peak memory is measured alone: ``ru_maxrss`` after the merge minus the resident
-size just before it (the inputs, torch and the interpreter are excluded). The dense child also runs
+process after a warm-up merge of tiny modules (imports, LAPACK): its peak memory is the peak
+resident size during the merge (``VmHWM``, reset just before it) minus the resident size just before
+it (the inputs, torch and the interpreter are excluded). The dense child also runs
 the factored merge afterwards (untimed) and reports the relative Frobenius difference of the two
 results. Printed: seconds and peak MB of each, the ratios dense / factored, the difference.
 """
@@ -38,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import subprocess
 import sys
 import time
@@ -123,16 +123,26 @@ def bench_module(kind: str, m: int, n: int, tasks: int, r: int, rank: int, seed:
 NATIVE_METHODS = ("tsv_m", "iso_c", "iso_cts", "knots", "core_space")
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
+def _status_mb(field: str) -> float:
+    """``VmRSS`` / ``VmHWM`` of this process from ``/proc/self/status``, in MB."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _native_inputs(kind: str, tasks: int, r: int, seed: int):
-    """``tasks`` synthetic adapters holding one Llama-3-8B module of ``kind`` (float32 factors, scale 2)."""
+def _reset_peak() -> None:
+    """Reset the peak resident size (``VmHWM``) to the current one (Linux: ``clear_refs`` 5)."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
+def _native_inputs(kind: str, tasks: int, r: int, seed: int, shape: tuple[int, int] | None = None):
+    """``tasks`` synthetic adapters holding one Llama-3-8B module of ``kind`` (or ``shape``; float32, scale 2)."""
     from geometry.types import Adapter, AdapterConfig, LoraModule, ModuleKey
 
-    m, n = LLAMA3_8B_SHAPES[kind]
+    m, n = shape or LLAMA3_8B_SHAPES[kind]
     gen = torch.Generator().manual_seed(seed)
     key = ModuleKey("model", 0, kind)
     adapters = []
@@ -163,8 +173,12 @@ def native_case(method: str, form: str, kind: str, tasks: int, r: int, seed: int
     """One (method, formulation) run, meant for a fresh process: seconds, peak MB above the inputs."""
     from geometry.merging import merge
 
+    small, small_key = _native_inputs(kind, 2, 2, seed, shape=(64, 48))  # warm-up: imports, LAPACK paths
+    merge(small, method, dtype=torch.float64, device="cpu")
+    _dense_merge(method, small, small_key)
     adapters, key = _native_inputs(kind, tasks, r, seed)
-    before = _rss_mb()
+    before = _status_mb("VmRSS")
+    _reset_peak()
     t0 = time.perf_counter()
     if form == "factored":
         out = merge(adapters, method, dtype=torch.float64, device="cpu").modules[key]
@@ -172,7 +186,7 @@ def native_case(method: str, form: str, kind: str, tasks: int, r: int, seed: int
     else:
         out = _dense_merge(method, adapters, key)
         seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    peak = _status_mb("VmHWM") - before
     row = {"method": method, "form": form, "seconds": seconds, "peak_mb": max(peak, 0.0)}
     if form == "dense":  # untimed: the factored result against this one
         factored = merge(adapters, method, dtype=torch.float64, device="cpu").modules[key].dense()

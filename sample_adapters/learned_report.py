@@ -68,6 +68,13 @@ METHODS: dict[str, tuple] = {
     "task_arithmetic": ("task arithmetic (lambda = 1)", ("static", "task_arithmetic", {}, "1")),
     "multislerp": ("Multi-SLERP (1/T)", ("static", "multislerp", {}, "1/T")),
     "ties": ("TIES (keep 20%, lambda = 1)", ("static", "ties", {"density": 0.2}, "1")),
+    "breadcrumbs": ("Breadcrumbs (keep 90% below the top 1%)", ("static", "breadcrumbs", {}, "1")),
+    "della": ("DELLA (keep 50% +- 15%)", ("static", "della", {}, "1")),
+    "tsv_m": ("TSV-M (alpha = 1)", ("static", "tsv_m", {}, "1")),
+    "iso_c": ("Iso-C (alpha = 1)", ("static", "iso_c", {}, "1")),
+    "iso_cts": ("Iso-CTS (alpha = 1)", ("static", "iso_cts", {}, "1")),
+    "knots": ("KnOTS-TIES (keep 20%)", ("static", "knots", {}, "1")),
+    "core_space": ("Core Space TIES (keep 20%)", ("static", "core_space", {}, "1")),
     "ada_tl": ("AdaMerging TL", ("learned", AdaMerging, {"level": "task"})),
     "ada_ll": ("AdaMerging LL", ("learned", AdaMerging, {"level": "layer"})),
     "kl_tl": ("DivMerge KL TL", ("learned", DivMerge, {"level": "task", "divergence": "kl"})),
@@ -243,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
               "| method | ANP here, mean (std) | the paper's Table 3 |", "|---|---|---|"]
     for m in methods:
         mean, std = _mean_std(pair_anp[m])
-        lines.append(f"| {METHODS[m][0]} | {mean:.2f} ({std:.2f}) | {PAPER_TABLE3[m] or 'not reported'} |")
+        lines.append(f"| {METHODS[m][0]} | {mean:.2f} ({std:.2f}) | {PAPER_TABLE3.get(m) or 'not reported'} |")
     baselines = [m for m in methods if METHODS[m][1][0] == "static" or m.startswith("ada")]
     ours = [m for m in methods if m not in baselines]
     if baselines and ours:
