@@ -3,7 +3,7 @@
 The references are written straightforwardly on the dense ``m x n`` task vectors (float64,
 ``torch.linalg.svd``), with the same definition as the factored code (zero singular components
 dropped; numerical zero ``max(m, n) * eps * sigma_1``). Where the authors' dense code is well
-defined (full-rank modules) it is transcribed literally and compared as well.
+defined (full-rank modules) its rule is restated (rewritten here, not copied) and compared as well.
 """
 
 from __future__ import annotations
@@ -106,50 +106,79 @@ def _iso_cts_ref(taus, f=0.8, spectrum="rank", alpha=1.0):
     return alpha * sigma * _polar(torch.cat(Us, 1)) @ _polar(torch.cat(Vs, 1)).T
 
 
-# ------------------------------------------------------- the authors' code, transcribed (dense)
+# ------------------------------------- the authors' dense rules, restated (independent rewrites)
 def _authors_tsv(taus):
-    """``compute_and_sum_svd_mem_reduction`` of AntoAndGar/task_singular_vectors (one key)."""
-    sv_reduction = 1 / len(taus)
-    for i, vec in enumerate(taus):
-        u, s, v = torch.linalg.svd(vec, full_matrices=False)
-        if i == 0:
-            sum_u, sum_s, sum_v = torch.zeros_like(u), torch.zeros_like(s), torch.zeros_like(v)
-        r = int(s.shape[0] * sv_reduction)
-        sum_u[:, i * r : (i + 1) * r] = u[:, :r]
-        sum_s[i * r : (i + 1) * r] = s[:r]
-        sum_v[i * r : (i + 1) * r, :] = v[:r, :]
-    u_u, _, v_u = torch.linalg.svd(sum_u, full_matrices=False)
-    u_v, _, v_v = torch.linalg.svd(sum_v, full_matrices=False)
-    return torch.linalg.multi_dot((u_u, v_u, torch.diag(sum_s), u_v, v_v))
+    """TSV-M by the authors' dense rule (``compute_and_sum_svd_mem_reduction``), for one key.
+
+    Their rule, step by step: every task keeps the same number ``int(min(m, n) / T)`` of leading
+    singular triplets of its dense SVD, whatever its rank (so zero singular values can be kept);
+    the kept left vectors of all tasks sit side by side in a ``min(m, n)``-wide block that is
+    zero beyond the last task, likewise the right vectors (as rows) and the singular values; each
+    block of vectors is replaced by its orthogonal polar factor ``P Q^T`` (one SVD each); the update
+    is ``polar(U_all) diag(S_all) polar(Vh_all)`` with the singular values left as they were.
+    """
+    width = min(taus[0].shape)
+    keep = int(width / len(taus))
+    lefts, values, rows = [], [], []
+    for tau in taus:
+        u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+        lefts.append(u[:, :keep])
+        values.append(s[:keep])
+        rows.append(vh[:keep])
+    spare = width - keep * len(taus)  # the authors' buffers are zero-filled past the last task
+    u_all = torch.cat([*lefts, taus[0].new_zeros(taus[0].shape[0], spare)], dim=1)
+    s_all = torch.cat([*values, taus[0].new_zeros(spare)])
+    vh_all = torch.cat([*rows, taus[0].new_zeros(spare, taus[0].shape[1])], dim=0)
+
+    def orthogonal_factor(M):  # P Q^T of M = P diag(.) Q^T, every singular direction included
+        p, _, qh = torch.linalg.svd(M, full_matrices=False)
+        return p @ qh
+
+    return (orthogonal_factor(u_all) * s_all) @ orthogonal_factor(vh_all)
 
 
 def _authors_iso_c(taus):
-    """``iso_c`` of danielm1405/iso-merging ``src/utils/iso.py`` (one key)."""
-    U, S, V = torch.linalg.svd(sum(taus), full_matrices=False)
-    return torch.linalg.multi_dot((U, torch.diag(torch.ones_like(S) * S.mean()), V))
+    """Iso-C by the authors' dense rule (``iso_c`` of their ``src/utils/iso.py``), for one key.
+
+    Their rule: sum the task vectors, take the thin SVD of the sum and replace all ``min(m, n)``
+    singular values (zeros included) by their mean: ``mean(S) * U Vh``.
+    """
+    left, sv, right_h = torch.linalg.svd(torch.stack(list(taus)).sum(dim=0), full_matrices=False)
+    return sv.mean() * (left @ right_h)
 
 
 def _authors_iso_cts(taus, common_space_fraction):
-    """``iso_cts`` of danielm1405/iso-merging ``src/utils/iso.py`` (one key)."""
-    shape_, T = taus[0].shape, len(taus)
-    combined_w = sum(taus)
-    k_c = int(min(shape_) * common_space_fraction)
-    ts_total = round((min(shape_) - k_c) / T) * T
-    k_c = min(shape_) - ts_total
-    u, s, v = torch.linalg.svd(combined_w, full_matrices=False)
-    cu, cs, cv = u[:, :k_c], s[:k_c], v[:k_c, :]
-    n = int((min(shape_) - k_c) / T)
-    for i, w in enumerate(taus):
-        u_ts, s_ts, v_ts = torch.linalg.svd(w - cu @ cu.T @ w, full_matrices=False)
-        if i == 0:
-            U, S, V = torch.zeros_like(u_ts), torch.zeros_like(s_ts), torch.zeros_like(v_ts)
-        U[:, i * n : (i + 1) * n] = u_ts[:, :n]
-        S[i * n : (i + 1) * n] = s_ts[:n]
-        V[i * n : (i + 1) * n, :] = v_ts[:n, :]
-    U[:, T * n : T * n + k_c], S[T * n : T * n + k_c], V[T * n : T * n + k_c, :] = cu, cs, cv
-    a, _, b = torch.linalg.svd(U, full_matrices=False)
-    c, _, d = torch.linalg.svd(V, full_matrices=False)
-    return torch.linalg.multi_dot((a @ b, torch.diag(torch.ones_like(S) * S.mean()), c @ d))
+    """Iso-CTS by the authors' dense rule (``iso_cts`` of their ``src/utils/iso.py``), for one key.
+
+    Their rule, step by step, with ``D = min(m, n)`` and ``T`` tasks:
+
+    1. split ``D`` into ``k_c`` common directions and ``T`` equal task shares: start from
+       ``int(f D)`` common, round the remainder to a multiple of ``T``, give the rest to the common part;
+    2. common part: the top ``k_c`` singular triplets of the task-arithmetic sum;
+    3. task part: for each task, its vector with the common left subspace projected out, and the
+       top ``(D - k_c) / T`` triplets of that residual;
+    4. task blocks first, then the common block, side by side; left vectors and right vectors are
+       each replaced by their orthogonal polar factor; every singular value by the mean of all ``D``.
+    """
+    D, T = min(taus[0].shape), len(taus)
+    specific_total = round((D - int(D * common_space_fraction)) / T) * T
+    k_common, per_task = D - specific_total, specific_total // T
+    u, s, vh = torch.linalg.svd(torch.stack(list(taus)).sum(dim=0), full_matrices=False)
+    u_c = u[:, :k_common]
+    lefts, values, rows = [], [], []
+    for tau in taus:
+        residual = tau - u_c @ (u_c.T @ tau)
+        ur, sr, vhr = torch.linalg.svd(residual, full_matrices=False)
+        lefts.append(ur[:, :per_task])
+        values.append(sr[:per_task])
+        rows.append(vhr[:per_task])
+    lefts.append(u_c)
+    values.append(s[:k_common])
+    rows.append(vh[:k_common])
+    u_all, s_all, vh_all = torch.cat(lefts, dim=1), torch.cat(values), torch.cat(rows, dim=0)
+    p_u, _, q_u = torch.linalg.svd(u_all, full_matrices=False)
+    p_v, _, q_v = torch.linalg.svd(vh_all, full_matrices=False)
+    return s_all.mean() * ((p_u @ q_u) @ (p_v @ q_v))
 
 
 # ------------------------------------------------------------------------------------ TSV-M
