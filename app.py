@@ -28,6 +28,7 @@ PAGES = [
     st.Page("pages/anatomy.py", title="Anatomy", icon=":material/biotech:", url_path="anatomy"),
     st.Page("pages/distances.py", title="Distances", icon=":material/grid_on:", url_path="distances"),
     st.Page("pages/inclusion.py", title="Inclusion", icon=":material/join_inner:", url_path="inclusion"),
+    st.Page("pages/tokens.py", title="Token dynamics", icon=":material/scatter_plot:", url_path="tokens"),
     st.Page("pages/merge.py", title="Merge", icon=":material/merge:", url_path="merge"),
     st.Page("pages/learned.py", title="Learned merge", icon=":material/model_training:", url_path="learned"),
 ]
