@@ -31,6 +31,7 @@ PAGES = [
     st.Page("pages/tokens.py", title="Token dynamics", icon=":material/scatter_plot:", url_path="tokens"),
     st.Page("pages/merge.py", title="Merge", icon=":material/merge:", url_path="merge"),
     st.Page("pages/learned.py", title="Learned merge", icon=":material/model_training:", url_path="learned"),
+    st.Page("pages/survey.py", title="Survey", icon=":material/travel_explore:", url_path="survey"),
 ]
 
 page = st.navigation(PAGES, position="sidebar")

@@ -306,7 +306,7 @@ def _task_files_key(adapters: Sequence[Adapter], tasks_dir: str) -> tuple[str, .
                  for a in adapters)
 
 
-def _queued(update):
+def queued(update):
     """A heavy run's slot in the server-wide queue of a demo server (``ui.demo.heavy_slot``); while it
     waits, the progress bar says so (and its Cancel button still works)."""
     from ui import demo
@@ -347,7 +347,7 @@ def merge_scores(adapters: Sequence[Adapter], tasks_dir: str, merged_adapter, ma
     except _Miss:
         if not run:
             return partial("merge_scores", key)
-    with progress_bar("Scoring fine-tuned and merged models") as update, _queued(update):
+    with progress_bar("Scoring fine-tuned and merged models") as update, queued(update):
         return _disk_compute("merge_scores", key, lambda: evaluate_merge(
             list(adapters), tasks_dir, merged=merged_adapter, max_examples=max_examples, progress=update,
             partial=_keep_partial("merge_scores", key)))
@@ -372,7 +372,7 @@ def pairwise(adapters: Sequence[Adapter], tasks_dir: str, method: str, params: d
             if result is None:
                 return None
         else:
-            with progress_bar(f"Pairwise {method} merges") as update, _queued(update):
+            with progress_bar(f"Pairwise {method} merges") as update, queued(update):
                 result = _disk_compute("pairwise", key, lambda: pairwise_study(
                     list(adapters), tasks_dir, method, max_examples=max_examples, progress=update,
                     show_progress=False, partial=_keep_partial("pairwise", key), **params))
