@@ -92,3 +92,21 @@ def test_results_merging_section_carries_the_learned_table():
     assert "| DivMerge TL (JS) | 95.1 (2.0) | 95.54 |" in text and "Best baseline: TIES" in text
     assert "25 unlabeled" in text and "before: Figure 2 / Table 6" in text
     assert "LEARNED_RESULTS.md" not in "\n".join(merge_section(merge_md))  # no learned file: nothing about it
+
+
+def test_results_merging_section_carries_the_verdicts_and_the_task_count_curves():
+    from sample_adapters.report import merge_section
+
+    merge_md = ("# x\n\n## Summary\n\n| method | weights |\n|---|---|\n| `ties` | λ = 1 |\n\n"
+                "Which helps here: the best classic method on pairs is `ties` (94.0, picked after the fact). Against it:\n\n"
+                "- `iso_c`: not distinguishable (+0.10 ANP points on average, p = 0.8); all-task merge 80.0 against 75.0.\n\n"
+                "## `ties`: TIES\n\nbody\n")
+    curves_md = ("# z\n\n8 task adapters on all-MiniLM-L6-v2 (LoRA r = 8 on query, value): ... 100 test examples\n\n"
+                 "## Table 3: pairwise ANP\n\n| method | ANP |\n|---|---|\n| TIES | 94 |\n\n"
+                 "## Figure 2 / Table 6: ANP against the number of merged tasks\n\nMean ± 95% t-interval over subsets.\n\n"
+                 "| k | subsets | TIES |\n|---|---|---|\n| 2 | 28 | 94.00 ± 1.00 [96.02] |\n| 8 | 1 | 70.00 (one subset: no interval) |\n")
+    text = "\n".join(merge_section(merge_md, None, curves_md))
+    assert "picked after the fact" in text and "- `iso_c`: not distinguishable" in text
+    assert "MERGE_CURVES.md" in text and "| 8 | 1 | 70.00 (one subset: no interval) |" in text
+    assert "100 test examples" in text and "Mean ± 95% t-interval" in text
+    assert "MERGE_CURVES.md" not in "\n".join(merge_section(merge_md))
