@@ -153,3 +153,51 @@ def _generation(rows: list[dict], file: Path, name: str, split: str) -> TaskData
         prompts.append(prompt)
         refs.append(ref)
     return TaskData(name, split, prompts, None, [], None, refs, source=str(file))
+
+
+def write_uploaded_task(data: bytes | str, name: str, folder: str | os.PathLike[str],
+                        labels_json: str | os.PathLike[str] | None = None) -> TaskData:
+    """A test split uploaded as one ``.jsonl`` / ``.csv`` file called ``name``, written as the task folder
+    ``folder`` (``test.jsonl``, and ``labels.json`` copied from ``labels_json`` when given), then read back
+    with :func:`load_task` so that it is checked exactly as a task on disk.
+
+    Rows need ``text`` (optionally ``text_pair``) and ``label``: the class index of the adapter's head
+    (``0 .. C-1``), or a label name of ``labels_json``. CSV cells that are integers become integers.
+    Errors are :class:`TaskLoadError` naming ``name`` (not the folder), the row and the field.
+    """
+    from geometry.learned.data import UnlabeledDataError, _rows_csv, _rows_jsonl
+
+    folder = Path(folder)
+    try:
+        text = data.decode("utf-8-sig") if isinstance(data, bytes) else data
+    except UnicodeDecodeError:
+        raise TaskLoadError(f"{name}: not UTF-8 text (expected a .jsonl or .csv file of labeled examples)") from None
+    suffix = Path(name).suffix.lower()
+    try:
+        if suffix in (".jsonl", ".json", ".ndjson"):
+            rows = _rows_jsonl(text, name)
+        elif suffix in (".csv", ".tsv"):
+            rows = _rows_csv(text, name, "\t" if suffix == ".tsv" else ",")
+            for row in rows:
+                label = row.get("label")
+                if isinstance(label, str) and label.strip().lstrip("-").isdigit():
+                    row["label"] = int(label.strip())
+        else:
+            raise TaskLoadError(f"{name}: expected a .jsonl or .csv file of labeled examples, got {suffix or 'no extension'}")
+    except UnlabeledDataError as exc:
+        raise TaskLoadError(str(exc)) from None
+    if not rows:
+        raise TaskLoadError(f"{name}: no examples")
+    keep = ("text", "text_pair", "label")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "test.jsonl").write_text("\n".join(json.dumps({k: r[k] for k in keep if k in r}) for r in rows) + "\n",
+                                       encoding="utf-8")
+    if labels_json is not None and Path(labels_json).is_file():
+        (folder / "labels.json").write_bytes(Path(labels_json).read_bytes())
+    try:
+        task = load_task(folder, "test")
+    except TaskLoadError as exc:
+        raise TaskLoadError(str(exc).replace(str(folder / "test.jsonl"), name)) from None
+    if task.kind != "classification":
+        raise TaskLoadError(f"{name}: expected labeled classification examples (text, label)")
+    return task

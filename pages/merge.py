@@ -84,7 +84,7 @@ c1, c2 = st.columns([3, 2])
 with c1:
     tasks_dir = controls.task_data(
         "merge_tasks", help="Holds one folder per task (test.jsonl + labels.json). Each adapter's task is read "
-        "from its training_info.json, else its name.",
+        "from its training_info.json, else its name.", uploads=True,
     )
 with c2:
     max_examples = int(st.number_input(

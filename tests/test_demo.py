@@ -138,3 +138,32 @@ def test_a_run_whose_session_left_stops():
     live.record(State())
     assert live.run.stopped and "session" in live.stopped_because
     assert demo.session_liveness()()  # outside a server: always alive
+
+
+def test_demo_merge_page_scores_on_uploaded_test_files(monkeypatch, tmp_path, samples):
+    """Issue 15: on a demo server a visitor uploads labeled test files (JSONL / CSV per task) instead of a path;
+    a bad file gets one message and the rest of the page (and the adapters) stay."""
+    import json
+
+    rows = [json.loads(x) for x in (samples / "tasks" / "alpha" / "test.jsonl").read_text().splitlines()]
+    csv_rows = "text,label\n" + "\n".join(f"{r['text']},{r['label']}" for r in rows)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    at = _page(monkeypatch, tmp_path, samples, "pages/merge.py")
+    at.segmented_control(key="merge_tasks_source").set_value("Upload test files").run()
+    assert not at.exception and not [t for t in at.text_input if t.key == "merge_tasks"]
+    up = at.file_uploader(key="merge_tasks_files")
+    up.set_value([("alpha.csv", csv_rows.encode(), "text/csv"),
+                  ("beta.jsonl", (samples / "tasks" / "beta" / "test.jsonl").read_bytes(), "application/json"),
+                  ("gamma.jsonl", b'{"text": "no label here"}\n', "application/json")]).run()
+    assert not at.exception, at.exception
+    assert any("gamma.jsonl: line 1 lacks 'text' or 'label'" in e.value for e in at.error)
+    assert any("alpha.csv: 12 test examples, 2 classes" in c.value for c in at.main.caption)
+    assert any("Scoring is off" in w.value and "gamma" in w.value for w in at.warning)  # gamma has no test data
+    # two tasks only: merge the two adapters whose test files were accepted, then score
+    at.multiselect(key="merge_set").set_value(["alpha", "beta"]).run()
+    at.button(key="merge_run").click().run()
+    assert not at.exception, at.exception
+    assert any(m.label.startswith("ANP") for m in at.metric)
+    written = list((tmp_path / "tmp" / "adapter-atlas-tasks").glob("*/*/test.jsonl"))
+    assert sorted(p.parent.name for p in written) == ["alpha", "beta"]

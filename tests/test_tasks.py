@@ -117,3 +117,26 @@ def test_load_task_missing_split(tmp_path):
     (tmp_path / "train.jsonl").write_text('{"text": "a", "label": 0}\n')
     with pytest.raises(TaskLoadError, match="no test.jsonl"):
         load_task(tmp_path, "test")
+
+
+def test_write_uploaded_task_checks_like_a_task_on_disk(tmp_path):
+    import json
+
+    import pytest
+
+    from geometry.tasks import TaskLoadError, write_uploaded_task
+
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"labels": ["neg", "pos"], "task": "s"}))
+    task = write_uploaded_task(b"text,label\ngood film,1\nbad film,neg\n", "s.csv", tmp_path / "s", labels)
+    assert task.labels == [1, 0] and task.label_names == ["neg", "pos"] and task.texts == ["good film", "bad film"]
+    pairs = write_uploaded_task(b'{"text": "a", "text_pair": "b", "label": 0}\n', "p.jsonl", tmp_path / "p")
+    assert pairs.text_pairs == ["b"] and pairs.label_names == ["0"]
+    for data, name, message in (
+        (b"\xff\xfe", "x.csv", "x.csv: not UTF-8"),
+        (b"text,label\n", "e.csv", "e.csv: no examples"),
+        (b"a,b\n", "y.txt", "expected a .jsonl or .csv file"),
+        (b'{"text": "a", "label": 7}\n{"text": "b", "label": "zz"}\n', "m.jsonl", "m.jsonl: line 2"),
+    ):
+        with pytest.raises(TaskLoadError, match=message):
+            write_uploaded_task(data, name, tmp_path / name.split(".")[0])

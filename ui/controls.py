@@ -82,12 +82,21 @@ def compared_adapters(key: str = "compare", min_count: int = 2, label: str = "Ad
     return adapters
 
 
-def task_data(key: str, help: str) -> str | None:
+def task_data(key: str, help: str, uploads: bool = False) -> str | None:
     """The folder of task data a page scores on: a typed path on a local server, one of the bundled task
-    sets on a demo server (``ui.demo``: no page reads a path a visitor typed). ``None`` when there is none."""
+    sets on a demo server (``ui.demo``: no page reads a path a visitor typed), or, with ``uploads``, test
+    files the visitor uploads (one per task, written to a content-addressed temporary folder; see
+    :func:`uploaded_tasks`). ``None`` when there is none."""
     from ui import demo
     from ui.adapter_set import samples_dir
 
+    sources = ["Bundled with this demo" if demo.demo_mode() else "Folder on this server"]
+    if uploads:
+        sources.append("Upload test files")
+    source = (st.segmented_control("Task data from", sources, default=sources[0], required=True, key=f"{key}_source")
+              if len(sources) > 1 else sources[0])
+    if source == "Upload test files":
+        return uploaded_tasks(key)
     if not demo.demo_mode():
         return st.text_input("Task data folder", value=str(samples_dir() / "tasks"), key=key, help=help)
     sets = demo.bundled_task_sets()
@@ -97,6 +106,70 @@ def task_data(key: str, help: str) -> str | None:
     label = st.selectbox("Task data (bundled with this demo)", list(sets), key=key,
                          help=help + " On this demo server only the bundled task sets can be used.")
     return str(sets[label])
+
+
+#: where uploaded test files become task folders (one folder per upload set, named by its content hash)
+UPLOADED_TASKS_ROOT = "adapter-atlas-tasks"
+#: uploaded task folders older than this are removed when a new set is written (seconds)
+UPLOADED_TASKS_TTL = 24 * 3600
+
+
+def uploaded_tasks(key: str) -> str | None:
+    """Labeled test files uploaded by the visitor, one per task, as a folder of task folders.
+
+    Each file ``<task or adapter name>.jsonl`` / ``.csv`` (``text`` [, ``text_pair``], ``label``) is
+    checked by :func:`geometry.tasks.write_uploaded_task` (a bad file gets one message and is left out;
+    the session keeps everything else). The folder is named by the SHA-256 of the files, under the
+    system's temporary directory: it holds only what was uploaded, is never read from a typed path,
+    and folders older than a day are removed when another set is written.
+    """
+    import hashlib
+    import shutil
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from geometry.tasks import TaskLoadError, load_task, write_uploaded_task
+    from ui import demo
+
+    files = st.file_uploader(
+        "Test files, one per task (named after the adapter or its task)", type=["jsonl", "csv", "tsv"],
+        accept_multiple_files=True, key=f"{key}_files", max_upload_size=20 if demo.demo_mode() else None,
+        help="Columns text [, text_pair], label: the class index of the adapter's head (0 .. C-1), or a label "
+             "name of the bundled task of the same name.",
+    )
+    if not files:
+        st.info("Upload one labeled test file per adapter to score the merges.", icon=":material/upload:")
+        return None
+    digest = hashlib.sha256()
+    for f in sorted(files, key=lambda f: f.name):
+        digest.update(f.name.encode() + b"\0" + hashlib.sha256(f.getvalue()).digest())
+    root = Path(tempfile.gettempdir()) / UPLOADED_TASKS_ROOT
+    folder = root / digest.hexdigest()[:32]
+    bundled = {name: p for name, p in demo.bundled_task_sets().items()}
+    good = 0
+    for f in files:
+        stem = Path(f.name).stem
+        if not stem or stem.startswith(".") or Path(stem).name != stem:
+            st.error(f"{f.name}: not a usable task name", icon=":material/error:")
+            continue
+        labels = next((p / stem / "labels.json" for p in bundled.values() if (p / stem / "labels.json").is_file()), None)
+        try:
+            done = (folder / stem / "test.jsonl").is_file()  # content-addressed: written by an earlier rerun
+            task = load_task(folder / stem) if done else write_uploaded_task(f.getvalue(), f.name, folder / stem, labels)
+        except TaskLoadError as exc:
+            shutil.rmtree(folder / stem, ignore_errors=True)
+            st.error(str(exc), icon=":material/error:")
+            continue
+        good += 1
+        st.caption(f":material/check: {f.name}: {len(task)} test examples, {len(task.label_names)} classes "
+                   f"({', '.join(task.label_names[:6])}{', ...' if len(task.label_names) > 6 else ''})"
+                   + (" from the bundled label list" if labels is not None else ""))
+    now = time.time()
+    for old in root.iterdir() if root.is_dir() else ():
+        if old != folder and now - old.stat().st_mtime > UPLOADED_TASKS_TTL:
+            shutil.rmtree(old, ignore_errors=True)
+    return str(folder) if good else None
 
 
 def demo_caps_note() -> None:
