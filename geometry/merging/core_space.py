@@ -99,6 +99,7 @@ from geometry.merging.knots import (
     check_method,
     check_sign_method,
     combine_stacked,
+    inner_params,
     resolve_density,
 )
 from geometry.merging.ties import SignMethod
@@ -206,11 +207,6 @@ def core_space(
             B, A, kept = truncate_factored(B, A, rank, device=dev)
         rank_sum = sum(mod.rank for _, mod in present)
         modules[key] = factored_module(template(adapters, key), key, B, A, dtype, kept, rank_sum)
-    params = {"merge_method": merge_method, "weights": w.describe(), "rank": rank}
-    if density is not None:
-        params["density"] = density
-    if merge_method in ("ties", "dare_ties"):
-        params["majority_sign_method"] = majority_sign_method
-    if merge_method.startswith("dare"):
-        params.update(seed=seed, mask_device=dev.type)
+    params = {"merge_method": merge_method, "weights": w.describe(), "rank": rank,
+              **inner_params(merge_method, density, majority_sign_method, seed, dev)}
     return wrap("core_space", params, adapters, modules)

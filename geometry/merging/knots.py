@@ -121,6 +121,17 @@ def resolve_density(merge_method: str, density: float | None) -> float | None:
     return check_density(DEFAULT_DENSITY[merge_method] if density is None else density)
 
 
+def inner_params(merge_method: str, density: float | None, majority_sign_method: str, seed: int,
+                 dev: torch.device) -> dict:
+    """The parameters of the inner element-wise merge that its result depends on (for ``params``)."""
+    out: dict = {} if density is None else {"density": density}
+    if merge_method in ("ties", "dare_ties"):
+        out["majority_sign_method"] = majority_sign_method
+    if merge_method.startswith("dare"):
+        out.update(seed=seed, mask_device=dev.type)
+    return out
+
+
 def combine_stacked(
     X: torch.Tensor,
     weights: torch.Tensor,
@@ -233,11 +244,6 @@ def knots(
         rank_sum = sum(mod.rank for _, mod in present)
         modules[key] = factored_module(template(adapters, key), key, B, A, dtype, kept, rank_sum)
     params = {"merge_method": merge_method, "scale_coordinates": bool(scale_coordinates),
-              "weights": w.describe(), "rank": rank}
-    if density is not None:
-        params["density"] = density
-    if merge_method in ("ties", "dare_ties"):
-        params["majority_sign_method"] = majority_sign_method
-    if merge_method.startswith("dare"):
-        params.update(seed=seed, mask_device=dev.type)
+              "weights": w.describe(), "rank": rank,
+              **inner_params(merge_method, density, majority_sign_method, seed, dev)}
     return wrap("knots", params, adapters, modules)
