@@ -127,11 +127,11 @@ def view() -> None:
                 "at this module (REC and H(S2) are undefined)."
             )
         if spectra:
+            log = st.toggle("Log scale (S2 is often orders of magnitude below S1)", key="s_log")
             fig_s = figures.spectra_bars(
-                spectra, title=f"{direction}: spectra at layer {slayer}, {skind}", detail=f"{direction} · layer {slayer} · {skind}"
+                spectra, title=f"{direction}: spectra at layer {slayer}, {skind}", detail=f"{direction} · layer {slayer} · {skind}",
+                log=log,
             )
-            if st.toggle("Log scale (S2 is often orders of magnitude below S1)", key="s_log"):
-                fig_s.update_yaxes(type="log", title_text="singular value σ_i (log scale)")
             frame = pd.DataFrame({k: pd.Series(v) for k, v in spectra.items()}).rename_axis("i")
             downloads.show(fig_s, f"spectra_{direction}_{slayer}_{skind}", frame, index=True, key="spectra")
         st.subheader("λ sweep (the paper's appendix A)")

@@ -148,16 +148,14 @@ def _draw(live: LiveRun) -> None:
         hist = live.history_frame()
         fig = figures.layer_lines(hist.assign(series="objective", layer=hist["step"]), x="layer", y="objective",
                                   title=f"{run.method} objective per step\nmini-batch value before each update",
-                                  value_label="objective")
-        fig.update_xaxes(title_text="optimiser step", dtick=None)
+                                  value_label="objective", x_label="optimiser step")
         downloads.show(fig, f"{run.method}_objective", hist, key="learned_obj")
     with right:
         coefs = live.coefficient_frame()
         if run.settings.level == "task":
             lines = coefs.assign(series=coefs["adapter"], layer=coefs["step"])
             fig = figures.layer_lines(lines, x="layer", y="coefficient", value_label="Γ",
-                                      title="Coefficients Γ per adapter\none line per task")
-            fig.update_xaxes(title_text="optimiser step", dtick=None)
+                                      title="Coefficients Γ per adapter\none line per task", x_label="optimiser step")
         else:
             last = coefs[coefs["step"] == coefs["step"].max()].pivot(index="adapter", columns="layer",
                                                                      values="coefficient")
@@ -165,8 +163,8 @@ def _draw(live: LiveRun) -> None:
         downloads.show(fig, f"{run.method}_coefficients", coefs, key="learned_coef")
     if not anps.empty:
         fig = figures.layer_lines(anps.assign(series="ANP", layer=anps["step"]), x="layer", y="ANP (%)",
-                                  title="ANP on the test splits while optimising", value_label="ANP (%)")
-        fig.update_xaxes(title_text="optimiser step", dtick=None)
+                                  title="ANP on the test splits while optimising", value_label="ANP (%)",
+                                  x_label="optimiser step")
         downloads.show(fig, f"{run.method}_anp", anps, key="learned_anp")
     if live.was_running and not run.running:
         live.was_running = False

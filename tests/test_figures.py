@@ -164,3 +164,63 @@ def test_margins_leave_room_for_long_names_and_rotated_ticks():
     assert fig.layout.margin.l >= 0.5 * 12 * len("sentiment_movies_seed1")  # the longest tick fits at the left
     assert fig.layout.margin.b > fig.layout.margin.t / 2  # rotated x names need height under the plot
     assert fig.layout.xaxis.automargin and fig.layout.yaxis.automargin  # a wrong estimate still does not clip
+
+
+def _spec(z):
+    return [dict(type="heatmap", z=z, x=["a", "b"], y=["a", "b"])], dict(title=dict(text="T"), height=300)
+
+
+def test_shared_figure_is_one_object_per_content_with_the_plain_figures_dict():
+    import plotly.graph_objects as go
+
+    z = np.array([[0.0, 1.5], [1.5, 0.0]])
+    data, layout = _spec(z)
+    fig = figures.figure(data, layout)
+    assert figures.figure(*_spec(z.copy())) is fig  # same content (a new array): the same object
+    assert figures.figure(*_spec(z + 1)) is not fig  # other content: another one
+    plain = go.Figure({"data": data, "layout": layout}).to_dict()
+    assert fig.to_dict() == plain
+    first = fig.to_dict()
+    first["layout"]["title"]["text"] = "changed by a caller"  # to_dict hands out copies
+    assert fig.to_dict() == plain
+
+
+def test_shared_figure_refuses_changes_and_copies_are_editable():
+    import plotly.graph_objects as go
+
+    fig = figures.figure(*_spec(np.eye(2)))
+    for change in (lambda: fig.update_layout(height=10), lambda: fig.update_traces(zmin=0),
+                   lambda: fig.update_xaxes(type="log"), lambda: fig.add_trace(go.Scatter(x=[1], y=[1])),
+                   lambda: setattr(fig.layout, "height", 10), lambda: setattr(fig, "layout", {}),
+                   lambda: setattr(fig.data[0], "zmin", 0.0)):
+        with pytest.raises(TypeError, match="shared"):
+            change()
+    assert fig.layout.height == 300 and fig.data[0].zmin is None
+    copy = go.Figure(fig).update_layout(height=10)
+    assert copy.layout.height == 10 and fig.to_dict()["layout"]["height"] == 300
+
+
+def test_shared_figures_are_evicted_beyond_their_byte_budget(monkeypatch):
+    monkeypatch.setattr(figures, "_SHARED", figures.OrderedDict())
+    monkeypatch.setattr(figures, "SHARED_BYTES", 20_000)
+    first = figures.figure(*_spec(np.random.default_rng(0).normal(size=(20, 20))))
+    for i in range(1, 30):
+        figures.figure(*_spec(np.random.default_rng(i).normal(size=(20, 20))))
+    assert sum(size for _, size in figures._SHARED.values()) <= 20_000 and len(figures._SHARED) >= 2
+    again = figures.figure(*_spec(np.random.default_rng(0).normal(size=(20, 20))))
+    assert again is not first and again.to_dict() == first.to_dict()  # rebuilt, same figure
+
+
+def test_streamlit_draws_a_shared_figure_as_the_plain_one():
+    """st.plotly_chart's own conversion (Figure -> dict -> JSON spec) gives the same spec for both."""
+    import json
+
+    import plotly.graph_objects as go
+    import plotly.io as pio
+    import plotly.tools
+
+    data, layout = _spec(np.arange(4.0).reshape(2, 2))
+    shared = plotly.tools.return_figure_from_figure_or_data(figures.figure(data, layout), validate_figure=True)
+    plain = plotly.tools.return_figure_from_figure_or_data(go.Figure({"data": data, "layout": layout}),
+                                                           validate_figure=True)
+    assert json.loads(pio.to_json(shared, validate=False)) == json.loads(pio.to_json(plain, validate=False))

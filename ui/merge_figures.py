@@ -8,6 +8,7 @@ from __future__ import annotations
 import pandas as pd
 import plotly.graph_objects as go
 
+from ui import figures
 from ui.figures import MARGIN, QUALITATIVE, _grid, _grid_axes
 
 METRIC_NAMES = {"l2": "L2", "cosine": "cosine", "grassmann": "Grassmann"}
@@ -37,7 +38,7 @@ def performance_bars(frame: pd.DataFrame, *, title: str, metric_label: str = "ac
         yaxis=dict(title=dict(text=metric_label), rangemode="tozero"),
         xaxis=dict(title=dict(text="task (adapter)"), tickangle=-25, automargin=True),
     )
-    return go.Figure({"data": data, "layout": layout})
+    return figures.figure(data, layout)
 
 
 def correlation_lines(frame: pd.DataFrame, *, title: str) -> go.Figure:
@@ -70,7 +71,7 @@ def correlation_lines(frame: pd.DataFrame, *, title: str) -> go.Figure:
     # Legend below the panels: above them it covered the title and the subplot titles.
     layout = dict(title=_title(title), margin=dict(MARGIN, t=max(MARGIN["t"], 80)), height=460, annotations=notes,
                   legend=dict(orientation="h", yanchor="top", y=-0.22, xanchor="left", x=0.0), **axes)
-    return go.Figure({"data": data, "layout": layout})
+    return figures.figure(data, layout)
 
 
 def method_comparison(frame: pd.DataFrame, anps: dict[str, float], *, title: str) -> go.Figure:
@@ -98,4 +99,4 @@ def method_comparison(frame: pd.DataFrame, anps: dict[str, float], *, title: str
         annotations=[dict(text="fine-tuned", xref="x domain", x=0, yref="y", y=100, xanchor="left",
                           yanchor="bottom", showarrow=False)],
     )
-    return go.Figure({"data": data, "layout": layout})
+    return figures.figure(data, layout)

@@ -18,6 +18,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from geometry import survey as sv
+from ui import figures
 from ui.figures import MATRIX_HEIGHT, QUALITATIVE, SEQUENTIAL, _layout, off_diagonal_range, short_name
 
 #: Beyond this many adapters the heatmap hides its tick labels (the hover names both adapters).
@@ -161,7 +162,7 @@ def survey_heatmap(values: np.ndarray, names: Sequence[str], *, title: str, valu
                       title=dict(text="adapter (hierarchical-clustering order)")),
     }
     height = max(MATRIX_HEIGHT, min(900, 14 * n + 200)) if show else 760
-    return go.Figure({"data": [trace], "layout": _layout(title, height, axes=axes)})
+    return figures.figure([trace], _layout(title, height, axes=axes))
 
 
 def survey_scatter(coords: np.ndarray, names: Sequence[str], groups: Sequence[str], *, title: str, method: str,
@@ -181,4 +182,4 @@ def survey_scatter(coords: np.ndarray, names: Sequence[str], groups: Sequence[st
         ))
     axes = {"xaxis": dict(title=dict(text=f"{method} component 1 (arbitrary units)"), zeroline=False),
             "yaxis": dict(title=dict(text=f"{method} component 2 (arbitrary units)"), zeroline=False)}
-    return go.Figure({"data": data, "layout": _layout(title, 620, axes=axes, showlegend=True)})
+    return figures.figure(data, _layout(title, 620, axes=axes, showlegend=True))

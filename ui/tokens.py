@@ -121,9 +121,11 @@ def _padded_range(values: np.ndarray, pad: float = 0.12) -> list[float]:
     return [lo - pad * span, hi + pad * span]
 
 
-def _projection_traces(points: pd.DataFrame, adapter: str, layer: int, color: str) -> list[dict]:
-    base = points[(points["model"] == "base") & (points["layer"] == layer)]
-    ad = points[(points["model"] == adapter) & (points["layer"] == layer)]
+def _projection_traces(groups: dict, adapter: str, layer: int, color: str) -> list[dict]:
+    """Traces of one layer; ``groups``: the points' rows by ``(model, layer)`` (one groupby for all frames)."""
+    empty = next(iter(groups.values())).iloc[:0]
+    base = groups.get(("base", layer), empty)
+    ad = groups.get((adapter, layer), empty)
     seg_x, seg_y = [], []
     for (bx, by), (ax, ay) in zip(base[["x", "y"]].to_numpy(), ad[["x", "y"]].to_numpy()):
         seg_x += [bx, ax, None]
@@ -154,7 +156,8 @@ def projection_figure(dyn, adapter: str, layer: int, color: str = QUALITATIVE[1]
     layers = dyn.layers
     ev = dyn.pca.explained * 100
     pcs = "unit-normalised states" if dyn.pca.normalize else "raw states"
-    frames = [dict(name=str(ly), data=_projection_traces(points, adapter, ly, color),
+    groups = {key: part for key, part in points.groupby(["model", "layer"], sort=False)}
+    frames = [dict(name=str(ly), data=_projection_traces(groups, adapter, ly, color),
                    layout=dict(title=dict(text=f"Tokens in the shared PCA plane · layer {ly}"))) for ly in layers]
     slider = dict(
         active=layers.index(layer), x=0.1, len=0.9, y=-0.16, yanchor="top", pad=dict(t=10),
@@ -181,9 +184,7 @@ def projection_figure(dyn, adapter: str, layer: int, color: str = QUALITATIVE[1]
         f"on every layer of the base and of all {len(dyn.adapters)} adapter(s) · {special}",
         720, legend_below=0.42, axes=axes, sliders=[slider], updatemenus=[play])
     layout["margin"]["b"] = 210
-    fig = _figure(_projection_traces(points, adapter, layer, color), layout)
-    fig.frames = frames
-    return fig
+    return _figure(_projection_traces(groups, adapter, layer, color), layout, frames=frames)
 
 
 def _panel_traces(frame: pd.DataFrame, names: Sequence[str], cells: dict, value: str = "value",
@@ -352,9 +353,7 @@ def particle_animation(run, max_frames: int = 41) -> go.Figure | None:
                          scene=dict(domain=dict(x=[0, 1], y=[0.05, 1]),xaxis=dict(title="x₁", range=[-1.1, 1.1]), yaxis=dict(title="x₂", range=[-1.1, 1.1]),
                                     zaxis=dict(title="x₃", range=[-1.1, 1.1]), aspectmode="cube"))
     layout["margin"]["b"] = 210 if d == 2 else 190
-    fig = _figure(static + points(0), layout)
-    fig.frames = frames
-    return fig
+    return _figure(static + points(0), layout, frames=frames)
 
 
 def particle_curves(run) -> go.Figure:
