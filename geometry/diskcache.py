@@ -11,6 +11,9 @@ torch / numpy versions), so that after any change to the maths old results are n
   entries are evicted when a new one is written.
 * Crash safety: a value file is written in full under a fresh random name before the SQLite row that
   points at it is committed, so a writer killed mid-way leaves at most an orphan file, never an entry.
+  Orphans are outside the size cap's count, so :func:`sweep_orphans` deletes the value files no entry
+  points at once they are an hour old (a younger one may be a write in progress); it runs in the
+  background when a process first opens the store and then once a day while it writes.
   Every entry also stores the sha256 of its bytes; an entry whose bytes do not match (truncated,
   overwritten, a damaged row) is dropped and recomputed, never returned and never raised.
 * Concurrency: two threads or processes writing the same key both get their value back and leave
@@ -33,6 +36,7 @@ import io
 import os
 import pickle
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -48,6 +52,10 @@ DEFAULT_MB = 2048
 #: Sub-folder of :func:`cache_dir` holding the diskcache store.
 STORE = "store"
 EVICTION = "least-recently-used"
+#: an unreferenced value file younger than this may belong to a write in progress (seconds)
+ORPHAN_AGE_S = 3600.0
+#: how often a long-running process sweeps orphans while it writes (seconds)
+SWEEP_EVERY_S = 86400.0
 _MISSING = object()
 
 
@@ -155,7 +163,56 @@ def open_store() -> _dc.Cache | None:
             old.close()
         except Exception:
             pass
+    _sweep_in_background(cache)
     return cache
+
+
+_SWEPT: dict[str, float] = {}  # store directory -> time of its last sweep in this process
+
+
+def sweep_orphans(cache: _dc.Cache | None = None, min_age_s: float = ORPHAN_AGE_S) -> int:
+    """Delete the value files (``*.val``) of the store that no entry points at and that are at least
+    ``min_age_s`` seconds old; returns how many were deleted.
+
+    A writer killed between writing its value file and committing the row that points at it leaves
+    such a file; diskcache's ``Cache.check(fix=True)`` would delete it too, but it also rebuilds the
+    size count under a lock and warns for each finding. Younger files are kept: a concurrent writer
+    writes its file before its row. Emptied sub-folders go too; nothing else is touched (the SQLite
+    file, the rows)."""
+    cache = cache if cache is not None else open_store()
+    if cache is None:
+        return 0
+    root = Path(cache.directory)
+    try:
+        referenced = {row[0] for row in cache._sql("SELECT filename FROM Cache WHERE filename IS NOT NULL")}
+    except Exception:  # busy past its timeout or damaged: try again next time
+        return 0
+    now, deleted = time.time(), 0
+    for path in root.glob("*/*/*.val"):  # diskcache's layout: two levels of sub-folders
+        try:
+            if path.relative_to(root).as_posix() in referenced or now - path.stat().st_mtime < min_age_s:
+                continue
+            path.unlink()
+            deleted += 1
+        except OSError:  # deleted meanwhile, or not ours to delete
+            continue
+        for folder in (path.parent, path.parent.parent):  # as diskcache does when it deletes a file
+            try:
+                folder.rmdir()
+            except OSError:  # not empty
+                break
+    return deleted
+
+
+def _sweep_in_background(cache: _dc.Cache) -> None:
+    """Start :func:`sweep_orphans` in a daemon thread unless this process swept this store less than
+    ``SWEEP_EVERY_S`` ago."""
+    now = time.time()
+    with _LOCK:
+        if now - _SWEPT.get(cache.directory, -float("inf")) < SWEEP_EVERY_S:
+            return
+        _SWEPT[cache.directory] = now
+    threading.Thread(target=sweep_orphans, args=(cache,), name="diskcache-orphan-sweep", daemon=True).start()
 
 
 def _digest(data: bytes | memoryview) -> str:
@@ -210,6 +267,7 @@ def store(namespace: str, key_parts: Iterable[Any], value: Any) -> bool:
         _evict(cache)
     except Exception:  # busy past the timeout: the next write evicts
         pass
+    _sweep_in_background(cache)
     return stored
 
 

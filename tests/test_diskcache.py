@@ -216,11 +216,55 @@ def test_writer_killed_mid_way_leaves_the_cache_usable(fixed_code, where):
     np.testing.assert_array_equal(diskcache.load("ns", ("fresh",)), new)
     cache = diskcache.open_store()
     assert len(cache) == 3
-    with warnings.catch_warnings():  # the killed writer's file is an orphan; check(fix=True) deletes it
-        warnings.simplefilter("ignore")
-        cache.check(fix=True)
+    files = _value_files()
+    assert diskcache.sweep_orphans(min_age_s=3600) == 0  # the killed writer's file is too young to be sure
+    assert _value_files() == files
+    assert diskcache.sweep_orphans(min_age_s=0) == len(files) - 1 == 1  # the killed writer's file
     assert len(_value_files()) == 1  # only "fresh" is big enough for a file
     np.testing.assert_array_equal(diskcache.load("ns", ("fresh",)), new)
+    with warnings.catch_warnings():  # diskcache's own check finds nothing left to fix
+        warnings.simplefilter("error")
+        cache.check(fix=False)
+
+
+def test_orphan_sweep_keeps_referenced_and_young_files(fixed_code):
+    import os
+    import shutil
+    import time
+
+    value = np.arange(2.0**16)
+    assert diskcache.store("ns", ("a",), value)
+    (kept,) = _value_files()
+    old_orphan = kept.with_name("0" * 28 + ".val")
+    young_orphan = kept.with_name("1" * 28 + ".val")
+    for orphan in (old_orphan, young_orphan):
+        shutil.copy(kept, orphan)
+    hour_ago = time.time() - 2 * diskcache.ORPHAN_AGE_S
+    os.utime(old_orphan, (hour_ago, hour_ago))
+    os.utime(kept, (hour_ago, hour_ago))  # an old entry still in use is kept however old
+    assert diskcache.sweep_orphans() == 1
+    assert sorted(_value_files()) == sorted([kept, young_orphan])
+    np.testing.assert_array_equal(diskcache.load("ns", ("a",)), value)
+
+
+def test_orphans_are_swept_in_the_background_when_a_process_opens_the_store(fixed_code, monkeypatch):
+    import time
+
+    assert diskcache.store("ns", ("a",), np.arange(2.0**16))
+    (kept,) = _value_files()
+    orphan = kept.with_name("2" * 28 + ".val")
+    orphan.write_bytes(b"left by a killed writer")
+    monkeypatch.setattr(diskcache, "ORPHAN_AGE_S", 0.0)
+    monkeypatch.setattr(diskcache, "_SWEPT", {})
+    monkeypatch.setattr(diskcache, "sweep_orphans",
+                        lambda cache, f=diskcache.sweep_orphans: f(cache, min_age_s=0.0))
+    diskcache._OPEN.clear()  # a new process
+    diskcache.open_store()
+    for _ in range(200):
+        if not orphan.exists():
+            break
+        time.sleep(0.02)
+    assert not orphan.exists() and kept.exists()
 
 
 _SAME_KEY_WRITER = """
