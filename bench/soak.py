@@ -1,24 +1,33 @@
-"""Soak test of a hosted demo: N concurrent browser sessions against one local server, for a bounded time.
+"""Soak test of a hosted demo: N concurrent sessions against one local server, for a bounded time.
 
     .venv/bin/python bench/soak.py [--sessions 8] [--seconds 120] [--samples DIR] [--demo]
+                                   [--client protocol|browser]
 
 Starts ``streamlit run app.py`` (``bench/browser_latency.py``'s server: the sample adapters, a private
-disk cache), warms every page once, then runs ``--sessions`` browser sessions at once (one headless
-Debian chromium, one context each: separate cookies and Streamlit sessions) for ``--seconds``. Each
-session opens the app from its URL once (timed as ``first load``), then moves through the pages in a
-loop by the sidebar's links, as a visitor does, and times each page: from the click to the page's
-script having finished with its title drawn; every fifth visit is a full reload of the page's URL
-(a shared link opened again, timed as ``reload``). It counts as an error any page that shows a
-Streamlit exception or does not finish within 60 s.
+disk cache), warms every page once, then runs ``--sessions`` visitors at once for ``--seconds``. Each
+visitor opens the app from its URL once (timed as ``first load``), then moves through the pages in a
+loop by the sidebar's links and times each page: from the click to the page's script having finished;
+every fifth visit is a full reload of the page's URL (a shared link opened again, timed as
+``reload``). It counts as an error any page that shows a Streamlit exception or does not finish
+within 60 s.
 
-The browsers run on the same 2 cores as the server here (on a real host they are the visitors'
-machines), so the bench also reports the server's share of the CPU (its user + system time over the
-wall time of the soak, from ``/proc``): what the server itself costs.
+Two kinds of visitor:
+
+* ``protocol`` (default): :mod:`st_protocol`, a client that speaks the browser's websocket protocol
+  (the same ``rerun_script`` messages a tab sends on a link click or a page load, every element the
+  server sends read in full; a first load also fetches the HTML, scripts and stylesheets). It renders
+  nothing, so all the cores are the server's: the load a hosted demo's server sees, its visitors'
+  browsers running on their own machines. Timed until ``script_finished`` reaches the client.
+* ``browser``: one headless Debian chromium, one context each (separate cookies and Streamlit
+  sessions), timed until the page's script has finished with its title drawn. Here the 8 browsers
+  run on the same 2 cores as the server and take most of them, so this measures this machine more
+  than the server; the bench reports the server's share of the CPU (its user + system time over the
+  wall time of the soak, from ``/proc``): what the server itself costs.
 
 Prints page-load latency p50 / p95 / max per page, the server's peak resident memory (``VmHWM`` of the
 server process) and the error count; the last line is one JSON object with ``p95_s`` per page,
-``max_p95_s``, ``peak_rss_mb``, ``errors`` and ``target_met`` (every page's p95 under 3 s, no error).
-The baseline is the same page loads with one session alone, timed first in the same run
+``max_p95_s``, ``peak_rss_mb``, ``errors``, ``client`` and ``target_met`` (every page's p95 under 3 s,
+no error). The baseline is the same page loads with one visitor alone, timed first in the same run
 (``single_p50_s``): the ratio says what sharing the server costs.
 """
 
@@ -27,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -41,7 +51,7 @@ import browser_latency  # noqa: E402  (bench/, next to this file)
 
 #: url path -> title in the sidebar navigation (app.py)
 PAGES = {"overview": "Overview", "anatomy": "Anatomy", "distances": "Distances", "inclusion": "Inclusion",
-         "merge": "Merge", "learned": "Learned merge"}
+         "merge": "Merge", "learned": "Learned merge", "tokens": "Token dynamics", "survey": "Survey"}
 TARGET_P95_S = 3.0
 DONE_JS = """(path) => { const app = document.querySelector('[data-testid="stApp"]');
     return app && app.getAttribute('data-test-script-state') === 'notRunning'
@@ -113,6 +123,94 @@ async def _session(browser, url: str, pages: list[str], deadline: float, times: 
         await context.close()
 
 
+async def _protocol_session(url: str, pages: list[str], deadline: float, times: dict, errors: list, offset: int):
+    """One visitor through :mod:`st_protocol`: the same visits as :func:`_session`, without rendering."""
+    import st_protocol
+
+    def error_of(path: str, run) -> str | None:
+        if run.exceptions:
+            return f"{path}: exception on the page: {run.exceptions[0][:160]}"
+        return f"{path}: page not found" if run.page_not_found else None
+
+    async def timed(coro, path: str) -> tuple[float, str | None]:
+        t0 = time.perf_counter()
+        try:
+            run = await coro  # a coroutine starts when awaited: t0 is before it
+        except Exception as exc:  # noqa: BLE001  (a timeout or a dropped connection is an error of the run)
+            return time.perf_counter() - t0, f"{path}: {type(exc).__name__}: {str(exc)[:300]}"
+        return time.perf_counter() - t0, error_of(path, run)
+
+    k = offset
+    session = None
+
+    async def first(path: str, assets: bool):
+        nonlocal session
+        if session is not None:
+            await session.close()
+        await asyncio.to_thread(st_protocol.fetch_static, url if path == "overview" else f"{url}/{path}", 30.0,
+                                assets)
+        session = await st_protocol.Session.open(url)
+        return await session.visit("" if path == "overview" else path)
+
+    try:
+        path = pages[k % len(pages)]
+        elapsed, error = await timed(first(path, True), path)
+        times.setdefault("first load", []).append(elapsed)
+        errors.extend([error] if error else [])
+        while time.perf_counter() < deadline and session is not None:
+            k += 1
+            path = pages[k % len(pages)]
+            reload = k % 5 == 0
+            if reload:
+                elapsed, error = await timed(first(path, False), path)
+            else:
+                elapsed, error = await timed(session.switch("" if path == "overview" else path), path)
+            times.setdefault("reload" if reload else path, []).append(elapsed)
+            if error:
+                errors.append(error)
+    finally:
+        if session is not None:
+            await session.close()
+
+
+async def soak_protocol(url: str, sessions: int = 8, seconds: float = 120.0, pages: list[str] | None = None,
+                        pid: int | None = None) -> dict:
+    """:func:`soak` with protocol-level visitors (:mod:`st_protocol`) instead of browsers: the same
+    warm-up, baseline and loop; a visitor costs the client a few ms of CPU per page, so the server has
+    the cores, as it has on a host whose visitors' browsers run on their own machines."""
+    import st_protocol
+
+    pages = pages or list(PAGES)
+    single: dict[str, list[float]] = {}
+    warm_errors: list[str] = []
+    alone = await st_protocol.Session.open(url)
+    await alone.visit("")
+    for round_ in range(3):  # the first round warms the caches; the next two are the baseline
+        for path in pages[1:] + pages[:1]:
+            t0 = time.perf_counter()
+            run = await alone.switch("" if path == "overview" else path)
+            if round_:
+                single.setdefault(path, []).append(time.perf_counter() - t0)
+            if run.exceptions:
+                warm_errors.append(f"{path}: {run.exceptions[0][:160]}")
+    await alone.close()
+    for _ in range(2):
+        times: dict[str, list[float]] = {}
+        await _protocol_session(url, pages[1:2], 0.0, times, warm_errors, 0)
+        single.setdefault("first load", []).extend(times["first load"])
+        single.setdefault("reload", []).extend(times["first load"])
+    times = {}
+    errors: list[str] = []
+    cpu0, t0 = cpu_seconds(pid) if pid else float("nan"), time.perf_counter()
+    deadline = t0 + seconds
+    await asyncio.gather(*(_protocol_session(url, pages, deadline, times, errors, offset=i)
+                           for i in range(sessions)))
+    wall = time.perf_counter() - t0
+    server_cpu = (cpu_seconds(pid) - cpu0) / wall if pid else float("nan")
+    return {"single": single, "times": times, "errors": errors, "warm_errors": warm_errors,
+            "server_cpu_share": server_cpu}
+
+
 async def soak(url: str, sessions: int = 8, seconds: float = 120.0, pages: list[str] | None = None,
                pid: int | None = None) -> dict:
     """Run the soak against a running server at ``url``; returns ``{"single": {...}, "times": {...}, "errors": [...]}``."""
@@ -174,7 +272,7 @@ def report(result: dict, sessions: int, pid: int | None) -> dict:
     out["errors"] = len(result["errors"]) + len(result["warm_errors"])
     out["peak_rss_mb"] = round(peak_rss_mb(pid), 1) if pid else None
     out["server_cpu_cores"] = round(result.get("server_cpu_share", float("nan")), 2)
-    print(f"server CPU during the soak: {out['server_cpu_cores']:.2f} of 2 cores (the rest: the {sessions} browsers)")
+    print(f"server CPU during the soak: {out['server_cpu_cores']:.2f} of {os.cpu_count()} cores")
     out["target_met"] = out["errors"] == 0 and out["max_p95_s"] < TARGET_P95_S
     for e in (result["warm_errors"] + result["errors"])[:10]:
         print("error:", e)
@@ -189,15 +287,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=120.0)
     parser.add_argument("--samples", type=Path, default=REPO / "sample_adapters")
     parser.add_argument("--demo", action="store_true", help="run the server in demo mode (ADAPTER_ATLAS_DEMO=1)")
+    parser.add_argument("--client", choices=("protocol", "browser"), default="protocol",
+                        help="protocol: visitors speak Streamlit's websocket protocol and render nothing (the "
+                             "server's load, as on a host); browser: one headless chromium context each, "
+                             "rendering on these same cores")
     args = parser.parse_args(argv)
-    if not browser_latency.chromium():
+    if args.client == "browser" and not browser_latency.chromium():
         print("error: no chromium on PATH (apt-get install chromium)", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         env = {"ADAPTER_ATLAS_DEMO": "1"} if args.demo else {}
         with browser_latency.streamlit_server(args.samples, Path(tmp) / "cache", env=env) as url:
-            result = asyncio.run(soak(url, args.sessions, args.seconds, pid=url.pid))
+            run = soak_protocol if args.client == "protocol" else soak
+            result = asyncio.run(run(url, args.sessions, args.seconds, pid=url.pid))
             out = report(result, args.sessions, url.pid)
+            out["client"] = args.client
     print(json.dumps(out))
     return 0
 

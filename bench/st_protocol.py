@@ -1,0 +1,135 @@
+"""A Streamlit client without a browser: the websocket protocol a browser tab speaks, for load tests.
+
+A browser tab talks to a Streamlit server over one websocket (``/_stcore/stream``): it sends
+``BackMsg`` protobufs (``rerun_script`` with the page's name or script hash) and receives
+``ForwardMsg`` protobufs (``new_session``, ``navigation``, the page's ``delta`` elements,
+``script_finished``). :class:`Session` sends exactly those messages and reads every reply, so the
+server does all the work a visitor causes (the script run, every element serialised and sent), while
+nothing is rendered here: on a hosted demo the rendering happens on the visitors' machines, not the
+server's. A first visit also fetches ``index.html`` and the static files it references over HTTP,
+as a browser without a cache does.
+
+What it does not do: it sends no widget changes (every page runs with its defaults, the adapter set
+being the server's bundled one), follows no ``auto_rerun`` timers and fetches no ``/media`` files;
+it declares no cached messages, so the server sends every element in full (a browser's message cache
+would let it send references instead: this client is the heavier visitor).
+
+Used by ``bench/soak.py --client protocol`` and ``tests/test_soak_protocol.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+
+from streamlit.proto.BackMsg_pb2 import BackMsg
+from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
+
+FINISHED = ForwardMsg.ScriptFinishedStatus.FINISHED_SUCCESSFULLY
+EARLY = ForwardMsg.ScriptFinishedStatus.FINISHED_EARLY_FOR_RERUN
+COMPILE_ERROR = ForwardMsg.ScriptFinishedStatus.FINISHED_WITH_COMPILE_ERROR
+
+
+def fetch_static(url: str, timeout: float = 30.0, assets: bool = True) -> int:
+    """GET ``url`` (a page of the app) and, with ``assets``, every script and stylesheet its HTML
+    references (a browser without a cache); bytes read."""
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        html = r.read()
+    total = len(html)
+    parts = urllib.parse.urlsplit(url)
+    root = f"{parts.scheme}://{parts.netloc}"
+    for ref in re.findall(rb'(?:src|href)="\.?/?(static/[^"]+\.(?:js|css))"', html) if assets else []:
+        with urllib.request.urlopen(f"{root}/{ref.decode()}", timeout=timeout) as r:
+            total += len(r.read())
+    return total
+
+
+@dataclass
+class Run:
+    """One script run as the client saw it: seconds from the request to ``script_finished``."""
+
+    seconds: float
+    elements: int = 0
+    bytes: int = 0
+    exceptions: list[str] = field(default_factory=list)
+    page_not_found: bool = False
+
+
+class Session:
+    """One visitor: a websocket session with the server at ``url`` (``http://host:port``).
+
+    ``await Session.open(url)``, then ``await s.visit("distances")`` (a shared link opened: by the
+    page's URL path, ``""`` for the default page) or ``await s.switch("distances")`` (a click on the
+    page's link in the sidebar: by its script hash, as the browser sends it), and ``await s.close()``.
+    """
+
+    def __init__(self, ws, url: str):
+        self.ws, self.url = ws, url
+        self.pages: dict[str, str] = {}  # url path -> page script hash, from the navigation message
+        self.session_id: str | None = None
+
+    @classmethod
+    async def open(cls, url: str, timeout: float = 30.0) -> Session:
+        import websockets
+
+        ws_url = url.replace("http://", "ws://").replace("https://", "wss://").rstrip("/") + "/_stcore/stream"
+        ws = await websockets.connect(ws_url, subprotocols=["streamlit"], max_size=None, open_timeout=timeout,
+                                      ping_interval=None)
+        return cls(ws, url)
+
+    async def _rerun(self, page_name: str = "", page_script_hash: str = "", timeout: float = 60.0) -> Run:
+        msg = BackMsg()
+        state = msg.rerun_script
+        state.query_string = ""
+        state.page_name = page_name
+        state.page_script_hash = page_script_hash
+        state.context_info.timezone = "UTC"
+        state.context_info.locale = "en-US"
+        state.context_info.url = f"{self.url}/{page_name}"
+        t0 = time.perf_counter()
+        await self.ws.send(msg.SerializeToString())
+        run = Run(0.0)
+        deadline = t0 + timeout
+        while True:
+            data = await asyncio.wait_for(self.ws.recv(), timeout=max(0.01, deadline - time.perf_counter()))
+            run.bytes += len(data)
+            fwd = ForwardMsg()
+            fwd.ParseFromString(data)
+            kind = fwd.WhichOneof("type")
+            if kind == "new_session":
+                self.session_id = fwd.new_session.initialize.session_id or self.session_id
+            elif kind == "navigation":
+                self.pages = {p.url_pathname: p.page_script_hash for p in fwd.navigation.app_pages}
+            elif kind == "page_not_found":
+                run.page_not_found = True
+            elif kind == "delta":
+                run.elements += 1
+                if fwd.delta.WhichOneof("type") == "new_element" and \
+                        fwd.delta.new_element.WhichOneof("type") == "exception":
+                    exc = fwd.delta.new_element.exception
+                    run.exceptions.append(f"{exc.type}: {exc.message}"[:300])
+            elif kind == "script_finished":
+                if fwd.script_finished == EARLY:  # st.rerun / st.switch_page: the next run follows
+                    continue
+                if fwd.script_finished == COMPILE_ERROR:
+                    run.exceptions.append("the script did not compile")
+                if fwd.script_finished in (FINISHED, COMPILE_ERROR):
+                    run.seconds = time.perf_counter() - t0
+                    return run
+
+    async def visit(self, path: str, timeout: float = 60.0) -> Run:
+        """Open the page at URL path ``path`` in this session (a shared link), until its script finished."""
+        return await self._rerun(page_name=path, timeout=timeout)
+
+    async def switch(self, path: str, timeout: float = 60.0) -> Run:
+        """Go to page ``path`` by its sidebar link (its script hash, learned from the last navigation message)."""
+        if path not in self.pages:
+            raise KeyError(f"no page {path!r} in the app's navigation ({sorted(self.pages)})")
+        return await self._rerun(page_script_hash=self.pages[path], timeout=timeout)
+
+    async def close(self) -> None:
+        await self.ws.close()
