@@ -58,6 +58,15 @@ class AdapterSet:
     def __repr__(self) -> str:
         return f"AdapterSet({len(self)} adapters: {', '.join(self._items) or 'empty'})"
 
+    def copy(self) -> AdapterSet:
+        """A new set of the same adapters (the same :class:`Adapter` objects, which nothing changes in
+        place: renaming replaces one) with the same origins; adding, renaming or removing in either set
+        leaves the other as it was."""
+        out = AdapterSet()
+        out._items = dict(self._items)
+        out.origin = dict(self.origin)
+        return out
+
     @property
     def names(self) -> list[str]:
         return list(self._items)

@@ -125,3 +125,20 @@ def test_adapters_on_another_base_are_named_where_they_are_left_out(monkeypatch,
     assert not at.exception
     captions = [c.value for c in at.caption]
     assert any("Not compared" in c and "other (base other-base)" in c for c in captions), captions
+
+
+def test_sessions_share_the_loaded_sample_adapters_but_not_their_sets(tmp_path):
+    """The sample adapters are loaded once per server and shared; each session's set is its own."""
+    from tests.app_fixtures import write_sample_set
+    from ui import state
+
+    root = write_sample_set(tmp_path / "samples", n=3)
+    first, _ = state.fresh_sample_set(root=root)
+    second, _ = state.fresh_sample_set(root=root)
+    assert first is not second and first.names == second.names
+    assert all(a is b for a, b in zip(first, second))  # the same tensors, not a copy per visitor
+    first.rename(first.names[0], "renamed")
+    first.remove([first.names[1]])
+    assert second.names == [a.name for a in state.fresh_sample_set(root=root)[0]]
+    assert "renamed" not in second.names and len(second) == 3
+    assert second[0].name != "renamed"  # renaming replaced the adapter in the first set only
