@@ -4,7 +4,8 @@
                                    [--client protocol|browser]
 
 Starts ``streamlit run app.py`` (``bench/browser_latency.py``'s server: the sample adapters, a private
-disk cache), warms every page once, then runs ``--sessions`` visitors at once for ``--seconds``. Each
+disk cache), waits until the server is idle (the background compile of UMAP at start takes about a
+minute; a hosted server is past it), warms every page once, then runs ``--sessions`` visitors at once for ``--seconds``. Each
 visitor opens the app from its URL once (timed as ``first load``), then moves through the pages in a
 loop by the sidebar's links and times each page: from the click to the page's script having finished;
 every fifth visit is a full reload of the page's URL (a shared link opened again, timed as
@@ -68,6 +69,29 @@ def cpu_seconds(pid: int) -> float:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return float("nan")
+
+
+def wait_until_idle(pid: int, share: float = 0.05, window: float = 2.0, timeout: float = 300.0) -> float:
+    """Wait until process ``pid`` uses under ``share`` of a core over ``window`` seconds (the server's
+    start-up work done: UMAP's numba compile runs in a background thread for about a minute after each
+    start); returns the seconds waited (``timeout`` at most)."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        c0 = cpu_seconds(pid)
+        time.sleep(window)
+        if (cpu_seconds(pid) - c0) / window < share:
+            break
+    return time.perf_counter() - t0
+
+
+async def _first_visit(url: str) -> None:
+    import st_protocol
+
+    session = await st_protocol.Session.open(url)
+    try:
+        await session.visit("")
+    finally:
+        await session.close()
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -299,9 +323,13 @@ def main(argv: list[str] | None = None) -> int:
         env = {"ADAPTER_ATLAS_DEMO": "1"} if args.demo else {}
         with browser_latency.streamlit_server(args.samples, Path(tmp) / "cache", env=env) as url:
             run = soak_protocol if args.client == "protocol" else soak
+            asyncio.run(_first_visit(url))  # the app's first run starts its background warm-up
+            waited = wait_until_idle(url.pid)
+            print(f"server idle {waited:.0f} s after its first page (its warm-up, UMAP's compile, done)")
             result = asyncio.run(run(url, args.sessions, args.seconds, pid=url.pid))
             out = report(result, args.sessions, url.pid)
             out["client"] = args.client
+            out["startup_idle_s"] = round(waited, 1)
     print(json.dumps(out))
     return 0
 
