@@ -524,12 +524,22 @@ def task_texts(task: str | os.PathLike[str], split: str = "validation", limit: i
     return list(data.head(limit).texts)
 
 
+#: texts per step of a batch run: each step is cached on disk, reported to ``progress`` and ``partial``
+BATCH_CHUNK = 16
+
+
 def batch_dynamics(adapters: Any, texts: Sequence[str] | None = None, *, task: str | os.PathLike[str] | None = None,
                    split: str = "validation", limit: int | None = DEFAULT_BATCH,
                    threshold: float = DEFAULT_THRESHOLD, include_special: bool = True, base: str | None = None,
-                   max_length: int = 128, use_cache: bool = True) -> BatchDynamics:
+                   max_length: int = 128, use_cache: bool = True, progress: Any = None, partial: Any = None,
+                   cached_only: bool = False) -> BatchDynamics | None:
     """The per-layer measures of :func:`token_dynamics` for each of ``texts`` (or the first ``limit`` inputs
-    of ``split`` of ``task``), with their mean and spread over the texts."""
+    of ``split`` of ``task``), with their mean and spread over the texts.
+
+    The texts run :data:`BATCH_CHUNK` at a time, each step cached on disk: after each one
+    ``progress(done, total, message)`` is called with the inputs done so far and ``partial(result)`` with
+    the :class:`BatchDynamics` of those inputs, so an interrupted run keeps (and a new run skips) what
+    finished. ``cached_only``: ``None`` unless the whole result is already in the disk cache."""
     if texts is None:
         if task is None:
             raise TokenInputError("batch mode needs texts= or task= (a task folder with a validation split)")
@@ -542,10 +552,26 @@ def batch_dynamics(adapters: Any, texts: Sequence[str] | None = None, *, task: s
     adapters = as_adapter_list(adapters)
     names = [a.name for a in adapters]
 
-    def compute() -> pd.DataFrame:
-        states = hidden_states(adapters, texts, base=base, max_length=max_length, use_cache=False)
+    from geometry.base_models import resolve_base
+
+    common = [resolve_base(_base_of(adapters, base)), tuple(_source_key(a) for a in adapters)]
+    settings = [int(max_length), float(threshold), bool(include_special)]
+
+    def text_hash(some: Sequence[str]) -> str:
+        return hashlib.sha256("\0".join(some).encode()).hexdigest()
+
+    def result(per_text: pd.DataFrame, done: Sequence[str]) -> BatchDynamics:
+        per_text = per_text.copy()
+        mapping = dict(zip(per_text["adapter"].drop_duplicates().tolist(), names))
+        per_text["adapter"] = per_text["adapter"].map(mapping)
+        label = source if len(done) == len(texts) else f"{source}, {len(done)} of {len(texts)} finished"
+        return BatchDynamics(list(done), names, float(threshold), bool(include_special), per_text,
+                             summarize(per_text), label)
+
+    def chunk_table(start: int, chunk: list[str]) -> pd.DataFrame:
+        states = hidden_states(adapters, chunk, base=base, max_length=max_length, use_cache=False)
         frames = []
-        for i, s in enumerate(states):
+        for i, s in enumerate(states, start=start):
             keep = s.keep(include_special)
             for n in names:
                 t = layer_table(s.base[:, keep], s.adapted[n][:, keep], threshold, n)
@@ -553,16 +579,26 @@ def batch_dynamics(adapters: Any, texts: Sequence[str] | None = None, *, task: s
                 frames.append(t)
         return pd.concat(frames, ignore_index=True)
 
-    from geometry.base_models import resolve_base
+    def compute() -> pd.DataFrame:
+        frames: list[pd.DataFrame] = []
+        for start in range(0, len(texts), BATCH_CHUNK):
+            chunk = list(texts[start:start + BATCH_CHUNK])
+            frames.append(_cached("token_batch_step", [*common, start, text_hash(chunk), *settings],
+                                  lambda start=start, chunk=chunk: chunk_table(start, chunk), use_cache))
+            done = min(start + BATCH_CHUNK, len(texts))
+            if partial is not None and done < len(texts):
+                partial(result(pd.concat(frames, ignore_index=True), texts[:done]))
+            if progress is not None:
+                progress(done, len(texts), f"{done} of {len(texts)} inputs")
+        return pd.concat(frames, ignore_index=True)
 
-    parts = [resolve_base(_base_of(adapters, base)), tuple(_source_key(a) for a in adapters),
-             hashlib.sha256("\0".join(texts).encode()).hexdigest(), int(max_length), float(threshold),
-             bool(include_special)]
-    per_text = _cached("token_batch", parts, compute, use_cache).copy()
-    mapping = dict(zip(per_text["adapter"].drop_duplicates().tolist(), names))
-    per_text["adapter"] = per_text["adapter"].map(mapping)
-    return BatchDynamics(list(texts), names, float(threshold), bool(include_special), per_text,
-                         summarize(per_text), source)
+    parts = [*common, text_hash(texts), *settings]
+    if cached_only:
+        from geometry.diskcache import load
+
+        per_text = load("token_batch", [TOKENS_VERSION, *parts]) if use_cache else None
+        return None if per_text is None else result(per_text, texts)
+    return result(_cached("token_batch", parts, compute, use_cache), texts)
 
 
 def separation_layer(table: pd.DataFrame, delta: float = 0.05) -> pd.Series:

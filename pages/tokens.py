@@ -138,15 +138,23 @@ def real_view() -> None:
         task = st.selectbox("Task", tasks, index=tasks.index(default_task), key="tok_task", width=260)
         limit = st.number_input("Inputs", 2, 500, 32, step=8, key="tok_limit", width=140,
                                 help="The first N inputs of the validation split.")
+    folder = str(_tasks_dir() / task)
     if not run_batch:
-        st.caption("Turn on batch mode to average the curves over the inputs (about a second per 32 inputs and "
-                   "adapter on CPU for the sample base).")
-        return
-    try:
-        res = tok.batch(adapters, str(_tasks_dir() / task), int(limit), threshold, special)
-    except AtlasError as exc:
-        st.error(str(exc), icon=":material/error:")
-        return
+        res = tok.batch_partial(adapters, folder, int(limit), threshold, special)
+        if res is None:
+            st.caption("Turn on batch mode to average the curves over the inputs (about a second per 32 inputs "
+                       "and adapter on CPU for the sample base).")
+            return
+        st.warning(f"Cancelled after {len(res.texts)} of {int(limit)} inputs: the curves below are over those "
+                   f"{len(res.texts)} only. Turn batch mode on again to finish (the inputs done are kept).",
+                   icon=":material/pause_circle:")
+    else:
+        try:
+            res = tok.batch(adapters, folder, int(limit), threshold, special,
+                            on_cancel=lambda: st.session_state.update(tok_batch=False))
+        except AtlasError as exc:
+            st.error(str(exc), icon=":material/error:")
+            return
     fig_b = tok.batch_curves(res.summary, title=f"Per-layer token measures over {res.source}\n"
                              f"mean ± one standard deviation over the inputs · cluster cut {threshold:g}")
     downloads.show(fig_b, f"tokens_batch_{task}", res.summary, key="tok_batch_fig")

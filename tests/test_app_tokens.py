@@ -64,6 +64,39 @@ def test_real_model_view_text_error_and_batch(real):
     assert len(batch) == 1
     bands = [t for t in batch[0]["data"] if t.get("fill") == "toself"]
     assert bands  # the spread is drawn
+    assert not at.session_state["_partial_results"] if "_partial_results" in at.session_state else True
+
+
+def test_a_cancelled_batch_run_shows_what_finished_and_resumes(real, monkeypatch):
+    """Cancel turns batch mode off and keeps the inputs done; turning it on again finishes the rest."""
+    from streamlit.runtime.scriptrunner_utils.exceptions import StopException
+
+    from geometry import tokens as tk
+    from ui import tokens as ui_tokens
+
+    monkeypatch.setattr(tk, "BATCH_CHUNK", 2)
+    at = page_test("tokens.py", {"tok_adapters": "nli"})
+    at.number_input(key="tok_limit").set_value(6)
+    real_call = ui_tokens._batch_call
+
+    def cancelled(*args, progress=None, partial=None, **kw):  # a Cancel click after the second step
+        def stop(done, total, message):
+            progress(done, total, message)
+            if done == 4:
+                raise StopException  # how Streamlit ends the script run that a click interrupts
+        return real_call(*args, progress=stop if progress else None, partial=partial, **kw)
+
+    monkeypatch.setattr(ui_tokens, "_batch_call", cancelled)
+    at.toggle(key="tok_batch").set_value(True).run()
+    monkeypatch.setattr(ui_tokens, "_batch_call", real_call)
+    at.toggle(key="tok_batch").set_value(False).run()  # the Cancel button's callback, then the rerun
+    assert not at.toggle(key="tok_batch").value
+    assert any("Cancelled after 4 of 6 inputs" in w.value for w in at.warning)
+    batch = [s for s in plotly_specs(at) if "4 of 6 finished" in s["layout"]["title"]["text"]]
+    assert len(batch) == 1
+    at.toggle(key="tok_batch").set_value(True).run()
+    assert not at.warning and not at.exception
+    assert [s for s in plotly_specs(at) if "over nli/validation (6 inputs)" in s["layout"]["title"]["text"]]
 
 
 def test_unloadable_base_is_a_clear_error_and_toy_model_works(tmp_path, monkeypatch):

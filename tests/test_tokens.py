@@ -164,6 +164,42 @@ def test_batch_mode_mean_and_spread(adapters):
     pd.testing.assert_frame_equal(mine, single, check_exact=False, atol=1e-6)
 
 
+def test_batch_mode_reports_progress_and_an_interrupted_run_keeps_and_resumes(adapters, monkeypatch):
+    task = REPO_SAMPLES / "tasks" / "nli"
+    monkeypatch.setattr(tk, "BATCH_CHUNK", 2)
+    steps, partials, stop_at = [], [], [4]
+
+    class Stop(Exception):
+        pass
+
+    def progress(done, total, message):
+        steps.append((done, total))
+        if done in stop_at:
+            raise Stop  # a Cancel click stops the script at its next progress update
+
+    assert tk.batch_dynamics(adapters[:1], task=task, limit=5, threshold=0.45, cached_only=True) is None
+    with pytest.raises(Stop):
+        tk.batch_dynamics(adapters[:1], task=task, limit=5, threshold=0.45, progress=progress,
+                          partial=partials.append)
+    assert steps == [(2, 5), (4, 5)]
+    kept = partials[-1]
+    assert len(kept.texts) == 4 and sorted(kept.per_text["text_index"].unique()) == [0, 1, 2, 3]
+    assert "4 of 5 finished" in kept.source and kept.summary["n"].max() == 4
+    calls = []
+    real = tk.hidden_states
+    monkeypatch.setattr(tk, "hidden_states", lambda ads, chunk, **kw: calls.append(list(chunk)) or real(ads, chunk, **kw))
+    steps.clear()
+    stop_at.clear()
+    full = tk.batch_dynamics(adapters[:1], task=task, limit=5, threshold=0.45, progress=progress)
+    assert calls == [tk.task_texts(task, "validation", 5)[4:]]  # only the input not done before runs
+    assert steps == [(2, 5), (4, 5), (5, 5)] and len(full.texts) == 5 and "finished" not in full.source
+    whole = tk.batch_dynamics(adapters[:1], task=task, limit=5, threshold=0.45, use_cache=False)
+    pd.testing.assert_frame_equal(full.per_text, whole.per_text)  # the steps add up to one run
+    pd.testing.assert_frame_equal(kept.per_text, whole.per_text[whole.per_text["text_index"] < 4])
+    cached = tk.batch_dynamics(adapters[:1], task=task, limit=5, threshold=0.45, cached_only=True)
+    pd.testing.assert_frame_equal(cached.per_text, full.per_text)
+
+
 def test_errors_are_clear(adapters, tmp_path):
     from geometry.loader import load_adapter
 

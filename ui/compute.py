@@ -55,20 +55,21 @@ def _disk_compute(namespace: str, key: tuple, compute: Callable[[], object]) -> 
 
 
 @contextmanager
-def progress_bar(label: str, *, cancel: bool = True):
+def progress_bar(label: str, *, cancel: bool = True, on_cancel: Callable[[], None] | None = None):
     """A visible progress bar (not in a collapsed box) with the count, the elapsed time and an estimate
     of what is left; yields a ``progress(done, total, message)`` callback.
 
     ``cancel``: a Cancel button beside the bar. Clicking it reruns the page, which stops this run at its
     next progress update; every step that finished is already in the disk cache (each evaluation,
-    each pair), so nothing done is lost and a new run resumes from there.
+    each pair), so nothing done is lost and a new run resumes from there. ``on_cancel`` runs first (a
+    page whose run starts by itself turns off what started it there).
     """
     holder = st.empty()
     box = holder.container(border=True)
     bar = box.progress(0.0, text=f"{label}…")
     if cancel:
         box.button("Cancel (finished steps are kept)", key=f"cancel_{next(_BARS)}",
-                   icon=":material/cancel:")
+                   icon=":material/cancel:", on_click=on_cancel)
     start = time.perf_counter()
 
     def update(done: int, total: int, message: str = "") -> None:

@@ -48,21 +48,45 @@ def dynamics(adapters: Sequence[Adapter], text: str, threshold: float, include_s
                                 bool(include_special), list(adapters))
 
 
-@st.cache_data(show_spinner=False, max_entries=16)
-def _batch_memory(key: tuple[str, ...], names: tuple[str, ...], task: str, split: str, limit: int,
-                  threshold: float, include_special: bool, _adapters: Sequence[Adapter]):
+def _batch_call(adapters: Sequence[Adapter], task: str, limit: int, threshold: float, include_special: bool,
+                split: str, **extra):
     from geometry.tokens import batch_dynamics
 
-    return batch_dynamics(list(_adapters), task=task, split=split, limit=limit, threshold=threshold,
-                          include_special=include_special)
+    return batch_dynamics(list(adapters), task=task, split=split, limit=int(limit), threshold=float(threshold),
+                          include_special=bool(include_special), **extra)
+
+
+def batch_key(adapters: Sequence[Adapter], task: str, limit: int, threshold: float, include_special: bool,
+              split: str = "validation") -> tuple:
+    return (content_key(adapters), tuple(a.name for a in adapters), str(task), split, int(limit), float(threshold),
+            bool(include_special))
 
 
 def batch(adapters: Sequence[Adapter], task: str, limit: int, threshold: float, include_special: bool,
-          split: str = "validation"):
-    """``geometry.tokens.batch_dynamics`` over the first ``limit`` inputs of ``split`` of ``task``."""
-    with st.spinner(f"Running {limit} inputs of {Path(task).name} through the base and {len(adapters)} adapter(s)…"):
-        return _batch_memory(content_key(adapters), tuple(a.name for a in adapters), str(task), split, int(limit),
-                             float(threshold), bool(include_special), list(adapters))
+          split: str = "validation", *, on_cancel=None):
+    """``geometry.tokens.batch_dynamics`` over the first ``limit`` inputs of ``split`` of ``task``: from the
+    disk cache when it is there, else run with a progress bar (inputs done / total, time left, Cancel).
+    Each step's inputs are cached and the latest partial result is kept in the session
+    (:func:`batch_partial`), so a cancelled run keeps what finished and a new run resumes there."""
+    from ui import compute
+
+    args = (adapters, str(task), limit, threshold, include_special, split)
+    key = batch_key(*args)
+    done = _batch_call(*args, cached_only=True)
+    if done is None:
+        with compute.progress_bar(f"Running {limit} inputs of {Path(task).name} through the base and "
+                                  f"{len(adapters)} adapter(s)", on_cancel=on_cancel) as update:
+            done = _batch_call(*args, progress=update, partial=compute._keep_partial("token_batch", key))
+    st.session_state.get("_partial_results", {}).pop(("token_batch", key), None)  # finished: nothing partial
+    return done
+
+
+def batch_partial(adapters: Sequence[Adapter], task: str, limit: int, threshold: float, include_special: bool,
+                  split: str = "validation"):
+    """What a cancelled batch run of these settings finished (a ``BatchDynamics`` of fewer inputs), or ``None``."""
+    from ui import compute
+
+    return compute.partial("token_batch", batch_key(adapters, str(task), limit, threshold, include_special, split))
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
