@@ -378,6 +378,13 @@ def learned_lines(learned_md: str) -> list[str]:
     out += settings + [""] if settings else []
     out += [x for x in table3 if x.startswith("|")] + [""]
     out += [x for x in table3 if x.startswith(("Best baseline", "- "))]
+    figure = next((body for title, body in sections.items() if title.startswith("Figure 2")), [])
+    if figure:
+        out += ["", "ANP against the number of merged tasks, learned merges beside the static ones (LEARNED_RESULTS.md's "
+                "Figure 2 / Table 6; the paper's Table 6 in brackets):", ""]
+        out += [x for x in figure if x.startswith("Mean")] + [""]
+        out += [x for x in figure if x.startswith("|")] + [""]
+        out += [x for x in figure if x.startswith(("Best baseline", "- "))]
     pending = [x for x in sections.get("Not run yet", []) if x.strip()]
     out += ([""] + pending) if pending else []
     return out + [""]

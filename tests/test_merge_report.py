@@ -110,3 +110,28 @@ def test_results_merging_section_carries_the_verdicts_and_the_task_count_curves(
     assert "MERGE_CURVES.md" in text and "| 8 | 1 | 70.00 (one subset: no interval) |" in text
     assert "100 test examples" in text and "Mean ± 95% t-interval" in text
     assert "MERGE_CURVES.md" not in "\n".join(merge_section(merge_md))
+
+
+def test_results_merging_section_carries_the_learned_figure2_and_its_verdicts():
+    from sample_adapters.report import merge_section
+
+    merge_md = "# x\n\n## Summary\n\n| method | weights |\n|---|---|\n| `ties` | λ = 1 |\n"
+    learned_md = ("# y\n\n## Table 3: pairwise ANP\n\n| method | ANP |\n|---|---|\n| TIES | 94 |\n\n"
+                  "## Figure 2 / Table 6: ANP against the number of merged tasks\n\nMean ± 95% t-interval.\n\n"
+                  "| k | subsets | DivMerge TL (JS) |\n|---|---|---|\n| 3 | 2 | 90.00 ± 1.00 [95.0] |\n\n"
+                  "Best baseline over the 11 subsets with k = 3 to 8: TIES (85.00), picked after the fact.\n"
+                  "- DivMerge TL (JS) is not distinguishable from it: +0.50 ANP points (k = 3: +0.20).\n")
+    text = "\n".join(merge_section(merge_md, learned_md))
+    assert "| 3 | 2 | 90.00 ± 1.00 [95.0] |" in text and "Best baseline over the 11 subsets" in text
+    assert "- DivMerge TL (JS) is not distinguishable from it" in text and "learned merges beside" in text
+
+
+def test_figure2_verdicts_pair_each_learned_merge_with_the_best_baseline():
+    from sample_adapters.learned_report import _figure2_verdicts
+
+    by_k = {3: {"ties": [80.0, 82.0], "averaging": [70.0, 71.0], "js_tl": [85.0, 86.0]},
+            4: {"ties": [78.0, 79.0], "averaging": [69.0, 70.0], "js_tl": [77.0, 80.0]}}
+    lines = _figure2_verdicts(by_k, [3, 4], ["averaging", "ties", "js_tl"])
+    assert lines[0].startswith("Best baseline over the 4 subsets with k = 3 to 4: TIES (keep 20%, lambda = 1) (79.75)")
+    assert "higher on 3 and lower on 1 of 4 subsets" in lines[1] and "k = 3: +4.50, k = 4: +0.00" in lines[1]
+    assert "is not distinguishable from it" in lines[1]  # 4 pairs cannot reach p < 0.05
