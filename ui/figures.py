@@ -176,7 +176,7 @@ class SharedFigure(go.Figure):
 #: figures by content hash, most recently used last; bounded by their encoded size
 _SHARED: OrderedDict[str, tuple[SharedFigure, int]] = OrderedDict()
 _SHARED_LOCK = threading.Lock()
-SHARED_BYTES = 256 * 2**20
+SHARED_BYTES = 64 * 2**20  # of pickled spec; the figures kept take about three times that
 
 
 def figure(data: Sequence[dict], layout: dict, frames: Sequence[dict] | None = None) -> SharedFigure:
