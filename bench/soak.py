@@ -202,8 +202,12 @@ async def soak_protocol(url: str, sessions: int = 8, seconds: float = 120.0, pag
     """:func:`soak` with protocol-level visitors (:mod:`st_protocol`) instead of browsers: the same
     warm-up, baseline and loop; a visitor costs the client a few ms of CPU per page, so the server has
     the cores, as it has on a host whose visitors' browsers run on their own machines."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import st_protocol
 
+    # the HTTP fetches of first visits run in threads: one each (asyncio's default pool has cores + 4)
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=sessions + 2))
     pages = pages or list(PAGES)
     single: dict[str, list[float]] = {}
     warm_errors: list[str] = []
