@@ -589,7 +589,7 @@ def batch_dynamics(adapters: Any, texts: Sequence[str] | None = None, *, task: s
             if partial is not None and done < len(texts):
                 partial(result(pd.concat(frames, ignore_index=True), texts[:done]))
             if progress is not None:
-                progress(done, len(texts), f"{done} of {len(texts)} inputs")
+                progress(done, len(texts), "")  # the bar shows done / total
         return pd.concat(frames, ignore_index=True)
 
     parts = [*common, text_hash(texts), *settings]

@@ -57,9 +57,11 @@ def _tasks_dir():
     return samples_dir() / "tasks"
 
 
-@st.fragment
 def real_view() -> None:
-    """The real-model view: one text (map + curves) and the batch mode; errors are shown, the state kept."""
+    """The real-model view: one text (map + curves) and the batch mode; errors are shown, the state kept.
+
+    Not a fragment: a click inside a running fragment waits for it to finish instead of interrupting it,
+    so the batch run's Cancel button would not stop anything (seen in the browser)."""
     if not len(aset):
         st.info("No adapters loaded: add some in the sidebar.")
         return
