@@ -13,9 +13,7 @@ cache, and the in-memory layer then reads it back.
 from __future__ import annotations
 
 import itertools
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
@@ -317,48 +315,20 @@ def queued(update):
     return demo.heavy_slot(waiting=lambda s: update(0, 1, f"queued behind another visitor's run ({s:.0f} s)"))
 
 
-#: partial results of cancelled runs, by (session id, namespace, key), most recent last. Not in
-#: st.session_state: what a run writes there is lost when a Cancel click interrupts it for a rerun
-#: (seen in a real browser; AppTest's stop keeps it), which is exactly when it is needed.
-_PARTIALS: OrderedDict[tuple, object] = OrderedDict()
-_PARTIALS_LOCK = threading.Lock()
-MAX_PARTIALS = 64
-
-
-def _session_id() -> str:
-    from streamlit.runtime.scriptrunner import get_script_run_ctx
-
-    ctx = get_script_run_ctx()
-    return ctx.session_id if ctx is not None else "no-session"
-
-
 def _keep_partial(namespace: str, key: tuple):
-    """A callback that keeps the latest partial result of a run for this session (see :func:`partial`)."""
-    where = (_session_id(), namespace, key)
-
+    """A callback that keeps the latest partial result of a run in the session (see :func:`partial`)."""
     def keep(result) -> None:
-        with _PARTIALS_LOCK:
-            _PARTIALS[where] = result
-            _PARTIALS.move_to_end(where)
-            while len(_PARTIALS) > MAX_PARTIALS:
-                _PARTIALS.popitem(last=False)
+        st.session_state.setdefault("_partial_results", {})[(namespace, key)] = result
     return keep
 
 
 def partial(namespace: str, key: tuple):
-    """What this session's run of ``namespace`` on ``key`` finished before it was cancelled (or ``None``).
+    """What a run of ``namespace`` on ``key`` finished before it was cancelled (or ``None``).
 
     Runs report their partial results after each step; a Cancel click reruns the page, which stops the
     run, and the page shows this until a complete result exists (labelled as partial).
     """
-    with _PARTIALS_LOCK:
-        return _PARTIALS.get((_session_id(), namespace, key))
-
-
-def clear_partial(namespace: str, key: tuple) -> None:
-    """Forget this session's partial result of ``namespace`` on ``key`` (its run has finished)."""
-    with _PARTIALS_LOCK:
-        _PARTIALS.pop((_session_id(), namespace, key), None)
+    return st.session_state.get("_partial_results", {}).get((namespace, key))
 
 
 def merge_scores_key(adapters: Sequence[Adapter], tasks_dir: str, merged_adapter, max_examples: int | None) -> tuple:

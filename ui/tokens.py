@@ -77,7 +77,7 @@ def batch(adapters: Sequence[Adapter], task: str, limit: int, threshold: float, 
         with compute.progress_bar(f"Running {limit} inputs of {Path(task).name} through the base and "
                                   f"{len(adapters)} adapter(s)", on_cancel=on_cancel) as update:
             done = _batch_call(*args, progress=update, partial=compute._keep_partial("token_batch", key))
-    compute.clear_partial("token_batch", key)  # finished: nothing partial
+    st.session_state.get("_partial_results", {}).pop(("token_batch", key), None)  # finished: nothing partial
     return done
 
 
