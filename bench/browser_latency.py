@@ -1,7 +1,8 @@
 """Click-to-redrawn-figure latency of the dashboard in a real browser (headless Debian chromium + playwright).
 
 Starts ``streamlit run app.py`` on a free local port (the sample adapters, a private disk cache,
-caches warmed by a first visit of each page), then on each page clicks a control back and forth and
+caches warmed by a first visit of each page), waits until the server is idle (its start-up warm-up
+done), then on each page clicks a control back and forth and
 times, from the click to the moment the figure's data in the page has changed (polled every animation
 frame), at least ``clicks`` times per page:
 
@@ -197,6 +198,11 @@ def measure(samples: Path, cache: Path, clicks: int = 20) -> dict[str, list[floa
                 ("anatomy", [("select", "Adapter", "negation"), ("select", "Adapter", "acceptability")], 0),
                 ("anatomy_compare", ["Compare with a second adapter"], None),
             ]
+            from soak import wait_until_idle  # bench/, next to this file (soak imports this module)
+
+            page.goto(url)
+            _idle(page)
+            wait_until_idle(url.pid)  # the app's start-up warm-up (UMAP's numba load) off these cores first
             for name, labels, figure in plan:
                 page.goto(f"{url}/{name.split('_')[0]}")
                 _idle(page)

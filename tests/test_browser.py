@@ -183,9 +183,11 @@ def test_dashboard_end_to_end(server, upload_zip):
             _shot(page, "03_anatomy_uploaded")
 
             # Distances: the layer slider and the query / value switch change the heatmap.
+            _margins_fit(page)
             _nav(page, "Distances")
             _wait_plots(page, 3)
             _shot(page, "04_distances_all_layers")
+            _margins_fit(page)
             before = _plots(page)
             page.get_by_text("one layer", exact=True).click()
             _idle(page)
@@ -232,6 +234,7 @@ def test_dashboard_end_to_end(server, upload_zip):
             _nav(page, "Inclusion")
             _wait_plots(page, 2)
             _shot(page, "07_inclusion_pair")
+            _margins_fit(page)
             page.get_by_text("all pairs", exact=True).click()
             _idle(page)
             _wait_plots(page, 1)
@@ -260,6 +263,20 @@ def test_dashboard_end_to_end(server, upload_zip):
             assert errors == 0
         finally:
             browser.close()
+
+
+MARGINS_JS = """() => Array.from(document.querySelectorAll('.js-plotly-plot')).flatMap(d => {
+    const m = (d.layout || {}).margin || {}, s = (d._fullLayout || {})._size || {};
+    const title = String(((d.layout || {}).title || {}).text || '').replace(/<[^>]+>/g, '');
+    return ['l', 'r', 't', 'b'].filter(k => m[k] !== undefined && s[k] > m[k] + 1)
+        .map(k => `${title}: margin ${k} ${m[k]} -> ${Math.round(s[k])} px`); })"""
+
+
+def _margins_fit(page) -> None:
+    """No figure on the page had its margins widened by Plotly's automargin, which draws it a second time
+    (``ui.figures.fit_margins``; half of a control change's time in the browser before)."""
+    page.wait_for_timeout(500)
+    assert page.evaluate(MARGINS_JS) == []
 
 
 PAGE_URLS = {"overview": "Adapter Atlas", "anatomy": "Adapter anatomy", "distances": "Distances between adapters",

@@ -178,7 +178,7 @@ def test_shared_figure_is_one_object_per_content_with_the_plain_figures_dict():
     fig = figures.figure(data, layout)
     assert figures.figure(*_spec(z.copy())) is fig  # same content (a new array): the same object
     assert figures.figure(*_spec(z + 1)) is not fig  # other content: another one
-    plain = go.Figure({"data": data, "layout": layout}).to_dict()
+    plain = go.Figure({"data": data, "layout": figures.fit_margins(data, layout)}).to_dict()
     assert fig.to_dict() == plain
     first = fig.to_dict()
     first["layout"]["title"]["text"] = "changed by a caller"  # to_dict hands out copies
@@ -221,6 +221,36 @@ def test_streamlit_draws_a_shared_figure_as_the_plain_one():
 
     data, layout = _spec(np.arange(4.0).reshape(2, 2))
     shared = plotly.tools.return_figure_from_figure_or_data(figures.figure(data, layout), validate_figure=True)
-    plain = plotly.tools.return_figure_from_figure_or_data(go.Figure({"data": data, "layout": layout}),
-                                                           validate_figure=True)
+    plain = plotly.tools.return_figure_from_figure_or_data(
+        go.Figure({"data": data, "layout": figures.fit_margins(data, layout)}), validate_figure=True)
     assert json.loads(pio.to_json(shared, validate=False)) == json.loads(pio.to_json(plain, validate=False))
+
+
+def test_fit_margins_leaves_room_for_what_plotly_pushes_into_the_margins():
+    """Axis titles at a fixed standoff, no padding, a colour bar's room on the right, a legend below the
+    plot inside the bottom margin; margins are only widened, the caller's layout is not changed."""
+    heat = [dict(type="heatmap", z=[[0, 1], [1, 0]], colorbar=dict(title=dict(text="d")))]
+    layout = dict(height=400, margin=dict(l=50, r=10, t=60, b=40), xaxis=dict(title=dict(text="adapter")),
+                  yaxis=dict(title="adapter"), legend=dict(y=-0.2, yanchor="top"))
+    fitted = figures.fit_margins(heat, layout)
+    assert layout["margin"] == dict(l=50, r=10, t=60, b=40) and "standoff" not in layout["xaxis"]["title"]
+    assert fitted["margin"]["pad"] == 0 and fitted["margin"]["r"] == figures.COLORBAR_MARGIN
+    assert fitted["xaxis"]["title"] == {"text": "adapter", "standoff": figures.TITLE_STANDOFF}
+    assert fitted["yaxis"]["title"] == {"text": "adapter", "standoff": figures.TITLE_STANDOFF}
+    assert fitted["margin"]["b"] == 40  # one trace: no legend drawn, nothing below the plot
+    # a colour bar placed by the caller (inside the plot) takes no room
+    placed = [dict(heat[0], colorbar=dict(x=0.5))]
+    assert figures.fit_margins(placed, layout)["margin"]["r"] == 10
+    lines = [dict(type="scatter", name=f"pair {k}", y=[0, 1]) for k in range(12)]
+    below = figures.fit_margins(lines, layout)["margin"]["b"]
+    few = figures.fit_margins(lines[:2], layout)["margin"]["b"]
+    # the legend hangs 0.2 plot heights under the plot, then its rows: b >= 0.2 (400 - 60 - b) + rows
+    assert few >= 0.2 * (400 - 60 - few) + 22 and below > few + 15  # 12 entries take a second row
+    wide = dict(layout, margin=dict(l=50, r=300, t=60, b=250))
+    assert figures.fit_margins(lines, wide)["margin"] == dict(l=50, r=300, t=60, b=250, pad=0)
+
+
+def test_every_builder_goes_through_fit_margins():
+    fig = figures.matrix_heatmap(np.array([[0.0, 1.0], [1.0, 0.0]]), ["a", "b"], title="t", value_label="d")
+    assert fig.layout.margin.pad == 0 and fig.layout.margin.r == figures.COLORBAR_MARGIN
+    assert fig.layout.xaxis.title.standoff == figures.TITLE_STANDOFF

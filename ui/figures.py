@@ -102,13 +102,13 @@ def _tick_extent(axis: dict) -> float:
 
 
 def _left_margin(axis: dict) -> int:
-    """Left margin that fits the y tick labels and title, so that ``automargin`` rarely has to redraw.
+    """Left margin that fits the y tick labels and title, so that ``automargin`` does not have to redraw.
 
     Plotly's ``automargin`` measures the drawn labels and, when they do not fit, lays the figure out
-    a second time (about 30 ms a figure in the browser here); starting from a margin that already
-    fits skips that pass. ``automargin`` stays on for the labels the estimate gets wrong.
+    a second time; starting from a margin that already fits skips that pass (see :func:`fit_margins`).
+    ``automargin`` stays on for the labels the estimate gets wrong.
     """
-    return round(_tick_extent(axis) + 10 + (24 if axis.get("title") else 0))
+    return round(_tick_extent(axis) + 10 + (TITLE_STANDOFF + 20 if axis.get("title") else 0))
 
 
 def _bottom_margin(axis: dict) -> int:
@@ -116,7 +116,50 @@ def _bottom_margin(axis: dict) -> int:
     angle = math.radians(abs(axis.get("tickangle") or 0))
     size = (axis.get("tickfont") or {}).get("size") or 12
     extent = _tick_extent(axis) * math.sin(angle) + size * math.cos(angle) if axis.get("ticktext") else size
-    return round(extent + 12 + (24 if axis.get("title") else 0))
+    return round(extent + 14 + (TITLE_STANDOFF + 20 if axis.get("title") else 0))
+
+
+#: Gap in pixels between an axis' tick labels and its title (the app theme's own is 24 to 32 px, which
+#: the margins would have to fit).
+TITLE_STANDOFF = 8
+#: Right margin that fits a colour bar beside the plot (bar, its tick labels and its side title).
+COLORBAR_MARGIN = 124
+_COLORBAR_TRACES = {"heatmap", "contour", "histogram2d", "histogram2dcontour"}
+#: Plot width assumed when counting the rows of a horizontal legend (the app's main column, 1280 px window).
+_LEGEND_WIDTH = 640
+
+
+def fit_margins(data: Sequence[dict], layout: dict) -> dict:
+    """``layout`` with margins that already fit what Plotly pushes into them: axis titles a fixed
+    ``TITLE_STANDOFF`` from their tick labels, no plot padding, room for a colour bar on the right
+    and for a legend below the plot.
+
+    Why: with ``automargin`` (on every axis here, and in the app theme) Plotly draws the figure, measures
+    what sticks out of the margins and, when something does, draws everything again with wider
+    margins. In the browser that second pass was half the time of a control change (every figure of
+    the Distances, Inclusion and Anatomy pages took it: ``bench/browser_latency.py``). Margins are only
+    ever widened here, so a layout that sets wider ones keeps them.
+    """
+    layout = dict(layout)
+    margin = dict(layout.get("margin") or {}, pad=0)
+    for name, axis in list(layout.items()):
+        if name.startswith(("xaxis", "yaxis")) and isinstance(axis, dict) and axis.get("title"):
+            title = axis["title"] if isinstance(axis["title"], dict) else {"text": axis["title"]}
+            layout[name] = dict(axis, title={"standoff": TITLE_STANDOFF, **title})
+    if any(t.get("type") in _COLORBAR_TRACES and t.get("showscale", True) and "x" not in (t.get("colorbar") or {})
+           for t in data):
+        margin["r"] = max(margin.get("r", 0), COLORBAR_MARGIN)
+    legend = layout.get("legend") or {}
+    if (legend.get("y") or 0) < 0 and layout.get("showlegend", True) is not False:
+        shown = list(dict.fromkeys(str(t.get("legendgroup") or t.get("name")) for t in data
+                                   if t.get("showlegend", True) is not False and t.get("name") is not None))
+        if len(shown) > 1 or layout.get("showlegend"):
+            rows = math.ceil(sum(40 + len(n) * _CHAR_EM * 12 for n in shown) / _LEGEND_WIDTH) or 1
+            height, top, below = layout.get("height") or 450, margin.get("t", 0), -legend["y"]
+            # the legend hangs ``below`` plot heights under the plot: b >= below * (height - t - b) + its rows
+            margin["b"] = max(margin.get("b", 0), math.ceil((below * (height - top) + 22 * rows + 18) / (1 + below)))
+    layout["margin"] = margin
+    return layout
 
 
 class SharedFigure(go.Figure):
@@ -183,7 +226,7 @@ def figure(data: Sequence[dict], layout: dict, frames: Sequence[dict] | None = N
     """The validated figure of trace dicts (each with its ``type``), a layout dict and optional
     animation frames: one :class:`SharedFigure` per content (a hash of the pickled spec), kept while
     the figures kept stay under ``SHARED_BYTES`` of spec."""
-    spec = {"data": list(data), "layout": layout, **({"frames": list(frames)} if frames else {})}
+    spec = {"data": list(data), "layout": fit_margins(data, layout), **({"frames": list(frames)} if frames else {})}
     blob = pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL)
     key = hashlib.blake2b(blob, digest_size=20).hexdigest()
     with _SHARED_LOCK:
