@@ -34,32 +34,52 @@ EARLY = ForwardMsg.ScriptFinishedStatus.FINISHED_EARLY_FOR_RERUN
 COMPILE_ERROR = ForwardMsg.ScriptFinishedStatus.FINISHED_WITH_COMPILE_ERROR
 
 
-def fetch_static(url: str, timeout: float = 30.0, assets: bool = True) -> int:
+def fetch_static(url: str, timeout: float = 30.0, assets: bool = True, connections: int = 6) -> int:
     """GET ``url`` (a page of the app) and, with ``assets``, every script and stylesheet its HTML
-    references (a browser without a cache), over one kept-alive connection as a browser does; bytes read.
+    references, as a browser without a cache does: gzip accepted (and undone), the files over
+    ``connections`` kept-alive connections in parallel (a browser's six per host); bytes received.
 
-    (A new connection per file would time the server's TCP accepts, not its serving. The server never
-    compresses these files, whatever the client accepts: Streamlit serves ``/static`` uncompressed.)
+    (Fetched one after the other, 45 files wait behind a busy server one at a time: 6 s under the soak's
+    load where a browser takes a fraction. Streamlit compresses the HTML of a page's path, never
+    ``/static``.)
     """
+    import gzip
     import http.client
+    from concurrent.futures import ThreadPoolExecutor
 
     parts = urllib.parse.urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
-    try:
-        def get(path: str) -> bytes:
-            conn.request("GET", path, headers={"Accept-Encoding": "gzip, deflate, br"})
-            response = conn.getresponse()
-            body = response.read()
-            if response.status != 200:
-                raise OSError(f"GET {path}: HTTP {response.status}")
-            return body
 
-        html = get(parts.path or "/")
-        total = len(html)
-        for ref in re.findall(rb'(?:src|href)="\.?/?(static/[^"]+\.(?:js|css))"', html) if assets else []:
-            total += len(get("/" + ref.decode()))
+    def connect() -> http.client.HTTPConnection:
+        return http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+
+    def get(conn: http.client.HTTPConnection, path: str) -> tuple[bytes, int]:
+        conn.request("GET", path, headers={"Accept-Encoding": "gzip"})
+        response = conn.getresponse()
+        body = response.read()
+        if response.status != 200:
+            raise OSError(f"GET {path}: HTTP {response.status}")
+        return (gzip.decompress(body) if response.getheader("Content-Encoding") == "gzip" else body), len(body)
+
+    first = connect()
+    try:
+        html, total = get(first, parts.path or "/")
+        refs = ["/" + r.decode() for r in re.findall(rb'(?:src|href)="\.?/?(static/[^"]+\.(?:js|css))"', html)]
+        if not assets or not refs:
+            return total
+        lanes = min(connections, len(refs))
+
+        def lane(k: int) -> int:
+            conn = first if k == 0 else connect()
+            try:
+                return sum(get(conn, ref)[1] for ref in refs[k::lanes])
+            finally:
+                if k:
+                    conn.close()
+
+        with ThreadPoolExecutor(lanes) as pool:
+            total += sum(pool.map(lane, range(lanes)))
     finally:
-        conn.close()
+        first.close()
     return total
 
 

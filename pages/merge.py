@@ -146,7 +146,7 @@ except (AtlasError, ValueError) as exc:
     st.stop()
 
 write_rank = rank if rank and "rank" not in takes else None
-summary = merged.summary()
+summary = compute.merged_summary(merged)
 s1, s2, s3, s4 = st.columns(4)
 s1.metric("Modules merged", summary["n_modules"])
 ranks = (f"{summary['min_rank']}" if summary.get("min_rank") == summary.get("max_rank")

@@ -142,3 +142,36 @@ def test_sessions_share_the_loaded_sample_adapters_but_not_their_sets(tmp_path):
     assert second.names == [a.name for a in state.fresh_sample_set(root=root)[0]]
     assert "renamed" not in second.names and len(second) == 3
     assert second[0].name != "renamed"  # renaming replaced the adapter in the first set only
+
+
+def test_sample_paths_are_cached_until_the_folders_change(tmp_path):
+    """The recursive search of the samples folder runs once; an adapter folder added, nested or removed
+    is seen on the next call."""
+    import shutil
+
+    from ui import state
+
+    def add(rel: str) -> None:
+        (tmp_path / rel).mkdir(parents=True)
+        (tmp_path / rel / "adapter_config.json").write_text("{}")
+
+    add("a")
+    add("b")
+    assert [p.name for p in state.sample_paths(tmp_path)] == ["a", "b"]
+    calls = []
+    real = state.list_sample_adapters
+    state.list_sample_adapters = lambda root: calls.append(root) or real(root)
+    try:
+        assert [p.name for p in state.sample_paths(tmp_path)] == ["a", "b"] and calls == []  # cached
+        add("c")
+        assert [p.name for p in state.sample_paths(tmp_path)] == ["a", "b", "c"]
+        add("group/d")  # an adapter inside a folder of adapters
+        assert [p.name for p in state.sample_paths(tmp_path)] == ["a", "b", "c", "d"]
+        (tmp_path / "group" / "e").mkdir()
+        (tmp_path / "group" / "e" / "adapter_config.json").write_text("{}")
+        assert [p.name for p in state.sample_paths(tmp_path)][-1] == "e"
+        shutil.rmtree(tmp_path / "a")
+        assert [p.name for p in state.sample_paths(tmp_path)] == ["b", "c", "d", "e"]
+        assert len(calls) == 4
+    finally:
+        state.list_sample_adapters = real

@@ -16,6 +16,7 @@ import itertools
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -287,6 +288,16 @@ def merged(adapters: Sequence[Adapter], method: str, weights=None, params: dict 
     return _merged_memory(_merge_key(adapters, method, weights, params or {}), tuple(adapters))
 
 
+@st.cache_data(show_spinner=False, max_entries=32)
+def _summary_memory(content_hash: str, _merged) -> dict:
+    return _merged.summary()
+
+
+def merged_summary(merged_adapter) -> dict:
+    """``merged_adapter.summary()`` once per merge (its energy kept walks every module's factors)."""
+    return _summary_memory(merged_adapter.content_hash, merged_adapter)
+
+
 @st.cache_data(show_spinner=False, max_entries=16)
 def _zip_memory(content_hash: str, rank: int | None, head: str | None, _merged) -> bytes:
     return _merged.to_zip_bytes(rank=rank, head=head)
@@ -299,12 +310,23 @@ def merged_zip(merged_adapter, rank: int | None, head: str | None) -> bytes:
 
 def _task_files_key(adapters: Sequence[Adapter], tasks_dir: str) -> tuple[str, ...]:
     """Content hashes of each adapter's test split (what the scores depend on besides the models)."""
-    import hashlib
-
     from geometry.merge_eval import find_task_dir
 
-    return tuple(hashlib.sha256((find_task_dir(a, tasks_dir) / "test.jsonl").read_bytes()).hexdigest()
-                 for a in adapters)
+    return tuple(_file_digest(find_task_dir(a, tasks_dir) / "test.jsonl") for a in adapters)
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def _file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, read again only when its size or modification time changes."""
+    import hashlib
+
+    st_ = path.stat()
+    key = (str(path), st_.st_mtime_ns, st_.st_size)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return _DIGESTS[key]
 
 
 def queued(update):

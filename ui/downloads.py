@@ -10,6 +10,7 @@ modebar (``ui.figures.plotly_config``).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -39,7 +40,13 @@ def csv_button(frame: pd.DataFrame, name: str, label: str = "CSV", index: bool =
 
 def chromium_path() -> str | None:
     """The browser kaleido drives: ``$BROWSER_PATH``, else the system ``chromium`` (or ``None``)."""
-    return os.environ.get("BROWSER_PATH") or shutil.which("chromium") or shutil.which("chromium-browser")
+    return os.environ.get("BROWSER_PATH") or _which_chromium(os.environ.get("PATH", ""))
+
+
+@functools.lru_cache(maxsize=4)
+def _which_chromium(path: str) -> str | None:
+    """``chromium`` on ``path`` (looked up once per ``$PATH``: every figure of every run asks)."""
+    return shutil.which("chromium", path=path) or shutil.which("chromium-browser", path=path)
 
 
 def figure_bytes(fig: go.Figure, fmt: str) -> bytes:
