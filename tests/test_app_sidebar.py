@@ -144,12 +144,14 @@ def test_sessions_share_the_loaded_sample_adapters_but_not_their_sets(tmp_path):
     assert second[0].name != "renamed"  # renaming replaced the adapter in the first set only
 
 
-def test_sample_paths_are_cached_until_the_folders_change(tmp_path):
+def test_sample_paths_are_cached_until_the_folders_change(tmp_path, monkeypatch):
     """The recursive search of the samples folder runs once; an adapter folder added, nested or removed
-    is seen on the next call."""
+    is seen on the next call once the listing's few seconds are over."""
     import shutil
 
     from ui import state
+
+    monkeypatch.setattr(state, "SAMPLE_PATHS_TTL", 0.0)  # look at the folders on every call
 
     def add(rel: str) -> None:
         (tmp_path / rel).mkdir(parents=True)
@@ -175,3 +177,17 @@ def test_sample_paths_are_cached_until_the_folders_change(tmp_path):
         assert len(calls) == 4
     finally:
         state.list_sample_adapters = real
+
+
+def test_sample_paths_look_at_the_folders_once_per_ttl(tmp_path, monkeypatch):
+    from ui import state
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "adapter_config.json").write_text("{}")
+    monkeypatch.setattr(state, "SAMPLE_PATHS_TTL", 3600.0)
+    assert [p.name for p in state.sample_paths(tmp_path)] == ["a"]
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "adapter_config.json").write_text("{}")
+    assert [p.name for p in state.sample_paths(tmp_path)] == ["a"]  # within the TTL: the listing kept
+    monkeypatch.setattr(state, "SAMPLE_PATHS_TTL", 0.0)
+    assert [p.name for p in state.sample_paths(tmp_path)] == ["a", "b"]

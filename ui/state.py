@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import streamlit as st
@@ -31,8 +32,10 @@ def _sample_set(paths: tuple[str, ...], stamps: tuple[float, ...], root: str) ->
     return aset, tuple(errors)
 
 
-_SAMPLE_PATHS: dict[str, tuple[tuple, list[Path]]] = {}
+_SAMPLE_PATHS: dict[str, tuple[tuple, float, list[Path]]] = {}
 _SAMPLE_PATHS_LOCK = threading.Lock()
+#: seconds a listing is used without looking at the folders again (one script run asks two or three times)
+SAMPLE_PATHS_TTL = 2.0
 
 
 def _folder_stamp(root: Path) -> tuple:
@@ -45,20 +48,21 @@ def _folder_stamp(root: Path) -> tuple:
 
 def sample_paths(root: Path | None = None) -> list[Path]:
     """The sample adapter folders under ``root``: the recursive search runs again only when the folders
-    change (:func:`_folder_stamp`). It ran on every script run of every session before: 8 % of the
-    server's script time under the soak's 8 visitors."""
+    change (:func:`_folder_stamp`, looked at once per ``SAMPLE_PATHS_TTL`` seconds). It ran on every
+    script run of every session before: 8 % of the server's script time under the soak's 8 visitors."""
     root = Path(root or samples_dir())
+    now = time.monotonic()
+    with _SAMPLE_PATHS_LOCK:
+        hit = _SAMPLE_PATHS.get(str(root))
+    if hit is not None and now - hit[1] < SAMPLE_PATHS_TTL:
+        return list(hit[2])
     try:
         stamp = _folder_stamp(root)
     except OSError:
         return list_sample_adapters(root)
+    paths = hit[2] if hit is not None and hit[0] == stamp else list_sample_adapters(root)
     with _SAMPLE_PATHS_LOCK:
-        hit = _SAMPLE_PATHS.get(str(root))
-    if hit is not None and hit[0] == stamp:
-        return list(hit[1])
-    paths = list_sample_adapters(root)
-    with _SAMPLE_PATHS_LOCK:
-        _SAMPLE_PATHS[str(root)] = (stamp, paths)
+        _SAMPLE_PATHS[str(root)] = (stamp, now, paths)
     return list(paths)
 
 
