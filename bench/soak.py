@@ -4,8 +4,8 @@
                                    [--client protocol|browser]
 
 Starts ``streamlit run app.py`` (``bench/browser_latency.py``'s server: the sample adapters, a private
-disk cache), waits until the server is idle (the background compile of UMAP at start takes about a
-minute; a hosted server is past it), warms every page once, then runs ``--sessions`` visitors at once for ``--seconds``. Each
+disk cache), waits until the server is idle (the background warm-up of UMAP at start: 2 s with numba's cache,
+a minute of compile without it; a hosted server is past it), warms every page once, then runs ``--sessions`` visitors at once for ``--seconds``. Each
 visitor opens the app from its URL once (timed as ``first load``), then moves through the pages in a
 loop by the sidebar's links and times each page: from the click to the page's script having finished;
 every fifth visit is a full reload of the page's URL (a shared link opened again, timed as
@@ -73,7 +73,7 @@ def cpu_seconds(pid: int) -> float:
 
 def wait_until_idle(pid: int, share: float = 0.05, window: float = 2.0, timeout: float = 300.0) -> float:
     """Wait until process ``pid`` uses under ``share`` of a core over ``window`` seconds (the server's
-    start-up work done: UMAP's numba compile runs in a background thread for about a minute after each
+    start-up work done: UMAP's numba warm-up runs in a background thread for a few seconds after each
     start); returns the seconds waited (``timeout`` at most)."""
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < timeout:

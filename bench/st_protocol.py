@@ -39,7 +39,7 @@ def fetch_static(url: str, timeout: float = 30.0, assets: bool = True, connectio
     references, as a browser without a cache does: gzip accepted (and undone), the files over
     ``connections`` kept-alive connections in parallel (a browser's six per host); bytes received.
 
-    (Fetched one after the other, 45 files wait behind a busy server one at a time: 6 s under the soak's
+    (Fetched one after the other, 60 files wait behind a busy server one at a time: 6 s under the soak's
     load where a browser takes a fraction. Streamlit compresses the HTML of a page's path, never
     ``/static``.)
     """
