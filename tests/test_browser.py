@@ -311,6 +311,46 @@ def _inside_the_app(page, path: str) -> None:
     assert PAGE_URLS[path] in heading, f"/{path}: heading {heading!r}"
 
 
+def test_merge_cancel_keeps_the_finished_tasks_and_the_next_run_finishes(server):
+    """In a real browser: Cancel under the scoring bar stops the run; the page names the tasks finished
+    (partial ANP, labelled) and the next press scores only what is left, to the complete ANP."""
+    import re
+
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1366, "height": 900})
+            page.set_default_timeout(120_000)
+            page.goto(f"{server}/merge")
+            _idle(page)
+            main = page.locator('[data-testid="stMain"]')
+            score = main.get_by_role("button", name="Score the merged model on every task")
+            if score.is_disabled():
+                pytest.skip("no task data for these adapters")
+            score.click()
+            main.get_by_role("button", name=re.compile("Cancel")).wait_for()
+            done = 0
+            for _ in range(600):  # until one task (its fine-tuned and merged evaluations) is finished
+                counts = re.search(r"Scoring fine-tuned and merged models: (\d+)/(\d+)", main.inner_text())
+                done = int(counts.group(1)) if counts else done
+                if done >= 3:
+                    break
+                page.wait_for_timeout(200)
+            main.get_by_role("button", name=re.compile("Cancel")).click()
+            note = main.get_by_text(re.compile(r"Cancelled after [12] of 3 tasks"))
+            note.wait_for()
+            assert main.get_by_text(re.compile(r"ANP over the [12] tasks scored \(partial\)")).count() == 1
+            _shot(page, "13_merge_cancelled")
+            score.click()
+            main.get_by_text("ANP (average normalized performance)", exact=True).wait_for()
+            _idle(page)
+            assert main.get_by_text(re.compile("Cancelled after")).count() == 0
+        finally:
+            browser.close()
+
+
 def test_shared_links_open_inside_the_app_on_a_fresh_server(tmp_path):
     """A copied link is the first request a fresh server gets (a hosted demo waking up), and two more
     arrive before the entry script's first run has finished: each page still has the app around it."""
