@@ -184,6 +184,10 @@ if can_score:
         result = compute.merge_scores(adapters, tasks_dir, merged, max_examples, run=clicked)
     except AtlasError as exc:
         st.error(str(exc), icon=":material/error:")
+if result is None and can_score and compute.cancelled(
+        "merge_scores", compute.merge_scores_key(adapters, tasks_dir, merged, max_examples)):
+    st.info("Cancelled before the first task was scored: nothing to show yet. The evaluations that finished are "
+            "cached, so pressing the button again continues from there.", icon=":material/pause_circle:")
 if result is not None:
     frame = result.frame.assign(adapter=names[:len(result.frame)])  # current names (results are keyed by content)
     if result.complete:

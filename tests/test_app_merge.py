@@ -153,6 +153,36 @@ def test_a_cancelled_pairwise_study_shows_the_pairs_it_finished(monkeypatch, tmp
     assert not any("Cancelled" in w.value for w in at.main.warning)
 
 
+def test_a_scoring_run_cancelled_before_its_first_task_says_so(monkeypatch, tmp_path, samples):
+    """Cancel before any task is complete: the page says the run was cancelled (not a silent nothing), and
+    the next press scores every task."""
+    import streamlit as st
+
+    import geometry.merge_eval as merge_eval
+
+    at = _merge_page(monkeypatch, tmp_path, samples)
+    real = merge_eval.performance
+
+    def stopping(source, *args, **kwargs):
+        if kwargs.get("head") is not None:  # the first merged evaluation: the run stops there
+            st.stop()
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(merge_eval, "performance", stopping)
+    at.button(key="merge_run").click()
+    at.run()
+    monkeypatch.setattr(merge_eval, "performance", real)
+    cancel = next(b for b in at.button if (b.key or "").startswith("cancel_"))
+    cancel.click()
+    at.run()
+    assert not at.exception, at.exception
+    assert any("Cancelled before the first task was scored" in i.value for i in at.main.info)
+    at.button(key="merge_run").click()
+    at.run()
+    assert any(m.label == "ANP (average normalized performance)" for m in at.metric)
+    assert not any("Cancelled before" in i.value for i in at.main.info)
+
+
 def test_method_specific_parameters_get_widgets_and_reach_the_merge(monkeypatch, tmp_path, samples):
     """Breadcrumbs' gamma and DELLA's epsilon / rescale: widgets from geometry.merging.params, defaults from
     the method's signature, values passed to the merge (its info caption shows the method's parameters)."""

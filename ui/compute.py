@@ -344,6 +344,19 @@ def _keep_partial(namespace: str, key: tuple):
     return keep
 
 
+def _mark_cancelled(namespace: str, key: tuple):
+    """``on_cancel`` of a run's bar: remembers in the session that this run was cancelled (see :func:`cancelled`)."""
+    def mark() -> None:
+        st.session_state.setdefault("_cancelled_runs", set()).add((namespace, key))
+    return mark
+
+
+def cancelled(namespace: str, key: tuple) -> bool:
+    """Whether the last run of ``namespace`` on ``key`` in this session was cancelled (with or without a
+    step finished: before the first one :func:`partial` has nothing, and the page says so)."""
+    return (namespace, key) in st.session_state.get("_cancelled_runs", set())
+
+
 def partial(namespace: str, key: tuple):
     """What a run of ``namespace`` on ``key`` finished before it was cancelled (or ``None``).
 
@@ -370,7 +383,9 @@ def merge_scores(adapters: Sequence[Adapter], tasks_dir: str, merged_adapter, ma
     except _Miss:
         if not run:
             return partial("merge_scores", key)
-    with progress_bar("Scoring fine-tuned and merged models") as update, queued(update):
+    st.session_state.get("_cancelled_runs", set()).discard(("merge_scores", key))
+    with progress_bar("Scoring fine-tuned and merged models", on_cancel=_mark_cancelled("merge_scores", key)) as update, \
+            queued(update):
         return _disk_compute("merge_scores", key, lambda: evaluate_merge(
             list(adapters), tasks_dir, merged=merged_adapter, max_examples=max_examples, progress=update,
             partial=_keep_partial("merge_scores", key)))
