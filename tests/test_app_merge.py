@@ -120,27 +120,34 @@ def test_methods_side_by_side(monkeypatch, tmp_path, samples):
     assert any(f["layout"]["barmode"] == "group" for f in __import__("tests.app_fixtures", fromlist=["x"]).plotly_specs(at))
 
 
-def test_a_cancelled_pairwise_study_shows_the_pairs_it_finished(monkeypatch, tmp_path, samples):
-    """Cancel reruns the page, which stops the run at its next Streamlit call; here the third merged
-    evaluation stops the script the same way (``st.stop``). The next run shows the finished pair."""
+def _stop_at_merged_evaluation(monkeypatch, n: int):
+    """The ``n``-th merged evaluation stops the script (``st.stop``), as a Cancel click's rerun stops a run at
+    its next Streamlit call; returns the function that puts the real evaluation back."""
     import streamlit as st
 
     import geometry.merge_eval as merge_eval
 
-    at = _merge_page(monkeypatch, tmp_path, samples)
     real, calls = merge_eval.performance, []
 
     def stopping(source, *args, **kwargs):
         if kwargs.get("head") is not None:  # a merged evaluation
             calls.append(1)
-            if len(calls) == 3:
+            if len(calls) == n:
                 st.stop()
         return real(source, *args, **kwargs)
 
     monkeypatch.setattr(merge_eval, "performance", stopping)
+    return lambda: monkeypatch.setattr(merge_eval, "performance", real)
+
+
+def test_a_cancelled_pairwise_study_shows_the_pairs_it_finished(monkeypatch, tmp_path, samples):
+    """Cancel reruns the page, which stops the run at its next Streamlit call; here the third merged
+    evaluation stops the script the same way (``st.stop``). The next run shows the finished pair."""
+    at = _merge_page(monkeypatch, tmp_path, samples)
+    restore = _stop_at_merged_evaluation(monkeypatch, 3)
     at.button(key="merge_pairwise").click()
     at.run()
-    monkeypatch.setattr(merge_eval, "performance", real)
+    restore()
     at.run()  # the rerun after the cancel: no click
     assert not at.exception, at.exception
     assert any("Cancelled after 1 of 3 pairs" in w.value for w in at.main.warning)
@@ -156,22 +163,11 @@ def test_a_cancelled_pairwise_study_shows_the_pairs_it_finished(monkeypatch, tmp
 def test_a_scoring_run_cancelled_before_its_first_task_says_so(monkeypatch, tmp_path, samples):
     """Cancel before any task is complete: the page says the run was cancelled (not a silent nothing), and
     the next press scores every task."""
-    import streamlit as st
-
-    import geometry.merge_eval as merge_eval
-
     at = _merge_page(monkeypatch, tmp_path, samples)
-    real = merge_eval.performance
-
-    def stopping(source, *args, **kwargs):
-        if kwargs.get("head") is not None:  # the first merged evaluation: the run stops there
-            st.stop()
-        return real(source, *args, **kwargs)
-
-    monkeypatch.setattr(merge_eval, "performance", stopping)
+    restore = _stop_at_merged_evaluation(monkeypatch, 1)
     at.button(key="merge_run").click()
     at.run()
-    monkeypatch.setattr(merge_eval, "performance", real)
+    restore()
     cancel = next(b for b in at.button if (b.key or "").startswith("cancel_"))
     cancel.click()
     at.run()
