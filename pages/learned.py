@@ -131,10 +131,15 @@ def _draw(live: LiveRun) -> None:
     if live.stopped_because:
         st.info(f"The run was stopped because {live.stopped_because}; the coefficients it reached are kept.")
     frac = snap.step / max(snap.total_steps, 1)
-    state = "running" if run.running else ("done" if snap.done else ("stopped" if snap.step else "starting"))
+    state = ("stopping after the step in progress" if run.running and run.stopped else "running" if run.running
+             else "done" if snap.done else "stopped" if snap.step or run.stopped else "starting")
     prep = " (computing the fine-tuned models' reference distributions first)" if snap.step == 0 and run.running else ""
     st.progress(frac, text=f"{run.method}: step {snap.step}/{snap.total_steps} · {state}{prep} · "
                 f"{live.wall_seconds():.0f} s" + (" · finished run read from the cache" if snap.cached else ""))
+    if run.stopped and not run.running and snap.step == 0 and run.error is None:
+        st.info("Stopped before the first optimiser step: no coefficients were learned, nothing to show yet. The "
+                "fine-tuned models' reference distributions computed so far are cached on disk, so Start continues "
+                "from there.", icon=":material/pause_circle:")
     for note in run.notes:
         st.caption(f":material/info: {note}")
     anps = live.anp_frame()

@@ -260,6 +260,10 @@ if can_score:
         res = compute.pairwise(adapters, tasks_dir, method, params, max_examples, run=clicked)
     except AtlasError as exc:
         st.error(str(exc), icon=":material/error:")
+if res is None and can_score and compute.cancelled(
+        "pairwise", compute.pairwise_key(adapters, tasks_dir, method, params, max_examples)):
+    st.info("Cancelled before the first pair was merged and scored: nothing to show yet. The evaluations that "
+            "finished are cached, so running the study again continues from there.", icon=":material/pause_circle:")
 if res is not None:
     if res.complete:
         st.metric("Mean pairwise ANP", f"{res.mean_anp:.2f}%", help=f"std over pairs {res.std_anp:.2f}")

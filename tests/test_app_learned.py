@@ -61,6 +61,39 @@ def test_run_stop_keeps_coefficients_and_shows_the_merge(page):
     assert at.get("download_button")
 
 
+def test_a_run_stopped_before_its_first_step_says_so(page, monkeypatch):
+    """Stop pressed while the run still prepares (reference distributions): the run ends at step 0 and the page
+    says it was stopped before the first step, not "starting"."""
+    import threading
+
+    from geometry.learned.run import LearnedMergeRun
+
+    gate = threading.Event()
+    prepare = LearnedMergeRun.prepare
+
+    def held_prepare(self, *args, **kwargs):  # the preparation lasts until the test has pressed Stop
+        gate.wait(60)
+        return prepare(self, *args, **kwargs)
+
+    monkeypatch.setattr(LearnedMergeRun, "prepare", held_prepare)
+    at = page
+    at.button(key="learned_start").click()
+    at.run()
+    live = at.session_state["learned_run"]
+    assert live.run.running
+    at.button(key="learned_stop").click()
+    at.run()
+    gate.set()
+    live.run.join(60)
+    assert not live.run.running and live.run.step == 0
+    at.run()
+    assert not at.exception, at.exception
+    bar = at.get("progress")[0].proto.text
+    assert "stopped" in bar and "starting" not in bar
+    assert any("Stopped before the first optimiser step" in i.value for i in at.info)
+    assert not at.main.dataframe  # no learned merge is shown for a run that learned nothing
+
+
 def test_bad_task_folder_is_a_message_and_keeps_the_set(page, tmp_path):
     at = page
     names = list(at.session_state["adapter_set"].names)

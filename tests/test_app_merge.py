@@ -160,22 +160,26 @@ def test_a_cancelled_pairwise_study_shows_the_pairs_it_finished(monkeypatch, tmp
     assert not any("Cancelled" in w.value for w in at.main.warning)
 
 
-def test_a_scoring_run_cancelled_before_its_first_task_says_so(monkeypatch, tmp_path, samples):
-    """Cancel before any task is complete: the page says the run was cancelled (not a silent nothing), and
-    the next press scores every task."""
+@pytest.mark.parametrize("button, said, done", [
+    ("merge_run", "Cancelled before the first task was scored", "ANP (average normalized performance)"),
+    ("merge_pairwise", "Cancelled before the first pair was merged", "Mean pairwise ANP"),
+])
+def test_a_run_cancelled_before_its_first_result_says_so(monkeypatch, tmp_path, samples, button, said, done):
+    """Cancel before the first task (scoring) or the first pair (pairwise study) is complete: the page says the
+    run was cancelled (not a silent nothing), and the next press finishes the run."""
     at = _merge_page(monkeypatch, tmp_path, samples)
     restore = _stop_at_merged_evaluation(monkeypatch, 1)
-    at.button(key="merge_run").click()
+    at.button(key=button).click()
     at.run()
     restore()
     cancel = next(b for b in at.button if (b.key or "").startswith("cancel_"))
     cancel.click()
     at.run()
     assert not at.exception, at.exception
-    assert any("Cancelled before the first task was scored" in i.value for i in at.main.info)
-    at.button(key="merge_run").click()
+    assert any(said in i.value for i in at.main.info)
+    at.button(key=button).click()
     at.run()
-    assert any(m.label == "ANP (average normalized performance)" for m in at.metric)
+    assert any(m.label == done for m in at.metric)
     assert not any("Cancelled before" in i.value for i in at.main.info)
 
 

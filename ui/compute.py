@@ -391,6 +391,11 @@ def merge_scores(adapters: Sequence[Adapter], tasks_dir: str, merged_adapter, ma
             partial=_keep_partial("merge_scores", key)))
 
 
+def pairwise_key(adapters: Sequence[Adapter], tasks_dir: str, method: str, params: dict,
+                 max_examples: int | None) -> tuple:
+    return (*_merge_key(adapters, method, None, params), _task_files_key(adapters, tasks_dir), max_examples)
+
+
 def pairwise(adapters: Sequence[Adapter], tasks_dir: str, method: str, params: dict, max_examples: int | None, *,
              run: bool):
     """``geometry.merge_eval.pairwise_study`` labelled with the current names, when cached or when ``run``.
@@ -401,7 +406,7 @@ def pairwise(adapters: Sequence[Adapter], tasks_dir: str, method: str, params: d
 
     from geometry.merge_eval import pairwise_study
 
-    key = (*_merge_key(adapters, method, None, params), _task_files_key(adapters, tasks_dir), max_examples)
+    key = pairwise_key(adapters, tasks_dir, method, params, max_examples)
     try:
         result = _disk_get("pairwise", key)
     except _Miss:
@@ -410,7 +415,9 @@ def pairwise(adapters: Sequence[Adapter], tasks_dir: str, method: str, params: d
             if result is None:
                 return None
         else:
-            with progress_bar(f"Pairwise {method} merges") as update, queued(update):
+            st.session_state.get("_cancelled_runs", set()).discard(("pairwise", key))
+            with progress_bar(f"Pairwise {method} merges", on_cancel=_mark_cancelled("pairwise", key)) as update, \
+                    queued(update):
                 result = _disk_compute("pairwise", key, lambda: pairwise_study(
                     list(adapters), tasks_dir, method, max_examples=max_examples, progress=update,
                     show_progress=False, partial=_keep_partial("pairwise", key), **params))
