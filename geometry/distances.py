@@ -225,7 +225,7 @@ def _grassmann(X1, r1, X2, r2, pad: bool) -> torch.Tensor:
     return grassmann_from_angles(theta, r1, r2, pad)
 
 
-def _metrics(pb: PairBatch, wanted: set[tuple[str, str]], pad: bool) -> dict[tuple[str, str], torch.Tensor]:
+def pair_metrics(pb: PairBatch, wanted: set[tuple[str, str]], pad: bool) -> dict[tuple[str, str], torch.Tensor]:
     """All wanted ``(metric, factor)`` values for a :class:`geometry.gram.PairBatch`, each ``(pairs * layers,)``.
 
     With ``Q_2 = [Q_1, P] [G; T]`` (per factor side), the adapters' matrices in joint coordinates are
@@ -386,7 +386,7 @@ def all_distances(
                 ii = np.array([p[0] for p in batch.pairs])
                 jj = np.array([p[1] for p in batch.pairs])
                 with single_thread(dev):
-                    out = _metrics(batch, wanted, pad)
+                    out = pair_metrics(batch, wanted, pad)
                 for (m, f), v in out.items():
                     arr = v.reshape(len(batch.pairs), len(chunk)).cpu().numpy()
                     store[f"{m}/{f}"][ii, jj, span] = arr

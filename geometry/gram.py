@@ -485,10 +485,10 @@ def all_pairs(group: Group, cross: dict[str, bool]) -> PairBatch:
     left = torch.tensor([p[0] for p in pairs], device=dev, dtype=torch.long)
     right = torch.tensor([p[1] for p in pairs], device=dev, dtype=torch.long)
     with single_thread(dev):  # rp x rp algebra and small QRs (see single_thread)
-        return _all_pairs(group, cross, pairs, left, right)
+        return pair_batch(group, cross, pairs, left, right)
 
 
-def _all_pairs(group: Group, cross: dict[str, bool], pairs, left, right) -> PairBatch:
+def pair_batch(group: Group, cross: dict[str, bool], pairs, left, right) -> PairBatch:
     def flat(x: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
         return None if x is None else x[idx].flatten(0, 1)
 
@@ -520,5 +520,5 @@ def bytes_per_layer(n_adapters: int, rp: int) -> int:
     pairs = n_adapters * (n_adapters - 1) // 2
     gram = 2 * 12 * (n_adapters * rp) ** 2  # float32 product, float64 copy, both sides
     adapters = 2 * 6 * 8 * n_adapters * rp * rp  # R, Rinv, W per side, the core's SVD
-    pair_batch = 64 * 8 * pairs * rp * rp  # G, T, gathered ends, lifted matrices, metric temporaries
-    return gram + adapters + pair_batch
+    batch = 64 * 8 * pairs * rp * rp  # G, T, gathered ends, lifted matrices, metric temporaries
+    return gram + adapters + batch

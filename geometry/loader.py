@@ -87,9 +87,9 @@ FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: Longest legacy ``enable_lora`` list (peft 0.2 used 3: q, k, v).
 MAX_ENABLE_LORA = 8
 
-_FACTOR_RE = re.compile(r"^(?P<mod>.+)\.lora_(?P<ab>A|B)(?:\.(?P<ad>[^.]+))?\.weight$")
-_EMBED_RE = re.compile(r"^(?P<mod>.+)\.lora_embedding_(?P<ab>A|B)(?:\.(?P<ad>[^.]+))?$")
-_MAGNITUDE_RE = re.compile(r"^(?P<mod>.+)\.lora_magnitude_vector(?:\.(?P<ad>[^.]+))?(?:\.weight)?$")
+FACTOR_RE = re.compile(r"^(?P<mod>.+)\.lora_(?P<ab>A|B)(?:\.(?P<ad>[^.]+))?\.weight$")
+EMBED_RE = re.compile(r"^(?P<mod>.+)\.lora_embedding_(?P<ab>A|B)(?:\.(?P<ad>[^.]+))?$")
+MAGNITUDE_RE = re.compile(r"^(?P<mod>.+)\.lora_magnitude_vector(?:\.(?P<ad>[^.]+))?(?:\.weight)?$")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -612,7 +612,7 @@ def build_adapter(
     except (ValueError, RecursionError) as exc:
         raise AdapterLoadError(f"{cfg_label}: the config cannot be hashed ({exc})") from exc
     adapter = Adapter(name=name, config=config, modules={}, source=source, content_hash=digest)
-    _fill(adapter, state, labels[wname], cfg_label)
+    fill_modules(adapter, state, labels[wname], cfg_label)
     return adapter
 
 
@@ -637,7 +637,7 @@ def _check_factor(label: str, key: str, t: torch.Tensor, expected: str) -> None:
             "size >= 1 (rank 0?)")
 
 
-def _fill(adapter: Adapter, state: dict[str, torch.Tensor], label: str, cfg_label: str = CONFIG_NAME) -> None:
+def fill_modules(adapter: Adapter, state: dict[str, torch.Tensor], label: str, cfg_label: str = CONFIG_NAME) -> None:
     """Sort ``state`` into LoRA modules and other tensors; validate; key every module."""
     config = adapter.config
     factors: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
@@ -647,7 +647,7 @@ def _fill(adapter: Adapter, state: dict[str, torch.Tensor], label: str, cfg_labe
     for key, tensor in state.items():
         _check_finite(label, key, tensor)
         short = key.removeprefix(PEFT_PREFIX)
-        m = _FACTOR_RE.match(short) or _EMBED_RE.match(short)
+        m = FACTOR_RE.match(short) or EMBED_RE.match(short)
         if m:
             mod = m.group("mod")
             slot = factors.setdefault(mod, {})
@@ -659,7 +659,7 @@ def _fill(adapter: Adapter, state: dict[str, torch.Tensor], label: str, cfg_labe
             if m.group("ad"):
                 adapter_names.add(m.group("ad"))
             continue
-        m = _MAGNITUDE_RE.match(short)
+        m = MAGNITUDE_RE.match(short)
         if m:
             magnitudes[m.group("mod")] = (key, tensor)
             continue

@@ -95,7 +95,7 @@ def anp(merged: Sequence[float], finetuned: Sequence[float]) -> float:
     return float(100.0 * np.mean(m / f))
 
 
-def _unique_names(adapters: Sequence[Adapter]) -> None:
+def check_unique_names(adapters: Sequence[Adapter]) -> None:
     names = [a.name for a in adapters]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -143,7 +143,7 @@ def evaluate_merge(
     from geometry.merging import merge
 
     adapters = list(adapters)
-    _unique_names(adapters)
+    check_unique_names(adapters)
     dirs = [find_task_dir(a, tasks_dir) for a in adapters]
     if merged is None:
         merged = merge(adapters, method, weights, **params)
@@ -281,7 +281,7 @@ def pairwise_study(
     adapters = list(adapters)
     if len(adapters) < 2:
         raise IncompatibleAdaptersError(f"the pairwise study needs at least 2 adapters, got {len(adapters)}")
-    _unique_names(adapters)
+    check_unique_names(adapters)
     dirs = [find_task_dir(a, tasks_dir) for a in adapters]
     n = len(adapters)
     pairs = list(combinations(range(n), 2))

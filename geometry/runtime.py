@@ -894,7 +894,7 @@ def predict(model: torch.nn.Module, tokenizer: Any, data: Any, batch_size: int =
 
 
 @contextlib.contextmanager
-def _padding_side(tokenizer: Any, side: str) -> Iterator[None]:
+def tokenizer_padding(tokenizer: Any, side: str) -> Iterator[None]:
     before = tokenizer.padding_side
     tokenizer.padding_side = side
     try:
@@ -914,7 +914,7 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], bat
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[str] = []
-    with _padding_side(tokenizer, "left"):
+    with tokenizer_padding(tokenizer, "left"):
         for start in range(0, len(prompts), batch_size):
             enc = tokenizer(list(prompts[start:start + batch_size]), padding=True, return_tensors="pt")
             enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}

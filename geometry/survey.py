@@ -7,7 +7,7 @@ holds them all:
 
 * **Reading** (:func:`scan`): each adapter is indexed from its ``adapter_config.json`` and the
   safetensors *header* only (module keys, shapes, scales: the loader's own mapping,
-  :func:`geometry.loader._fill`, run on zero-stride placeholders). A module task then reads that
+  :func:`geometry.loader.fill_modules`, run on zero-stride placeholders). A module task then reads that
   module's two factors of each adapter with safetensors' lazy ``safe_open`` (a slice for the rows
   of a fused projection), or with byte-range reads through ``fsspec`` for a URL (``s3://``,
   ``gs://``, ``file://``...).
@@ -165,12 +165,12 @@ def index_adapter(location: str, name: str | None = None) -> AdapterRef:
     """Index the peft adapter folder (or URL) ``location`` from its config and safetensors header.
 
     The module keys, ranks, scales and fused-projection splits are the loader's (the same
-    :func:`geometry.loader._fill`, run on zero-stride placeholders of the header's shapes), so a
+    :func:`geometry.loader.fill_modules`, run on zero-stride placeholders of the header's shapes), so a
     survey sees exactly the modules ``geometry.load`` would. Only ``.safetensors`` weights are
     supported (a ``.bin`` pickle cannot be read lazily).
     """
     from geometry.config import PEFT_PREFIX, parse_config
-    from geometry.loader import _EMBED_RE, _FACTOR_RE, _MAGNITUDE_RE, CONFIG_NAME, _fill
+    from geometry.loader import CONFIG_NAME, EMBED_RE, FACTOR_RE, MAGNITUDE_RE, fill_modules
     from geometry.types import Adapter
 
     location = str(location)
@@ -199,17 +199,17 @@ def index_adapter(location: str, name: str | None = None) -> AdapterRef:
     keys: dict[str, dict[str, str]] = {}
     for key, info in header.items():
         short = key.removeprefix(PEFT_PREFIX)
-        m = _FACTOR_RE.match(short) or _EMBED_RE.match(short)
+        m = FACTOR_RE.match(short) or EMBED_RE.match(short)
         if m:
             if len(info.get("shape", [])) != 2:
                 raise AtlasError(f"{weights}: tensor {key} has shape {info.get('shape')}: a survey reads 2-D LoRA "
                                  "factors only (legacy merged-LoRA files: load them with geometry.load)")
             state[key] = _placeholder(info, weights, key)
             keys.setdefault(m.group("mod"), {})[m.group("ab")] = key
-        elif _MAGNITUDE_RE.match(short):
+        elif MAGNITUDE_RE.match(short):
             state[key] = _placeholder(info, weights, key)
     skeleton = Adapter(name=name or Path(location.rstrip("/")).name, config=config, modules={}, source=location)
-    _fill(skeleton, state, weights, cfg_path)
+    fill_modules(skeleton, state, weights, cfg_path)
     try:
         stat = os.stat(weights) if not _is_url(location) else None
     except OSError:
@@ -438,13 +438,13 @@ def module_distances(
 
     ``Bs[i] (m, r_i)``, ``As[i] (r_i, n)``, ``scales[i]`` (peft's ``s``), ``ranks[i]``. The numbers
     are :mod:`geometry.distances`' (``decompose_group`` + the pair algebra of :mod:`geometry.gram` +
-    ``_metrics``, on one layer). ``block``: adapters per block (Gram products per block pair, see the
+    ``pair_metrics``, on one layer). ``block``: adapters per block (Gram products per block pair, see the
     module docstring); ``pair_chunk``: pairs per batch; both default from ``memory_gb``.
     ``fetch(indices) -> (Bs, As)`` reads factors on demand instead (then ``Bs`` / ``As`` may be ``None``).
     """
     from geometry.device import default_device
-    from geometry.distances import _metrics
-    from geometry.gram import _all_pairs, decompose_group, single_thread
+    from geometry.distances import pair_metrics
+    from geometry.gram import decompose_group, pair_batch, single_thread
 
     n = len(scales)
     dev = torch.device(device) if device is not None else default_device()
@@ -497,8 +497,8 @@ def module_distances(
                     for s in range(0, len(la), pair_chunk):
                         left, right = left_all[s : s + pair_chunk], right_all[s : s + pair_chunk]
                         pairs = list(zip(la[s : s + pair_chunk].tolist(), lb[s : s + pair_chunk].tolist(), strict=True))
-                        batch = _all_pairs(group, cross, pairs, left, right)
-                        values = _metrics(batch, wanted, pad)
+                        batch = pair_batch(group, cross, pairs, left, right)
+                        values = pair_metrics(batch, wanted, pad)
                         for (m, f), v in values.items():
                             out[f"{m}_{f}"][pos[s : s + pair_chunk]] = v.reshape(-1).cpu().numpy()
                         del batch, values

@@ -165,7 +165,7 @@ def write_uploaded_task(data: bytes | str, name: str, folder: str | os.PathLike[
     (``0 .. C-1``), or a label name of ``labels_json``. CSV cells that are integers become integers.
     Errors are :class:`TaskLoadError` naming ``name`` (not the folder), the row and the field.
     """
-    from geometry.learned.data import UnlabeledDataError, _rows_csv, _rows_jsonl
+    from geometry.learned.data import UnlabeledDataError, rows_csv, rows_jsonl
 
     folder = Path(folder)
     try:
@@ -175,9 +175,9 @@ def write_uploaded_task(data: bytes | str, name: str, folder: str | os.PathLike[
     suffix = Path(name).suffix.lower()
     try:
         if suffix in (".jsonl", ".json", ".ndjson"):
-            rows = _rows_jsonl(text, name)
+            rows = rows_jsonl(text, name)
         elif suffix in (".csv", ".tsv"):
-            rows = _rows_csv(text, name, "\t" if suffix == ".tsv" else ",")
+            rows = rows_csv(text, name, "\t" if suffix == ".tsv" else ",")
             for row in rows:
                 label = row.get("label")
                 if isinstance(label, str) and label.strip().lstrip("-").isdigit():

@@ -58,7 +58,7 @@ class UnlabeledInputs:
         return h.hexdigest()
 
 
-def _rows_jsonl(text: str, name: str) -> list[dict]:
+def rows_jsonl(text: str, name: str) -> list[dict]:
     rows = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -73,7 +73,7 @@ def _rows_jsonl(text: str, name: str) -> list[dict]:
     return rows
 
 
-def _rows_csv(text: str, name: str, delimiter: str = ",") -> list[dict]:
+def rows_csv(text: str, name: str, delimiter: str = ",") -> list[dict]:
     try:
         return list(csv.DictReader(io.StringIO(text), delimiter=delimiter))
     except csv.Error as exc:
@@ -88,9 +88,9 @@ def parse_unlabeled(data: bytes | str, name: str, task: str | None = None) -> Un
     if suffix not in (".jsonl", ".json", ".ndjson", ".csv", ".tsv", ".txt"):  # no extension: look at it
         suffix = ".jsonl" if text.lstrip().startswith("{") else suffix if suffix else ".csv"
     if suffix in (".jsonl", ".json", ".ndjson"):
-        rows = _rows_jsonl(text, name)
+        rows = rows_jsonl(text, name)
     elif suffix in (".csv", ".tsv", ".txt"):
-        rows = _rows_csv(text, name, "\t" if suffix == ".tsv" else ",")
+        rows = rows_csv(text, name, "\t" if suffix == ".tsv" else ",")
     else:
         raise UnlabeledDataError(f"{name}: expected a .jsonl or .csv file of unlabeled inputs, got {suffix}")
     if not rows:

@@ -137,13 +137,13 @@ class LearnedMergeRun:
         device: Any = None,
         use_cache: bool = True,
     ):
-        from geometry.merge_eval import _unique_names
+        from geometry.merge_eval import check_unique_names
         from geometry.merging.base import check_mergeable
 
         ads = _as_adapters(adapters)
         if not ads:
             raise IncompatibleAdaptersError(f"{self.method}: give at least one adapter")
-        _unique_names(ads)
+        check_unique_names(ads)
         check_mergeable(ads)
         self.kind = term_kind(ads)
         for name, value, kind in (("samples", samples, int), ("epochs", epochs, int), ("lr", lr, float),

@@ -187,7 +187,7 @@ class GenerationTerm(TaskTerm):
 
     def _greedy(self, batch_size: int) -> dict:
         from geometry.base_models import quiet
-        from geometry.runtime import _padding_side
+        from geometry.runtime import tokenizer_padding
 
         rt = self.runtime
         tok = rt.tokenizer
@@ -197,7 +197,7 @@ class GenerationTerm(TaskTerm):
             raise AtlasError(f"{self.name}: the tokenizer has neither a pad nor an EOS token")
         prompts, conts = [], []
         texts = self.inputs.texts
-        with rt.apply([self.adapter], head=self.head), torch.no_grad(), _padding_side(tok, "left"):
+        with rt.apply([self.adapter], head=self.head), torch.no_grad(), tokenizer_padding(tok, "left"):
             for start in range(0, len(texts), batch_size):
                 chunk = texts[start:start + batch_size]
                 enc = tok(list(chunk), padding=True, truncation=True, max_length=self.max_length,

@@ -160,7 +160,7 @@ class MergedAdapter:
     def content_hash(self) -> str:
         """sha256 of the sources' content hashes, the method and its parameters (cache key)."""
         payload = json.dumps(
-            {"method": self.method, "params": _jsonable(self.params), "sources": self.source_hashes},
+            {"method": self.method, "params": jsonable(self.params), "sources": self.source_hashes},
             sort_keys=True,
         )
         return hashlib.sha256(payload.encode()).hexdigest()
@@ -197,7 +197,7 @@ class MergedAdapter:
         energy = self.energy_by_module()
         return {
             "method": self.method,
-            "params": _jsonable(self.params),
+            "params": jsonable(self.params),
             "sources": list(self.sources),
             "n_modules": len(self.modules),
             "n_dense": sum(1 for m in self.modules.values() if not m.factored),
@@ -287,11 +287,11 @@ def _assemble(name: str, parts: list[MergedModule]) -> PeftUpdate:
     return PeftUpdate(name, (m, n), B, A, rank_sum=rank_sum, **flags)
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     if hasattr(value, "tolist"):

@@ -36,7 +36,7 @@ import torch
 from geometry.config import PEFT_PREFIX
 from geometry.device import default_device
 from geometry.errors import IncompatibleAdaptersError
-from geometry.merging.base import PeftUpdate, _jsonable
+from geometry.merging.base import PeftUpdate, jsonable
 from geometry.merging.truncate import factorize_dense, truncate_factored
 
 if TYPE_CHECKING:
@@ -154,7 +154,7 @@ def peft_payload(merged: MergedAdapter, rank: int | None, head: str | None) -> t
             config["task_type"] = merged.head_configs[head]["task_type"]
     info = {
         "method": merged.method,
-        "params": _jsonable(merged.params),
+        "params": jsonable(merged.params),
         "sources": list(merged.sources),
         "source_hashes": list(merged.source_hashes),
         "head": head,
