@@ -23,12 +23,15 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from deploy import served  # noqa: E402  (the repository's deploy/ helpers)
+
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]
 FIGURES_JS = """() => Array.from(document.querySelectorAll('.js-plotly-plot')).map(
@@ -63,24 +66,9 @@ def streamlit_server(samples: Path, cache: Path, env: dict[str, str] | None = No
     url = ServerURL(f"http://127.0.0.1:{port}")
     url.pid = proc.pid
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError("streamlit did not start")
-            time.sleep(0.3)
-        yield url
+        with served(url, proc, 90, "streamlit"):
+            yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
         log.close()
 
 

@@ -1,7 +1,7 @@
 """Soak test of a hosted demo: N concurrent sessions against one local server, for a bounded time.
 
     .venv/bin/python bench/soak.py [--sessions 8] [--seconds 120] [--samples DIR] [--demo]
-                                   [--client protocol|browser]
+                                   [--client protocol|browser] [--proxy none|nginx]
 
 Starts ``streamlit run app.py`` (``bench/browser_latency.py``'s server: the sample adapters, a private
 disk cache), waits until the server is idle (the background warm-up of UMAP at start: 2 s with numba's cache,
@@ -25,6 +25,9 @@ Two kinds of visitor:
   than the server; the bench reports the server's share of the CPU (its user + system time over the
   wall time of the soak, from ``/proc``): what the server itself costs.
 
+``--proxy nginx`` puts nginx in front (``deploy/nginx.py``: Streamlit's static files from nginx, the rest
+passed to the server), as a hosted demo can be run; nginx's own CPU is reported beside the server's.
+
 Prints page-load latency p50 / p95 / max per page, the server's peak resident memory (``VmHWM`` of the
 server process) and the error count; the last line is one JSON object with ``p95_s`` per page,
 ``max_p95_s``, ``peak_rss_mb``, ``errors``, ``client`` and ``target_met`` (every page's p95 under 3 s,
@@ -42,6 +45,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -309,12 +313,31 @@ def report(result: dict, sessions: int, pid: int | None) -> dict:
     return out
 
 
+def _proxy_cpu(prefix: Path) -> float:
+    """CPU seconds of the nginx started under ``prefix`` (its master from the pid file, and its workers)."""
+    try:
+        master = int((prefix / "nginx.pid").read_text())
+    except (OSError, ValueError):
+        return 0.0
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if stat.read_text().rsplit(")", 1)[-1].split()[1] == str(master):
+                kids.append(int(stat.parent.name))
+        except (OSError, IndexError):  # a process that ended meanwhile
+            continue
+    return sum(cpu_seconds(pid) for pid in [master, *kids])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=120.0)
     parser.add_argument("--samples", type=Path, default=REPO / "sample_adapters")
     parser.add_argument("--demo", action="store_true", help="run the server in demo mode (ADAPTER_ATLAS_DEMO=1)")
+    parser.add_argument("--proxy", choices=("none", "nginx"), default="none",
+                        help="nginx: the visitors go through nginx (deploy/nginx.py), which serves Streamlit's "
+                             "static files itself and passes the rest to the server")
     parser.add_argument("--client", choices=("protocol", "browser"), default="protocol",
                         help="protocol: visitors speak Streamlit's websocket protocol and render nothing (the "
                              "server's load, as on a host); browser: one headless chromium context each, "
@@ -323,17 +346,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.client == "browser" and not browser_latency.chromium():
         print("error: no chromium on PATH (apt-get install chromium)", file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory() as tmp:
+    if args.proxy == "nginx":
+        from deploy import nginx
+
+        if nginx.nginx() is None:
+            print("error: --proxy nginx needs nginx (apt-get install nginx)", file=sys.stderr)
+            return 2
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         env = {"ADAPTER_ATLAS_DEMO": "1"} if args.demo else {}
-        with browser_latency.streamlit_server(args.samples, Path(tmp) / "cache", env=env) as url:
-            run = soak_protocol if args.client == "protocol" else soak
-            asyncio.run(_first_visit(url))  # the app's first run starts its background warm-up
-            waited = wait_until_idle(url.pid)
-            print(f"server idle {waited:.0f} s after its first page (its warm-up, UMAP's compile, done)")
-            result = asyncio.run(run(url, args.sessions, args.seconds, pid=url.pid))
-            out = report(result, args.sessions, url.pid)
-            out["client"] = args.client
-            out["startup_idle_s"] = round(waited, 1)
+        url = stack.enter_context(browser_latency.streamlit_server(args.samples, Path(tmp) / "cache", env=env))
+        visit = url
+        if args.proxy == "nginx":
+            visit = browser_latency.ServerURL(stack.enter_context(nginx.running(Path(tmp) / "nginx", url.split("//")[1])))
+            visit.pid = url.pid
+            print(f"visitors go through nginx at {visit} (static files from nginx, the rest from {url})")
+        run = soak_protocol if args.client == "protocol" else soak
+        asyncio.run(_first_visit(url))  # the app's first run starts its background warm-up
+        waited = wait_until_idle(url.pid)
+        print(f"server idle {waited:.0f} s after its first page (its warm-up, UMAP's compile, done)")
+        proxy0, t0 = _proxy_cpu(Path(tmp) / "nginx"), time.perf_counter()
+        result = asyncio.run(run(visit, args.sessions, args.seconds, pid=url.pid))
+        out = report(result, args.sessions, url.pid)
+        out["client"] = args.client
+        out["proxy"] = args.proxy
+        if args.proxy == "nginx":
+            out["proxy_cpu_cores"] = round((_proxy_cpu(Path(tmp) / "nginx") - proxy0) / (time.perf_counter() - t0), 3)
+            print(f"nginx CPU during the soak (its workers): {out['proxy_cpu_cores']:.3f} of {os.cpu_count()} cores")
+        out["startup_idle_s"] = round(waited, 1)
     print(json.dumps(out))
     return 0
 
