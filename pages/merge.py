@@ -196,7 +196,8 @@ if result is not None:
         st.warning(f"Cancelled after {len(result.frame)} of {result.tasks_total} tasks: the scores below are those "
                    "tasks only. Press the button again to finish (the finished evaluations are cached).",
                    icon=":material/pause_circle:")
-        st.metric(f"ANP over the {len(result.frame)} tasks scored (partial)", f"{result.anp:.2f}%")
+        n_done = len(result.frame)
+        st.metric(f"ANP over the {n_done} task{'s' if n_done != 1 else ''} scored (partial)", f"{result.anp:.2f}%")
     fig = merge_figures.performance_bars(frame, title=f"{METHOD_LABELS[method]}: merged vs fine-tuned, per task")
     downloads.show(fig, f"merge_{method}_performance", frame, key="merge_bars")
 
@@ -271,7 +272,7 @@ if res is not None:
         st.warning(f"Cancelled after {res.pairs_done} of {res.pairs_total} pairs: the pairs not merged yet are blank "
                    "below. Run the study again to finish (the finished evaluations are cached).",
                    icon=":material/pause_circle:")
-        st.metric(f"Mean pairwise ANP over the {res.pairs_done} finished pairs (partial)",
+        st.metric(f"Mean pairwise ANP over the {res.pairs_done} finished pair{'s' if res.pairs_done != 1 else ''} (partial)",
                   f"{res.mean_anp:.2f}%" if res.pairs_done else "undefined",
                   help=f"std over those pairs {res.std_anp:.2f}")
     h1, h2 = st.columns(2)

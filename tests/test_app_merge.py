@@ -151,7 +151,7 @@ def test_a_cancelled_pairwise_study_shows_the_pairs_it_finished(monkeypatch, tmp
     at.run()  # the rerun after the cancel: no click
     assert not at.exception, at.exception
     assert any("Cancelled after 1 of 3 pairs" in w.value for w in at.main.warning)
-    metric = next(m for m in at.metric if "finished pairs" in m.label)
+    metric = next(m for m in at.metric if "1 finished pair (partial)" in m.label)
     assert "partial" in metric.label and metric.value.endswith("%")
     assert any("Undefined until the study is complete" in i.value for i in at.main.info)
     at.button(key="merge_pairwise").click()  # run again: finishes (the first pair comes from the cache)

@@ -341,7 +341,7 @@ def test_merge_cancel_keeps_the_finished_tasks_and_the_next_run_finishes(server)
             main.get_by_role("button", name=re.compile("Cancel")).click()
             note = main.get_by_text(re.compile(r"Cancelled after [12] of 3 tasks"))
             note.wait_for()
-            assert main.get_by_text(re.compile(r"ANP over the [12] tasks scored \(partial\)")).count() == 1
+            assert main.get_by_text(re.compile(r"ANP over the (1 task|2 tasks) scored \(partial\)")).count() == 1
             _shot(page, "13_merge_cancelled")
             score.click()
             main.get_by_text("ANP (average normalized performance)", exact=True).wait_for()
