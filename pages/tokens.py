@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from geometry.errors import AtlasError
-from ui import compute, controls, downloads, require_app, state
+from ui import compute, controls, downloads, figures, require_app, state
 from ui import tokens as tok
 
 require_app()  # a shared link opened first on a fresh server still gets the app around it
@@ -116,7 +116,8 @@ def real_view() -> None:
         shown = st.selectbox("Adapter on the map", chosen, key="tok_map_adapter", width=300)
         layer = st.select_slider("Layer", options=layers, value=layers[-1], key="tok_layer", width=420)
     color = tok.QUALITATIVE[chosen.index(shown) % len(tok.QUALITATIVE)]
-    fig = tok.projection_figure(dyn, shown, int(layer), color)
+    dyn_key = (compute.content_key(adapters), tuple(chosen), dyn.text, dyn.threshold, dyn.include_special)
+    fig = figures.built(tok.projection_figure, (*dyn_key, shown, int(layer), color), dyn, shown, int(layer), color)
     points = dyn.points[dyn.points["model"].isin(["base", shown])]
     downloads.show(fig, f"tokens_map_{shown}", points, key="tok_map")
 
@@ -125,8 +126,9 @@ def real_view() -> None:
     st.caption("First layer with a mean cosine distance base vs adapted above 0.05: "
                + ", ".join(f"{k}: {'never' if v != v else int(v)}" for k, v in sep.items()))
     short = dyn.text[:60] + ("…" if len(dyn.text) > 60 else "")
-    fig_c = tok.layer_curves(dyn.table, title=f"Per-layer token measures · {len(chosen)} adapter(s)\n"
-                             f"cluster cut: cosine distance {dyn.threshold:g} · text: {short}")
+    title = (f"Per-layer token measures · {len(chosen)} adapter(s)\n"
+             f"cluster cut: cosine distance {dyn.threshold:g} · text: {short}")
+    fig_c = figures.built(tok.layer_curves, (*dyn_key, title), dyn.table, title=title)
     downloads.show(fig_c, "tokens_per_layer", dyn.table, key="tok_curves")
 
     st.subheader("Batch mode: the same curves over a task's validation inputs")
@@ -194,10 +196,11 @@ def toy_view() -> None:
     if rank > d:
         st.caption(f":material/info: rank r = {int(rank)} is above d = {int(d)}: using r = {int(d)}.")
         rank = d
+    params = dict(n=int(n), d=int(d), beta=float(beta), rank=int(rank), strength=float(strength), seed=int(seed),
+                  steps=int(steps), dt=float(dt), qk=qk, v0=v0, threshold=float(threshold),
+                  separation=float(separation))
     try:
-        run = tok.particles(n=int(n), d=int(d), beta=float(beta), rank=int(rank), strength=float(strength),
-                            seed=int(seed), steps=int(steps), dt=float(dt), qk=qk, v0=v0,
-                            threshold=float(threshold), separation=float(separation))
+        run = tok.particles(**params)
     except AtlasError as exc:
         st.error(str(exc), icon=":material/error:")
         return
@@ -207,12 +210,13 @@ def toy_view() -> None:
               else f"{run.separation_time:.3g}", help=f"First t with mean geodesic distance > δ = {separation:g} rad")
     m2.metric("Final clusters, base", base)
     m3.metric("Final clusters, LoRA-perturbed", pert)
-    anim = tok.particle_animation(run)
+    key = tuple(sorted(params.items()))
+    anim = figures.built(tok.particle_animation, key, run)
     if anim is None:
         st.info(f"The animation is drawn for d = 2 (circle) and d = 3 (sphere); d = {int(d)} shows the curves only.")
     else:
         downloads.show(anim, f"particles_d{int(d)}", key="pt_anim")
-    downloads.show(tok.particle_curves(run), "particles_curves", run.table, key="pt_curves")
+    downloads.show(figures.built(tok.particle_curves, key, run), "particles_curves", run.table, key="pt_curves")
 
 
 with real_tab:

@@ -211,6 +211,28 @@ def test_shared_figures_are_evicted_beyond_their_byte_budget(monkeypatch):
     assert again is not first and again.to_dict() == first.to_dict()  # rebuilt, same figure
 
 
+def test_built_runs_a_builder_once_per_inputs_key_while_its_figure_is_kept(monkeypatch):
+    monkeypatch.setattr(figures, "_SHARED", figures.OrderedDict())
+    monkeypatch.setattr(figures, "_BUILT", figures.OrderedDict())
+    calls = []
+
+    def bars(values, title):
+        calls.append(title)
+        return figures.figure([{"type": "bar", "y": list(values)}], {"title": {"text": title}})
+
+    first = figures.built(bars, ("a", 1), [1, 2], title="one")
+    assert figures.built(bars, ("a", 1), [1, 2], title="one") is first and calls == ["one"]  # not built again
+    other = figures.built(bars, ("a", 2), [3, 4], title="two")
+    assert other is not first and calls == ["one", "two"]
+    assert list(other.data[0].y) == [3, 4] and list(first.data[0].y) == [1, 2]
+    figures._SHARED.clear()  # the figure is gone from figure()'s cache: built again, not a stale reference
+    again = figures.built(bars, ("a", 1), [1, 2], title="one")
+    assert calls == ["one", "two", "one"] and again.to_dict() == first.to_dict()
+    none_calls = []
+    assert figures.built(lambda: none_calls.append(1), ("n",)) is None
+    assert figures.built(lambda: none_calls.append(1), ("n",)) is None and none_calls == [1, 1]  # None not kept
+
+
 def test_streamlit_draws_a_shared_figure_as_the_plain_one():
     """st.plotly_chart's own conversion (Figure -> dict -> JSON spec) gives the same spec for both."""
     import json

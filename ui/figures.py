@@ -15,7 +15,7 @@ import math
 import pickle
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -177,6 +177,7 @@ class SharedFigure(go.Figure):
 
     _frozen = False
     _dict_once: dict | None = None
+    _content_hash: str | None = None  # its key in figure()'s cache
 
     def freeze(self) -> SharedFigure:
         self._dict_once = super().to_dict()
@@ -235,6 +236,7 @@ def figure(data: Sequence[dict], layout: dict, frames: Sequence[dict] | None = N
             _SHARED.move_to_end(key)
             return hit[0]
     fig = SharedFigure(spec).freeze()
+    fig._content_hash = key
     with _SHARED_LOCK:
         _SHARED[key] = (fig, len(blob))
         total = sum(size for _, size in _SHARED.values())
@@ -245,6 +247,34 @@ def figure(data: Sequence[dict], layout: dict, frames: Sequence[dict] | None = N
 
 
 _figure = figure
+
+#: inputs key -> content hash in _SHARED, most recently used last (the figures themselves stay in _SHARED)
+_BUILT: OrderedDict[tuple, str] = OrderedDict()
+BUILT_KEYS = 4096
+
+
+def built(builder: Callable[..., go.Figure | None], key: tuple, *args, **kwargs) -> go.Figure | None:
+    """``builder(*args, **kwargs)``, a builder of this module's kind (its figure from :func:`figure`), run
+    once per ``key``: a hashable description of every input the figure depends on (content hashes, names,
+    options). Later calls with the same key return the shared figure without building it or hashing its
+    spec again (the token animation: 20 ms of a page run each time), for as long as :func:`figure` keeps
+    it. A figure that is not shared (``None``, or not from :func:`figure`) is returned and not kept."""
+    memo = (builder.__module__, builder.__qualname__, *key)
+    with _SHARED_LOCK:
+        content = _BUILT.get(memo)
+        hit = _SHARED.get(content) if content is not None else None
+        if hit is not None:
+            _SHARED.move_to_end(content)
+            _BUILT.move_to_end(memo)
+            return hit[0]
+    fig = builder(*args, **kwargs)
+    content = getattr(fig, "_content_hash", None)
+    if content is not None:
+        with _SHARED_LOCK:
+            _BUILT[memo] = content
+            while len(_BUILT) > BUILT_KEYS:
+                _BUILT.popitem(last=False)
+    return fig
 
 
 def _grid(rows: int, cols: int, *, titles: Sequence[str] | None = None, hspace: float = 0.2,
