@@ -52,6 +52,22 @@ def test_pair_curves_both_directions_and_lambda(samples, adapters):
     assert "λ sweep" in [s.value.split(" (")[0] for s in at.subheader]
 
 
+def test_l1_choice_redraws_the_curves_and_leaves_the_sweep_as_it_was(samples, adapters):
+    """The λ sweep shows REC and both L1 variants, so "L1 on" changes only the per-layer curves (a changed
+    figure is a new chart for the browser to mount)."""
+    def sweep(at):
+        return next(f for f in plotly_specs(at) if "λ grows" in f["layout"]["title"]["text"])
+
+    at = page_test("inclusion.py")
+    before_curves, before_sweep = plotly_specs(at)[0], sweep(at)
+    panels = [a["text"] for a in before_sweep["layout"]["annotations"]]
+    assert panels[:3] == ["mean REC", "mean L1 (raw)", "mean L1 (normalized)"]
+    at.segmented_control(key="l1").set_value("normalized").run()
+    assert not at.exception
+    assert _traces(plotly_specs(at)[0]) != _traces(before_curves)
+    assert sweep(at) == before_sweep
+
+
 def test_all_pairs_matrix_matches_library(samples, adapters):
     from geometry.inclusion import inclusion_matrix
 
