@@ -22,6 +22,7 @@ any user (every path nginx writes is under ``DIR``). :func:`running` starts one 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import socket
 import subprocess
@@ -36,7 +37,7 @@ SERVED_BY = "X-Served-By"
 
 TEMPLATE = """\
 # Written by deploy/nginx.py: nginx serves Streamlit's static files, the rest goes to Streamlit.
-worker_processes 1;
+{user}worker_processes 1;
 daemon off;
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
@@ -128,15 +129,18 @@ def static_dir() -> Path:
 
 
 def config(prefix: Path | str, listen: int | str = 8080, upstream: str = "127.0.0.1:8501",
-           static: Path | str | None = None, max_body_mb: int = 1024) -> str:
+           static: Path | str | None = None, max_body_mb: int = 1024, user: str | None = None) -> str:
     """The nginx configuration (see the module docstring). ``listen``: a port or ``address:port``;
     ``upstream``: the Streamlit server's ``host:port``; ``max_body_mb``: uploads through the proxy (keep
-    it at Streamlit's ``server.maxUploadSize``, which the server checks again)."""
+    it at Streamlit's ``server.maxUploadSize``, which the server checks again); ``user``: the account nginx's
+    workers run as when nginx is started as root (nginx's default is ``nobody``, which must be able to read
+    the static folder: a virtual environment in a private folder is not readable by it)."""
     static = Path(static) if static is not None else static_dir()
     if not (static / "js").is_dir():
         raise FileNotFoundError(f"{static} is not Streamlit's static folder (it has no js/ folder)")
     return TEMPLATE.format(prefix=Path(prefix).resolve(), listen=listen, upstream=upstream,
-                           static=static.resolve(), served_by=SERVED_BY, max_body_mb=int(max_body_mb))
+                           static=static.resolve(), served_by=SERVED_BY, max_body_mb=int(max_body_mb),
+                           user=f"user {user};\n" if user else "")
 
 
 def write(prefix: Path | str, **kwargs) -> Path:
@@ -164,7 +168,8 @@ def running(prefix: Path | str, upstream: str, timeout: float = 20.0):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    conf = write(prefix, listen=f"127.0.0.1:{port}", upstream=upstream)
+    # as root, nginx would run its workers as nobody, who may not read the static files: run them as root
+    conf = write(prefix, listen=f"127.0.0.1:{port}", upstream=upstream, user="root" if os.geteuid() == 0 else None)
     proc = subprocess.Popen([exe, "-p", str(conf.parent), "-c", str(conf)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     log = conf.parent / "error.log"
@@ -182,10 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--static", default=None,
                     help="Streamlit's static folder (default: this Python's streamlit/static/static; for a server "
                          "in a container, a copy of the container's, made with docker cp)")
+    ap.add_argument("--user", default=None,
+                    help="account of nginx's workers when it is started as root (default nginx's: nobody)")
     args = ap.parse_args(argv)
     try:
         conf = write(args.prefix, listen=args.listen, upstream=args.upstream, max_body_mb=args.max_upload_mb,
-                     static=args.static)
+                     static=args.static, user=args.user)
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -39,6 +39,7 @@ def test_the_config_serves_the_files_streamlits_page_asks_for_and_passes_the_web
     stream = conf[conf.index("location /_stcore/stream"):]
     assert "proxy_set_header Upgrade $http_upgrade;" in stream and "Connection $connection_upgrade" in stream
     assert "listen 8080;" in conf and "server 127.0.0.1:8501;" in conf and f"pid {tmp_path.resolve()}/" in conf
+    assert "\nuser " not in conf and "\nuser www-data;\n" in nginx.config(tmp_path, user="www-data")
     with pytest.raises(FileNotFoundError, match="not Streamlit's static folder"):
         nginx.config(tmp_path, static=tmp_path)
 
