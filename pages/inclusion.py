@@ -83,7 +83,10 @@ def view() -> None:
                 st.segmented_control, "L1 on", {"l1": "raw spectra", "l1_normalized": "normalized"}, "l1", "l1"
             )
         curves = views.inclusion_curves_frame({d12: t12, d21: t21}, kinds or present, stack)
-        fig2 = figures.grid_curves(
+        # a figure's key names every input it depends on: the two adapters' contents, λ, names and choices
+        pair_key = (*compute.content_key([by_name[tau1], by_name[tau2]]), d12, d21)
+        fig2 = figures.built(
+            figures.grid_curves, (*pair_key, lam, stack, tuple(kinds or present), l1_col),
             curves, title=f"Per-layer {ROW_LABELS[l1_col].split(' =')[0]} and REC, both directions (the paper's Figure 2)",
             rows=[l1_col, "rec"], cols=kinds or present, row_labels=ROW_LABELS,
         )
@@ -128,7 +131,8 @@ def view() -> None:
             )
         if spectra:
             log = st.toggle("Log scale (S2 is often orders of magnitude below S1)", key="s_log")
-            fig_s = figures.spectra_bars(
+            fig_s = figures.built(
+                figures.spectra_bars, (*pair_key, lam, direction, int(slayer), skind, stack, log),
                 spectra, title=f"{direction}: spectra at layer {slayer}, {skind}", detail=f"{direction} · layer {slayer} · {skind}",
                 log=log,
             )
@@ -141,7 +145,8 @@ def view() -> None:
                  compute.lambda_sweep(by_name[tau2], by_name[tau1]).assign(direction=d21)],
                 ignore_index=True,
             )
-        fig_l = figures.sweep_lines(
+        fig_l = figures.built(
+            figures.sweep_lines, pair_key,  # the sweep runs over its own λ grid
             sweep, title="Mean REC and L1 as the sparsity penalty λ grows\nS2 = 0 for every module once λ ≥ 1",
             metrics={"rec": "mean REC", "l1": "mean L1 (raw)", "l1_normalized": "mean L1 (normalized)"},
         )  # both L1 variants, so that the "L1 on" choice above redraws only the curves it names

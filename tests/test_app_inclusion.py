@@ -68,6 +68,23 @@ def test_l1_choice_redraws_the_curves_and_leaves_the_sweep_as_it_was(samples, ad
     assert sweep(at) == before_sweep
 
 
+def test_figures_follow_every_choice_they_are_built_for(samples, adapters):
+    """The page's figures are kept per inputs key (ui.figures.built): a choice that changes a figure gets a
+    new one, going back gives the first one again."""
+    def spectra(at):
+        return next(f for f in plotly_specs(at) if "spectra at layer" in f["layout"]["title"]["text"])
+
+    at = page_test("inclusion.py")
+    linear = spectra(at)
+    at.toggle(key="s_log").set_value(True).run()
+    assert spectra(at)["layout"]["yaxis"].get("type") == "log" != linear["layout"]["yaxis"].get("type")
+    at.radio(key="direction").set_value(at.radio(key="direction").options[1]).run()
+    assert "task1 → task0" in spectra(at)["layout"]["title"]["text"]
+    at.radio(key="direction").set_value(at.radio(key="direction").options[0]).run()
+    at.toggle(key="s_log").set_value(False).run()
+    assert spectra(at) == linear
+
+
 def test_all_pairs_matrix_matches_library(samples, adapters):
     from geometry.inclusion import inclusion_matrix
 
