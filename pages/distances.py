@@ -135,9 +135,12 @@ def view() -> None:
             if len(undefined) > 8:
                 st.caption(f"... and {len(undefined) - 8} more (in the CSV of the full table, as empty cells)")
 
+    # a figure's key names every input it depends on (ui.figures.built): the set's contents, names and choices
+    tensor_key = (*compute.content_key(adapters), *names, metric, factor, stack, kind)
     left, right = st.columns([3, 2] if len(names) > 6 else [1, 1])
     with left:
-        fig = figures.matrix_heatmap(
+        fig = figures.built(
+            figures.matrix_heatmap, (*tensor_key, choice.spec),
             matrix, names,
             title=f"{views.METRIC_LABELS[metric].capitalize()} distance, {kind_label} projections\n"
             f"factor {views.FACTOR_LABELS[factor]} · {where}",
@@ -165,7 +168,8 @@ def view() -> None:
             mapped = compute.embedding(matrix, tuple(names), method)
         if mapped.message:
             st.warning(mapped.message, icon=":material/visibility_off:")
-        fig_map = figures.embedding_scatter(
+        fig_map = figures.built(
+            figures.embedding_scatter, (*tensor_key, choice.spec, method),
             mapped.coords, mapped.names, method=method.upper(),
             detail=f"{views.METRIC_LABELS[metric]} · kind: {kind} · {where}",
             title=f"2-D map ({method.upper()}) of the distance rows\n{views.METRIC_LABELS[metric]} · {kind_label} · {where}",
@@ -183,7 +187,8 @@ def view() -> None:
     chosen = st.multiselect("Pairs", all_pairs, default=all_pairs[: min(4, len(all_pairs))], key="pairs",
                             format_func=lambda p: f"{p[0]} ↔ {p[1]}")
     profile = views.pair_layer_frame(tensor, chosen)
-    fig_lines = figures.layer_lines(
+    fig_lines = figures.built(
+        figures.layer_lines, (*tensor_key, *chosen),
         profile,
         title=f"{views.METRIC_LABELS[metric].capitalize()} distance per layer, {kind_label} projections\n"
         f"factor {views.FACTOR_LABELS[factor]} · one line per pair of adapters",
@@ -197,7 +202,8 @@ def view() -> None:
     )
     if side and len(qv) == 2:
         mats = {k: views.distance_matrix(dists[(metric, factor, stack, k)], choice)[0] for k in qv}
-        fig_qv = figures.side_by_side_heatmaps(
+        fig_qv = figures.built(
+            figures.side_by_side_heatmaps, (*tensor_key, choice.spec),
             mats, names,
             title=f"Query vs value: {views.METRIC_LABELS[metric]} distance (the paper's Figure 3)\n"
             f"factor {views.FACTOR_LABELS[factor]} · {where}",
