@@ -345,7 +345,10 @@ def _keep_partial(namespace: str, key: tuple):
 
 
 def _mark_cancelled(namespace: str, key: tuple):
-    """``on_cancel`` of a run's bar: remembers in the session that this run was cancelled (see :func:`cancelled`)."""
+    """``on_cancel`` of the bar of a run starting now: forgets an earlier cancel of this run and remembers in
+    the session that this one was cancelled if its Cancel is clicked (see :func:`cancelled`)."""
+    st.session_state.get("_cancelled_runs", set()).discard((namespace, key))
+
     def mark() -> None:
         st.session_state.setdefault("_cancelled_runs", set()).add((namespace, key))
     return mark
@@ -383,7 +386,6 @@ def merge_scores(adapters: Sequence[Adapter], tasks_dir: str, merged_adapter, ma
     except _Miss:
         if not run:
             return partial("merge_scores", key)
-    st.session_state.get("_cancelled_runs", set()).discard(("merge_scores", key))
     with progress_bar("Scoring fine-tuned and merged models", on_cancel=_mark_cancelled("merge_scores", key)) as update, \
             queued(update):
         return _disk_compute("merge_scores", key, lambda: evaluate_merge(
@@ -415,7 +417,6 @@ def pairwise(adapters: Sequence[Adapter], tasks_dir: str, method: str, params: d
             if result is None:
                 return None
         else:
-            st.session_state.get("_cancelled_runs", set()).discard(("pairwise", key))
             with progress_bar(f"Pairwise {method} merges", on_cancel=_mark_cancelled("pairwise", key)) as update, \
                     queued(update):
                 result = _disk_compute("pairwise", key, lambda: pairwise_study(
