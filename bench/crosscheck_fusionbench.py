@@ -364,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float | None] | None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--fusionbench-path", default=os.environ.get("FUSIONBENCH_PATH"),
                     help="folder holding the fusion_bench package (default $FUSIONBENCH_PATH, else sys.path)")
-    ap.add_argument("--adapters", default=str(REPO / "sample_adapters"), help="folder of the 8 task adapters")
+    ap.add_argument("--adapters", default=str(REPO / "sample_adapters" / "synthetic"), help="folder of the 8 task adapters")
     ap.add_argument("--layers", default=None, help="comma-separated layer indices (default all)")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
     ap.add_argument("--kinds", default=None, help="comma-separated module kinds, e.g. q,v (default all)")

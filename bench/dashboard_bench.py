@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="dashboard_bench_"))
-    root = args.samples or REPO / "sample_adapters"
+    root = args.samples or REPO / "sample_adapters" / "real"
     paths = list_sample_adapters(root)
     source = "sample_adapters" if paths else "synthetic (sample shapes)"
     if not paths:

@@ -66,7 +66,7 @@ from geometry.base_models import MINILM, quiet  # noqa: E402
 from geometry.learned.divergences import js_divergence  # noqa: E402
 from geometry.runtime import Runtime, adapter_updates  # noqa: E402
 
-SAMPLES = ROOT / "sample_adapters"
+SAMPLES = ROOT / "sample_adapters" / "synthetic"
 
 
 # ---------------------------------------------------------------------------------------------- step vs base

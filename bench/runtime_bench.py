@@ -94,14 +94,14 @@ def dense_weights(model: torch.nn.Module, tasks: list, coefficients: list[float]
 def _sample_updates(names: list[str]) -> list[LoraUpdates]:
     from geometry.runtime import adapter_updates
 
-    return [adapter_updates(load_adapter(ROOT / "sample_adapters" / n)) for n in names]
+    return [adapter_updates(load_adapter(ROOT / "sample_adapters" / "synthetic" / n)) for n in names]
 
 
 def time_sample_base(args: argparse.Namespace, device: torch.device) -> dict:
     tasks = _sample_updates(list(SAMPLE_TASKS))
     coefficients = [1.0 / len(tasks)] * len(tasks)
     runtime = Runtime.for_base(MINILM, "SEQ_CLS", num_labels=2, device=device)
-    data = load_task(ROOT / "sample_adapters" / "tasks" / "sentiment_movies", "test")
+    data = load_task(ROOT / "sample_adapters" / "synthetic" / "tasks" / "sentiment_movies", "test")
     enc = runtime.encode(data.texts[: args.batch], max_length=args.max_length)
     enc = {k: v.to(device) for k, v in enc.items()}
     model = runtime.model

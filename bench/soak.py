@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=120.0)
-    parser.add_argument("--samples", type=Path, default=REPO / "sample_adapters")
+    parser.add_argument("--samples", type=Path, default=REPO / "sample_adapters" / "synthetic")
     parser.add_argument("--demo", action="store_true", help="run the server in demo mode (ADAPTER_ATLAS_DEMO=1)")
     parser.add_argument("--proxy", choices=("none", "nginx"), default="none",
                         help="nginx: the visitors go through nginx (deploy/nginx.py), which serves Streamlit's "

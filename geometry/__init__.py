@@ -3,11 +3,11 @@
 No Streamlit here: every function is callable from a notebook or ``python -m geometry``.
 
     import geometry
-    ads = geometry.load("sample_adapters")                          # AdapterSet, by name
+    ads = geometry.load("sample_adapters/synthetic")                          # AdapterSet, by name
     geometry.distances(ads, metric="grassmann", kind="v", layers="last:5")
     geometry.inclusion(ads["nli"], ads["paraphrase"])
     m = geometry.merge(ads[["nli", "paraphrase"]], method="ties", density=0.2); m.save("out/")
-    geometry.evaluate(m, tasks="sample_adapters/tasks")
+    geometry.evaluate(m, tasks="sample_adapters/synthetic/tasks")
 
 See :mod:`geometry.api` for the contract; each function names the module holding its maths.
 """

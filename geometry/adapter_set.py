@@ -1,6 +1,6 @@
 """An ordered set of adapters with unique names: what ``geometry.load`` returns and the API takes.
 
-    ads = geometry.load(["sample_adapters/nli", "sample_adapters/paraphrase"])
+    ads = geometry.load(["sample_adapters/synthetic/nli", "sample_adapters/synthetic/paraphrase"])
     ads["nli"]            # an Adapter, by name
     ads[["nli"]]          # a smaller AdapterSet
     ads.names, len(ads), list(ads)   # names, count, the Adapters in order

@@ -1,12 +1,12 @@
 """The notebook API: the main things in a few lines, results labelled by adapter name.
 
     import geometry
-    ads = geometry.load(["sample_adapters/nli", "some.zip", "hub:owner/name"])  # AdapterSet, by name
+    ads = geometry.load(["sample_adapters/synthetic/nli", "some.zip", "hub:owner/name"])  # AdapterSet, by name
     geometry.distances(ads, metric="grassmann", kind="v", layers="last:5")    # DataFrame adapters x adapters
     geometry.distances(ads, metric="cosine", per_layer=True)                  # long DataFrame, one row per pair and layer
     geometry.inclusion(ads["nli"], ads["paraphrase"])                         # DataFrame, one row per module
     m = geometry.merge(ads, method="ties", density=0.2); m.save("out/")       # a peft folder
-    geometry.evaluate(m, tasks="sample_adapters/tasks")                       # per-task scores and ANP
+    geometry.evaluate(m, tasks="sample_adapters/synthetic/tasks")                       # per-task scores and ANP
 
 These six names (``load``, ``distances``, ``inclusion``, ``merge``, ``evaluate``, ``AdapterSet``)
 are a stable contract. One keyword spelling everywhere: ``metric``, ``factor`` (``ba``, ``a``,
@@ -55,7 +55,7 @@ def load(sources: Source | Iterable[Source], names: Sequence[str] | None = None)
 
     ``sources``: one or a list of adapter folders, ``.zip`` files (path or bytes), ``hub:owner/name``
     ids, already loaded :class:`Adapter` objects, or a folder of adapter folders (each loaded, in
-    name order, e.g. ``geometry.load("sample_adapters")``). ``names`` renames them in order;
+    name order, e.g. ``geometry.load("sample_adapters/synthetic")``). ``names`` renames them in order;
     otherwise each keeps its folder / file name, made unique with ``-2``, ``-3``.
     A source that fails raises :class:`AdapterLoadError` naming it (nothing is half-loaded).
     """

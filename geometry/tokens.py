@@ -26,11 +26,11 @@ every adapter at once (unit-normalised by default, the metrics being cosine ones
 motion between layers and between models is motion, not a change of axes.
 
     import geometry, geometry.tokens as tk
-    ads = geometry.load("sample_adapters")
+    ads = geometry.load("sample_adapters/synthetic")
     dyn = tk.token_dynamics(ads[["nli", "paraphrase"]], text="A man is playing a guitar.", threshold=0.5)
     dyn.table              # one row per (adapter, layer)
     dyn.points             # 2-D coordinates of every (model, layer, token)
-    tk.batch_dynamics(ads[["nli"]], task="sample_adapters/tasks/nli", limit=32).summary   # mean and spread
+    tk.batch_dynamics(ads[["nli"]], task="sample_adapters/synthetic/tasks/nli", limit=32).summary   # mean and spread
 
 Hidden states of a text are cached on disk (:mod:`geometry.diskcache`) by adapter content, base, text and
 ``max_length``; the batch tables by the same plus the texts, the threshold and ``include_special``.

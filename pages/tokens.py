@@ -52,9 +52,7 @@ real_tab, toy_tab = st.tabs(["Real model", "Toy particle model"])
 
 
 def _tasks_dir():
-    from ui.adapter_set import samples_dir
-
-    return samples_dir() / "tasks"
+    return state.samples_root() / "tasks"
 
 
 def real_view() -> None:

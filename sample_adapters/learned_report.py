@@ -58,9 +58,8 @@ from geometry.merge_eval import evaluate_merge, find_task_dir, performance
 from geometry.runtime import adapter_updates
 from sample_adapters.merge_report import task_adapters
 
-ROOT = Path(__file__).resolve().parent
-TASKS = ROOT / "tasks"
-OUT = ROOT / "LEARNED_RESULTS.md"
+ROOT = Path(__file__).resolve().parent / "real"
+OUT_NAME = "LEARNED_RESULTS.md"
 
 #: name -> (label, how to merge): ("static", method, params, weights rule) or ("learned", class, keywords)
 METHODS: dict[str, tuple] = {
@@ -105,7 +104,12 @@ PAPER_TABLE6 = {
 PAPER_TABLE2 = {"kl": 0.773, "js": 0.818}
 #: the report's sections: option name -> heading name
 SECTIONS = {"table3": "Table 3", "table2": "Table 2", "figure4": "Figure 4", "figure2": "Figure 2 / Table 6"}
-FIGURE4_PAIRS = (("acceptability", "sentiment_movies"), ("nli", "question"), ("paraphrase", "negation"))
+#: Figure 4's three pairs per sample set: the paper's CoLA + SST-2, MNLI + QNLI, MRPC + RTE (real: RTE stands in
+#: for MNLI, which is not in ../shared; synthetic: the closest generated tasks)
+FIGURE4_PAIRS = {
+    "real": (("cola", "sst2"), ("rte", "qnli"), ("mrpc", "rte")),
+    "synthetic": (("acceptability", "sentiment_movies"), ("nli", "question"), ("paraphrase", "negation")),
+}
 FIGURE4_SAMPLES = (5, 10, 25, 50, 100, 200)
 
 
@@ -121,9 +125,9 @@ def merge_anp(method: str, adapters: Sequence, args: argparse.Namespace, samples
     if kind[0] == "static":
         _, name, params, rule = kind
         weights = [1.0 / n] * n if rule == "1/T" else [1.0] * n
-        return evaluate_merge(adapters, TASKS, name, weights, max_examples=args.limit, **params).anp
+        return evaluate_merge(adapters, args.root / "tasks", name, weights, max_examples=args.limit, **params).anp
     _, cls, keywords = kind
-    result = cls(adapters, TASKS, samples=samples or args.samples, seed=args.seed, **keywords).fit(
+    result = cls(adapters, args.root / "tasks", samples=samples or args.samples, seed=args.seed, **keywords).fit(
         evaluate_at_end=True, limit=args.limit)
     return float(result.anp)
 
@@ -151,12 +155,12 @@ def cross_table(adapters: Sequence, args: argparse.Namespace) -> dict:
     div = {"js": np.zeros((n, n)), "kl": np.zeros((n, n))}
     perf = np.zeros((n, n))
     for i, ad_i in enumerate(adapters):
-        inputs = select(task_inputs(ad_i, TASKS, "validation"), args.divergence_inputs, args.seed)
+        inputs = select(task_inputs(ad_i, args.root / "tasks", "validation"), args.divergence_inputs, args.seed)
         term = ClassificationTerm(0, [ad_i], inputs)
         term.prepare()
         logp = term._reference.double()
         rt = term.runtime
-        folder = find_task_dir(ad_i, TASKS, "test")
+        folder = find_task_dir(ad_i, args.root / "tasks", "test")
         for j, ad_j in enumerate(adapters):
             body = dataclasses.replace(adapter_updates(ad_j), head=dict(ad_i.other_tensors),
                                        name=f"{ad_j.name}+head:{ad_i.name}")
@@ -243,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of the methods")
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"comma-separated subset of {','.join(SECTIONS)} (Table 3 always runs: Figure 2 reuses it)")
-    parser.add_argument("--out", default=str(OUT), help=f"output Markdown file (default {OUT.name})")
+    parser.add_argument("--root", type=Path, default=ROOT, help="folder of the adapters and tasks/ (default: the real set)")
+    parser.add_argument("--out", default=None, help=f"output Markdown file (default <root>/{OUT_NAME})")
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS))
@@ -254,8 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown sections {sorted(sections - set(SECTIONS))}; choose from {', '.join(SECTIONS)}")
     torch.set_num_threads(1)
     start = time.perf_counter()
-    folders = task_adapters()
-    fig4_pairs, fig4_samples = FIGURE4_PAIRS, FIGURE4_SAMPLES
+    folders = task_adapters(args.root)
+    args.out = args.out or str(args.root / OUT_NAME)
+    fig4_pairs, fig4_samples = FIGURE4_PAIRS.get(args.root.name, FIGURE4_PAIRS["synthetic"]), FIGURE4_SAMPLES
     if args.quick:
         folders = folders[:3]
         args.samples, args.limit, args.subsets, args.divergence_inputs = 8, 40, 1, 24

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent / "real"
 #: Designed pairs of close tasks (SCIENCE.md section 1 asks whether they are nearest neighbours).
 DESIGNED_PAIRS = [("sentiment_movies", "sentiment_products"), ("nli", "paraphrase")]
 #: A task whose adapter scores below this test accuracy is called hard.

@@ -1,7 +1,13 @@
-"""Rebuild the sample tasks and LoRA adapters from scratch: ``python -m sample_adapters.train``.
+"""Rebuild the sample tasks and LoRA adapters from scratch: ``python -m sample_adapters.train --set real``.
 
-For every task of :data:`sample_adapters.taskgen.TASKS` it writes ``<out>/tasks/<task>/`` and trains
-one LoRA adapter ``<out>/<task>/`` on all-MiniLM-L6-v2 (the geometry paper's setting: r = 8,
+Two sample sets. ``--set real`` (the default set of the dashboard): the eight real classification
+tasks of :mod:`sample_adapters.realdata` (GLUE's SST-2, CoLA, MRPC, RTE, QNLI, STS-B binarised, AG News,
+emotion), task folders rebuilt from ``../shared/datasets`` (or the committed ones), adapters in
+``sample_adapters/real/``; steps and learning rate were chosen on the validation splits, the same for
+every task (``sample_adapters/real/TUNING.md``, ``--tune``). ``--set synthetic``: the template-grammar
+tasks of :data:`sample_adapters.taskgen.TASKS`, written to ``<out>/tasks/<task>/``.
+
+For every task it trains one LoRA adapter ``<out>/<task>/`` on all-MiniLM-L6-v2 (the geometry paper's setting: r = 8,
 alpha = 16 on ``query`` and ``value``; the classification head is saved through peft's
 ``modules_to_save``). Variants of one task (``--variant-task``, default ``sentiment_movies``):
 ``_r16`` (r = 16, alpha = 32: same scale 2), ``_qkvo`` (query, key, value and
@@ -36,9 +42,17 @@ import torch
 from geometry.base_models import MINILM, quiet, resolve_base
 from geometry.evaluate import classification_scores, load_classifier, predict
 from geometry.tasks import TaskData, load_task
+from sample_adapters import realdata
 from sample_adapters.taskgen import TASKS, write_task
 
 ROOT = Path(__file__).resolve().parent
+#: every sample set: its folder, its tasks, the task of its control variants and its defaults
+SETS = {
+    "real": {"out": ROOT / "real", "tasks": list(realdata.TASKS), "variant_task": "sst2",
+             "steps": 1000, "lr": 1e-3, "max_length": 128},
+    "synthetic": {"out": ROOT / "synthetic", "tasks": list(TASKS), "variant_task": "sentiment_movies",
+                  "steps": 200, "lr": 3e-3, "max_length": 64},
+}
 QV = ["query", "value"]
 QKVO = ["query", "key", "value", "attention.output.dense"]
 #: Tasks trained for a multiple of ``--steps`` (their baseline too). With 200 steps the acceptability
@@ -129,8 +143,25 @@ def _encode(tokenizer, data: TaskData, idx, max_length: int) -> dict[str, torch.
     return dict(tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
 
 
-def train_lora(run: Run, train: TaskData, args, tokenizer, base_path: str, schedule: list[np.ndarray], bar) -> tuple:
-    """Train one adapter; returns ``(peft model, init hash, seconds, final mean loss)``."""
+@torch.no_grad()
+def _accuracy(model, tokenizer, data: TaskData, max_length: int, batch_size: int = 64) -> float:
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for s in range(0, len(data), batch_size):
+        idx = list(range(s, min(s + batch_size, len(data))))
+        logits = model(**_encode(tokenizer, data, idx, max_length)).logits
+        correct += int((logits.argmax(-1).numpy() == np.asarray(data.labels)[idx]).sum())
+    model.train(was_training)
+    return correct / len(data)
+
+
+def train_lora(run: Run, train: TaskData, args, tokenizer, base_path: str, schedule: list[np.ndarray], bar,
+               validation: TaskData | None = None) -> tuple:
+    """Train one adapter; returns ``(peft model, init hash, seconds, final mean loss, validation curve)``.
+
+    With ``args.eval_every`` and ``validation``, the curve is ``[(step, validation accuracy), ...]``
+    (evaluation time excluded from the seconds)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
@@ -145,7 +176,7 @@ def train_lora(run: Run, train: TaskData, args, tokenizer, base_path: str, sched
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     labels = torch.tensor(train.labels)
     model.train()
-    start, losses = time.perf_counter(), []
+    start, losses, curve, eval_seconds = time.perf_counter(), [], [], 0.0
     for step, idx in enumerate(schedule):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, len(schedule), args.lr)
@@ -156,7 +187,12 @@ def train_lora(run: Run, train: TaskData, args, tokenizer, base_path: str, sched
         losses.append(float(out.loss.detach()))
         bar.update(1)
         bar.set_postfix_str(f"{run.name} loss {np.mean(losses[-20:]):.3f}")
-    return model.eval(), init_hash, time.perf_counter() - start, float(np.mean(losses[-20:]))
+        if validation is not None and args.eval_every and (step + 1) % args.eval_every == 0:
+            t0 = time.perf_counter()
+            curve.append((step + 1, round(_accuracy(model, tokenizer, validation, args.max_length), 4)))
+            eval_seconds += time.perf_counter() - t0
+    seconds = time.perf_counter() - start - eval_seconds
+    return model.eval(), init_hash, seconds, float(np.mean(losses[-20:])), curve
 
 
 @torch.no_grad()
@@ -203,9 +239,10 @@ def head_only(task: str, splits: dict[str, TaskData], args, tokenizer, base_path
     for split in ("test",):
         with torch.no_grad():
             pred = head(feats[split]).argmax(-1).numpy()
-        out["head_only"][split] = {**classification_scores(pred, splits[split].labels), "n": len(pred)}
+        out["head_only"][split] = {**scores(pred, splits[split].labels), "n": len(pred)}
         pred = probe.predict(feats[split].numpy())
-        out["linear_probe"][split] = {**classification_scores(pred, splits[split].labels), "n": len(pred)}
+        out["linear_probe"][split] = {**scores(pred, splits[split].labels), "n": len(pred)}
+    out["majority"] = majority(splits)
     return out
 
 
@@ -229,29 +266,54 @@ def save_adapter(model, folder: Path) -> None:
     (folder / "README.md").unlink(missing_ok=True)  # peft's model card records the local path
 
 
-def score_folder(folder: Path, task_dir: Path, batch_size: int = 64) -> dict:
-    """Test scores of a saved adapter through :mod:`geometry.evaluate`, also on the rows whose
-    label was not flipped by the documented noise (validation is left to ``python -m geometry evaluate``)."""
+def scores(pred, labels) -> dict:
+    """Accuracy and macro-F1, plus GLUE's own metrics of a binary task: Matthews correlation (CoLA's)
+    and the F1 of class 1 (MRPC's: 'paraphrase')."""
+    from sklearn.metrics import f1_score, matthews_corrcoef
+
+    out = classification_scores(pred, labels)
+    if len(set(labels)) == 2:
+        out["matthews"] = float(matthews_corrcoef(labels, pred))
+        out["f1"] = float(f1_score(labels, pred, pos_label=1, zero_division=0.0))
+    return out
+
+
+def majority(splits: dict[str, TaskData]) -> dict:
+    """The majority class of the training split, predicted for every test row."""
+    counts = np.bincount(splits["train"].labels, minlength=len(splits["train"].label_names))
+    label = int(np.argmax(counts))
+    test = splits["test"].labels
+    return {"label": splits["train"].label_names[label], "test": {**scores([label] * len(test), test), "n": len(test)}}
+
+
+def score_folder(folder: Path, task_dir: Path, batch_size: int = 64, max_length: int = 128) -> dict:
+    """Test scores of a saved adapter through :mod:`geometry.evaluate`; for the synthetic set also on
+    the rows whose label was not flipped by the documented noise (validation is left to
+    ``python -m geometry evaluate``)."""
     model, tokenizer = load_classifier(folder, device="cpu")
     out = {}
     for split in ("test",):
         data = load_task(task_dir, split)
-        pred = predict(model, tokenizer, data, batch_size=batch_size)
-        out[split] = {**classification_scores(pred, data.labels), "n": len(data)}
+        pred = predict(model, tokenizer, data, batch_size=batch_size, max_length=max_length)
+        out[split] = {**scores(pred, data.labels), "n": len(data)}
         keep = ~_flipped(task_dir, split)
-        out[split]["accuracy_unflipped"] = float(np.mean(pred[keep] == np.asarray(data.labels)[keep]))
+        if not keep.all():
+            out[split]["accuracy_unflipped"] = float(np.mean(pred[keep] == np.asarray(data.labels)[keep]))
     return out
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m sample_adapters.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated task names (default: all)")
-    p.add_argument("--variant-task", default="sentiment_movies", help="task of the r16/qkvo/seed variants ('' = none)")
-    p.add_argument("--out", type=Path, default=ROOT, help="output root (adapters and tasks/)")
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--set", choices=sorted(SETS), default="real", help="which sample set (default: real)")
+    p.add_argument("--tasks", default=None, help="comma-separated task names (default: all of the set)")
+    p.add_argument("--variant-task", default=None, help="task of the r16/qkvo/seed variants ('' = none)")
+    p.add_argument("--out", type=Path, default=None, help="output root (adapters and tasks/; default: the set's folder)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the set's)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the set's)")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per input (default: the set's)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="record validation accuracy every N steps (the tuning runs; 0 = never)")
     p.add_argument("--seed", type=int, default=0, help="data order and dropout seed")
     p.add_argument("--init-seed", type=int, default=0, help="LoRA A / head initialisation seed")
     p.add_argument("--data-seed", type=int, default=0, help="task generator seed")
@@ -259,7 +321,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--only-data", action="store_true", help="write the task files and stop")
     p.add_argument("--no-baseline", action="store_true", help="skip the frozen-base baselines")
     p.add_argument("--only", default="", help="comma-separated adapter names to (re)train (default: all planned)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    defaults = SETS[args.set]
+    args.tasks = args.tasks if args.tasks is not None else ",".join(defaults["tasks"])
+    args.variant_task = args.variant_task if args.variant_task is not None else defaults["variant_task"]
+    for key in ("out", "steps", "lr", "max_length"):
+        if getattr(args, key) is None:
+            setattr(args, key, defaults[key])
+    return args
 
 
 def _tokenizer():
@@ -284,11 +353,13 @@ def _job(job: tuple, args: argparse.Namespace, progress) -> tuple:
         return kind, task, {**head_only(task, splits, args, tokenizer, base_path, schedule),
                             "seconds": round(time.perf_counter() - t0, 1)}
     run: Run = payload
-    model, init_hash, seconds, loss = train_lora(run, splits["train"], args, tokenizer, base_path, schedule, progress)
+    validation = load_task(task_dir, "validation") if args.eval_every else None
+    model, init_hash, seconds, loss, curve = train_lora(run, splits["train"], args, tokenizer, base_path, schedule,
+                                                        progress, validation)
     folder = args.out / run.name
     save_adapter(model, folder)
     t0 = time.perf_counter()
-    scores = score_folder(folder, task_dir)
+    test_scores = score_folder(folder, task_dir, max_length=args.max_length)
     info = {
         "adapter": run.name, "task": run.task, "variant": run.kind, "base_model": MINILM,
         "labels": splits["train"].label_names, "r": run.r, "lora_alpha": run.alpha,
@@ -298,8 +369,10 @@ def _job(job: tuple, args: argparse.Namespace, progress) -> tuple:
         "optimizer": "AdamW (weight decay 0)", "max_length": args.max_length, "lora_dropout": 0.0,
         "train_examples": len(splits["train"]), "final_train_loss": round(loss, 4),
         "train_seconds": round(seconds, 1), "eval_seconds": round(time.perf_counter() - t0, 1),
-        "threads": 1, "scores": scores, "versions": _versions(),
+        "threads": 1, "scores": test_scores, "versions": _versions(),
     }
+    if curve:
+        info["validation_curve"] = curve
     return kind, run.name, info
 
 
@@ -351,12 +424,18 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     args.out = args.out.resolve()
     tasks = [t for t in args.tasks.split(",") if t]
-    unknown = [t for t in tasks if t not in TASKS]
+    known = SETS[args.set]["tasks"]
+    unknown = [t for t in tasks if t not in known]
     if unknown:
-        print(f"error: unknown task(s) {unknown}; known: {', '.join(TASKS)}", file=sys.stderr)
+        print(f"error: unknown task(s) {unknown} for --set {args.set}; known: {', '.join(known)}", file=sys.stderr)
         return 2
-    for t in tasks:
-        write_task(TASKS[t], args.out / "tasks", seed=args.data_seed)
+    if args.set == "synthetic":
+        for t in tasks:
+            write_task(TASKS[t], args.out / "tasks", seed=args.data_seed)
+    else:  # the committed subsets; rebuilt from ../shared/datasets only where missing
+        missing = [t for t in tasks if not (args.out / "tasks" / t / "test.jsonl").is_file()]
+        if missing:
+            realdata.write_tasks(args.out / "tasks", realdata.SHARED, missing)
     if args.only_data:
         print(f"wrote {len(tasks)} tasks to {args.out / 'tasks'}")
         return 0

@@ -15,7 +15,7 @@ from geometry.loader import load_adapter
 from tests.learned_fixtures import amplified, learned_study
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLES = REPO / "sample_adapters"
+SAMPLES = REPO / "sample_adapters" / "synthetic"
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 from tests.app_fixtures import decode, page_test, plotly_specs, write_sample_set
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-SAMPLES = Path(__file__).resolve().parents[1] / "sample_adapters"
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_adapters" / "synthetic"
 
 
 def _titles(at) -> list[str]:

@@ -57,7 +57,7 @@ def _samples(tmp: Path) -> Path:
     """The bundled sample adapters (what a user sees) when there are enough, else tiny generated ones."""
     from ui.adapter_set import list_sample_adapters
 
-    real = REPO / "sample_adapters"
+    real = REPO / "sample_adapters" / "synthetic"
     return real if len(list_sample_adapters(real)) >= 3 else write_sample_set(tmp / "samples", n=4, layers=6)
 
 

@@ -40,7 +40,7 @@ def test_skips_cleanly_without_fusionbench(tmp_path, capsys):
 
 
 def test_crosscheck_one_module(script, capsys):
-    if not (REPO / "sample_adapters" / "nli").is_dir():
+    if not (REPO / "sample_adapters" / "synthetic" / "nli").is_dir():
         pytest.skip("sample adapters absent")
     result = script.main(["--layers", "0", "--kinds", "v", "--methods", "tsv_m,iso_c,iso_cts,ties,dare"])
     last = capsys.readouterr().out.strip().splitlines()[-1]

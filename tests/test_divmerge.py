@@ -24,7 +24,7 @@ from tests.learned_fixtures import amplified, learned_study
 from tests.merge_fixtures import write_study
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLES = REPO / "sample_adapters"
+SAMPLES = REPO / "sample_adapters" / "synthetic"
 
 
 @pytest.fixture(autouse=True)

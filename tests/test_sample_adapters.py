@@ -15,7 +15,7 @@ from geometry.base_models import MINILM, resolve_base
 from geometry.evaluate import classification_scores, evaluate
 from geometry.tasks import load_task
 
-ROOT = Path(__file__).resolve().parents[1] / "sample_adapters"
+ROOT = Path(__file__).resolve().parents[1] / "sample_adapters" / "synthetic"
 FOLDERS = sorted(p.parent for p in ROOT.glob("*/training_info.json"))
 pytestmark = pytest.mark.skipif(not FOLDERS, reason="no trained sample adapters")
 
@@ -161,7 +161,7 @@ def test_results_md_carries_the_merge_numbers_of_merge_results_md():
     """RESULTS.md's merging section is generated from MERGE_RESULTS.md: the two files agree."""
     from sample_adapters.report import merge_section
 
-    root = Path(__file__).resolve().parents[1] / "sample_adapters"
+    root = Path(__file__).resolve().parents[1] / "sample_adapters" / "synthetic"
     merge_md = (root / "MERGE_RESULTS.md").read_text()
     section = merge_section(merge_md)
     results = (root / "RESULTS.md").read_text()

@@ -16,7 +16,7 @@ import st_protocol  # noqa: E402
 
 from bench.browser_latency import streamlit_server  # noqa: E402
 
-SAMPLES = REPO / "sample_adapters"
+SAMPLES = REPO / "sample_adapters" / "synthetic"
 pytestmark = pytest.mark.skipif(not (SAMPLES / "nli").is_dir(), reason="no sample adapters")
 
 

@@ -12,7 +12,7 @@ from geometry.tasks import TaskLoadError, load_task
 from sample_adapters.taskgen import TASKS, generate, write_task
 from sample_adapters.taskgen.common import heldout_templates
 
-SHIPPED = Path(__file__).resolve().parents[1] / "sample_adapters" / "tasks"
+SHIPPED = Path(__file__).resolve().parents[1] / "sample_adapters" / "synthetic" / "tasks"
 SMALL = {"train": 150, "validation": 40, "test": 60}
 
 

@@ -15,7 +15,7 @@ from geometry import tokens as tk
 from geometry.errors import AtlasError, IncompatibleAdaptersError
 from tests.app_fixtures import write_adapter
 
-REPO_SAMPLES = Path(__file__).resolve().parents[1] / "sample_adapters"
+REPO_SAMPLES = Path(__file__).resolve().parents[1] / "sample_adapters" / "synthetic"
 TEXT = "A man is playing a guitar on the stage."
 
 

@@ -15,15 +15,33 @@ from geometry.adapter_set import AdapterSet
 from geometry.errors import AtlasError
 
 REPO = Path(__file__).resolve().parents[1]
-#: Environment variable that points the dashboard at another folder of sample adapters (tests).
+#: Environment variable that points the dashboard at one other folder of sample adapters (tests, hosts).
 SAMPLES_ENV = "ADAPTER_ATLAS_SAMPLES"
 #: File names the uploader accepts.
 UPLOAD_TYPES = ("zip", "json", "safetensors", "bin")
+#: The bundled sample sets (folders of ``sample_adapters/``), the first the default.
+SAMPLE_SETS = {
+    "real": "Real tasks: GLUE, AG News, emotion",
+    "synthetic": "Synthetic tasks: template grammars",
+}
+DEFAULT_SET = next(iter(SAMPLE_SETS))
 
 
-def samples_dir() -> Path:
-    """``$ADAPTER_ATLAS_SAMPLES`` when set, else ``<repo>/sample_adapters``."""
-    return Path(os.environ.get(SAMPLES_ENV) or REPO / "sample_adapters")
+def sample_sets() -> dict[str, str]:
+    """``{name: label}`` of the bundled sample sets present on disk; empty when ``$ADAPTER_ATLAS_SAMPLES``
+    points the dashboard at one folder (then there is nothing to switch)."""
+    if os.environ.get(SAMPLES_ENV):
+        return {}
+    return {k: v for k, v in SAMPLE_SETS.items() if (REPO / "sample_adapters" / k).is_dir()}
+
+
+def samples_dir(sample_set: str | None = None) -> Path:
+    """``$ADAPTER_ATLAS_SAMPLES`` when set, else ``<repo>/sample_adapters/<sample_set>`` (default: the real set)."""
+    env = os.environ.get(SAMPLES_ENV)
+    if env:
+        return Path(env)
+    name = sample_set if sample_set in SAMPLE_SETS else DEFAULT_SET
+    return REPO / "sample_adapters" / name
 
 
 def list_sample_adapters(root: Path | str | None = None) -> list[Path]:

@@ -88,7 +88,7 @@ def task_data(key: str, help: str, uploads: bool = False) -> str | None:
     files the visitor uploads (one per task, written to a content-addressed temporary folder; see
     :func:`uploaded_tasks`). ``None`` when there is none."""
     from ui import demo
-    from ui.adapter_set import samples_dir
+    from ui.state import samples_root
 
     sources = ["Bundled with this demo" if demo.demo_mode() else "Folder on this server"]
     if uploads:
@@ -98,8 +98,8 @@ def task_data(key: str, help: str, uploads: bool = False) -> str | None:
     if source == "Upload test files":
         return uploaded_tasks(key)
     if not demo.demo_mode():
-        return st.text_input("Task data folder", value=str(samples_dir() / "tasks"), key=key, help=help)
-    sets = demo.bundled_task_sets()
+        return st.text_input("Task data folder", value=str(samples_root() / "tasks"), key=key, help=help)
+    sets = demo.bundled_task_sets(samples_root())
     if not sets:
         st.warning("This demo server has no bundled task data: scoring is off.", icon=":material/warning:")
         return None

@@ -7,7 +7,7 @@ import os
 import streamlit as st
 
 from ui import demo, state
-from ui.adapter_set import UPLOAD_TYPES, load_hub_id, load_uploads
+from ui.adapter_set import UPLOAD_TYPES, load_hub_id, load_uploads, sample_sets, samples_dir
 
 UPLOAD_COUNTER = "upload_generation"
 NEWEST_KEY = "newest_adapters"
@@ -90,6 +90,27 @@ def on_remove() -> None:
     state.report([], [f"removed {', '.join(gone)}"] if gone else [])
 
 
+def on_switch_set() -> None:
+    """Sample set picked in the sidebar: its adapters replace the previous set's samples; uploads and hub
+    adapters stay, and task-folder fields that pointed at the previous set's tasks follow the new one."""
+    old = st.session_state.get(state.SAMPLE_SET_KEY)
+    new = st.session_state.get("sample_set_choice") or old
+    if new == old:
+        return
+    old_tasks = str(samples_dir(old) / "tasks")
+    for key in [k for k, v in st.session_state.items() if isinstance(v, str) and v == old_tasks]:
+        del st.session_state[key]
+    st.session_state[state.SAMPLE_SET_KEY] = new
+    aset, errors = state.fresh_sample_set()
+    kept = state.adapter_set()
+    for name, adapter in kept.items():
+        origin = kept.origin.get(name, "upload")
+        if not origin.startswith("sample:"):
+            aset.add(adapter, origin=origin, name=name)
+    state.replace_set(aset)
+    state.report(errors, [f"sample set: {sample_sets().get(new, new)}"])
+
+
 def on_reset() -> None:
     aset, errors = state.fresh_sample_set()
     state.replace_set(aset)
@@ -101,6 +122,14 @@ def render() -> None:
     aset = state.adapter_set()
     sb = st.sidebar
     sb.markdown("### Adapter set")
+    sets = sample_sets()
+    if len(sets) > 1:
+        current = state.current_set()
+        st.session_state["sample_set_choice"] = current
+        sb.selectbox("Sample set", list(sets), format_func=sets.get, key="sample_set_choice", on_change=on_switch_set,
+                     help="The bundled sample adapters and their tasks. Real tasks: LoRA adapters trained on GLUE "
+                          "(SST-2, CoLA, MRPC, RTE, QNLI, STS-B), AG News and emotion; synthetic: template-grammar "
+                          "tasks. Switching keeps your uploads.")
     errors, notices = state.messages()
     for message in errors:
         sb.error(message, icon=":material/error:")

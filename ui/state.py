@@ -15,12 +15,36 @@ from pathlib import Path
 
 import streamlit as st
 
-from ui.adapter_set import AdapterSet, list_sample_adapters, load_sample_set, sample_name, samples_dir
+from ui.adapter_set import (
+    DEFAULT_SET,
+    AdapterSet,
+    list_sample_adapters,
+    load_sample_set,
+    sample_name,
+    sample_sets,
+    samples_dir,
+)
 
 SET_KEY = "adapter_set"
 ERRORS_KEY = "load_errors"
 NOTICES_KEY = "load_notices"
 URL_ADAPTERS = "adapters"
+#: the session's sample set (``ui.adapter_set.SAMPLE_SETS``), also in the URL as ``set`` when not the default
+SAMPLE_SET_KEY = "sample_set"
+URL_SET = "set"
+
+
+def current_set() -> str:
+    """The session's sample set: chosen in the sidebar, or named by the link (``?set=synthetic``)."""
+    if SAMPLE_SET_KEY not in st.session_state:
+        wanted = st.query_params.get(URL_SET)
+        st.session_state[SAMPLE_SET_KEY] = wanted if wanted in sample_sets() else DEFAULT_SET
+    return st.session_state[SAMPLE_SET_KEY]
+
+
+def samples_root() -> Path:
+    """The folder of the session's sample set (its adapters and its ``tasks/``)."""
+    return samples_dir(current_set())
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
@@ -50,7 +74,7 @@ def sample_paths(root: Path | None = None) -> list[Path]:
     """The sample adapter folders under ``root``: the recursive search runs again only when the folders
     change (:func:`_folder_stamp`, looked at once per ``SAMPLE_PATHS_TTL`` seconds). It ran on every
     script run of every session before: 8 % of the server's script time under the soak's 8 visitors."""
-    root = Path(root or samples_dir())
+    root = Path(root or samples_root())
     now = time.monotonic()
     with _SAMPLE_PATHS_LOCK:
         hit = _SAMPLE_PATHS.get(str(root))
@@ -68,7 +92,7 @@ def sample_paths(root: Path | None = None) -> list[Path]:
 
 def fresh_sample_set(names: list[str] | None = None, root: Path | None = None) -> tuple[AdapterSet, list[str]]:
     """The sample set (only ``names`` when given and any of them exist), plus load errors."""
-    root = root or samples_dir()
+    root = root or samples_root()
     paths = sample_paths(root)
     if names:
         wanted = [p for p in paths if sample_name(p, root) in set(names)]
@@ -104,8 +128,15 @@ def messages() -> tuple[list[str], list[str]]:
 
 def sync_url(aset: AdapterSet) -> None:
     """Write the sample adapters of the set to the URL (nothing when it is the full sample set)."""
+    chosen = current_set()
+    if chosen != DEFAULT_SET and sample_sets():
+        if st.query_params.get(URL_SET) != chosen:
+            st.query_params[URL_SET] = chosen
+    elif URL_SET in st.query_params:
+        del st.query_params[URL_SET]
     samples = aset.sample_names()
-    all_samples = [sample_name(p) for p in sample_paths()]
+    root = samples_root()
+    all_samples = [sample_name(p, root) for p in sample_paths(root)]
     if samples and samples != all_samples:
         if st.query_params.get_all(URL_ADAPTERS) != samples:
             st.query_params[URL_ADAPTERS] = samples

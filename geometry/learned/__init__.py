@@ -17,12 +17,12 @@ module                 what
 
     import geometry
     from geometry.learned import DivMerge, divmerge
-    ads = geometry.load(["sample_adapters/nli", "sample_adapters/paraphrase"])
-    result = divmerge(ads, "sample_adapters/tasks", level="task", divergence="js")
+    ads = geometry.load(["sample_adapters/synthetic/nli", "sample_adapters/synthetic/paraphrase"])
+    result = divmerge(ads, "sample_adapters/synthetic/tasks", level="task", divergence="js")
     result.frame()                      # coefficients, adapters x layers
     result.anp, result.merge().save("out/")
 
-    run = DivMerge(ads, "sample_adapters/tasks", level="layer")
+    run = DivMerge(ads, "sample_adapters/synthetic/tasks", level="layer")
     for state in run.steps(evaluate_every=20, limit=100):
         ...                              # state.step, state.objective, state.coefficients, state.anp
 """

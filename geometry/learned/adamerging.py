@@ -19,7 +19,7 @@ test inputs), ``max_steps=500`` (it runs 500 steps), and "layer" meaning every p
 (``level="module"`` is the nearest here: one coefficient per adapted module).
 
     from geometry.learned import AdaMerging
-    result = AdaMerging(adapters, "sample_adapters/tasks", level="layer").fit()
+    result = AdaMerging(adapters, "sample_adapters/synthetic/tasks", level="layer").fit()
 """
 
 from __future__ import annotations

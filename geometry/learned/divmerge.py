@@ -22,7 +22,7 @@ says ``1/T``: ``init="uniform"``; both agree for pairs), batches of ``4 x T`` in
 per task already beat the baselines.
 
     from geometry.learned import DivMerge
-    run = DivMerge(adapters, "sample_adapters/tasks", level="task", divergence="js")
+    run = DivMerge(adapters, "sample_adapters/synthetic/tasks", level="task", divergence="js")
     result = run.fit()                     # or: for state in run.steps(): ...
     result.coefficients, result.merge().save("out/")
 """

@@ -16,7 +16,7 @@ evaluation mode (no dropout), so two runs with the same settings give the same c
 
 Step-wise use (a dashboard page, a notebook)::
 
-    run = DivMerge(adapters, "sample_adapters/tasks", level="task")
+    run = DivMerge(adapters, "sample_adapters/synthetic/tasks", level="task")
     for state in run.steps(evaluate_every=10, limit=100):   # a StepState after every optimiser step
         print(state.step, state.objective, state.coefficients, state.anp)
         if should_stop:
