@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from ui import downloads, require_app, state
+from ui.adapter_set import sample_sets, training_records
 
 require_app()  # a shared link opened first on a fresh server still gets the app around it
 
@@ -33,6 +34,18 @@ if not len(aset):
 summary = aset.summary()
 st.dataframe(summary, hide_index=True, width="stretch")
 downloads.csv_button(summary, "adapter_set", key="csv_set")
+records = training_records(state.samples_root(), aset.sample_names())
+if len(records):
+    sets = sample_sets()
+    st.subheader("How the sample adapters were trained")
+    st.caption(f"Sample set: **{sets.get(state.current_set(), state.samples_root().name)}**. Test scores of each "
+               "adapter with its own head, against the head alone trained on the frozen base and the majority class. "
+               "An adapter labelled *near chance* is within 0.03 of the majority class: a merge can hardly lose on "
+               "its task, so it inflates the ANP of any merge that includes it.")
+    st.dataframe(records, hide_index=True, width="stretch",
+                 column_config={c: st.column_config.NumberColumn(format="%.3f") for c in
+                                ("test accuracy", "metric value", "head-only accuracy", "majority accuracy")})
+    downloads.csv_button(records, "sample_training", key="csv_training")
 for name in aset.names:
     adapter = aset[name]
     notes = list(adapter.warnings) + [f"unmapped module kept as raw: {u}" for u in adapter.unmapped]

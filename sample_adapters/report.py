@@ -18,6 +18,27 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent / "real"
 #: Designed pairs of close tasks (SCIENCE.md section 1 asks whether they are nearest neighbours).
 DESIGNED_PAIRS = [("sentiment_movies", "sentiment_products"), ("nli", "paraphrase")]
+#: The real set's related pairs, fixed before any result (sentiment; paraphrase / similarity; entailment).
+RELATED_PAIRS = [("sst2", "emotion"), ("mrpc", "stsb"), ("rte", "qnli")]
+#: A real task whose adapter is within this of the majority class's test accuracy is labelled near chance.
+NEAR_CHANCE = 0.03
+#: A published number for a comparable small encoder: DistilBERT-base-cased (66 M parameters, fully fine-tuned,
+#: three times MiniLM-L6's 22 M), GLUE test set, from its model card (huggingface.co/distilbert/distilbert-base-cased,
+#: "Glue test results"; Sanh et al. 2019). CoLA: Matthews correlation; MRPC: F1; others accuracy. STS-B there is a
+#: correlation on the 0-5 scores, not comparable with the binarised task here; AG News and emotion are not in GLUE.
+PUBLISHED = {"sst2": ("accuracy", 0.904), "cola": ("matthews", 0.472), "mrpc": ("f1", 0.856),
+             "rte": ("accuracy", 0.606), "qnli": ("accuracy", 0.882)}
+
+
+def pairs_for(root: Path) -> list[tuple[str, str]]:
+    """The pairs of related tasks of the set at ``root`` (designed for the synthetic one)."""
+    return RELATED_PAIRS if is_real(root) else DESIGNED_PAIRS
+
+
+def is_real(root: Path) -> bool:
+    """Whether ``root``'s tasks come from real data (their ``labels.json`` records sources)."""
+    metas = list((Path(root) / "tasks").glob("*/labels.json"))
+    return bool(metas) and "sources" in json.loads(metas[0].read_text())
 #: A task whose adapter scores below this test accuracy is called hard.
 HARD_BELOW = 0.80
 #: A task whose adapter scores at least this on the unflipped test rows is called near its ceiling.
@@ -88,6 +109,105 @@ def accuracy_section(infos: dict[str, dict], root: Path) -> tuple[list[str], lis
         lines.append(f"Near the ceiling (at least {NEAR_CEILING:.2f} on the unflipped rows, so little room for a "
                      f"merge to lose): {', '.join(f'`{n}`' for n in near)}.")
     return lines + [""], hard
+
+
+def _metric_text(scores: dict, metric: str) -> str:
+    return _fmt(scores.get(metric, float("nan")))
+
+
+def real_accuracy_section(infos: dict[str, dict], root: Path) -> tuple[list[str], list[str]]:
+    """Per-adapter scores on the real tasks against head-only, linear probe, majority and a published number;
+    returns (lines, tasks near chance)."""
+    lines = ["## Scores on the held-out test split", ""]
+    rows, near, below = [], [], []
+    for name, info in infos.items():
+        test = info["scores"]["test"]
+        meta = json.loads((root / "tasks" / info["task"] / "labels.json").read_text())
+        metric = meta.get("glue_metric", "accuracy")
+        base = info.get("baselines", {})
+        head = base.get("head_only", {}).get("test", {})
+        probe = base.get("linear_probe", {}).get("test", {})
+        major = base.get("majority", {}).get("test", {})
+        acc = test["accuracy"]
+        h, m = head.get("accuracy", float("nan")), major.get("accuracy", float("nan"))
+        if not (acc > h and acc > m):
+            below.append(name)
+        if info["variant"] == "task" and acc - m < NEAR_CHANCE:
+            near.append(name)
+        pub = PUBLISHED.get(info["task"])
+        extra = "" if metric == "accuracy" else f" ({metric})"
+        rows.append([
+            f"`{name}`", info["variant"], str(info["r"]), ",".join(info["target_modules"]), str(info["init_seed"]),
+            _fmt(acc), (_metric_text(test, metric) + extra) if metric != "accuracy" else "",
+            _fmt(h) + ((" / " + _metric_text(head, metric)) if metric != "accuracy" else ""),
+            _fmt(probe.get("accuracy", float("nan"))),
+            _fmt(m) + ((" / " + _metric_text(major, metric)) if metric != "accuracy" else ""),
+            f"{pub[1]:.3f} ({pub[0]})" if pub else "none at hand",
+            f"{acc - h:+.3f}", f"{info['train_seconds']:.0f}",
+        ])
+    lines += _table(["adapter", "variant", "r", "targets", "init seed", "LoRA acc", "LoRA GLUE metric",
+                     "head-only acc / metric", "linear probe acc", "majority acc / metric",
+                     "published, DistilBERT (GLUE test)", "LoRA - head-only", "train s"], rows)
+    lines += [
+        "",
+        "*head-only*: the classification head alone trained on the frozen base with the same steps, batches, "
+        "schedule and initialisation; *linear probe*: a converged L2 logistic regression on the same frozen pooled "
+        "features; *majority*: the training split's most frequent label predicted for every test row (its Matthews "
+        "correlation is 0 and its F1 0 when that label is the negative class). *Published*: DistilBERT-base-cased, "
+        "66 M parameters fully fine-tuned on the whole GLUE training set, GLUE test server (its model card; Sanh et "
+        "al. 2019): a ceiling for orientation, not a like-for-like comparison (3x the parameters, full fine-tuning, "
+        "all the training data, another test set for the tasks whose GLUE test labels are private).",
+        "",
+    ]
+    lines.append(f"**Not above both head-only and majority:** {', '.join(below)}." if below
+                 else "Every adapter scores above the head-only baseline and the majority class.")
+    if near:
+        lines.append(f"**Near chance** (LoRA test accuracy within {NEAR_CHANCE:.2f} of the majority class): "
+                     f"{', '.join(f'`{n}`' for n in near)}. Kept in the set and labelled: a merge cannot lose much on "
+                     "such a task (its fine-tuned score is already near what any model gets), so it inflates the "
+                     "normalised scores (ANP) of every merge that includes it and flattens its merge-loss row in the "
+                     "geometry-vs-merging correlations.")
+    else:
+        lines.append(f"No task adapter is within {NEAR_CHANCE:.2f} of its majority class.")
+    return lines + [""], near
+
+
+def real_task_section(infos: dict[str, dict], root: Path) -> list[str]:
+    rows = []
+    for task in dict.fromkeys(info["task"] for info in infos.values()):
+        meta = json.loads((root / "tasks" / task / "labels.json").read_text())
+        z = meta["sizes"]
+        src = {v["repo"] for v in meta["sources"].values()}
+        rows.append([f"`{task}`", ", ".join(meta["labels"]), "pair" if "text_pair" in meta["text_fields"] else "single",
+                     f"{z['train']}/{z['validation']}/{z['test']}", meta["splits"], ", ".join(sorted(src))])
+    return ["## Tasks", ""] + _table(["task", "labels", "input", "train/val/test", "splits", "source repository"], rows) + [
+        "", "Built by `python -m sample_adapters.realdata` from `../shared/datasets/`; provenance, licences and hashes in "
+        "[`DATA.md`](DATA.md).", ""]
+
+
+def tuning_section(root: Path) -> list[str]:
+    """The validation runs that chose the learning rate and steps (``TUNING.json``), when present."""
+    file = root / "TUNING.json"
+    if not file.is_file():
+        return []
+    tuning = json.loads(file.read_text())
+    header = ["task"] + [f"lr {c['lr']:g}, step {step}" for c in tuning["candidates"] for step, _ in c["curves"][
+        next(iter(c["curves"]))]]
+    rows = []
+    for task in tuning["tasks"]:
+        row = [f"`{task}`"]
+        for c in tuning["candidates"]:
+            row += [_fmt(v) for _, v in c["curves"][task]]
+        rows.append(row)
+    means = ["mean"]
+    for c in tuning["candidates"]:
+        steps = [s for s, _ in c["curves"][tuning["tasks"][0]]]
+        means += [_fmt(float(np.mean([dict(map(tuple, c["curves"][t]))[st] for t in tuning["tasks"]]))) for st in steps]
+    rows.append(means)
+    return ["## Choosing steps and learning rate on validation", "",
+            f"`{tuning['command']}` for each candidate learning rate, on {', '.join(f'`{t}`' for t in tuning['tasks'])} "
+            "(validation accuracy at checkpoints of one run per learning rate, linear decay over "
+            f"{tuning['steps']} steps):", ""] + _table(header, rows) + ["", tuning["choice"], ""]
 
 
 def task_section(infos: dict[str, dict], root: Path) -> list[str]:
@@ -162,7 +282,7 @@ def geometry_section(infos: dict[str, dict], root: Path) -> list[str]:
                 near, _ = _nearest(D, names, i, exclude_seed)
                 nn.append(f"`{t}` -> `{near}`")
             lines += ["Nearest neighbour (seed control left out): " + "; ".join(nn) + ".", ""]
-            for a, b in DESIGNED_PAIRS:
+            for a, b in pairs_for(root):
                 if a not in tasks or b not in tasks:
                     continue
                 ia, ib = names.index(a), names.index(b)
@@ -193,7 +313,7 @@ def seed_section(infos, root, tasks, seeds, adapters, names) -> list[str]:
             D = pairwise_distances(adapters, metric=metric, factor=factor, kind=kind).reduce("all")
             pairs = [D[i, j] for i in range(len(tasks)) for j in range(i + 1, len(tasks))]
             same = D[it, isd]
-            partner = [b if a == twin else a for a, b in DESIGNED_PAIRS if twin in (a, b)]
+            partner = [b if a == twin else a for a, b in pairs_for(root) if twin in (a, b)]
             d_partner = D[it, names.index(partner[0])] if partner and partner[0] in names else float("nan")
             frac = float(np.mean(np.asarray(pairs) < same))
             rows.append([f"`{kind}`", metric, factor, _fmt(same), _fmt(d_partner), _fmt(min(pairs)),
@@ -232,7 +352,7 @@ def variant_section(infos: dict[str, dict], root: Path) -> list[str]:
     if not variants:
         return []
     twin = infos[variants[0]]["task"]
-    partner = next((b if a == twin else a for a, b in DESIGNED_PAIRS if twin in (a, b)), None)
+    partner = next((b if a == twin else a for a, b in pairs_for(root) if twin in (a, b)), None)
     names = [twin] + ([partner] if partner in infos else []) + variants
     adapters = [load_adapter(root / n) for n in names]
     rows = []
@@ -268,7 +388,7 @@ def relations(root: Path) -> dict[str, bool]:
         for metric, factor in SEED_FACTORS:
             D = pairwise_distances(adapters, metric=metric, factor=factor, kind=kind).reduce("all")
             if factor == "ba":
-                for a, b in DESIGNED_PAIRS:
+                for a, b in pairs_for(root):
                     ia, ib = names.index(a), names.index(b)
                     out[f"pair:{a}/{b}:{metric}:{kind}"] = (
                         _rank_of(D, names, ia, ib, set(seeds)) == 1 and _rank_of(D, names, ib, ia, set(seeds)) == 1)
@@ -340,8 +460,13 @@ def build_report(root: Path = ROOT, second: Path | None = None) -> str:
         for rerun in summary.get("reruns", []):
             lines += [f"Re-run after a generator change: `{rerun['command']}` ({rerun['total_seconds'] / 60:.1f} min); "
                       "the adapters it retrained replace those of the full run.", ""]
-    lines += task_section(infos, root)
-    acc_lines, _ = accuracy_section(infos, root)
+    if is_real(root):
+        lines += real_task_section(infos, root)
+        lines += tuning_section(root)
+        acc_lines, _ = real_accuracy_section(infos, root)
+    else:
+        lines += task_section(infos, root)
+        acc_lines, _ = accuracy_section(infos, root)
     lines += acc_lines
     lines += geometry_section(infos, root)
     if (root / "MERGE_RESULTS.md").is_file():

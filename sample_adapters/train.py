@@ -312,6 +312,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the set's)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per input (default: the set's)")
+    p.add_argument("--tune", default="", help="comma-separated learning rates: validation runs on --tasks, "
+                   "then <out>/TUNING.json with the choice (see tuning_record)")
     p.add_argument("--eval-every", type=int, default=0,
                    help="record validation accuracy every N steps (the tuning runs; 0 = never)")
     p.add_argument("--seed", type=int, default=0, help="data order and dropout seed")
@@ -417,10 +419,62 @@ def run_jobs(jobs: list[tuple], args: argparse.Namespace, bar) -> list[tuple]:
         return [f.result() for f in futures]
 
 
+def tuning_record(runs: dict[float, Path], tasks: list[str], steps: int, command: str) -> dict:
+    """``TUNING.json``: each candidate learning rate's validation curves (from its runs'
+    ``training_info.json``) and the choice: the (learning rate, checkpoint) with the highest mean
+    validation accuracy over ``tasks``. A checkpoint before the end stands for a shorter run (under the
+    same decaying schedule, so only approximately); schedules longer than ``steps`` were not tried
+    (the CPU budget of the whole set: about an hour on 2 cores at 600 steps)."""
+    candidates = []
+    for lr, folder in sorted(runs.items()):
+        curves = {t: json.loads((folder / t / "training_info.json").read_text())["validation_curve"] for t in tasks}
+        candidates.append({"lr": lr, "folder": str(folder), "curves": curves})
+    means = {}
+    for c in candidates:
+        for i, (step, _) in enumerate(c["curves"][tasks[0]]):
+            means[c["lr"], step] = float(np.mean([c["curves"][t][i][1] for t in tasks]))
+    lr, chosen = max(means, key=lambda k: (means[k], k[1]))
+    choice = (f"Choice, the same for every task: lr {lr:g}, {chosen} steps (mean validation accuracy "
+              f"{means[lr, chosen]:.3f}, the highest of the {len(means)} (lr, steps) cells: "
+              + ", ".join(f"lr {k[0]:g} step {k[1]}: {v:.3f}" for k, v in means.items()) + ").")
+    return {"command": command, "tasks": tasks, "steps": steps, "candidates": candidates,
+            "choice": choice, "lr": lr, "chosen_steps": chosen}
+
+
+def tune(args, argv) -> int:
+    """``--tune LR,LR``: one run per learning rate on ``--tasks`` with validation checkpoints, then ``TUNING.json``."""
+    import subprocess
+    import tempfile
+
+    lrs = [float(x) for x in args.tune.split(",") if x]
+    tasks = [t for t in args.tasks.split(",") if t]
+    every = args.eval_every or max(1, args.steps // 3)
+    work = Path(tempfile.mkdtemp(prefix="tune-"))
+    procs = {}
+    for lr in lrs:
+        folder = work / f"lr{lr:g}"
+        shutil.copytree(args.out / "tasks", folder / "tasks")
+        cmd = [sys.executable, "-m", "sample_adapters.train", "--set", args.set, "--tasks", ",".join(tasks),
+               "--variant-task", "", "--steps", str(args.steps), "--lr", str(lr), "--eval-every", str(every),
+               "--no-baseline", "--out", str(folder), "--max-length", str(args.max_length)]
+        procs[lr] = (folder, subprocess.Popen(cmd))
+        if len(procs) % max(1, args.jobs) == 0:
+            procs[lr][1].wait()
+    for _, proc in procs.values():
+        proc.wait()
+    command = "python -m sample_adapters.train " + " ".join(argv if argv is not None else sys.argv[1:])
+    record = tuning_record({lr: f for lr, (f, _) in procs.items()}, tasks, args.steps, command)
+    (args.out / "TUNING.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(record["choice"])
+    return 0
+
+
 def main(argv=None) -> int:
     from tqdm import tqdm
 
     args = parse_args(argv)
+    if args.tune:
+        return tune(args, argv)
     torch.set_num_threads(1)
     args.out = args.out.resolve()
     tasks = [t for t in args.tasks.split(",") if t]

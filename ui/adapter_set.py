@@ -25,6 +25,13 @@ SAMPLE_SETS = {
     "synthetic": "Synthetic tasks: template grammars",
 }
 DEFAULT_SET = next(iter(SAMPLE_SETS))
+#: Environment variable naming another folder that holds the sample sets' folders (tests)
+SETS_ENV = "ADAPTER_ATLAS_SAMPLE_SETS"
+
+
+def sets_root() -> Path:
+    """The folder holding the sample sets: ``$ADAPTER_ATLAS_SAMPLE_SETS`` or ``<repo>/sample_adapters``."""
+    return Path(os.environ.get(SETS_ENV) or REPO / "sample_adapters")
 
 
 def sample_sets() -> dict[str, str]:
@@ -32,7 +39,7 @@ def sample_sets() -> dict[str, str]:
     points the dashboard at one folder (then there is nothing to switch)."""
     if os.environ.get(SAMPLES_ENV):
         return {}
-    return {k: v for k, v in SAMPLE_SETS.items() if (REPO / "sample_adapters" / k).is_dir()}
+    return {k: v for k, v in SAMPLE_SETS.items() if (sets_root() / k).is_dir()}
 
 
 def samples_dir(sample_set: str | None = None) -> Path:
@@ -41,7 +48,7 @@ def samples_dir(sample_set: str | None = None) -> Path:
     if env:
         return Path(env)
     name = sample_set if sample_set in SAMPLE_SETS else DEFAULT_SET
-    return REPO / "sample_adapters" / name
+    return sets_root() / name
 
 
 def list_sample_adapters(root: Path | str | None = None) -> list[Path]:
@@ -127,3 +134,42 @@ def load_hub_id(aset: AdapterSet, repo_id: str) -> tuple[list[str], list[str]]:
         return [aset.add(load_hub(repo_id), origin=f"hub:{repo_id}")], []
     except (AtlasError, OSError, ValueError) as exc:
         return [], [_error_text(exc, repo_id)]
+
+
+def training_records(root: Path | str, names: Sequence[str]):
+    """How the sample adapters ``names`` under ``root`` were trained and how they score: one row per adapter
+    with a ``training_info.json`` (written by ``python -m sample_adapters.train``), as a DataFrame.
+
+    Columns: adapter, task, variant, test accuracy, the task's GLUE metric and its value, head-only and
+    majority-class test accuracy, and ``note``: "near chance" when the adapter is within
+    ``sample_adapters.report.NEAR_CHANCE`` (0.03) of the majority class's accuracy (a merge can hardly lose
+    on such a task, which inflates the ANP of every merge that includes it)."""
+    import json
+
+    import pandas as pd
+
+    rows = []
+    for name in names:
+        file = Path(root) / name / "training_info.json"
+        if not file.is_file():
+            continue
+        info = json.loads(file.read_text())
+        test = info.get("scores", {}).get("test", {})
+        base = info.get("baselines", {})
+        head = base.get("head_only", {}).get("test", {}).get("accuracy", float("nan"))
+        major = base.get("majority", {}).get("test", {}).get("accuracy", float("nan"))
+        meta_file = Path(root) / "tasks" / info.get("task", "") / "labels.json"
+        metric = json.loads(meta_file.read_text()).get("glue_metric", "accuracy") if meta_file.is_file() else "accuracy"
+        acc = test.get("accuracy", float("nan"))
+        rows.append({
+            "adapter": name, "task": info.get("task"), "variant": info.get("variant"), "test accuracy": acc,
+            "metric": metric, "metric value": test.get(metric, acc), "head-only accuracy": head,
+            "majority accuracy": major, "steps": info.get("steps"),
+            "note": "near chance" if acc - major < NEAR_CHANCE else "",
+        })
+    return pd.DataFrame(rows)
+
+
+#: an adapter within this of its majority class's test accuracy is labelled "near chance"
+#: (the same threshold as ``sample_adapters.report.NEAR_CHANCE``)
+NEAR_CHANCE = 0.03
