@@ -57,6 +57,7 @@ from geometry.loader import load_adapter
 from geometry.merge_eval import evaluate_merge, find_task_dir, performance
 from geometry.runtime import adapter_updates
 from sample_adapters.merge_report import task_adapters
+from sample_adapters.store import ResultStore
 
 ROOT = Path(__file__).resolve().parent / "real"
 OUT_NAME = "LEARNED_RESULTS.md"
@@ -119,7 +120,16 @@ def _log(message: str, start: float) -> None:
 
 # ------------------------------------------------------------------------------------------- one merge's ANP
 def merge_anp(method: str, adapters: Sequence, args: argparse.Namespace, samples: int | None = None) -> float:
-    """ANP of ``method`` on ``adapters`` (each task scored on ``args.limit`` test examples)."""
+    """ANP of ``method`` on ``adapters`` (each task scored on ``args.limit`` test examples), from the result
+    store when it holds that cell."""
+    learned = METHODS[method][1][0] == "learned"
+    key = {"study": "merge_anp", "method": method, "adapters": [a.name for a in adapters],
+           "hashes": [a.content_hash for a in adapters], "limit": args.limit,
+           "samples": (samples or args.samples) if learned else None, "seed": args.seed if learned else None}
+    return float(args.store.get(key, lambda: _merge_anp(method, adapters, args, samples)))
+
+
+def _merge_anp(method: str, adapters: Sequence, args: argparse.Namespace, samples: int | None = None) -> float:
     kind = METHODS[method][1]
     n = len(adapters)
     if kind[0] == "static":
@@ -150,7 +160,20 @@ def _ci95(values: Sequence[float]) -> float:
 # ------------------------------------------------------------------------------------------- Table 2
 def cross_table(adapters: Sequence, args: argparse.Namespace) -> dict:
     """``D[div][i, j]`` (theta_i vs theta_j's body with head i, on task i's validation inputs) and
-    ``P[i, j]`` (accuracy of theta_j's body with head i on task i's test split)."""
+    ``P[i, j]`` (accuracy of theta_j's body with head i on task i's test split), from the result store
+    when it holds them."""
+    key = {"study": "cross_table", "adapters": [a.name for a in adapters], "hashes": [a.content_hash for a in adapters],
+           "limit": args.limit, "inputs": args.divergence_inputs, "seed": args.seed}
+
+    def compute() -> dict:
+        out = _cross_table(adapters, args)
+        return {"div": {d: v.tolist() for d, v in out["div"].items()}, "perf": out["perf"].tolist()}
+
+    cell = args.store.get(key, compute)
+    return {"div": {d: np.asarray(v, float) for d, v in cell["div"].items()}, "perf": np.asarray(cell["perf"], float)}
+
+
+def _cross_table(adapters: Sequence, args: argparse.Namespace) -> dict:
     n = len(adapters)
     div = {"js": np.zeros((n, n)), "kl": np.zeros((n, n))}
     perf = np.zeros((n, n))
@@ -187,7 +210,15 @@ def spearman_rows(neg_div: np.ndarray, perf: np.ndarray) -> np.ndarray:
 def _options(argv: list[str] | None) -> list[str]:
     """The command-line options that change what is reported (for the file's first line)."""
     args = list(sys.argv[1:] if argv is None else argv)
-    return [a for a in args if a != "--quick"]
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in ("--out", "--store"):
+            skip = True
+        elif a not in ("--quick", "--store-only") and not a.startswith(("--out=", "--store=")):
+            out.append(a)
+    return out
 
 
 def _write(out: Path, lines: list[str], pending: list[str], times: dict[str, float], start: float) -> None:
@@ -198,8 +229,9 @@ def _write(out: Path, lines: list[str], pending: list[str], times: dict[str, flo
                  + ". Run the script again: every finished score and run is cached, so it resumes there.", ""]
     body += ["## Time", "",
              ", ".join(f"{k}: {v:.0f} s" for k, v in times.items())
-             + f"; total {time.perf_counter() - start:.0f} s on {platform.machine()} with 1 torch thread "
-             f"(cached scores and runs count as ~0; load average at the end {os.getloadavg()[0]:.2f}).", ""]
+             + f"; total {sum(times.values()):.0f} s on {platform.machine()} with 1 torch thread: the computation "
+             "time of the cells each section uses, as recorded in the result store when they were computed (a re-run "
+             "that finds them there takes seconds).", ""]
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text("\n".join(body), encoding="utf-8")
@@ -249,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated subset of {','.join(SECTIONS)} (Table 3 always runs: Figure 2 reuses it)")
     parser.add_argument("--root", type=Path, default=ROOT, help="folder of the adapters and tasks/ (default: the real set)")
     parser.add_argument("--out", default=None, help=f"output Markdown file (default <root>/{OUT_NAME})")
+    parser.add_argument("--store", type=Path, default=None,
+                        help="result store (JSON Lines, one line per computed cell; default <root>/results/learned.jsonl)")
+    parser.add_argument("--store-only", action="store_true",
+                        help="compute nothing: render from the store's cells (fails on a missing one)")
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS))
@@ -261,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     folders = task_adapters(args.root)
     args.out = args.out or str(args.root / OUT_NAME)
+    args.store = ResultStore(args.store or args.root / "results" / ("learned_quick.jsonl" if args.quick else "learned.jsonl"),
+                             store_only=args.store_only)
     fig4_pairs, fig4_samples = FIGURE4_PAIRS.get(args.root.name, FIGURE4_PAIRS["synthetic"]), FIGURE4_SAMPLES
     if args.quick:
         folders = folders[:3]
@@ -287,14 +325,14 @@ def main(argv: list[str] | None = None) -> int:
              + f"P = accuracy on the first **{args.limit} test examples** of each task with its own head.", ""]
 
     # ---------------------------------------------------------------- Table 3
-    t0 = time.perf_counter()
+    t0 = args.store.tally
     pairs = list(combinations(range(n), 2))
     pair_anp: dict[str, list[float]] = {m: [] for m in methods}
     for i, j in pairs:
         for m in methods:
             pair_anp[m].append(merge_anp(m, [adapters[i], adapters[j]], args))
         _log(f"pair {adapters[i].name} + {adapters[j].name}", start)
-    times["Table 3"] = time.perf_counter() - t0
+    times["Table 3"] = args.store.tally - t0
     lines += ["## Table 3: pairwise ANP", "",
               f"Mean (std) over the {len(pairs)} pairs. The paper: Qwen2.5-0.5B fully fine-tuned on 7 GLUE tasks "
               "(classification column of its Table 3, which averages all pairs as here; the k = 2 row of its "
@@ -327,9 +365,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---------------------------------------------------------------- Table 2
     if "table2" in sections:
-        t0 = time.perf_counter()
+        t0 = args.store.tally
         cross = cross_table(adapters, args)
-        times["Table 2"] = time.perf_counter() - t0
+        times["Table 2"] = args.store.tally - t0
         _log("Table 2", start)
         rho = {d: spearman_rows(-cross["div"][d], cross["perf"]) for d in ("kl", "js")}
         lines += ["## Table 2: divergence against performance", "",
@@ -347,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---------------------------------------------------------------- Figure 4
     if "figure4" in sections:
-        t0 = time.perf_counter()
+        t0 = args.store.tally
         lines += ["## Figure 4: DivMerge TL (JS) against the number of unlabeled inputs", "",
                   "Pairwise ANP; the pairs stand in for the paper's (CoLA, SST-2), (MNLI, QNLI), (MRPC, RTE). "
                   "Baselines on the same pair for reference.", "",
@@ -361,14 +399,14 @@ def main(argv: list[str] | None = None) -> int:
             base = [f"{merge_anp(m, pair, args):.2f}" for m in ("averaging", "ties")]
             lines.append(f"| {a} + {b} | " + " | ".join(cells + base) + " |")
             _log(f"Figure 4 {a} + {b}", start)
-        times["Figure 4"] = time.perf_counter() - t0
+        times["Figure 4"] = args.store.tally - t0
         lines.append("")
         pending.remove("Figure 4")
         _write(out, lines, pending, times, start)
 
     # ---------------------------------------------------------------- Figure 2 / Table 6
     if "figure2" in sections:
-        t0 = time.perf_counter()
+        t0 = args.store.tally
         rng = np.random.default_rng(args.seed)
         ks = list(range(2, n + 1)) if not args.quick else [2, 3][: max(1, n - 1)]
         by_k: dict[int, dict[str, list[float]]] = {2: pair_anp}
@@ -380,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                 replace=False))]
             by_k[k] = {m: [merge_anp(m, [adapters[i] for i in subset], args) for subset in chosen] for m in methods}
             _log(f"k = {k}: {len(chosen)} subsets", start)
-        times["Figure 2"] = time.perf_counter() - t0
+        times["Figure 2"] = args.store.tally - t0
         lines += ["## Figure 2 / Table 6: ANP against the number of merged tasks", "",
                   f"Mean ± 95% t-interval over task subsets (k = 2: all pairs; larger k: at most {args.subsets} random "
                   "subsets, seeded). In brackets: the paper's Table 6 (7 GLUE tasks, so up to k = 7).", "",
