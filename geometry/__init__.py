@@ -19,8 +19,7 @@ from geometry import api as _api
 from geometry.adapter_set import AdapterSet
 from geometry.errors import AdapterLoadError, AtlasError, IncompatibleAdaptersError
 from geometry.types import Adapter, AdapterConfig, LoraModule, ModuleKey
-
-__version__ = "1.0.0"
+from geometry.version import __version__ as __version__
 
 load = _api.load
 merge = _api.merge

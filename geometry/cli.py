@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m geometry",
         description="Adapter Atlas: exact geometry of LoRA adapters (task vectors).",
     )
+    from geometry.version import __version__
+
+    parser.add_argument("--version", action="version", version=f"adapter-atlas {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in _REGISTRY:
         register(sub)

@@ -469,6 +469,7 @@ def build_report(root: Path = ROOT, second: Path | None = None) -> str:
         acc_lines, _ = accuracy_section(infos, root)
     lines += acc_lines
     lines += geometry_section(infos, root)
+    lines += inclusion_section(root)
     if (root / "MERGE_RESULTS.md").is_file():
         learned, curves = root / "LEARNED_RESULTS.md", root / "MERGE_CURVES.md"
         lines += merge_section((root / "MERGE_RESULTS.md").read_text(),
@@ -477,6 +478,18 @@ def build_report(root: Path = ROOT, second: Path | None = None) -> str:
     if second is not None:
         lines += robustness_section(root, second)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def inclusion_section(root: Path) -> list[str]:
+    """The spectral-inclusion summary of ``INCLUSION_RESULTS.md`` (its means and verdicts), when generated."""
+    file = root / "INCLUSION_RESULTS.md"
+    if not file.is_file():
+        return []
+    text = file.read_text().splitlines()
+    means = [x for x in text if x.startswith("Off-diagonal means")]
+    verdicts = [x for x in text if x.startswith("- `") or x.startswith("- Over the family")]
+    return ["## Spectral inclusion", "", "From [`INCLUSION_RESULTS.md`](INCLUSION_RESULTS.md) "
+            "(`python -m sample_adapters.inclusion_report`):", "", *means, "", *verdicts, ""]
 
 
 def _md_sections(md: str) -> dict[str, list[str]]:
