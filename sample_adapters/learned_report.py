@@ -276,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subsets", type=int, default=2, help="random task subsets per k >= 3 (Figure 2)")
     parser.add_argument("--divergence-inputs", type=int, default=300, help="validation inputs per task (Table 2)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--figure4-samples", default=",".join(map(str, FIGURE4_SAMPLES)),
+                        help="unlabeled inputs per task at which Figure 4 runs DivMerge TL (JS)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of the methods")
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"comma-separated subset of {','.join(SECTIONS)} (Table 3 always runs: Figure 2 reuses it)")
@@ -299,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out = args.out or str(args.root / OUT_NAME)
     args.store = ResultStore(args.store or args.root / "results" / ("learned_quick.jsonl" if args.quick else "learned.jsonl"),
                              store_only=args.store_only)
-    fig4_pairs, fig4_samples = FIGURE4_PAIRS.get(args.root.name, FIGURE4_PAIRS["synthetic"]), FIGURE4_SAMPLES
+    fig4_pairs = FIGURE4_PAIRS.get(args.root.name, FIGURE4_PAIRS["synthetic"])
+    fig4_samples = tuple(int(x) for x in args.figure4_samples.split(",") if x)
     if args.quick:
         folders = folders[:3]
         args.samples, args.limit, args.subsets, args.divergence_inputs = 8, 40, 1, 24

@@ -62,18 +62,31 @@ class ResultStore:
         #: seconds of computation of every cell handed out so far (found or computed): a section's time is
         #: the difference of two readings, the same whether this run computed its cells or found them
         self.tally = 0.0
-        if self.path.is_file():
-            with open(self.path, encoding="utf-8") as fh:
-                for line in fh:
-                    if line.strip():
-                        row = json.loads(line)
-                        k = _canonical(row["key"])
-                        self.cells[k] = _decode(row["value"])
-                        self.seconds[k] = float(row.get("seconds", 0.0))
+        self._offset = 0
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Read the lines appended since the last read (another process of the same study may write them)."""
+        if not self.path.is_file():
+            return
+        with open(self.path, encoding="utf-8") as fh:
+            fh.seek(self._offset)
+            while True:
+                line = fh.readline()
+                if not line.endswith("\n"):  # end of file, or a line still being written
+                    break
+                self._offset = fh.tell()
+                if line.strip():
+                    row = json.loads(line)
+                    k = _canonical(row["key"])
+                    self.cells[k] = _decode(row["value"])
+                    self.seconds[k] = float(row.get("seconds", 0.0))
 
     def get(self, key: dict, compute: Callable[[], Any]) -> Any:
         """The cell at ``key``, computing (and appending) it when absent."""
         k = _canonical(key)
+        if k not in self.cells:
+            self._refresh()
         if k not in self.cells:
             if self.store_only:
                 raise MissingCell(f"{self.path.name}: no cell {k}")
