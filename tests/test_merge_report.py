@@ -59,9 +59,13 @@ def test_selection_lines_headline_is_the_preregistered_cell():
     corr = correlation_study(ads, delta, distances=distances)
     assert len(corr) == 42
     lines = merge_report.selection_lines(delta, corr, distances, n_perm=200)
-    assert lines[0].startswith("**Pre-registered cell**") and "grassmann on v over the last 5 layers" in lines[0]
-    assert "5 of 6" in lines[0] and "permutation p = " in lines[0]
+    assert lines[0].startswith("**Pre-registered cell**") and "grassmann on v over the last layers" in lines[0]
+    assert "here the last 5 of 6" in lines[0] and "permutation p = " in lines[0]
     assert "of the 42 cells, **selected after the fact**" in lines[1] and "p = " in lines[1]
+    # the real set's cell: the last 3 of 6 layers (fixed before its results), a different number
+    real = merge_report.selection_lines(delta, corr, distances, n_perm=200, prereg_k=3)
+    assert "here the last 3 of 6" in real[0] and real[0] != lines[0]
+    assert merge_report.PREREGISTERED_K == {"real": 3, "synthetic": 5}
 
 
 def test_write_is_atomic(tmp_path, monkeypatch):
