@@ -475,9 +475,53 @@ def build_report(root: Path = ROOT, second: Path | None = None) -> str:
         lines += merge_section((root / "MERGE_RESULTS.md").read_text(),
                                learned.read_text() if learned.is_file() else None,
                                curves.read_text() if curves.is_file() else None)
+    lines += comparison_section(root)
     if second is not None:
         lines += robustness_section(root, second)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _headlines(root: Path) -> dict[str, str]:
+    """The headline sentences of a set's merge studies, taken from its generated files."""
+    out: dict[str, str] = {}
+    merge, learned = root / "MERGE_RESULTS.md", root / "LEARNED_RESULTS.md"
+    if merge.is_file():
+        lines = merge.read_text().splitlines()
+        start = next((i for i, x in enumerate(lines) if x.startswith("## `lora_average`")), None)
+        if start is not None:
+            cell = next((x for x in lines[start:] if x.startswith("**Pre-registered cell**")), None)
+            if cell:
+                out["geometry"] = cell.split("): ", 1)[-1]
+    if learned.is_file():
+        lines = learned.read_text().splitlines()
+        t3 = next((i for i, x in enumerate(lines) if x.startswith("## Table 3")), None)
+        if t3 is not None:
+            end = next((i for i in range(t3 + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+            best = next((x for x in lines[t3:end] if x.startswith("Best baseline here")), "")
+            out["baseline"] = best.split(" Against it")[0]
+            out["divmerge"] = " ".join(x[2:] for x in lines[t3:end] if x.startswith("- DivMerge"))
+        t2 = next((x for x in lines if x.startswith("| average |")), None)
+        if t2:
+            out["table2"] = "KL / JS " + " / ".join(c.strip() for c in t2.strip("|").split("|")[1:])
+    return out
+
+
+def comparison_section(root: Path) -> list[str]:
+    """Real tasks against the synthetic ones: the same studies' headlines, side by side."""
+    other = root.parent / "synthetic"
+    if not is_real(root) or not other.is_dir():
+        return []
+    real, synthetic = _headlines(root), _headlines(other)
+    rows = [[what, real.get(key, "not run"), synthetic.get(key, "not run")] for key, what in (
+        ("geometry", "Pre-registered Spearman (Grassmann, value, last layers; lora_average merges)"),
+        ("baseline", "Best baseline on pairs (picked after the fact)"),
+        ("divmerge", "DivMerge against it on pairs"),
+        ("table2", "Table 2 average Spearman, -divergence vs accuracy"))]
+    return ["## Real tasks against the synthetic ones", "",
+            "The same studies on the synthetic set (`sample_adapters/synthetic/`, an earlier round: 25 unlabeled inputs "
+            "and 100 test examples for the learned study, all 400 test examples for the merging study, the last 5 of 6 "
+            "layers for its pre-registered cell), sentences taken from both sets' generated files:", ""] + _table(
+        ["", "real tasks (this set)", "synthetic tasks"], rows) + [""]
 
 
 def inclusion_section(root: Path) -> list[str]:
