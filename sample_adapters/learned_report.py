@@ -276,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subsets", type=int, default=2, help="random task subsets per k >= 3 (Figure 2)")
     parser.add_argument("--divergence-inputs", type=int, default=300, help="validation inputs per task (Table 2)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--figure2-methods", default=None,
+                        help="comma-separated methods of Figure 2 (default: every method of the run)")
     parser.add_argument("--figure4-samples", default=",".join(map(str, FIGURE4_SAMPLES)),
                         help="unlabeled inputs per task at which Figure 4 runs DivMerge TL (JS)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of the methods")
@@ -292,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    fig2_methods = [m.strip() for m in (args.figure2_methods or args.methods).split(",") if m.strip()]
+    if set(fig2_methods) - set(methods):
+        parser.error(f"--figure2-methods must be among the run's methods: {sorted(set(fig2_methods) - set(methods))}")
     sections = {"table3", *(x.strip() for x in args.sections.split(",") if x.strip())}
     if sections - set(SECTIONS):
         parser.error(f"unknown sections {sorted(sections - set(SECTIONS))}; choose from {', '.join(SECTIONS)}")
@@ -419,24 +424,24 @@ def main(argv: list[str] | None = None) -> int:
             all_subsets = list(combinations(range(n), k))
             chosen = [all_subsets[c] for c in sorted(rng.choice(len(all_subsets), min(args.subsets, len(all_subsets)),
                                                                 replace=False))]
-            by_k[k] = {m: [merge_anp(m, [adapters[i] for i in subset], args) for subset in chosen] for m in methods}
+            by_k[k] = {m: [merge_anp(m, [adapters[i] for i in subset], args) for subset in chosen] for m in fig2_methods}
             _log(f"k = {k}: {len(chosen)} subsets", start)
         times["Figure 2"] = args.store.tally - t0
         lines += ["## Figure 2 / Table 6: ANP against the number of merged tasks", "",
                   f"Mean ± 95% t-interval over task subsets (k = 2: all pairs; larger k: at most {args.subsets} random "
                   "subsets, seeded). In brackets: the paper's Table 6 (7 GLUE tasks, so up to k = 7).", "",
-                  "| k | subsets | " + " | ".join(METHODS[m][0] for m in methods) + " |",
+                  "| k | subsets | " + " | ".join(METHODS[m][0] for m in fig2_methods) + " |",
                   "|---|---|" + "---|" * len(methods)]
         for k in ks:
             cells = []
-            for m in methods:
+            for m in fig2_methods:
                 values = by_k[k][m]
                 paper = PAPER_TABLE6.get(k, {}).get(m)
                 spread = f" ± {_ci95(values):.2f}" if len(values) > 1 else " (one subset: no interval)"
                 cells.append(f"{np.mean(values):.2f}{spread}" + (f" [{paper:.2f}]" if paper else ""))
-            lines.append(f"| {k} | {len(by_k[k][methods[0]])} | " + " | ".join(cells) + " |")
+            lines.append(f"| {k} | {len(by_k[k][fig2_methods[0]])} | " + " | ".join(cells) + " |")
         lines.append("")
-        lines += _figure2_verdicts(by_k, [k for k in ks if k >= 3], methods)
+        lines += _figure2_verdicts(by_k, [k for k in ks if k >= 3], fig2_methods)
 
         pending.remove("Figure 2 / Table 6")
         _write(out, lines, pending, times, start)

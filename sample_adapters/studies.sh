@@ -15,20 +15,21 @@ STATIC=averaging,task_arithmetic,multislerp,ties,breadcrumbs,della,tsv_m,iso_c,i
 LEARNT=ada_tl,ada_ll,kl_tl,js_tl,kl_ll,js_ll
 t0=$(date +%s)
 $PY -m sample_adapters.inclusion_report --root $ROOT
-(   # lane 1: the static merges, Table 2, Figure 4, and three learned merges on the task subsets
+FIG2=averaging,ties,tsv_m,ada_tl,js_tl   # Figure 2's methods: the CPU budget of one session allowed five
+(   # lane 1: every static merge on every pair (both studies), then Table 2
     $PY -m sample_adapters.merge_report --root $ROOT --max-examples 100
-    $PY -m sample_adapters.learned_report $LEARNED --methods $STATIC --sections table3,figure2 --out /tmp/lane1.md
-    $PY -m sample_adapters.learned_report $LEARNED --methods averaging,ties --sections table2,figure4 --out /tmp/lane1b.md
-    $PY -m sample_adapters.learned_report $LEARNED --methods ada_ll,kl_ll,js_ll --sections table3,figure2 --out /tmp/lane1c.md
+    $PY -m sample_adapters.learned_report $LEARNED --methods $STATIC --sections table3 --out /tmp/lane1.md
+    $PY -m sample_adapters.learned_report $LEARNED --methods averaging,ties --sections table2 --out /tmp/lane1b.md
 ) &
 lane1=$!
-(   # lane 2: the learned merges on every pair, then three of them on the task subsets
+(   # lane 2: the learned merges on every pair, then Figure 4 and Figure 2
     $PY -m sample_adapters.learned_report $LEARNED --methods $LEARNT --sections table3 --out /tmp/lane2.md
-    $PY -m sample_adapters.learned_report $LEARNED --methods ada_tl,kl_tl,js_tl --sections table3,figure2 --out /tmp/lane2b.md
+    $PY -m sample_adapters.learned_report $LEARNED --methods averaging,ties --sections figure4 --out /tmp/lane2b.md
+    $PY -m sample_adapters.learned_report $LEARNED --methods $FIG2 --sections figure2 --out /tmp/lane2c.md
 ) &
 lane2=$!
 wait $lane1 $lane2
 # render: every cell is in the stores now, nothing is computed
-$PY -m sample_adapters.learned_report $LEARNED --store-only
+$PY -m sample_adapters.learned_report $LEARNED --figure2-methods $FIG2 --store-only
 $PY -m sample_adapters.report --root $ROOT
 echo "studies of $SET: $(( $(date +%s) - t0 )) s"
