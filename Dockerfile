@@ -59,7 +59,7 @@ ENV HOME=/home/user \
 
 RUN mkdir -p "$ADAPTER_ATLAS_CACHE" "$NUMBA_CACHE_DIR" \
     && if [ "$PREWARM_NUMBA" = "1" ]; then \
-        python -c "from geometry.maps import warm_umap; print(f'numba warm-up: {warm_umap():.0f} s')"; \
+        python -c "from geometry.analysis.maps import warm_umap; print(f'numba warm-up: {warm_umap():.0f} s')"; \
     fi
 
 EXPOSE 8501

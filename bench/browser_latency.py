@@ -13,7 +13,9 @@ frame), at least ``clicks`` times per page:
   second adapter" (on / off): the second adapter's figures appear (five figures) or go (three), and
   the time runs until the page holds the new number of figures, every one drawn.
 
-``measure(...)`` returns the times per page; ``bench/dashboard_bench.py`` prints p50 / p95.
+``measure(...)`` returns the times per page; ``bench/dashboard_bench.py`` prints p50 / p95. Imported from the
+repository root (``python -m bench.dashboard_bench``, or pytest): the dashboard's ``deploy/`` and ``ui/``
+live beside the installed library, not inside it.
 """
 
 from __future__ import annotations
@@ -26,11 +28,9 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from deploy import served  # the repository's deploy/, beside the library: imported from the root
 
-from deploy import served  # noqa: E402  (the repository's deploy/ helpers)
+REPO = Path(__file__).resolve().parents[1]
 
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]

@@ -79,13 +79,11 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from geometry.io.loader import load_adapter
+from geometry.merging import merge
+from geometry.merging.dare import drop_and_rescale, mask_generator
 
-from geometry.loader import load_adapter  # noqa: E402
-from geometry.merging import merge  # noqa: E402
-from geometry.merging.dare import drop_and_rescale, mask_generator  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 TASKS = ("acceptability", "negation", "news_topic", "nli", "paraphrase", "question", "sentiment_movies",
          "sentiment_products")

@@ -1,13 +1,16 @@
 """Dashboard bench: cold compute of an adapter set vs a slider move (re-slice + figure build).
 
-    .venv/bin/python bench/dashboard_bench.py [--samples DIR] [--repeats 20]
+    .venv/bin/python -m bench.dashboard_bench [--samples DIR] [--repeats 20]    # from the repository root
+
+(The dashboard's ``ui/`` lives beside the installed library, not inside it: run from the repository root.)
 
 On the sample adapters (``sample_adapters/``; when none are there yet, 8 synthetic adapters with
 the samples' shapes: all-MiniLM-L6-v2, 6 layers, q and v of 384 x 384, r = 8) it times:
 
 * cold compute: everything the pages compute once per adapter set (``all_distances``, ``anatomy``
   of each adapter, ``inclusion`` of every ordered pair), in this process, no cache;
-* disk-cache hit: reading the same results back from ``geometry.diskcache`` (a server restart);
+* disk-cache hit: reading the same results back from the dashboard's disk cache, ``ui.cache.results()``
+  (a server restart);
 * slider move, library side: what one layer-slider step re-does on the Distances page (mean over
   the chosen layers, heatmap, PCA map, per-layer lines, figure JSON for the browser), with the
   geometry already computed;
@@ -29,14 +32,11 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
                                                / "adapter-atlas" / "numba"))
 
@@ -44,13 +44,11 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-import browser_latency  # noqa: E402  (bench/, next to this file)
-
-from geometry.anatomy import anatomy  # noqa: E402
-from geometry.diskcache import cached  # noqa: E402
-from geometry.distances import all_distances  # noqa: E402
-from geometry.inclusion import inclusion  # noqa: E402
-from geometry.loader import load_adapter  # noqa: E402
+from bench import browser_latency  # noqa: E402
+from geometry.analysis.anatomy import anatomy  # noqa: E402
+from geometry.analysis.distances import all_distances  # noqa: E402
+from geometry.analysis.inclusion import inclusion  # noqa: E402
+from geometry.io.loader import load_adapter  # noqa: E402
 from ui import figures, views  # noqa: E402
 from ui.adapter_set import list_sample_adapters, sample_name  # noqa: E402
 
@@ -90,7 +88,7 @@ def _timed(fn, repeats: int = 1):
 
 def slider_move(dists, names, layer: int, kind: str = "v"):
     """What one layer-slider step re-does on the Distances page, with the geometry computed."""
-    from geometry.maps import embed_2d
+    from geometry.analysis.maps import embed_2d
 
     tensor = dists[("cosine", "ba", "model", kind)]
     choice = views.LayerChoice("one", layer=layer)
@@ -160,8 +158,11 @@ def main(argv=None) -> int:
 
     os.environ["ADAPTER_ATLAS_CACHE"] = str(tmp / "cache")
     key = ("bench", *(a.content_hash for a in adapters))
-    cached("all_distances", key, lambda: dists)
-    _, t_disk = _timed(lambda: cached("all_distances", key, lambda: None), repeats=5)
+    from ui.cache import results
+
+    store = results()
+    store.get_or_compute("all_distances", key, lambda: dists)
+    _, t_disk = _timed(lambda: store.get_or_compute("all_distances", key, lambda: None), repeats=5)
     print(f"disk-cache hit (all_distances): {statistics.median(t_disk) * 1e3:.1f} ms")
 
     layers = dists[("cosine", "ba", "model", "v")].layers

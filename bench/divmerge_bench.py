@@ -32,9 +32,9 @@ backward on the same batch (the update path), ``memory_vs_dense_total_*`` the wh
 ``time_vs_dense`` and ``memory_vs_dense`` are the T = 8 ratios (sample base for time, the Qwen shape
 for memory); every ratio is in the JSON.
 
-    .venv/bin/python bench/divmerge_bench.py              # CPU, all cores
-    .venv/bin/python bench/divmerge_bench.py --quick      # smoke run
-    .venv/bin/python bench/divmerge_bench.py --device cuda
+    .venv/bin/python -m bench.divmerge_bench              # CPU, all cores (from the repository root)
+    .venv/bin/python -m bench.divmerge_bench --quick      # smoke run
+    .venv/bin/python -m bench.divmerge_bench --device cuda
 
 The last line is one JSON object (``step_vs_base``, ``time_vs_dense``, ``memory_vs_dense``, ...).
 """
@@ -51,20 +51,19 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.runtime_bench import (  # noqa: E402
+from bench.runtime_bench import (
     QWEN_KINDS,
     SAMPLE_TASKS,
     dense_weights,
     qwen_config,
     random_updates,
 )
-from bench.runtime_bench import _median_time as _median  # noqa: E402
-from geometry.base_models import MINILM, quiet  # noqa: E402
-from geometry.learned.divergences import js_divergence  # noqa: E402
-from geometry.runtime import Runtime, adapter_updates  # noqa: E402
+from bench.runtime_bench import _median_time as _median
+from geometry.learned.divergences import js_divergence
+from geometry.runtime import Runtime, adapter_updates
+from geometry.runtime.base_models import MINILM, quiet
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SAMPLES = ROOT / "sample_adapters" / "synthetic"
 
@@ -72,11 +71,11 @@ SAMPLES = ROOT / "sample_adapters" / "synthetic"
 # ---------------------------------------------------------------------------------------------- step vs base
 def step_vs_base(args: argparse.Namespace, device: torch.device) -> dict:
     """A real DivMerge step against the base model's forward + backward on the same batches."""
+    from geometry.io.loader import load_adapter
     from geometry.learned import DivMerge
-    from geometry.loader import load_adapter
 
     adapters = [load_adapter(SAMPLES / n) for n in ("nli", "paraphrase")]
-    run = DivMerge(adapters, SAMPLES / "tasks", samples=32, device=device, use_cache=False)
+    run = DivMerge(adapters, SAMPLES / "tasks", samples=32, device=device)
     run.prepare()
     terms = run._make_terms()
     batches = [run.batch(t, 0) for t in range(len(terms))]
@@ -104,7 +103,7 @@ def step_vs_base(args: argparse.Namespace, device: torch.device) -> dict:
            "step_batch": [len(b) for b in batches]}
     if not args.quick:
         all8 = [load_adapter(SAMPLES / n) for n in SAMPLE_TASKS]
-        run8 = DivMerge(all8, SAMPLES / "tasks", samples=8, device=device, use_cache=False)
+        run8 = DivMerge(all8, SAMPLES / "tasks", samples=8, device=device)
         run8.prepare()
 
         def step8() -> None:
@@ -117,8 +116,8 @@ def step_vs_base(args: argparse.Namespace, device: torch.device) -> dict:
 
 # ---------------------------------------------------------------------------------------------- factored vs dense
 def _sample_setup(n_tasks: int, device: torch.device, batch: int, max_length: int):
-    from geometry.loader import load_adapter
-    from geometry.tasks import load_task
+    from geometry.evaluation.tasks import load_task
+    from geometry.io.loader import load_adapter
 
     names = (list(SAMPLE_TASKS) * 2)[:n_tasks]
     updates = [adapter_updates(load_adapter(SAMPLES / n)) for n in names]
@@ -251,7 +250,7 @@ def memory_measured_cpu(args: argparse.Namespace) -> dict:
                 # big allocations by mmap (fixed threshold): freed memory goes back to the system and every
                 # new one counts in the resident set, instead of reusing what the model's build freed
                 env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-                proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
+                proc = subprocess.run([sys.executable, "-m", "bench.divmerge_bench", "--child", json.dumps(spec)], capture_output=True,
                                       text=True, check=True, cwd=ROOT, env=env)
                 out[f"rss_growth_{variant}_{model_name}_T{n}_bytes"] = json.loads(
                     proc.stdout.strip().splitlines()[-1])["rss_growth_bytes"]

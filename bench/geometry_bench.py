@@ -6,9 +6,9 @@
 
 Workload: 8 adapters x 32 layers x {q 4096x4096, k 1024x4096, v 1024x4096, o 4096x4096,
 gate 14336x4096, up 14336x4096, down 4096x14336} = 224 modules, r = 16, float32 factors
-(``bench/synthetic.py``, seeded); all 28 pairs, metrics l2 / cosine / grassmann, factors ba / a / b.
+(``geometry.testing``, seeded); all 28 pairs, metrics l2 / cosine / grassmann, factors ba / a / b.
 
-* **factored**: ``geometry.distances.all_distances`` over the whole workload, timed for real (all
+* **factored**: ``geometry.analysis.distances.all_distances`` over the whole workload, timed for real (all
   metrics x factors; then Grassmann only; then each distinct module shape alone).
 * **dense, cached SVD** (what a careful researcher writes without the factored maths): per adapter
   and module, the dense task vector ``tau = s B A`` (float64) and ONE thin SVD of it (basis
@@ -49,20 +49,17 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench.synthetic import LLAMA3_8B_SHAPES, random_factors  # noqa: E402
-from geometry.distances import FACTORS, METRICS, all_distances, dense_distance  # noqa: E402
-from geometry.factored import EPS64, grassmann_from_angles, principal_angles  # noqa: E402
-from geometry.gram import single_thread  # noqa: E402
-from geometry.types import Adapter, AdapterConfig, LoraModule, ModuleKey, lora_scale  # noqa: E402
+from geometry.analysis.distances import FACTORS, METRICS, all_distances, dense_distance
+from geometry.linalg.factored import EPS64, grassmann_from_angles, principal_angles
+from geometry.linalg.gram import single_thread
+from geometry.testing import LLAMA3_8B_SHAPES, random_factors
+from geometry.types import Adapter, AdapterConfig, LoraModule, ModuleKey, lora_scale
 
 _PARENT = {"gate": "mlp", "up": "mlp", "down": "mlp"}
 
 
 def make_adapters(n: int, layers: int, shapes: dict[str, tuple[int, int]], r: int, seed: int) -> list[Adapter]:
-    """``n`` adapters of float32 factors from ``bench.synthetic.random_factors``, alpha = 2r (deterministic)."""
+    """``n`` adapters of float32 factors from ``geometry.testing.random_factors``, alpha = 2r (deterministic)."""
     out = []
     for i in range(n):
         gen = torch.Generator().manual_seed(seed * 1000 + i)
@@ -240,7 +237,7 @@ def main(argv=None) -> int:
         adapters = make_adapters(n_ad, n_layers, shapes, r, args.seed)
     print(f"generated factors in {c.wall:.1f} s (not timed below)")
 
-    all_distances(adapters[:2], kinds=[next(iter(shapes))], device=device)  # warm-up (imports, first calls)
+    all_distances(adapters[:2], kind=[next(iter(shapes))], device=device)  # warm-up (imports, first calls)
     fac = timed(lambda: all_distances(adapters, metrics=METRICS, factors=FACTORS, device=device), args.repeats)
     print(f"factored, all metrics x factors: {fac.wall:.2f} s wall, {fac.cpu:.2f} s CPU, measured "
           f"(median of {fac.describe()})")
@@ -259,7 +256,7 @@ def main(argv=None) -> int:
     for shape, kinds in groups.items():
         label = "/".join(kinds)
         with Clock() as fs:
-            all_distances(adapters, kinds=kinds, metrics=METRICS, factors=FACTORS, device=device)
+            all_distances(adapters, kind=kinds, metrics=METRICS, factors=FACTORS, device=device)
         d = dense_module(adapters, ModuleKey("model", 0, kinds[0]), n_prep)
         modules = len(kinds) * n_layers
         one = n_ad * d["prep_s"] + pairs * d["pair_s"]

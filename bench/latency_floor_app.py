@@ -6,15 +6,10 @@ in the same browser, on the same machine, in the same run is what a Streamlit ro
 the dashboard's pages are reported against it.
 """
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import streamlit as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ui import figures  # noqa: E402
+from ui import figures  # the repository's ui/: browser_latency.streamlit_server sets PYTHONPATH to the root
 
 choice = st.segmented_control("Metric", ["L2", "cosine", "Grassmann"], default="cosine", key="m")
 rng = np.random.default_rng(["L2", "cosine", "Grassmann"].index(choice or "cosine"))

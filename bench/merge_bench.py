@@ -16,8 +16,8 @@ each, the ratio peft / ours, and each result's relative Frobenius error against 
 (float64), next to the optimal error ``sqrt(1 - energy kept)`` of a rank-``R`` truncation. The last
 line is JSON.
 
-    .venv/bin/python bench/merge_bench.py                      # v and q (about 2 minutes on 1 CPU thread)
-    .venv/bin/python bench/merge_bench.py --modules q,k,v,o,gate,up,down --tasks 4 --r 16 --rank 16
+    .venv/bin/python -m bench.merge_bench                      # v and q (about 2 minutes on 1 CPU thread)
+    .venv/bin/python -m bench.merge_bench --modules q,k,v,o,gate,up,down --tasks 4 --r 16 --rank 16
 
 The dense full SVD of a 14336 x 4096 ``gate`` / ``up`` / ``down`` module takes many minutes on one CPU
 thread: ask for them explicitly (or run with a GPU: ``--device cuda``).
@@ -47,10 +47,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from geometry.merging.truncate import truncate_factored
+from geometry.testing import LLAMA3_8B_SHAPES, random_factors
 
-from bench.synthetic import LLAMA3_8B_SHAPES, random_factors  # noqa: E402
-from geometry.merging.truncate import truncate_factored  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _sync(device: torch.device) -> None:
@@ -195,9 +195,9 @@ def native_case(method: str, form: str, kind: str, tasks: int, r: int, seed: int
 
 
 def _native_child(method: str, form: str, kind: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--_native-case", f"{method}:{form}:{kind}", "--tasks", str(args.tasks),
+    cmd = [sys.executable, "-m", "bench.merge_bench", "--_native-case", f"{method}:{form}:{kind}", "--tasks", str(args.tasks),
            "--r", str(args.r), "--seed", str(args.seed), "--threads", str(args.threads)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -37,19 +37,18 @@ import functools
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from geometry.evaluation.tasks import load_task
+from geometry.io.loader import load_adapter
+from geometry.runtime import LoraUpdates, Runtime
+from geometry.runtime.base_models import MINILM, quiet
+from geometry.runtime.modules import _module_path
 
-from geometry.base_models import MINILM, quiet  # noqa: E402
-from geometry.loader import load_adapter  # noqa: E402
-from geometry.runtime import LoraUpdates, Runtime, _module_path  # noqa: E402
-from geometry.tasks import load_task  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SAMPLE_TASKS = ("acceptability", "negation", "news_topic", "nli", "paraphrase", "question", "sentiment_movies",
                 "sentiment_products")

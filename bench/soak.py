@@ -1,6 +1,6 @@
 """Soak test of a hosted demo: N concurrent sessions against one local server, for a bounded time.
 
-    .venv/bin/python bench/soak.py [--sessions 8] [--seconds 120] [--samples DIR] [--demo]
+    .venv/bin/python -m bench.soak [--sessions 8] [--seconds 120] [--samples DIR] [--demo]   # from the repository root
                                    [--client protocol|browser] [--proxy none|nginx]
 
 Starts ``streamlit run app.py`` (``bench/browser_latency.py``'s server: the sample adapters, a private
@@ -48,11 +48,9 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
+from bench import browser_latency
 
-import browser_latency  # noqa: E402  (bench/, next to this file)
+REPO = Path(__file__).resolve().parents[1]
 
 #: url path -> title in the sidebar navigation (app.py)
 PAGES = {"overview": "Overview", "anatomy": "Anatomy", "distances": "Distances", "inclusion": "Inclusion",
@@ -89,7 +87,7 @@ def wait_until_idle(pid: int, share: float = 0.05, window: float = 2.0, timeout:
 
 
 async def _first_visit(url: str) -> None:
-    import st_protocol
+    from bench import st_protocol
 
     session = await st_protocol.Session.open(url)
     try:
@@ -153,7 +151,7 @@ async def _session(browser, url: str, pages: list[str], deadline: float, times: 
 
 async def _protocol_session(url: str, pages: list[str], deadline: float, times: dict, errors: list, offset: int):
     """One visitor through :mod:`st_protocol`: the same visits as :func:`_session`, without rendering."""
-    import st_protocol
+    from bench import st_protocol
 
     def error_of(path: str, run) -> str | None:
         if run.exceptions:
@@ -208,7 +206,7 @@ async def soak_protocol(url: str, sessions: int = 8, seconds: float = 120.0, pag
     the cores, as it has on a host whose visitors' browsers run on their own machines."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import st_protocol
+    from bench import st_protocol
 
     # the HTTP fetches of first visits run in threads: one each (asyncio's default pool has cores + 4)
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=sessions + 2))

@@ -45,10 +45,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench.synthetic import LLAMA3_8B_SHAPES  # noqa: E402
+from geometry.testing import LLAMA3_8B_SHAPES
 
 #: ``kind -> (out_features, in_features)`` of one Llama-3.2-1B block (GQA: 8 KV heads of 64).
 LLAMA32_1B_SHAPES: dict[str, tuple[int, int]] = {
@@ -99,7 +96,7 @@ def run_child(paths: list[Path], work: Path, tag: str, memory_gb: float) -> dict
     listing = work / f"{tag}.txt"
     listing.write_text("\n".join(str(p) for p in paths) + "\n")
     cmd = [sys.executable, __file__, "--child", str(listing), str(work / f"{tag}.parquet"), str(memory_gb)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"child survey failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -107,7 +104,7 @@ def run_child(paths: list[Path], work: Path, tag: str, memory_gb: float) -> dict
 
 def dask_run(paths: list[Path], work: Path, workers: int, memory_gb: float) -> dict:
     from geometry.survey import SurveySettings, run_survey, scan
-    from geometry.survey_dask import dask_runner, start_client, warm, worker_peak_rss
+    from geometry.survey.cluster import dask_runner, start_client, warm, worker_peak_rss
 
     refs = scan(paths)
     client = start_client(workers=workers, memory_gb=memory_gb)

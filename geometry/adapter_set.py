@@ -19,6 +19,8 @@ from collections.abc import Iterable, Iterator
 
 import pandas as pd
 
+from geometry.errors import InvalidArgumentError
+from geometry.io.summary import adapter_summary
 from geometry.types import Adapter
 
 
@@ -88,7 +90,7 @@ class AdapterSet:
         names = list(names)
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
-            raise ValueError(f"adapters named more than once: {', '.join(map(repr, repeated))}")
+            raise InvalidArgumentError(f"adapters named more than once: {', '.join(map(repr, repeated))}")
         out = AdapterSet()
         for n in names:
             adapter = self[n]
@@ -125,13 +127,13 @@ class AdapterSet:
         """Rename ``old`` to ``new`` keeping its position; raises ``ValueError`` on a bad name."""
         new = (new or "").strip()
         if old not in self._items:
-            raise ValueError(f"no adapter named {old!r} in the set")
+            raise InvalidArgumentError(f"no adapter named {old!r} in the set")
         if not new:
-            raise ValueError("a new name cannot be empty")
+            raise InvalidArgumentError("a new name cannot be empty")
         if new == old:
             return old
         if new in self._items:
-            raise ValueError(f"an adapter named {new!r} is already in the set")
+            raise InvalidArgumentError(f"an adapter named {new!r} is already in the set")
         self._items = {
             (new if k == old else k): (dataclasses.replace(v, name=new) if k == old else v)
             for k, v in self._items.items()
@@ -146,7 +148,6 @@ class AdapterSet:
 
     def summary(self) -> pd.DataFrame:
         """Compact table of the set: name, base, r, alpha, targets, modules, parameters."""
-        from geometry.summary import adapter_summary
 
         rows = []
         for name, adapter in self._items.items():

@@ -1,41 +1,99 @@
-"""The notebook API: the main things in a few lines, results labelled by adapter name.
+"""The public functions: what the dashboard, the CLI and notebooks all call (``import geometry``).
 
     import geometry
-    ads = geometry.load(["sample_adapters/synthetic/nli", "some.zip", "hub:owner/name"])  # AdapterSet, by name
-    geometry.distances(ads, metric="grassmann", kind="v", layers="last:5")    # DataFrame adapters x adapters
-    geometry.distances(ads, metric="cosine", per_layer=True)                  # long DataFrame, one row per pair and layer
-    geometry.inclusion(ads["nli"], ads["paraphrase"])                         # DataFrame, one row per module
-    m = geometry.merge(ads, method="ties", density=0.2); m.save("out/")       # a peft folder
-    geometry.evaluate(m, tasks="sample_adapters/synthetic/tasks")                       # per-task scores and ANP
+    ads = geometry.load("sample_adapters/real")                                   # AdapterSet, by name
+    geometry.distances(ads, metric="grassmann", kind="v", layers="last:3")        # DataFrame [n, n]
+    geometry.distance_table(ads, metric="cosine")                                 # long DataFrame, per layer
+    geometry.inclusion(ads["mrpc"], ads["stsb"])                                  # DataFrame, one row per module
+    geometry.inclusion_matrix(ads, metric="rec")                                  # DataFrame [n, n]
+    m = geometry.merge(ads[["mrpc", "stsb"]], method="ties", density=0.2); m.save("out/")
+    geometry.evaluate_merge(m, tasks="sample_adapters/real/tasks").anp            # per-task scores and ANP
+    geometry.evaluate(ads, tasks="sample_adapters/real/tasks")                    # DataFrame, one row per adapter
 
-These six names (``load``, ``distances``, ``inclusion``, ``merge``, ``evaluate``, ``AdapterSet``)
-are a stable contract. One keyword spelling everywhere: ``metric``, ``factor`` (``ba``, ``a``,
-``b``), ``kind`` (``q``, ``v``, ...), ``stack``, ``layers`` (``"all"``, ``"last:K"``, ``"N,N"``,
-``"A-B"`` or a list of ints), ``lam``, ``objective``, ``method``, ``weights``, ``tasks``, ``limit``.
-Each function is a thin layer over the module that holds its maths (named in its docstring), where
-the formulas are; undefined values stay NaN and are explained in ``DataFrame.attrs["notes"]``.
+The contract (tested by ``tests/test_api.py``):
 
-``geometry.distances``, ``geometry.inclusion`` and ``geometry.evaluate`` are also the modules of
-those names: calling the module calls the function here (see :func:`_make_callable`).
+* The adapters come first and positionally; everything else is keyword-only.
+* One spelling per concept (:data:`VOCABULARY`): ``tasks`` (a folder of task folders, or one task
+  folder), ``limit`` (examples per task), ``kind`` (a projection kind, ``"q"``, ``"v"``...),
+  ``layers`` (``"all"``, ``"last:K"``, ``"N,N"``, ``"A-B"`` or ints), ``lam``, ``method``,
+  ``metric``, ``factor``, ``stack``, ``weights``, ``split``, ``device``, ``progress``, ``cache``.
+  The CLI's flags and the dashboard's page state use the same words.
+* One return type per function; where there were two shapes there are two names
+  (``distances`` / ``distance_table``, ``inclusion`` / ``inclusion_matrix``, ``evaluate`` /
+  ``evaluate_merge``).
+* Every merge result knows its source adapters (``MergedAdapter.source_adapters``), whichever
+  function made it.
+* Every error on bad input is a :class:`geometry.errors.AtlasError` naming what was wrong.
+* No disk is touched unless asked: ``cache=`` takes a :class:`geometry.cache.ResultCache` (or a
+  folder path); the default ``None`` computes.
+
+Each function is a thin layer over the module holding its maths (named in its docstring); undefined
+values stay NaN and are explained in ``DataFrame.attrs["notes"]``.
 """
 
 from __future__ import annotations
 
 import os
-import sys
-import types
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from geometry.adapter_set import AdapterSet
-from geometry.errors import AdapterLoadError, AtlasError
+from geometry.errors import AdapterLoadError, InvalidArgumentError
 from geometry.types import Adapter
 
+if TYPE_CHECKING:
+    from geometry.analysis.maps import Map2D
+    from geometry.evaluation.merge_eval import MergeEvaluation
+    from geometry.merging import MergedAdapter
+
 Source = str | os.PathLike[str] | bytes | Adapter
+Adapters = AdapterSet | Sequence[Adapter]
+Progress = Callable[[int, int, str], None]
+
+#: The shared vocabulary: each concept's one parameter name in the public functions, the CLI flags
+#: (``--tasks``, ``--limit``, ``--kind``...) and the dashboard's page state. ``tests/test_api.py``
+#: checks every public signature against it.
+VOCABULARY: dict[str, str] = {
+    "adapters": "an AdapterSet or a list of Adapters (the positional first argument)",
+    "adapter": "one Adapter",
+    "adapter1": "the first Adapter of an ordered pair",
+    "adapter2": "the second Adapter of an ordered pair",
+    "sources": "what load reads: folders, .zip paths or bytes, hub:owner/name ids, Adapters",
+    "names": "names given to loaded adapters, in order",
+    "merged": "a MergedAdapter (geometry.merge)",
+    "metric": "a distance or inclusion metric",
+    "factor": "which factor a distance compares: ba (the task vector), a or b",
+    "kind": "a projection kind (q, k, v, o, ...), or None for the default",
+    "stack": "a module stack (encoder, decoder, ...), or None for the default",
+    "layers": "a layer selection: 'all', 'last:K', 'N,N', 'A-B' or ints",
+    "pad": "zero-pad different ranks in the Grassmann distance",
+    "lam": "the inclusion regulariser lambda",
+    "objective": "the inclusion objective: frobenius or spectral",
+    "method": "a merge method, or a 2-D map method",
+    "weights": "per-task merge weights lambda_t",
+    "params": "a merge method's own parameters (density, rank, ...)",
+    "score": "the task-interference score: overlap or sti",
+    "tasks": "a folder of task folders, or one task folder",
+    "split": "the split scored: test, validation or train",
+    "limit": "how many examples per task are scored (None: all)",
+    "samples": "how many unlabeled inputs per task a learned merge fits on (a different count from limit)",
+    "seed": "a random seed",
+    "matrix": "a square distance matrix",
+    "device": "where it computes (None: CUDA when present, else CPU)",
+    "progress": "a callback progress(done, total, message)",
+    "cache": "a ResultCache or a folder path to keep results in (None: no disk)",
+}
+#: Spellings that the shared vocabulary replaced; none may appear in a public signature.
+RETIRED: dict[str, str] = {
+    "max_examples": "limit", "n_examples": "limit",
+    "tasks_dir": "tasks", "task_dir": "tasks", "task": "tasks",
+    "kinds": "kind", "lams": "lam", "lambda_": "lam",
+    "ad1": "adapter1", "ad2": "adapter2", "adapter_list": "adapters",
+}
 
 
 # --------------------------------------------------------------------------------------------- load
@@ -50,22 +108,62 @@ def _expand(source: Any) -> list[Any]:
     return [source]
 
 
-def load(sources: Source | Iterable[Source], names: Sequence[str] | None = None) -> AdapterSet:
-    """Load adapters into an :class:`AdapterSet` (see :func:`geometry.loader.load_adapter`).
+def _from_files(files: Mapping[str, bytes]) -> list[tuple[str, Any]]:
+    """In-memory files (an upload): each ``.zip`` is one adapter named by its file; the rest form one more."""
+    from geometry.io.loader import load_files, load_zip_bytes
+
+    out, loose = [], {}
+    for filename, data in files.items():
+        base = Path(filename).name
+        if base.lower().endswith(".zip"):
+            out.append((base, lambda d=data, b=base: load_zip_bytes(bytes(d), name=Path(b).stem, source=b)))
+        else:
+            loose[base] = bytes(data)
+    if loose:
+        configs = [n for n in loose if n.endswith(".json")]
+        label = " + ".join(sorted(loose))
+        if len(configs) > 1:
+            raise AdapterLoadError(
+                f"{label}: several config files in one set of files ({', '.join(configs)}); give one adapter's "
+                "adapter_config.json with its weights file at a time, or each adapter as a .zip")
+        out.append((label, lambda: load_files(loose)))
+    return out
+
+
+def load(
+    sources: Source | Mapping[str, bytes] | Iterable[Source], *, names: Sequence[str] | None = None
+) -> AdapterSet:
+    """Load adapters into an :class:`AdapterSet` (:mod:`geometry.io.loader`).
 
     ``sources``: one or a list of adapter folders, ``.zip`` files (path or bytes), ``hub:owner/name``
-    ids, already loaded :class:`Adapter` objects, or a folder of adapter folders (each loaded, in
-    name order, e.g. ``geometry.load("sample_adapters/synthetic")``). ``names`` renames them in order;
-    otherwise each keeps its folder / file name, made unique with ``-2``, ``-3``.
-    A source that fails raises :class:`AdapterLoadError` naming it (nothing is half-loaded).
+    ids, already loaded :class:`Adapter` objects, a folder of adapter folders (each loaded, in name
+    order, e.g. ``geometry.load("sample_adapters/real")``), or in-memory files ``{filename: bytes}``
+    (an upload: each ``.zip`` is one adapter named by its file, the other files, ``adapter_config.json``
+    and its weights, one more). ``names`` renames them in order; otherwise each keeps its folder / file
+    name, made unique with ``-2``, ``-3``. A source that fails raises :class:`AdapterLoadError` naming
+    it (nothing is half-loaded). Every input is untrusted: the limits of :mod:`geometry.io.limits` apply.
     """
-    from geometry.loader import load_adapter
+    from geometry.io.loader import load_adapter
 
+    if isinstance(sources, Mapping):
+        loaders = _from_files(sources)
+        if names is not None and len(names) != len(loaders):
+            raise InvalidArgumentError(f"load: {len(names)} names for {len(loaders)} adapters")
+        out = AdapterSet()
+        for k, (label, make) in enumerate(loaders):
+            try:
+                adapter = make()
+            except AdapterLoadError:
+                raise
+            except (OSError, ValueError) as exc:
+                raise AdapterLoadError(f"{label}: {exc}") from exc
+            out.add(adapter, origin="upload", name=names[k] if names is not None else None)
+        return out
     if isinstance(sources, (str, os.PathLike, bytes, bytearray, Adapter)):
         sources = [sources]
     items = [s for src in sources for s in _expand(src)]
     if names is not None and len(names) != len(items):
-        raise AtlasError(f"load: {len(names)} names for {len(items)} adapters ({', '.join(map(str, items))})")
+        raise InvalidArgumentError(f"load: {len(names)} names for {len(items)} adapters ({', '.join(map(str, items))})")
     out = AdapterSet()
     for k, src in enumerate(items):
         name = names[k] if names is not None else None
@@ -83,181 +181,342 @@ def load(sources: Source | Iterable[Source], names: Sequence[str] | None = None)
     return out
 
 
-def _adapters(adapters: AdapterSet | Sequence[Adapter] | Adapter) -> list[Adapter]:
+def as_adapters(adapters: Adapters | Adapter) -> list[Adapter]:
+    """The list of :class:`Adapter` behind ``adapters`` (an AdapterSet, a list, or one Adapter)."""
     if isinstance(adapters, Adapter):
         return [adapters]
     if isinstance(adapters, AdapterSet):
         return adapters.adapters
+    if isinstance(adapters, (str, bytes, os.PathLike)):
+        raise InvalidArgumentError(f"expected loaded adapters (geometry.load({str(adapters)[:60]!r})), got a path")
     items = list(adapters)
     bad = [type(a).__name__ for a in items if not isinstance(a, Adapter)]
     if bad:
-        raise AtlasError(f"expected an AdapterSet or Adapters (geometry.load(...)), got {', '.join(sorted(set(bad)))}")
+        raise InvalidArgumentError(
+            f"expected an AdapterSet or Adapters (geometry.load(...)), got {', '.join(sorted(set(bad)))}")
     return items
 
 
 # ---------------------------------------------------------------------------------------- distances
+def _distance_tensor(adapters: Adapters, metric: str, factor: str, kind: str | None, stack: str | None,
+                     pad: bool, device: Any):
+    from geometry.analysis.distances import pairwise_distances
+
+    return pairwise_distances(as_adapters(adapters), metric, factor, kind, stack, pad=pad, device=device)
+
+
 def distances(
-    adapters: AdapterSet | Sequence[Adapter],
+    adapters: Adapters,
+    *,
     metric: str = "cosine",
     factor: str = "ba",
     kind: str | None = None,
     layers: str | Iterable[int] = "all",
-    *,
-    per_layer: bool = False,
     stack: str | None = None,
     pad: bool = False,
     device: Any = None,
 ) -> pd.DataFrame:
-    """Distance ``metric`` (``l2``, ``cosine``, ``grassmann``) between adapters on ``factor`` and ``kind``.
+    """``Tbar_d``: the ``[n, n]`` mean over ``layers`` of the per-layer distance (:mod:`geometry.analysis.distances`).
 
-    Default: the ``[n, n]`` matrix ``Tbar_d`` (mean over ``layers`` of the per-layer distance), a
-    DataFrame indexed and columned by adapter name. ``per_layer=True``: the long table, one row per
-    ``(adapter_i, adapter_j, layer)`` of the chosen layers with ``i, j, adapter_i, adapter_j, layer,
-    stack, kind, metric, factor, value``. ``kind=None`` takes ``v`` when every adapter has it, else
-    the first common kind. ``attrs``: ``notes`` (why some values are NaN, conventions), ``counts``
-    (matrix form: how many layers each pair averaged, when some layer was undefined), ``layers``.
-    Maths: :mod:`geometry.distances`.
+    ``metric``: ``l2`` (``||tau_1 - tau_2||_F``), ``cosine`` (``1 - <tau_1, tau_2>_F / (||tau_1|| ||tau_2||)``)
+    or ``grassmann`` (``sqrt(sum_i theta_i^2)``, principal angles between the column spaces), on
+    ``factor`` ``ba`` (the task vector), ``a`` or ``b``, for one projection ``kind`` (``None``: ``v``
+    when every adapter has it, else the first common kind). A DataFrame indexed and columned by
+    adapter name; ``attrs``: ``notes`` (why some values are NaN, conventions), ``counts`` (how many
+    layers each pair averaged), ``layers``, ``metric``, ``factor``, ``kind``, ``stack``.
     """
-    from geometry.distances import pairwise_distances, select_layers
+    from geometry.analysis.distances import select_layers
 
-    ads = _adapters(adapters)
-    tensor = pairwise_distances(ads, metric, factor, kind, stack, pad=pad, device=device)
+    tensor = _distance_tensor(adapters, metric, factor, kind, stack, pad, device)
     chosen = select_layers(tensor.layers, layers)
-    notes = [tensor.convention, *tensor.notes]
     names = list(tensor.adapters)
-    if per_layer:
-        frame = tensor.to_frame()
-        frame = frame[frame["layer"].isin(chosen)].reset_index(drop=True)
-        frame.attrs.update(notes=notes, layers=chosen)
-        return frame
     idx = [tensor.layers.index(v) for v in chosen]
-    sub = tensor.values[:, :, idx]
-    counts = np.isfinite(sub).sum(-1)
+    counts = np.isfinite(tensor.values[:, :, idx]).sum(-1)
     frame = pd.DataFrame(tensor.reduce(chosen), index=pd.Index(names, name="adapter"), columns=names)
     partial = [
         f"({names[i]}, {names[j]}) averaged {counts[i, j]} of {len(chosen)} layers (the others are undefined)"
         for i in range(len(names)) for j in range(i + 1, len(names)) if counts[i, j] < len(chosen)
     ]
     frame.attrs.update(
-        notes=notes + partial, layers=chosen, metric=metric, factor=factor, kind=tensor.kind, stack=tensor.stack,
-        counts=pd.DataFrame(counts, index=names, columns=names),
+        notes=[tensor.convention, *tensor.notes, *partial], layers=chosen, metric=metric, factor=factor,
+        kind=tensor.kind, stack=tensor.stack, counts=pd.DataFrame(counts, index=names, columns=names),
     )
     return frame
 
 
+def distance_table(
+    adapters: Adapters,
+    *,
+    metric: str = "cosine",
+    factor: str = "ba",
+    kind: str | None = None,
+    layers: str | Iterable[int] = "all",
+    stack: str | None = None,
+    pad: bool = False,
+    device: Any = None,
+) -> pd.DataFrame:
+    """The per-layer distances ``T_d(i, j, k)`` as a long table (:mod:`geometry.analysis.distances`).
+
+    One row per ``(adapter_i, adapter_j, layer)`` of the chosen ``layers``, columns ``i, j,
+    adapter_i, adapter_j, layer, stack, kind, metric, factor, value``; arguments as :func:`distances`.
+    """
+    from geometry.analysis.distances import select_layers
+
+    tensor = _distance_tensor(adapters, metric, factor, kind, stack, pad, device)
+    chosen = select_layers(tensor.layers, layers)
+    frame = tensor.to_frame()
+    frame = frame[frame["layer"].isin(chosen)].reset_index(drop=True)
+    frame.attrs.update(notes=[tensor.convention, *tensor.notes], layers=chosen)
+    return frame
+
+
+def distance_tensors(
+    adapters: Adapters,
+    *,
+    metric: str | Iterable[str] = ("l2", "cosine", "grassmann"),
+    factor: str | Iterable[str] = ("ba", "a", "b"),
+    kind: str | Iterable[str] | None = None,
+    stack: str | Iterable[str] | None = None,
+    pad: bool = False,
+    device: Any = None,
+    progress: Progress | None = None,
+) -> dict:
+    """Every per-layer distance tensor ``T_d(i, j, k)`` at once, keyed ``(metric, factor, stack, kind)``
+    (:func:`geometry.analysis.distances.all_distances`): each adapter's modules decomposed once and reused
+    for every pair, metric and factor (what the dashboard computes once per adapter set and re-slices).
+    ``metric``, ``factor``, ``kind`` and ``stack`` take one value or several (``None``: all)."""
+    from geometry.analysis.distances import all_distances
+
+    def many(value):
+        return [value] if isinstance(value, str) else value
+
+    return all_distances(as_adapters(adapters), kind=kind, metrics=many(metric), factors=many(factor),
+                         progress=progress, stacks=many(stack), pad=pad, device=device)
+
+
 # ---------------------------------------------------------------------------------------- inclusion
 def inclusion(
-    adapter1: Adapter | AdapterSet | Sequence[Adapter],
-    adapter2: Adapter | None = None,
-    lam: float = 0.0,
+    adapter1: Adapter,
+    adapter2: Adapter,
     *,
+    lam: float = 0.0,
     objective: str = "frobenius",
     kind: str | None = None,
     stack: str | None = None,
-    metric: str = "rec",
     device: Any = None,
 ) -> pd.DataFrame:
-    """Spectral inclusion ``tau1 -> tau2`` (:mod:`geometry.inclusion`).
+    """Spectral inclusion ``tau1 -> tau2``, one row per common module (:mod:`geometry.analysis.inclusion`).
 
-    Two adapters: one row per common module (``stack, layer, kind, rank, s1, s2, l1, l2,
-    l1_normalized, l2_normalized, rec, h1, h2``). One set (``adapter2=None``): the asymmetric
-    ``[n, n]`` matrix of ``metric`` (row ``tau_i -> column tau_j``, mean over common modules), each
-    adapter decomposed once.
+    Columns ``stack, layer, kind, rank, s1, s2, l1, l2, l1_normalized, l2_normalized, rec, h1, h2``;
+    ``s2`` is ``tau2``'s spectrum projected on ``tau1``'s singular bases (closed form, regulariser
+    ``lam``, ``objective`` frobenius or spectral).
     """
-    from geometry import inclusion as inc
+    from geometry.analysis import inclusion as inc
 
-    if adapter2 is None:
-        ads = _adapters(adapter1)
-        names = [a.name for a in ads]
-        mat = inc.inclusion_matrix(ads, metric, kind, lam, objective, stack=stack, device=device)
-        frame = pd.DataFrame(mat, index=pd.Index(names, name="tau_i (row) -> tau_j"), columns=names)
-        frame.attrs.update(metric=metric, lam=lam, objective=objective, kind=kind)
-        return frame
     if not isinstance(adapter1, Adapter) or not isinstance(adapter2, Adapter):
-        raise AtlasError("inclusion(a1, a2): pass two Adapters (ads['name']), or one AdapterSet for the matrix")
-    kinds = None if kind is None else [kind]
-    frame = inc.inclusion(adapter1, adapter2, lam, kinds, objective, stack=stack, device=device)
+        raise InvalidArgumentError(
+            "inclusion(adapter1, adapter2): pass two Adapters (ads['name']); for a set use inclusion_matrix(ads)")
+    frame = inc.inclusion(adapter1, adapter2, lam=lam, kind=kind, objective=objective, stack=stack, device=device)
     frame.attrs.update(adapters=(adapter1.name, adapter2.name), lam=lam, objective=objective)
     return frame
 
 
+def inclusion_matrix(
+    adapters: Adapters,
+    *,
+    metric: str = "rec",
+    lam: float = 0.0,
+    objective: str = "frobenius",
+    kind: str | None = None,
+    stack: str | None = None,
+    device: Any = None,
+) -> pd.DataFrame:
+    """The asymmetric ``[n, n]`` matrix of an inclusion ``metric``: row ``tau_i -> column tau_j``.
+
+    Mean over the modules the pair shares (:func:`geometry.analysis.inclusion.inclusion_matrices`);
+    each adapter decomposed once. The diagonal is the metric of an adapter with itself.
+    """
+    from geometry.analysis import inclusion as inc
+
+    ads = as_adapters(adapters)
+    names = [a.name for a in ads]
+    mat = inc.inclusion_matrix(ads, metric=metric, kind=kind, lam=lam, objective=objective, stack=stack,
+                               device=device)
+    frame = pd.DataFrame(mat, index=pd.Index(names, name="tau_i (row) -> tau_j"), columns=names)
+    frame.attrs.update(metric=metric, lam=lam, objective=objective, kind=kind)
+    return frame
+
+
+# ------------------------------------------------------------------------------------------ anatomy
+def anatomy(adapter: Adapter, *, kind: str | Iterable[str] | None = None, device: Any = None) -> pd.DataFrame:
+    """One row per module of ``adapter``: its exact spectrum and what it says (:mod:`geometry.analysis.anatomy`)."""
+    from geometry.analysis.anatomy import anatomy as run
+
+    if not isinstance(adapter, Adapter):
+        raise InvalidArgumentError("anatomy(adapter): pass one Adapter (ads['name'])")
+    return run(adapter, kind=kind, device=device)
+
+
+def interference(
+    adapters: Adapters,
+    *,
+    score: str = "overlap",
+    kind: str | None = None,
+    layers: str | Iterable[int] = "all",
+    stack: str | None = None,
+    device: Any = None,
+) -> pd.DataFrame:
+    """TSV-M's task interference between adapters, the mean over the chosen modules (:mod:`geometry.merging.tsv`).
+
+    ``score``: ``overlap`` (mean ``cos^2`` of the principal angles between task ``i``'s and ``j``'s
+    singular vectors) or ``sti`` (``||U_i^T U_j||_1 + ||V_i^T V_j||_1``, Gargiulo et al. 2025).
+    ``[n, n]`` DataFrame; the mean ignores undefined (NaN) modules, and a pair undefined everywhere
+    stays NaN. ``attrs["modules"]``: how many modules were averaged.
+    """
+    from geometry.analysis.distances import select_layers
+    from geometry.merging.base import all_keys
+    from geometry.merging.tsv import task_interference
+
+    ads = as_adapters(adapters)
+    keys = [k for k in all_keys(ads) if (kind is None or k.kind == kind) and (stack is None or k.stack == stack)]
+    if kind is None and keys:
+        keys = [k for k in keys if k.kind == keys[0].kind]
+    chosen = set(select_layers(sorted({k.layer for k in keys}), layers)) if keys else set()
+    keys = [k for k in keys if k.layer in chosen]
+    if not keys:
+        raise InvalidArgumentError(f"interference: no module of kind {kind!r} in layers {layers!r}")
+    frame = task_interference(ads, score=score, module=keys, device=device)
+    frame.index.name = "adapter"
+    frame.attrs.update(score=score, modules=len(keys), kind=keys[0].kind, layers=sorted(chosen))
+    return frame
+
+
+# ---------------------------------------------------------------------------------------------- map
+def embed(matrix: Any, *, method: str = "pca", seed: int = 0) -> Map2D:
+    """A 2-D map of adapters from a distance matrix (:func:`geometry.analysis.maps.embed_defined`).
+
+    ``matrix``: a square DataFrame (from :func:`distances`) or array with names. ``method``: ``pca``,
+    ``mds`` or ``umap``; UMAP needs at least :data:`~geometry.analysis.maps.UMAP_MIN_POINTS` adapters,
+    and fewer fall back to PCA, said in ``Map2D.note``. Adapters with undefined distances are left out
+    and named.
+    """
+    from geometry.analysis.maps import embed_defined
+
+    if isinstance(matrix, pd.DataFrame):
+        names, values = [str(c) for c in matrix.columns], matrix.to_numpy(dtype=float)
+    else:
+        values = np.asarray(matrix, dtype=float)
+        names = [str(i) for i in range(values.shape[0])]
+    return embed_defined(values, names, method=method, seed=seed)
+
+
 # -------------------------------------------------------------------------------------------- merge
-def merge(adapters: AdapterSet | Sequence[Adapter], method: str = "task_arithmetic", weights: Any = None, **params: Any):
+def merge(adapters: Adapters, *, method: str = "task_arithmetic", weights: Any = None, **params: Any) -> MergedAdapter:
     """Merge adapters with a method of :data:`geometry.merging.MERGE_METHODS` (one call shape).
 
-    Returns a :class:`geometry.merging.MergedAdapter`: ``m.save(path)`` writes a peft folder,
-    ``m.summary()`` describes it, ``geometry.evaluate(m, tasks=...)`` scores it.
+    Returns a :class:`geometry.merging.MergedAdapter` that knows its sources: ``m.save(path)`` writes a
+    peft folder, ``m.summary()`` describes it, ``geometry.evaluate_merge(m, tasks=...)`` scores it.
+    ``weights``: one ``lambda_t`` per task (a list, a dict by name, or the text ``"0.5, 0.5"``).
     """
     from geometry.merging import merge as run
+    from geometry.merging.weights import parse_weights
 
-    ads = _adapters(adapters)
-    merged = run(ads, method, weights, **params)
-    merged.source_adapters = ads  # what geometry.evaluate needs for the fine-tuned scores (not saved)
-    return merged
+    ads = as_adapters(adapters)
+    if isinstance(weights, str):
+        weights = parse_weights(weights, [a.name for a in ads])
+    return run(ads, method, weights, **params)
 
 
 # ----------------------------------------------------------------------------------------- evaluate
 def evaluate(
-    source: Any,
-    tasks: str | os.PathLike[str] | None = None,
+    adapters: Adapters | Adapter | Source | Sequence[Source],
     *,
-    adapters: AdapterSet | Sequence[Adapter] | None = None,
+    tasks: str | os.PathLike[str],
     split: str = "test",
     limit: int | None = None,
-    progress: Callable[[int, int, str], None] | None = None,
-):
-    """Score on each task's ``split`` (accuracy; ROUGE-L for generation) under ``tasks`` (a folder of task folders).
+    progress: Progress | None = None,
+    cache: Any = None,
+) -> pd.DataFrame:
+    """Score each adapter on its own task: one row per adapter (:mod:`geometry.evaluation.evaluate`).
 
-    * a merge (``geometry.merge``): per task, the fine-tuned score (base + that adapter), the merged
-      score (with that task's head) and ``normalized = 100 merged / finetuned``; returns a
-      :class:`geometry.merge_eval.MergeEvaluation` (``.frame``, ``.anp`` =
-      ``(1/T) sum_t P(merged, t) / P(theta_t, t)`` in %). The source adapters come from
-      ``geometry.merge``; pass ``adapters=`` for a merge built otherwise.
-    * an Adapter or an AdapterSet: a DataFrame, one row per adapter, scored on its own task.
-    * a peft folder path with ``tasks`` pointing at one task folder or ``.jsonl``: a dict of metrics.
-
-    Each adapter's task folder is ``tasks/<training_info task or adapter name>/`` (see
-    :func:`geometry.merge_eval.find_task_dir`). Scores are cached on disk by content hash.
+    ``adapters``: loaded adapters, or anything :func:`load` reads. ``tasks``: a folder of task folders
+    (each adapter finds ``tasks/<training task or name>/``) or one task folder / ``.jsonl`` file (every
+    adapter scored on it). Columns ``adapter, task, split, n`` and the task's metrics (``accuracy``,
+    ``macro_f1``; ``rouge_l`` for generation).
     """
-    from geometry import evaluate as ev
-    from geometry.merge_eval import evaluate_merge, find_task_dir
+    from geometry.evaluation.evaluate import evaluate as score
+    from geometry.evaluation.tasks import find_task_dir
 
-    if tasks is None:
-        raise AtlasError("evaluate: pass tasks= (a folder of task folders, e.g. 'sample_adapters/tasks')")
-    if hasattr(source, "heads") and hasattr(source, "updates"):
-        ads = _adapters(adapters) if adapters is not None else getattr(source, "source_adapters", None)
-        if not ads:
-            raise AtlasError("evaluate: this merge does not carry its source adapters; pass adapters=")
-        return evaluate_merge(ads, tasks, merged=source, max_examples=limit, progress=progress)
-    if isinstance(source, (Adapter, AdapterSet)) or (
-        isinstance(source, Sequence) and not isinstance(source, str) and source and isinstance(source[0], Adapter)
-    ):
-        rows = []
-        ads = _adapters(source)
-        for k, ad in enumerate(ads):
-            folder = find_task_dir(ad, tasks, split)
-            result = ev.evaluate(ad, folder, split, limit=limit)
-            rows.append({"adapter": ad.name, "task": folder.name, **{k2: v for k2, v in result.items() if k2 != "task"}})
-            if progress:
-                progress(k + 1, len(ads), ad.name)
-        return pd.DataFrame(rows)
-    if isinstance(source, (str, os.PathLike)):
-        return ev.evaluate(source, tasks, split, limit=limit)
-    raise AtlasError(f"evaluate: cannot score a {type(source).__name__} (expected a merge, Adapter, AdapterSet or path)")
+    if _is_merge(adapters):
+        raise InvalidArgumentError("evaluate: this is a merge; score it with geometry.evaluate_merge(merged, tasks=...)")
+    ads = as_adapters(adapters) if _is_loaded(adapters) else as_adapters(load(adapters))
+    root = Path(tasks)
+    one_task = root.suffix == ".jsonl" or (root / f"{split}.jsonl").is_file()
+    rows = []
+    for k, ad in enumerate(ads):
+        folder = root if one_task else find_task_dir(ad, root, split)
+        result = score(ad, folder, split, limit=limit, cache=cache)
+        rows.append({"adapter": ad.name, **result})
+        if progress:
+            progress(k + 1, len(ads), ad.name)
+    return pd.DataFrame(rows)
 
 
+def evaluate_merge(
+    merged: MergedAdapter,
+    *,
+    tasks: str | os.PathLike[str],
+    adapters: Adapters | None = None,
+    split: str = "test",
+    limit: int | None = None,
+    progress: Progress | None = None,
+    cache: Any = None,
+) -> MergeEvaluation:
+    """Score a merge on each source task: fine-tuned vs merged, and the ANP (:mod:`geometry.evaluation.merge_eval`).
 
-# ------------------------------------------------------------------------------- callable modules
-def _make_callable(module_name: str, function: Callable[..., Any]) -> None:
-    """Let ``geometry.<module_name>(...)`` call ``function`` while staying the module of that name.
-
-    ``geometry.distances`` is both the module holding the maths and the notebook function: the
-    module's class becomes a ``ModuleType`` subclass whose ``__call__`` is ``function``, so
-    ``import geometry.distances``, ``from geometry.distances import ...`` and patching keep working.
+    Per task ``t``: ``P(theta_t, t)`` (base + that adapter), ``P(merged, t)`` (with that task's head)
+    and ``normalized = 100 P(merged, t) / P(theta_t, t)``;
+    ``ANP = (1/T) sum_t P(merged, t) / P(theta_t, t)`` in %. The sources are the merge's own
+    (``merged.source_adapters``) unless ``adapters`` is given.
     """
-    module = sys.modules[module_name]
-    if isinstance(module, types.ModuleType) and not callable(module):
-        cls = type(f"CallableModule[{module_name}]", (types.ModuleType,), {
-            "__call__": staticmethod(function), "__doc__": module.__doc__,
-        })
-        module.__class__ = cls
+    from geometry.evaluation.merge_eval import evaluate_merge as run
+
+    if not _is_merge(merged):
+        raise InvalidArgumentError(
+            f"evaluate_merge: expected a merge (geometry.merge), got {type(merged).__name__}; "
+            "score adapters with geometry.evaluate")
+    ads = as_adapters(adapters) if adapters is not None else merged.source_adapters
+    if not ads:
+        raise InvalidArgumentError("evaluate_merge: this merge does not carry its source adapters; pass adapters=")
+    return run(ads, tasks, merged=merged, limit=limit, split=split, progress=progress, cache=cache)
+
+
+def _is_merge(value: Any) -> bool:
+    return hasattr(value, "heads") and hasattr(value, "updates") and hasattr(value, "source_adapters")
+
+
+def _is_loaded(value: Any) -> bool:
+    if isinstance(value, (Adapter, AdapterSet)):
+        return True
+    if isinstance(value, (str, bytes, bytearray, os.PathLike)):
+        return False
+    items = list(value)
+    return bool(items) and all(isinstance(a, Adapter) for a in items)
+
+
+__all__ = [
+    "VOCABULARY",
+    "anatomy",
+    "as_adapters",
+    "distance_table",
+    "distance_tensors",
+    "distances",
+    "embed",
+    "evaluate",
+    "evaluate_merge",
+    "inclusion",
+    "inclusion_matrix",
+    "interference",
+    "load",
+    "merge",
+]

@@ -7,11 +7,21 @@ exits with status 2 and one line on stderr starting ``error:``, never a tracebac
 from __future__ import annotations
 
 import argparse
+import csv
+import json
+import math
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
-from geometry.errors import AtlasError
+from geometry.errors import AtlasError, IncompatibleAdaptersError
+from geometry.io.summary import adapter_summary
+from geometry.linalg.align import check_compatible, common_groups
+from geometry.merging.params import parse
+from geometry.merging.weights import parse_weights
 from geometry.text import ranges
+from geometry.version import __version__
 
 #: Registration functions, one per subcommand, appended below their ``cmd_`` function.
 _REGISTRY: list[Callable[[argparse._SubParsersAction], None]] = []
@@ -31,7 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m geometry",
         description="Adapter Atlas: exact geometry of LoRA adapters (task vectors).",
     )
-    from geometry.version import __version__
 
     parser.add_argument("--version", action="version", version=f"adapter-atlas {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -57,6 +66,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+# -- the CLI's disk cache: its own choice (the library touches no disk unless given a cache) ------------
+CACHE_ENV = "ADAPTER_ATLAS_CACHE"
+
+
+def default_cache_dir() -> str:
+    """``$ADAPTER_ATLAS_CACHE`` when set, else ``~/.cache/adapter-atlas`` (the store is its ``store/``)."""
+
+    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "adapter-atlas")
+
+
+def _add_cache_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help=f"keep results under DIR/store (default: ${CACHE_ENV}, else ~/.cache/adapter-atlas)")
+    p.add_argument("--no-cache", action="store_true", help="recompute, reading and writing no cache")
+
+
+def _result_cache(args: argparse.Namespace):
+    """The :class:`geometry.cache.ResultCache` of ``--cache`` (``None`` with ``--no-cache``)."""
+    if getattr(args, "no_cache", False):
+        return None
+
+    from geometry.cache import ResultCache
+
+    size = os.environ.get("ADAPTER_ATLAS_CACHE_MB")
+    folder = os.path.join(os.path.expanduser(args.cache or default_cache_dir()), "store")
+    return ResultCache(folder, **({"size_mb": size} if size else {}))
+
+
 # ---------------------------------------------------------------------------------------------
 # Subcommands are added below this line (each: cmd_<name>, _add_<name>_parser, _REGISTRY.append).
 # ---------------------------------------------------------------------------------------------
@@ -64,10 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Describe adapters: name, base, r, alpha, scale rule, and every module's stack, layer, kind, shape, rank."""
-    import json
 
-    from geometry.loader import load_adapter
-    from geometry.summary import adapter_summary
+    from geometry.io.loader import load_adapter
 
     summaries = [adapter_summary(load_adapter(p)) for p in args.paths]
     if args.json:
@@ -118,12 +153,11 @@ _REGISTRY.append(_add_info_parser)
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Score a peft adapter on a task split: accuracy and macro F1, or ROUGE-L for generation."""
-    import json
 
-    from geometry.evaluate import evaluate
+    from geometry.evaluation.evaluate import evaluate
 
     result = evaluate(args.adapter, args.task, split=args.split, batch_size=args.batch_size, limit=args.limit,
-                      use_cache=not args.no_cache)
+                      cache=_result_cache(args))
     result = {"adapter": args.adapter, **result}
     if args.format == "csv":
         print(",".join(result))
@@ -136,12 +170,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="score an adapter on a task split (accuracy + macro F1, or ROUGE-L)")
     p.add_argument("adapter", metavar="ADAPTER", help="peft adapter folder")
-    p.add_argument("--task", required=True, metavar="DIR_OR_JSONL", help="task folder ({split}.jsonl + labels.json) or a .jsonl")
+    p.add_argument("--tasks", "--task", dest="task", required=True, metavar="DIR_OR_JSONL",
+                   help="task folder ({split}.jsonl + labels.json) or a .jsonl (--task: the old spelling)")
     p.add_argument("--split", default="test", help="split of a task folder (default: test)")
     p.add_argument("--format", choices=("json", "csv"), default="json")
     p.add_argument("--limit", type=int, default=None, help="score only the first N examples")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--no-cache", action="store_true", help="recompute instead of reading cache/")
+    _add_cache_options(p)
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -152,12 +187,7 @@ def _merge_params(args: argparse.Namespace) -> tuple[list[float] | None, dict]:
     """``--weights`` / ``--density`` / ``--seed`` / ``--rank`` as merge arguments (unset ones omitted)."""
     from geometry.merging import METHOD_PARAMS
 
-    weights = None
-    if args.weights:
-        try:
-            weights = [float(w) for w in args.weights.split(",")]
-        except ValueError:
-            raise ValueError(f"--weights {args.weights!r}: expected comma-separated numbers, e.g. 0.5,0.5") from None
+    weights = parse_weights(args.weights, label="--weights")
     takes = METHOD_PARAMS.get(args.method, ())
     params = {}
     for name in ("density", "seed", "rank"):
@@ -169,7 +199,6 @@ def _merge_params(args: argparse.Namespace) -> tuple[list[float] | None, dict]:
                 continue
             raise ValueError(f"--{name} does not apply to --method {args.method} (it takes {', '.join(takes) or 'only --weights'})")
         params[name] = value
-    from geometry.merging.params import parse
 
     for text in args.param or ():
         name, value = parse(text, takes, args.method)
@@ -196,10 +225,8 @@ def _add_merge_options(p: argparse.ArgumentParser) -> None:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     """Merge adapters and write a peft adapter folder (PeftModel.from_pretrained loads it)."""
-    import json
-    from pathlib import Path
 
-    from geometry.loader import load_adapter
+    from geometry.io.loader import load_adapter
     from geometry.merging import merge
 
     out = Path(args.out)
@@ -237,15 +264,14 @@ _REGISTRY.append(_add_merge_parser)
 
 def cmd_pairwise(args: argparse.Namespace) -> int:
     """Merge every pair of adapters, score each task with its own head: merge loss delta(i, j) and pairwise ANP."""
-    import json
 
-    from geometry.loader import load_adapter
-    from geometry.merge_eval import correlation_study, pairwise_study
+    from geometry.evaluation.merge_eval import correlation_study, pairwise_study
+    from geometry.io.loader import load_adapter
 
     weights, params = _merge_params(args)
     adapters = [load_adapter(p) for p in args.paths]
-    result = pairwise_study(adapters, args.tasks, args.method, weights=weights, max_examples=args.max_examples,
-                            show_progress=sys.stderr.isatty(), **params)
+    result = pairwise_study(adapters, args.tasks, args.method, weights=weights, limit=args.max_examples,
+                            show_progress=sys.stderr.isatty(), cache=_result_cache(args), **params)
     if args.format == "csv":
         print(result.to_frame().to_csv(index=False), end="")
         return 0
@@ -262,9 +288,11 @@ def _add_pairwise_parser(sub: argparse._SubParsersAction) -> None:
     _add_merge_options(p)
     p.add_argument("--tasks", required=True, metavar="DIR", help="folder holding one task folder per adapter (test.jsonl)")
     p.add_argument("--format", choices=("json", "csv"), default="json")
-    p.add_argument("--max-examples", type=int, default=None, help="score only the first N test examples of each task")
+    p.add_argument("--limit", "--max-examples", dest="max_examples", type=int, default=None,
+                   help="score only the first N test examples of each task (--max-examples: the old spelling)")
     p.add_argument("--correlations", action="store_true",
                    help="json: add the Spearman correlations of delta(i, .) with each distance (paper's Table 3)")
+    _add_cache_options(p)
     p.set_defaults(func=cmd_pairwise)
 
 
@@ -273,8 +301,6 @@ _REGISTRY.append(_add_pairwise_parser)
 
 def _write_records(frame, fmt: str, out: str | None, list_columns: Sequence[str]) -> None:
     """``frame`` as CSV (list columns as JSON arrays) or a JSON list of records (NaN as null)."""
-    import json
-    import math
 
     def clean(value):
         if isinstance(value, float) and not math.isfinite(value):
@@ -305,14 +331,13 @@ def _kinds_option(value: str | None) -> list[str] | None:
 def cmd_inclusion(args: argparse.Namespace) -> int:
     """Spectral inclusion tau1 -> tau2 (closed form): one record per common module."""
 
-    from geometry.errors import IncompatibleAdaptersError
-    from geometry.inclusion import inclusion
-    from geometry.loader import load_adapter
+    from geometry.analysis.inclusion import inclusion
+    from geometry.io.loader import load_adapter
 
     if not args.lam >= 0:
         raise ValueError(f"--lambda must be >= 0, got {args.lam}")
     ad1, ad2 = load_adapter(args.path1), load_adapter(args.path2)
-    frame = inclusion(ad1, ad2, lam=args.lam, kinds=_kinds_option(args.kind), objective=args.objective)
+    frame = inclusion(ad1, ad2, lam=args.lam, kind=_kinds_option(args.kind), objective=args.objective)
     if frame.empty:
         raise IncompatibleAdaptersError(
             f"{args.path1} and {args.path2} share no LoRA module"
@@ -335,7 +360,8 @@ def _add_inclusion_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("path1", metavar="PATH1", help="adapter whose basis is used (tau1): folder, .zip or hub:<repo_id>")
     p.add_argument("path2", metavar="PATH2", help="adapter projected (tau2)")
-    p.add_argument("--lambda", dest="lam", type=float, default=0.0, metavar="L", help="sparsity weight lambda >= 0 (default 0)")
+    p.add_argument("--lam", "--lambda", dest="lam", type=float, default=0.0, metavar="L",
+                   help="sparsity weight lambda >= 0 (default 0; --lambda: the old spelling)")
     p.add_argument(
         "--objective", choices=("frobenius", "squared"), default="frobenius",
         help="frobenius: the paper's ||.||_F + lambda ||S||_1 (threshold lambda * optimal residual); "
@@ -353,10 +379,10 @@ _REGISTRY.append(_add_inclusion_parser)
 def cmd_anatomy(args: argparse.Namespace) -> int:
     """Per-module anatomy of one adapter: norms, singular values, effective and stable rank."""
 
-    from geometry.anatomy import anatomy
-    from geometry.loader import load_adapter
+    from geometry.analysis.anatomy import anatomy
+    from geometry.io.loader import load_adapter
 
-    frame = anatomy(load_adapter(args.path), kinds=_kinds_option(args.kind))
+    frame = anatomy(load_adapter(args.path), kind=_kinds_option(args.kind))
     _write_records(frame, args.format, args.out, ["singular_values"])
     return 0
 
@@ -381,13 +407,16 @@ _REGISTRY.append(_add_anatomy_parser)
 
 
 def cmd_distances(args: argparse.Namespace) -> int:
-    """Distance matrix (mean over the chosen layers) or per-layer records between adapters."""
-    import json
-    import math
+    """Distance matrix (mean over the chosen layers) or per-layer records between adapters.
 
-    from geometry.align import check_compatible
-    from geometry.distances import pairwise_distances, select_layers
-    from geometry.loader import load_adapter
+    One metric and one kind (the defaults): the output shape of the contract, unchanged. Several
+    (``--metric grassmann,cosine --kind q,v``): every pair computed in this one call, each adapter's
+    modules decomposed once per kind and shared by the metrics; records and CSV rows gain a
+    ``metric`` column, the JSON matrix form lists one matrix per ``(metric, kind)`` under ``results``.
+    """
+
+    from geometry.analysis.distances import all_distances, pairwise_distances, select_layers
+    from geometry.io.loader import load_adapter
 
     if len(args.paths) < 2:
         raise AtlasError("distances need at least two adapters (PATH PATH [PATH...])")
@@ -398,51 +427,76 @@ def cmd_distances(args: argparse.Namespace) -> int:
         if seen[ad.name] > 1:
             ad.name = f"{ad.name}#{seen[ad.name]}"
     warnings = check_compatible(adapters)  # printed after a successful run (errors stay one line)
-    dt = pairwise_distances(adapters, args.metric, args.factor, kind=args.kind, stack=args.stack, pad=args.pad)
-    layers = select_layers(dt.layers, args.layers)
-    names = list(dt.adapters)
+    metrics, kinds = args.metric, args.kind or [None]
+    several = len(metrics) > 1 or len(kinds) > 1
+    if not several:
+        tensors = [pairwise_distances(adapters, metrics[0], args.factor, kind=kinds[0], stack=args.stack, pad=args.pad)]
+    else:  # one all_distances call per (stack, kind): the decompositions serve every metric
+        groups = common_groups(adapters)
+        if not groups:
+            raise AtlasError(f"adapters {[a.name for a in adapters]} have no module in common")
+        common = list(dict.fromkeys(k for _, k in groups))
+        by_kind = {}
+        for kind in kinds:
+            if kind is None:
+                kind = "v" if "v" in common else common[0]
+            if kind not in common:
+                raise AtlasError(f"kind {kind!r} is not common to all adapters; common kinds: {', '.join(common)}")
+            stack = args.stack or next(s for s, k in groups if k == kind)
+            if (stack, kind) not in groups:
+                raise AtlasError(f"no common module of kind {kind!r} in stack {stack!r}")
+            by_kind[kind] = (stack, all_distances(adapters, [kind], metrics, [args.factor], stacks=[stack], pad=args.pad))
+        tensors = [res[metric, args.factor, stack, kind] for metric in metrics for kind, (stack, res) in by_kind.items()]
+    chosen = [select_layers(dt.layers, args.layers) for dt in tensors]
+    names = list(tensors[0].adapters)
 
     def num(v: float) -> float | None:
         return float(v) if math.isfinite(v) else None
 
+    def cell(name: str) -> str:
+        return json.dumps(name) if "," in name or '"' in name else name
+
     if args.per_layer:
-        idx = [dt.layers.index(v) for v in layers]
         records = [
             {"i": i, "j": j, "adapter_i": names[i], "adapter_j": names[j], "layer": layer, "kind": dt.kind,
-             "value": num(dt.values[i, j, k])}
+             **({"metric": dt.metric} if several else {}), "value": num(dt.values[i, j, dt.layers.index(layer)])}
+            for dt, layers in zip(tensors, chosen)
             for i in range(len(names))
             for j in range(len(names))
-            for layer, k in zip(layers, idx)
+            for layer in layers
         ]
         if args.format == "json":
             text = json.dumps(records, indent=1) + "\n"
         else:
-            def cell(name: str) -> str:
-                return json.dumps(name) if "," in name or '"' in name else name
-
-            rows = ["i,j,adapter_i,adapter_j,layer,kind,value"]
+            rows = ["i,j,adapter_i,adapter_j,layer,kind," + ("metric," if several else "") + "value"]
             rows += [f"{r['i']},{r['j']},{cell(r['adapter_i'])},{cell(r['adapter_j'])},{r['layer']},{r['kind']},"
-                     f"{'' if r['value'] is None else repr(r['value'])}" for r in records]
+                     + (f"{r['metric']}," if several else "")
+                     + f"{'' if r['value'] is None else repr(r['value'])}" for r in records]
             text = "\n".join(rows) + "\n"
     else:
-        matrix = dt.reduce(layers)
+        results = [
+            {"metric": dt.metric, "factor": dt.factor, "kind": dt.kind, "stack": dt.stack, "layers": layers,
+             "matrix": [[num(v) for v in row] for row in dt.reduce(layers)], "convention": dt.convention}
+            for dt, layers in zip(tensors, chosen)
+        ]
         if args.format == "json":
-            payload = {
-                "adapters": names,
-                "metric": dt.metric,
-                "factor": dt.factor,
-                "kind": dt.kind,
-                "stack": dt.stack,
-                "layers": layers,
-                "matrix": [[num(v) for v in row] for row in matrix],
-                "convention": dt.convention,
-            }
+            if several:
+                payload = {"adapters": names, "factor": args.factor, "results": results}
+            else:
+                r = results[0]
+                payload = {"adapters": names, **{k: r[k] for k in ("metric", "factor", "kind", "stack", "layers", "matrix",
+                                                                      "convention")}}
             text = json.dumps(payload, indent=1) + "\n"
         else:
-            rows = [",".join(["adapter", *(json.dumps(n) if "," in n else n for n in names)])]
-            for name, row in zip(names, matrix):
-                cells = ["" if num(v) is None else repr(float(v)) for v in row]
-                rows.append(",".join([json.dumps(name) if "," in name else name, *cells]))
+            def quoted(name: str) -> str:
+                return json.dumps(name) if "," in name else name
+
+            head = ["metric", "kind"] if several else []
+            rows = [",".join([*head, "adapter", *(quoted(n) for n in names)])]
+            for r in results:
+                for name, row in zip(names, r["matrix"]):
+                    cells = ["" if v is None else repr(float(v)) for v in row]
+                    rows.append(",".join([*([r["metric"], r["kind"]] if several else []), quoted(name), *cells]))
             text = "\n".join(rows) + "\n"
     if args.out:
         with open(args.out, "w", encoding="utf-8") as fh:
@@ -455,17 +509,36 @@ def cmd_distances(args: argparse.Namespace) -> int:
                     for w in warnings]
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    if dt.metric == "grassmann":
-        print(f"note: {dt.convention}", file=sys.stderr)
+    grassmann = next((dt for dt in tensors if dt.metric == "grassmann"), None)
+    if grassmann is not None:
+        print(f"note: {grassmann.convention}", file=sys.stderr)
     return 0
+
+
+def _comma_list(choices: Sequence[str] | None):
+    """argparse ``type``: one value or several comma-separated (each among ``choices`` when given)."""
+
+    def parse(text: str) -> list[str]:
+        values = list(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
+        bad = [v for v in values if choices is not None and v not in choices]
+        if not values or bad:
+            raise argparse.ArgumentTypeError(
+                f"invalid choice: {', '.join(map(repr, bad)) or repr(text)} (choose from {', '.join(choices or ())}; "
+                "several: comma-separated)")
+        return values
+
+    return parse
 
 
 def _add_distances_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("distances", help="L2 / cosine / Grassmann distances between adapters, per layer or averaged")
     p.add_argument("paths", nargs="+", metavar="PATH", help="two or more adapter folders, .zip files, or hub:<repo_id>")
-    p.add_argument("--metric", choices=("l2", "cosine", "grassmann"), default="cosine")
+    p.add_argument("--metric", type=_comma_list(("l2", "cosine", "grassmann")), default=["cosine"],
+                   metavar="{l2,cosine,grassmann}[,...]",
+                   help="one metric, or several comma-separated (computed in one pass; adds a metric column)")
     p.add_argument("--factor", choices=("ba", "a", "b"), default="ba", help="tau = s B A (default), A alone, or B alone")
-    p.add_argument("--kind", default=None, help="projection kind (q, k, v, o, gate, up, down, ...); default v if present")
+    p.add_argument("--kind", type=_comma_list(None), default=None, metavar="KIND[,...]",
+                   help="projection kind (q, k, v, o, gate, up, down, ...), or several comma-separated; default v if present")
     p.add_argument("--stack", default=None, help="model / encoder / decoder (default: the first having the kind)")
     p.add_argument("--layers", default="all", help="all | last:K | N,N | A-B (mean over these layers)")
     p.add_argument("--per-layer", action="store_true", help="one record per (i, j, layer) instead of the mean matrix")
@@ -512,7 +585,7 @@ def _learned_options(p: argparse.ArgumentParser, method: str) -> None:
                    help="json (default): adapters, level, divergence, coefficients, layers, history, anp, scores; "
                    "csv: one row per adapter with its scores and coefficients")
     p.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
-    p.add_argument("--no-cache", action="store_true", help="recompute instead of reading cache/")
+    _add_cache_options(p)
 
 
 def _learned_data(values: Sequence[str]) -> dict[str, str]:
@@ -526,16 +599,15 @@ def _learned_data(values: Sequence[str]) -> dict[str, str]:
 
 
 def _run_learned(args: argparse.Namespace, method: str) -> int:
-    import json
 
+    from geometry.io.loader import load_adapter
     from geometry.learned import METHODS
-    from geometry.loader import load_adapter
 
     adapters = [load_adapter(p) for p in args.paths]
     kwargs = dict(level=args.level, samples=args.samples, epochs=args.epochs, lr=args.lr, init=args.init,
                   batch_per_task=args.batch_per_task, seed=args.seed, clamp=args.clamp, split=args.split,
                   data=_learned_data(args.data), max_steps=args.max_steps, max_length=args.max_length,
-                  max_new_tokens=args.max_new_tokens, use_cache=not args.no_cache)
+                  max_new_tokens=args.max_new_tokens, cache=_result_cache(args))
     if method == "divmerge":
         kwargs["divergence"] = args.divergence
     run = METHODS[method](adapters, args.tasks, **kwargs)
@@ -546,7 +618,6 @@ def _run_learned(args: argparse.Namespace, method: str) -> int:
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     if args.format == "csv":
-        import csv
 
         last = result.evaluations[-1]["scores"] if result.evaluations else {}
         by_adapter = {s["adapter"]: (task, s) for task, s in last.items()}
@@ -622,7 +693,7 @@ def cmd_survey(args: argparse.Namespace) -> int:
     client = None
     runner = None
     if args.scheduler or args.workers:
-        from geometry.survey_dask import dask_runner, start_client, worker_count
+        from geometry.survey.cluster import dask_runner, start_client, worker_count
 
         client = start_client(args.scheduler, args.workers, memory_gb=args.memory_limit)
         runner = dask_runner(client)
@@ -639,7 +710,7 @@ def cmd_survey(args: argparse.Namespace) -> int:
             bar.n = done
             bar.set_postfix_str(message[:40], refresh=True)
 
-        survey = run_survey(refs, args.out, kinds=_survey_kinds(args.kinds), settings=settings, progress=progress,
+        survey = run_survey(refs, args.out, kind=_survey_kinds(args.kinds), settings=settings, progress=progress,
                             runner=runner)
     finally:
         if bar is not None:
@@ -668,7 +739,8 @@ def _add_survey_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scheduler", default=None, help="a Dask scheduler address (tcp://host:8786) to run on a cluster")
     p.add_argument("--workers", type=int, default=None,
                    help="run on a local Dask cluster of this many worker processes (default: in this process)")
-    p.add_argument("--kinds", nargs="+", default=None, help="projection kinds to survey (q v, or q,v; default: all)")
+    p.add_argument("--kind", "--kinds", dest="kinds", nargs="+", default=None,
+                   help="projection kinds to survey (q v, or q,v; default: all; --kinds: the old spelling)")
     p.add_argument("--memory-limit", type=float, default=DEFAULT_MEMORY_GB, metavar="GB",
                    help=f"memory of this process (or of each worker) for the computation "
                    f"(default {DEFAULT_MEMORY_GB:g})")
@@ -691,10 +763,10 @@ def cmd_neighbours(args: argparse.Namespace) -> int:
     metric = args.metric if "_" in args.metric else f"{args.metric}_{args.factor}"
     layers = None
     if args.layers != "all":
-        from geometry.distances import select_layers
+        from geometry.analysis.distances import select_layers
 
         layers = select_layers(sorted(set(survey.modules()["layer"].tolist())), args.layers)
-    frame = survey.neighbours(args.name, metric, args.k, kinds=_survey_kinds(args.kinds), layers=layers)
+    frame = survey.neighbours(args.name, metric, args.k, kind=_survey_kinds(args.kinds), layers=layers)
     if args.format == "text":
         print(f"nearest to {args.name} by mean {metric} over modules:")
         for row in frame.itertuples():
@@ -713,7 +785,8 @@ def _add_neighbours_parser(sub: argparse._SubParsersAction) -> None:
                    help="l2 | cosine | grassmann (with --factor), or a column such as cosine_ba (default grassmann)")
     p.add_argument("--factor", choices=("ba", "a", "b"), default="ba")
     p.add_argument("--k", type=int, default=10, help="how many neighbours (default 10)")
-    p.add_argument("--kinds", nargs="+", default=None, help="only these projection kinds")
+    p.add_argument("--kind", "--kinds", dest="kinds", nargs="+", default=None,
+                   help="only these projection kinds (--kinds: the old spelling)")
     p.add_argument("--layers", default="all", help="all | last:K | N,N | A-B")
     p.add_argument("--format", choices=("text", "csv", "json"), default="text")
     p.set_defaults(func=cmd_neighbours)
@@ -724,18 +797,18 @@ _REGISTRY.append(_add_neighbours_parser)
 
 def cmd_tokens(args: argparse.Namespace) -> int:
     """Token dynamics: per-layer cluster counts, base-vs-adapted distance and pairwise cosine of a text's tokens."""
-    from geometry.loader import load_adapter
-    from geometry.tokens import batch_dynamics, token_dynamics
+    from geometry.analysis.tokens import batch_dynamics, token_dynamics
+    from geometry.io.loader import load_adapter
 
     adapters = [load_adapter(p) for p in args.adapters]
     if args.task is not None:
         table = batch_dynamics(adapters, task=args.task, split=args.split, limit=args.limit, threshold=args.threshold,
-                               include_special=not args.no_special, base=args.base).summary
+                               include_special=not args.no_special, base=args.base, cache=_result_cache(args)).summary
     else:
         if args.text is None:
             raise AtlasError("tokens: give --text T (or --task DIR for batch mode)")
         table = token_dynamics(adapters, args.text, threshold=args.threshold, include_special=not args.no_special,
-                               base=args.base).table
+                               base=args.base, cache=_result_cache(args)).table
     _write_records(table, args.format, args.out, [])
     return 0
 
@@ -750,7 +823,8 @@ def _add_tokens_parser(sub: argparse._SubParsersAction) -> None:
         "mean / std / q10 / q90 over a task split's inputs instead.")
     p.add_argument("adapters", nargs="+", metavar="ADAPTER", help="peft adapter folder(s), .zip or hub:<repo_id>")
     p.add_argument("--text", default=None, metavar="T", help="the text whose tokens are followed")
-    p.add_argument("--task", default=None, metavar="DIR_OR_JSONL", help="batch mode: the inputs of a task split")
+    p.add_argument("--tasks", "--task", dest="task", default=None, metavar="DIR_OR_JSONL",
+                   help="batch mode: the inputs of a task split (--task: the old spelling)")
     p.add_argument("--split", default="validation", help="split of --task (default: validation)")
     p.add_argument("--limit", type=int, default=32, help="batch mode: the first N inputs (default 32)")
     p.add_argument("--threshold", type=float, default=0.5, help="cluster cut, cosine distance (default 0.5)")
@@ -758,6 +832,7 @@ def _add_tokens_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", default=None, help="base model folder or hub id (default: the adapters' own)")
     p.add_argument("--format", choices=("csv", "json"), default="csv")
     p.add_argument("--out", default=None, metavar="FILE", help="write to FILE instead of stdout")
+    _add_cache_options(p)
     p.set_defaults(func=cmd_tokens)
 
 

@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from geometry.errors import InvalidArgumentError
+
 
 def default_device() -> torch.device:
     """``cuda`` when a GPU is visible (and ``ADAPTER_ATLAS_DEVICE`` does not say otherwise), else ``cpu``."""
@@ -31,9 +33,9 @@ def default_threads() -> int:
         try:
             value = int(forced)
         except ValueError:
-            raise ValueError(f"{THREADS_ENV}={forced!r}: expected a whole number of threads") from None
+            raise InvalidArgumentError(f"{THREADS_ENV}={forced!r}: expected a whole number of threads") from None
         if value < 1:
-            raise ValueError(f"{THREADS_ENV}={forced!r}: expected at least 1 thread")
+            raise InvalidArgumentError(f"{THREADS_ENV}={forced!r}: expected at least 1 thread")
         return value
     try:
         return max(1, len(os.sched_getaffinity(0)))

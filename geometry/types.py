@@ -18,9 +18,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # the tensors' type only: ``import geometry`` does not import torch
+    import torch
 
 #: Canonical projection kinds, in display order. Fused kinds are kept when they cannot be split.
 CANONICAL_KINDS: tuple[str, ...] = (
@@ -44,9 +45,9 @@ def stack_order(stack: str) -> tuple[int, str]:
     return (STACKS.index(stack) if stack in STACKS else len(STACKS), stack)
 
 
-def ordered_kinds(kinds: Iterable[str]) -> list[str]:
+def ordered_kinds(values: Iterable[str]) -> list[str]:
     """Distinct kinds in display order (the one ordering used by the library, the CLI and the pages)."""
-    return sorted(set(kinds), key=kind_order)
+    return sorted(set(values), key=kind_order)
 
 
 def ordered_stacks(stacks: Iterable[str]) -> list[str]:
@@ -126,8 +127,11 @@ class LoraModule:
     def n_params(self) -> int:
         return int(self.A.numel() + self.B.numel())
 
-    def dense(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """The dense task vector ``scale * B @ A`` (m x n). For tests and one-module-at-a-time work."""
+    def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense task vector ``scale * B @ A`` (m x n), float64 unless ``dtype``. For tests and
+        one-module-at-a-time work."""
+        if dtype is None:
+            return self.scale * (self.B.double() @ self.A.double())
         return self.scale * (self.B.to(dtype) @ self.A.to(dtype))
 
 

@@ -55,21 +55,18 @@ def view() -> None:
     zmin = min(float(p["fro_norm"].min()) for p in parts.values() if len(p)) if second else None
     zmax = max(float(p["fro_norm"].max()) for p in parts.values() if len(p)) if second else None
 
-    shown_key = (*compute.content_key([aset[n] for n in shown]), *shown, stack)
-
     def _draw(name: str, norms_box, ranks_box) -> None:
         part = parts[name]
         if part.empty:
             norms_box.warning(f"{name} has no module in the {stack} stack.")
             return
         fig = figures.built(
-            figures.norm_heatmap, (*shown_key, name, zmin, zmax),  # every input: contents, names, stack, scale
-            part, adapter=name, zmin=zmin, zmax=zmax,
+            figures.norm_heatmap, part, adapter=name, zmin=zmin, zmax=zmax,  # kept per its arguments' content
             title=f"‖τ‖_F by layer and module kind\n{name}" + (" · colour scale shared by both adapters" if second else ""),
         )
         with norms_box:
             downloads.show(fig, f"anatomy_norms_{name}", part.drop(columns=["singular_values"]), key=f"norms_{name}")
-        fig_r = figures.built(figures.rank_lines, (*shown_key, name), part, adapter=name,
+        fig_r = figures.built(figures.rank_lines, part, adapter=name,
                               title=f"Effective and stable rank by layer\n{name}")
         with ranks_box:
             ranks = part[[c for c in ("stack", "layer", "kind", "effective_rank", "stable_rank") if c in part.columns]]
@@ -105,8 +102,7 @@ def view() -> None:
             spectra[name] = list(map(float, row.iloc[0]["singular_values"]))
     if spectra:
         fig_s = figures.built(
-            figures.spectra_bars, (*shown_key, layer, kind),
-            spectra, title=f"Singular values of τ, layer {layer}, {kind} module\n{' vs '.join(spectra)}",
+            figures.spectra_bars, spectra, title=f"Singular values of τ, layer {layer}, {kind} module\n{' vs '.join(spectra)}",
             detail=f"layer {layer} · {kind}",
         )
         frame = pd.DataFrame(

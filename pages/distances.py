@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import itertools
 
-import numpy as np
 import pandas as pd
 import streamlit as st
 
 from geometry.errors import AtlasError
-from geometry.maps import UMAP_MIN_POINTS
 from ui import compute, controls, downloads, figures, require_app, views, warmup
 
 require_app()  # a shared link opened first on a fresh server still gets the app around it
@@ -66,22 +64,22 @@ def interference_view(kind: str, kind_label: str, stack: str, used, where: str) 
         return
     score = controls.choice(st.segmented_control, "Interference score",
                             {"overlap": "subspace overlap", "sti": "STI"}, "overlap", "interference_score")
-    per_module = compute.interference(adapters, score)
-    layers = set(used or [])
-    labels = [mk for mk in per_module if (mk[0], mk[2]) == (stack, kind) and mk[1] in layers]
-    if not labels:
+    if not used:
         st.info(f"No {kind} module in the chosen layers.")
         return
-    with np.errstate(invalid="ignore"):
-        stackd = np.stack([per_module[lab] for lab in labels])
-        matrix = np.nanmean(stackd, axis=0) if np.isfinite(stackd).any() else stackd[0]
+    try:
+        frame = compute.interference(adapters, score, kind, used, stack)
+    except AtlasError:
+        st.info(f"No {kind} module in the chosen layers.")
+        return
+    matrix = frame.to_numpy(dtype=float)
     unit = "mean cos² of principal angles" if score == "overlap" else "STI (‖·‖₁)"
     st.caption(
         "Per module, each task's singular vectors U_t, V_t (exact, from the factors). **Subspace overlap** = "
         "(‖U_iᵀU_j‖²_F + ‖V_iᵀV_j‖²_F) / (2 min(r_i, r_j)): 1 when one task's spaces contain the other's, 0 when "
         "orthogonal (undefined for a zero task vector). **STI** (the paper's singular task interference, entry-wise "
         "L1) = ‖X S_j Yᵀ‖₁ + ‖Xᵀ S_i Y‖₁ with X = U_iᵀU_j, Y = V_iᵀV_j: it grows with the task vectors' size. "
-        f"Mean over the {len(labels)} {kind} module(s) of {where}. Formula and code: geometry/merging/tsv.py."
+        f"Mean over the {frame.attrs['modules']} {kind} module(s) of {where} (geometry.interference). Formula and code: geometry/merging/tsv.py."
     )
     fig = figures.matrix_heatmap(
         matrix, names, title=f"Task interference ({'subspace overlap' if score == 'overlap' else 'STI'}), "
@@ -135,13 +133,11 @@ def view() -> None:
             if len(undefined) > 8:
                 st.caption(f"... and {len(undefined) - 8} more (in the CSV of the full table, as empty cells)")
 
-    # a figure's key names every input it depends on (ui.figures.built): the set's contents, names and choices
-    tensor_key = (*compute.content_key(adapters), *names, metric, factor, stack, kind)
+    # each figure is kept per the content of the arguments it is built from (ui.figures.built)
     left, right = st.columns([3, 2] if len(names) > 6 else [1, 1])
     with left:
         fig = figures.built(
-            figures.matrix_heatmap, (*tensor_key, choice.spec),
-            matrix, names,
+            figures.matrix_heatmap, matrix, names,
             title=f"{views.METRIC_LABELS[metric].capitalize()} distance, {kind_label} projections\n"
             f"factor {views.FACTOR_LABELS[factor]} · {where}",
             value_label=unit, detail=f"kind: {kind}<br>{where}",
@@ -152,25 +148,17 @@ def view() -> None:
         method = controls.choice(
             st.segmented_control, "2-D map", {"pca": "PCA", "mds": "MDS", "umap": "UMAP"}, "pca", "map"
         )
-        if method == "umap" and len(names) >= UMAP_MIN_POINTS and not warmup.umap_ready():
-            warmup.start()  # normally started with the server (app.py); idempotent
-            _await_umap()  # PCA meanwhile; the page redraws with UMAP once the compile is done
-            method = "pca"
-        if method == "umap" and warmup.umap_error():
-            st.caption(f":material/info: UMAP is unavailable ({warmup.umap_error()}). Showing PCA.")
-            method = "pca"
-        try:
-            with st.spinner(f"{method.upper()} embedding..."):
-                mapped = compute.embedding(matrix, tuple(names), method)
-        except AtlasError as exc:
-            st.caption(f":material/info: {exc}. Showing PCA.")
-            method = "pca"
-            mapped = compute.embedding(matrix, tuple(names), method)
+        with st.spinner(f"{method.upper()} embedding..."):
+            view_map = compute.adapter_map(matrix, names, method, fallback="pca")
+        mapped, method = view_map.mapped, view_map.method
+        if view_map.pending:
+            _await_umap()  # the page redraws with UMAP once the compile is done
+        elif view_map.note:
+            st.caption(f":material/info: {view_map.note}")
         if mapped.message:
             st.warning(mapped.message, icon=":material/visibility_off:")
         fig_map = figures.built(
-            figures.embedding_scatter, (*tensor_key, choice.spec, method),
-            mapped.coords, mapped.names, method=method.upper(),
+            figures.embedding_scatter, mapped.coords, mapped.names, method=method.upper(),
             detail=f"{views.METRIC_LABELS[metric]} · kind: {kind} · {where}",
             title=f"2-D map ({method.upper()}) of the distance rows\n{views.METRIC_LABELS[metric]} · {kind_label} · {where}",
         )
@@ -188,8 +176,7 @@ def view() -> None:
                             format_func=lambda p: f"{p[0]} ↔ {p[1]}")
     profile = views.pair_layer_frame(tensor, chosen)
     fig_lines = figures.built(
-        figures.layer_lines, (*tensor_key, *chosen),
-        profile,
+        figures.layer_lines, profile,
         title=f"{views.METRIC_LABELS[metric].capitalize()} distance per layer, {kind_label} projections\n"
         f"factor {views.FACTOR_LABELS[factor]} · one line per pair of adapters",
         value_label=unit,
@@ -203,8 +190,7 @@ def view() -> None:
     if side and len(qv) == 2:
         mats = {k: views.distance_matrix(dists[(metric, factor, stack, k)], choice)[0] for k in qv}
         fig_qv = figures.built(
-            figures.side_by_side_heatmaps, (*tensor_key, choice.spec),
-            mats, names,
+            figures.side_by_side_heatmaps, mats, names,
             title=f"Query vs value: {views.METRIC_LABELS[metric]} distance (the paper's Figure 3)\n"
             f"factor {views.FACTOR_LABELS[factor]} · {where}",
             value_label=unit, detail=where,

@@ -7,7 +7,13 @@ import itertools
 import pandas as pd
 import streamlit as st
 
-from geometry.stats import ttest
+from geometry.analysis.inclusion_summary import (
+    entropy_table,
+    inclusion_curves,
+    inclusion_margins,
+    inclusion_means,
+)
+from geometry.analysis.stats import ttest
 from geometry.types import ordered_kinds
 from ui import compute, controls, downloads, figures, require_app, views
 
@@ -82,12 +88,10 @@ def view() -> None:
             l1_col = controls.choice(
                 st.segmented_control, "L1 on", {"l1": "raw spectra", "l1_normalized": "normalized"}, "l1", "l1"
             )
-        curves = views.inclusion_curves_frame({d12: t12, d21: t21}, kinds or present, stack)
-        # a figure's key names every input it depends on: the two adapters' contents, λ, names and choices
-        pair_key = (*compute.content_key([by_name[tau1], by_name[tau2]]), d12, d21)
+        curves = inclusion_curves({d12: t12, d21: t21}, kind=kinds or present, stack=stack)
+        # each figure is kept per the content of the arguments it is built from (ui.figures.built)
         fig2 = figures.built(
-            figures.grid_curves, (*pair_key, lam, stack, tuple(kinds or present), l1_col),
-            curves, title=f"Per-layer {ROW_LABELS[l1_col].split(' =')[0]} and REC, both directions (the paper's Figure 2)",
+            figures.grid_curves, curves, title=f"Per-layer {ROW_LABELS[l1_col].split(' =')[0]} and REC, both directions (the paper's Figure 2)",
             rows=[l1_col, "rec"], cols=kinds or present, row_labels=ROW_LABELS,
         )
         downloads.show(fig2, f"inclusion_curves_{tau1}_{tau2}", curves, key="curves")
@@ -99,13 +103,7 @@ def view() -> None:
                 "τ1's singular directions there), so REC is undefined."
             )
 
-        summary = (
-            curves.groupby(["direction", "kind"], sort=False)[["l1", "l1_normalized", "rec", "h1", "h2"]]
-            .mean()
-            .reset_index()
-            .rename(columns={"l1": "mean L1 (raw)", "l1_normalized": "mean L1 (normalized)", "rec": "mean REC",
-                             "h1": "mean H(S1)", "h2": "mean H(S2)"})
-        )
+        summary = inclusion_means(curves)
         st.markdown("**Means over layers** (entropies of the basis spectrum S1 and of the projected S2)")
         st.dataframe(summary, hide_index=True, width="stretch")
         downloads.csv_button(summary, f"inclusion_means_{tau1}_{tau2}", key="csv_means")
@@ -132,8 +130,7 @@ def view() -> None:
         if spectra:
             log = st.toggle("Log scale (S2 is often orders of magnitude below S1)", key="s_log")
             fig_s = figures.built(
-                figures.spectra_bars, (*pair_key, lam, direction, int(slayer), skind, stack, log),
-                spectra, title=f"{direction}: spectra at layer {slayer}, {skind}", detail=f"{direction} · layer {slayer} · {skind}",
+                figures.spectra_bars, spectra, title=f"{direction}: spectra at layer {slayer}, {skind}", detail=f"{direction} · layer {slayer} · {skind}",
                 log=log,
             )
             frame = pd.DataFrame({k: pd.Series(v) for k, v in spectra.items()}).rename_axis("i")
@@ -146,8 +143,7 @@ def view() -> None:
                 ignore_index=True,
             )
         fig_l = figures.built(
-            figures.sweep_lines, pair_key,  # the sweep runs over its own λ grid
-            sweep, title="Mean REC and L1 as the sparsity penalty λ grows\nS2 = 0 for every module once λ ≥ 1",
+            figures.sweep_lines, sweep, title="Mean REC and L1 as the sparsity penalty λ grows\nS2 = 0 for every module once λ ≥ 1",
             metrics={"rec": "mean REC", "l1": "mean L1 (raw)", "l1_normalized": "mean L1 (normalized)"},
         )  # both L1 variants, so that the "L1 on" choice above redraws only the curves it names
         downloads.show(fig_l, f"lambda_sweep_{tau1}_{tau2}", sweep, key="sweep")
@@ -162,11 +158,12 @@ def view() -> None:
         with m2:
             kind = st.selectbox("Projections (all = every module)", ["all", *kinds_all], key="inc_kind",
                                 bind=controls.URL)
-        matrix = views.inclusion_matrix_from_tables(tables, len(names), metric, None if kind == "all" else kind)
+        matrix_frame = compute.inclusion_matrix(adapters, metric, None if kind == "all" else kind, lam)
+        matrix = matrix_frame.to_numpy(dtype=float)
         st.caption(
             ":material/east: **Direction: row τ_i → column τ_j** (τ_j projected on τ_i's singular basis). "
             "A high REC in row i, column j means τ_j lies in the directions of τ_i; compare with cell (j, i) "
-            "for the reverse. The diagonal (an adapter with itself) is left blank."
+            "for the reverse. The diagonal is an adapter with itself (REC 1, L1 0 up to rounding)."
         )
         fig_m = figures.matrix_heatmap(
             matrix, names, title=f"Inclusion matrix · mean {views.INCLUSION_METRICS[metric]} · {kind} · λ = {lam:g}",
@@ -174,7 +171,7 @@ def view() -> None:
             colorscale=figures.SIMILARITY if metric == "rec" else figures.SEQUENTIAL,
             row_label="τ_i (basis, row) →", col_label="τ_j (projected, column)",
         )
-        ent = views.entropy_frame(tables, names)
+        ent = entropy_table(tables, names)
         left, right = st.columns([3, 2])
         with left:
             downloads.show(fig_m, f"inclusion_matrix_{metric}_{kind}", views.matrix_frame(matrix, names, metric),
@@ -182,7 +179,7 @@ def view() -> None:
         with right:
             label = views.INCLUSION_SHORT[metric]
             st.markdown(f"**Per adapter**: mean {label} as the basis τ1 (its row) and as the projected τ2 (its column)")
-            margins = views.inclusion_margins(matrix, names, label, ent)
+            margins = inclusion_margins(matrix_frame, ent, label=label)
             st.dataframe(margins, hide_index=True, width="stretch",
                          column_config={c: st.column_config.NumberColumn(format="%.3f") for c in margins.columns[1:]})
             downloads.csv_button(margins, f"inclusion_margins_{metric}_{kind}", key="csv_margins")

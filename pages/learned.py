@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 
-import pandas as pd
 import streamlit as st
 
 from geometry.errors import AtlasError
+from geometry.evaluation.merge_eval import methods_matrix, methods_table
 from geometry.learned.data import parse_unlabeled
 from ui import compute, controls, demo, downloads, figures, merge_figures, require_app
-from ui.learned import LiveRun
+from ui.learned import LiveRun, make_run
 
 require_app()  # a shared link opened first on a fresh server still gets the app around it
 
@@ -103,15 +103,13 @@ stop = b2.button("Stop (keep the coefficients reached)", disabled=not running, k
 if stop and live:
     live.run.stop()
 if start:
-    from geometry.learned import METHODS as RUNS
-
     kwargs = dict(level=level, samples=samples, epochs=epochs, lr=lr, init=0.5 if init == "0.5" else "uniform")
     if method == "divmerge":
         kwargs["divergence"] = divergence
     try:
         if not tasks_dir:
             raise AtlasError("no task data to measure ANP on")
-        run = RUNS[method](adapters, tasks_dir, data=uploaded or None, **kwargs)
+        run = make_run(method, adapters, tasks_dir, data=uploaded or None, **kwargs)
     except (AtlasError, ValueError, OSError) as exc:
         st.error(str(exc), icon=":material/error:")
     else:
@@ -196,22 +194,18 @@ if live is not None:
         src = run.adapters
         candidates = {result.method: merged, "task_arithmetic (λ = 1)": compute.merged(src, "task_arithmetic"),
                       "ties (20%)": compute.merged(src, "ties", None, {"density": 0.2})}
-        rows, anp_by = [], {}
+        scored_by = {}
         for label, m in candidates.items():
             try:
                 scored = compute.merge_scores(src, tasks_dir, m, live.limit, run=clicked)
             except AtlasError as exc:
                 st.error(str(exc))
                 break
-            if scored is None:
-                continue
-            anp_by[label] = scored.anp
-            rows += [{"method": label, "task": r.task, "normalized": r.normalized, "merged": r.merged,
-                      "finetuned": r.finetuned} for r in scored.frame.itertuples(index=False)]
-        if rows:
-            table = pd.DataFrame(rows)
-            wide = table.pivot_table(index="method", columns="task", values="normalized", sort=False)
-            wide["ANP"] = [anp_by[m] for m in wide.index]
+            if scored is not None:
+                scored_by[label] = scored
+        if scored_by:
+            table, wide = methods_table(scored_by), methods_matrix(scored_by)
             st.dataframe(wide, width="stretch")
-            fig = merge_figures.method_comparison(table, anp_by, title="Merged score as % of fine-tuned, per task")
+            fig = merge_figures.method_comparison(table, {k: v.anp for k, v in scored_by.items()},
+                                                  title="Merged score as % of fine-tuned, per task")
             downloads.show(fig, f"{result.method}_vs_baselines", table, key="learned_vs")

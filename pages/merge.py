@@ -7,14 +7,17 @@ import pandas as pd
 import streamlit as st
 
 from geometry.errors import AtlasError
-from geometry.merge_eval import (
+from geometry.evaluation.merge_eval import (
     MissingTaskDataError,
     correlation_study,
     correlation_table,
     find_task_dir,
+    methods_matrix,
+    methods_table,
 )
 from geometry.merging import MERGE_METHODS, METHOD_PARAMS
 from geometry.merging import params as merge_params
+from geometry.merging.weights import parse_weights
 from ui import compute, controls, demo, downloads, figures, merge_figures, require_app
 
 require_app()  # a shared link opened first on a fresh server still gets the app around it
@@ -131,13 +134,11 @@ with m4:
     if rank and "rank" in takes:
         params["rank"] = rank
 
-weights = None
-if weights_text.strip():
-    try:
-        weights = [float(w) for w in weights_text.split(",")]
-    except ValueError:
-        st.error(f"Weights {weights_text!r}: expected comma-separated numbers such as 0.5, 0.5.")
-        st.stop()
+try:
+    weights = parse_weights(weights_text, names, label="Weights")
+except AtlasError as exc:
+    st.error(str(exc))
+    st.stop()
 
 try:
     merged = compute.merged(adapters, method, weights, params)
@@ -213,7 +214,7 @@ clicked = st.button("Score every method", disabled=not can_score or not compared
 view_key = (compute.content_key(adapters), tuple(compared), tasks_dir, max_examples)
 if clicked:
     st.session_state["merge_compare_view"] = view_key  # what to show; the results come from the caches
-rows, anps, partial_methods = [], {}, []
+scored_by, partial_methods = {}, []
 if can_score and compared and st.session_state.get("merge_compare_view") == view_key:
     for m_name in compared:
         try:
@@ -227,15 +228,10 @@ if can_score and compared and st.session_state.get("merge_compare_view") == view
         if not scored.complete:  # cancelled half-way: named below, not mixed with complete results
             partial_methods.append(f"{METHOD_LABELS[m_name]} ({len(scored.frame)} of {scored.tasks_total} tasks)")
             continue
-        anps[m_name] = scored.anp
-        weights_used = ", ".join(f"{w:g}" for w in (m_merged.params.get("weights") or []))
-        for r in scored.frame.assign(adapter=names).itertuples(index=False):
-            rows.append({"method": m_name, "weights": weights_used, "task": r.task, "adapter": r.adapter,
-                         "finetuned": r.finetuned, "merged": r.merged, "normalized": r.normalized})
-if rows:
-    table = pd.DataFrame(rows)
-    wide = table.pivot_table(index="method", columns="task", values="normalized", sort=False)
-    wide["ANP"] = [anps[m] for m in wide.index]
+        scored_by[m_name] = scored
+anps = {m: ev.anp for m, ev in scored_by.items()}
+if scored_by:
+    table, wide = methods_table(scored_by), methods_matrix(scored_by)
     st.dataframe(wide, width="stretch", column_config={c: st.column_config.NumberColumn(format="%.1f") for c in wide.columns})
     fig = merge_figures.method_comparison(table, anps, title="Merged score as % of the fine-tuned adapter, per task and method")
     downloads.show(fig, "merge_methods_compared", table, key="merge_methods")

@@ -7,8 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from geometry.errors import AtlasError
-from geometry.maps import UMAP_MIN_POINTS
-from ui import compute, controls, demo, downloads, require_app, state, warmup
+from ui import compute, controls, demo, downloads, require_app, state
 from ui import survey as ui_survey
 
 require_app()
@@ -130,16 +129,10 @@ def view() -> None:
     downloads.show(fig, f"survey_heatmap_{column}", matrix_frame, index=True, key="survey_heatmap")
 
     method = controls.choice(st.segmented_control, "2-D map", {"mds": "MDS", "umap": "UMAP"}, "mds", "survey_map")
-    if method == "umap" and len(keep) >= UMAP_MIN_POINTS and not warmup.umap_ready():
-        warmup.start()
-        st.caption(":material/hourglass_top: UMAP is being compiled in the background; showing MDS until it is ready.")
-        method = "mds"
-    try:
-        mapped = compute.embedding(values, tuple(keep), method)
-    except AtlasError as exc:
-        st.caption(f":material/info: {exc}. Showing MDS.")
-        method = "mds"
-        mapped = compute.embedding(values, tuple(keep), method)
+    view_map = compute.adapter_map(values, keep, method, fallback="mds")
+    mapped, method = view_map.mapped, view_map.method
+    if view_map.note:
+        st.caption(f":material/{'hourglass_top' if view_map.pending else 'info'}: {view_map.note}")
     if mapped.message:
         st.warning(mapped.message, icon=":material/visibility_off:")
     base_of = {row.name: str(row.base or "not declared") for row in info.itertuples()}

@@ -114,8 +114,7 @@ def real_view() -> None:
         shown = st.selectbox("Adapter on the map", chosen, key="tok_map_adapter", width=300)
         layer = st.select_slider("Layer", options=layers, value=layers[-1], key="tok_layer", width=420)
     color = tok.QUALITATIVE[chosen.index(shown) % len(tok.QUALITATIVE)]
-    dyn_key = (compute.content_key(adapters), tuple(chosen), dyn.text, dyn.threshold, dyn.include_special)
-    fig = figures.built(tok.projection_figure, (*dyn_key, shown, int(layer), color), dyn, shown, int(layer), color)
+    fig = figures.built(tok.projection_figure, dyn, shown, int(layer), color)  # kept per its arguments' content
     points = dyn.points[dyn.points["model"].isin(["base", shown])]
     downloads.show(fig, f"tokens_map_{shown}", points, key="tok_map")
 
@@ -126,7 +125,7 @@ def real_view() -> None:
     short = dyn.text[:60] + ("…" if len(dyn.text) > 60 else "")
     title = (f"Per-layer token measures · {len(chosen)} adapter(s)\n"
              f"cluster cut: cosine distance {dyn.threshold:g} · text: {short}")
-    fig_c = figures.built(tok.layer_curves, (*dyn_key, title), dyn.table, title=title)
+    fig_c = figures.built(tok.layer_curves, dyn.table, title=title)
     downloads.show(fig_c, "tokens_per_layer", dyn.table, key="tok_curves")
 
     st.subheader("Batch mode: the same curves over a task's validation inputs")
@@ -164,7 +163,7 @@ def real_view() -> None:
 
 
 def tok_separation(table):
-    from geometry.tokens import separation_layer
+    from geometry.analysis.tokens import separation_layer
 
     return separation_layer(table, 0.05)
 
@@ -208,13 +207,12 @@ def toy_view() -> None:
               else f"{run.separation_time:.3g}", help=f"First t with mean geodesic distance > δ = {separation:g} rad")
     m2.metric("Final clusters, base", base)
     m3.metric("Final clusters, LoRA-perturbed", pert)
-    key = tuple(sorted(params.items()))
-    anim = figures.built(tok.particle_animation, key, run)
+    anim = figures.built(tok.particle_animation, run)
     if anim is None:
         st.info(f"The animation is drawn for d = 2 (circle) and d = 3 (sphere); d = {int(d)} shows the curves only.")
     else:
         downloads.show(anim, f"particles_d{int(d)}", key="pt_anim")
-    downloads.show(figures.built(tok.particle_curves, key, run), "particles_curves", run.table, key="pt_curves")
+    downloads.show(figures.built(tok.particle_curves, run), "particles_curves", run.table, key="pt_curves")
 
 
 with real_tab:

@@ -49,14 +49,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from geometry.evaluation.merge_eval import evaluate_merge, find_task_dir, performance
+from geometry.io.loader import load_adapter
 from geometry.learned import AdaMerging, DivMerge
 from geometry.learned.data import select, task_inputs
 from geometry.learned.divergences import js_divergence, kl_divergence
 from geometry.learned.terms import ClassificationTerm
-from geometry.loader import load_adapter
-from geometry.merge_eval import evaluate_merge, find_task_dir, performance
 from geometry.runtime import adapter_updates
-from sample_adapters.merge_report import task_adapters
+from sample_adapters.merge_report import report_cache, task_adapters
 from sample_adapters.store import ResultStore
 
 ROOT = Path(__file__).resolve().parent / "real"
@@ -135,9 +135,11 @@ def _merge_anp(method: str, adapters: Sequence, args: argparse.Namespace, sample
     if kind[0] == "static":
         _, name, params, rule = kind
         weights = [1.0 / n] * n if rule == "1/T" else [1.0] * n
-        return evaluate_merge(adapters, args.root / "tasks", name, weights, max_examples=args.limit, **params).anp
+        return evaluate_merge(adapters, args.root / "tasks", name, weights, limit=args.limit, cache=args.cache,
+                              **params).anp
     _, cls, keywords = kind
-    result = cls(adapters, args.root / "tasks", samples=samples or args.samples, seed=args.seed, **keywords).fit(
+    result = cls(adapters, args.root / "tasks", samples=samples or args.samples, seed=args.seed, cache=args.cache,
+                 **keywords).fit(
         evaluate_at_end=True, limit=args.limit)
     return float(result.anp)
 
@@ -179,7 +181,7 @@ def _cross_table(adapters: Sequence, args: argparse.Namespace) -> dict:
     perf = np.zeros((n, n))
     for i, ad_i in enumerate(adapters):
         inputs = select(task_inputs(ad_i, args.root / "tasks", "validation"), args.divergence_inputs, args.seed)
-        term = ClassificationTerm(0, [ad_i], inputs)
+        term = ClassificationTerm(0, [ad_i], inputs, cache=args.cache)
         term.prepare()
         logp = term._reference.double()
         rt = term.runtime
@@ -192,7 +194,7 @@ def _cross_table(adapters: Sequence, args: argparse.Namespace) -> dict:
             logq = torch.log_softmax(logits.double(), -1)
             div["js"][i, j] = float(js_divergence(logp, logq).mean())
             div["kl"][i, j] = float(kl_divergence(logp, logq).mean())
-            perf[i, j] = performance(body, folder, max_examples=args.limit)
+            perf[i, j] = performance(body, folder, limit=args.limit, cache=args.cache)
     return {"div": div, "perf": perf}
 
 
@@ -304,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     folders = task_adapters(args.root)
     args.out = args.out or str(args.root / OUT_NAME)
+    args.cache = report_cache()  # every score and finished run kept on disk, on purpose: a re-run resumes
     args.store = ResultStore(args.store or args.root / "results" / ("learned_quick.jsonl" if args.quick else "learned.jsonl"),
                              store_only=args.store_only)
     fig4_pairs = FIGURE4_PAIRS.get(args.root.name, FIGURE4_PAIRS["synthetic"])

@@ -5,7 +5,7 @@
 For the task adapters (``training_info.json`` ``variant == "task"``: one per task, same rank,
 same initialisation), with their test data in ``sample_adapters/tasks/``:
 
-1. every pairwise merge with each method (``geometry.merge_eval.pairwise_study``): merge losses
+1. every pairwise merge with each method (``geometry.evaluation.merge_eval.pairwise_study``): merge losses
    ``delta(i, j)`` and pairwise ANP, mean (std) over pairs;
 2. the merge of all tasks at once with each method: ANP;
 3. the geometry paper's Table 3 for each method: Spearman correlation between ``delta(i, .)`` and
@@ -20,8 +20,9 @@ its partners ``j != i`` (rows independently), every cell's mean Spearman is reco
 maximum over the cells is taken; ``p = (1 + #{null max >= observed max}) / (1 + N)``. The
 pre-registered cell gets its own one-sided p-value under the same shuffles.
 
-Scores are cached on disk (``cache/``; keys include a hash of the ``geometry`` code, so a change
-there recomputes them), so a re-run only formats. The file is written to a temporary file and
+Scores are kept on disk on purpose (:func:`report_cache`: ``$ADAPTER_ATLAS_CACHE/store``, default
+``cache/store``; keys include a hash of the ``geometry`` code, so a change there recomputes them), so a
+re-run only formats. The file is written to a temporary file and
 renamed when complete. The file is generated: edit this script, not the Markdown.
 """
 
@@ -39,18 +40,26 @@ import numpy as np
 import pandas as pd
 import torch
 
-from geometry.distances import all_distances
-from geometry.loader import load_adapter
-from geometry.merge_eval import (
+from geometry.analysis.distances import all_distances
+from geometry.cache import ResultCache
+from geometry.evaluation.merge_eval import (
     PairwiseResult,
     correlation_study,
     evaluate_merge,
     layer_selections,
     pairwise_study,
 )
+from geometry.io.loader import load_adapter
 from sample_adapters.store import ResultStore
 
 ROOT = Path(__file__).resolve().parent / "real"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def report_cache() -> ResultCache:
+    """The disk cache the reports keep every score and finished run in, so that a stopped run resumes and a
+    re-run only formats: ``$ADAPTER_ATLAS_CACHE/store`` (default ``<repo>/cache/store``, the dashboard's folder)."""
+    return ResultCache(Path(os.environ.get("ADAPTER_ATLAS_CACHE") or REPO / "cache").expanduser() / "store")
 #: The headline cell, fixed in advance: (metric, factor, kind, last k layers), the geometry paper's
 #: strongest Table 3 entry (value modules, Grassmann, last 5 of 12 layers: 0.77 (0.14)).
 PREREGISTERED: tuple[str, str, str, int] = ("grassmann", "ba", "v", 5)
@@ -155,7 +164,7 @@ def spearman_cells(
 
     Per task ``i`` and cell ``c``: ``rho_ci = spearman(delta[i, j], D_c[i, j])`` over ``j != i``
     (undefined, hence left out of the mean, when either row is constant), as
-    ``geometry.merge_eval.row_spearman``. Returns ``(observed (C,), null (n_perm, C))``: the null
+    ``geometry.evaluation.merge_eval.row_spearman``. Returns ``(observed (C,), null (n_perm, C))``: the null
     recomputes every cell after shuffling each row of ``delta`` over its partners (rows
     independently, the same shuffles for every cell), so ``null.max(1)`` is the null distribution
     of the best cell.
@@ -211,7 +220,7 @@ def selection_lines(
 ) -> list[str]:
     """Markdown: the pre-registered cell as the headline, the best cell labelled as selected after the fact.
 
-    ``corr``: :func:`geometry.merge_eval.correlation_study` of ``delta`` (its cells are recomputed
+    ``corr``: :func:`geometry.evaluation.merge_eval.correlation_study` of ``delta`` (its cells are recomputed
     here with the permutation null; the means must agree).
     """
     cells, mats = [], []
@@ -282,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out_file = args.out or args.root / "MERGE_RESULTS.md"
     store = ResultStore(args.store or args.root / "results" / "merge.jsonl", store_only=args.store_only)
+    cache = report_cache()
     adapters = [load_adapter(f) for f in folders]
     hashes = [a.content_hash for a in adapters]
     names = [a.name for a in adapters]
@@ -311,14 +321,15 @@ def main(argv: list[str] | None = None) -> int:
                "max_examples": args.max_examples}
         t0 = store.tally
         cell = store.get(key, lambda m=method, p=params: pairwise_study(
-            adapters, tasks_dir, m, max_examples=args.max_examples, show_progress=sys.stderr.isatty(), **p).to_dict())
+            adapters, tasks_dir, m, limit=args.max_examples, show_progress=sys.stderr.isatty(), cache=cache,
+            **p).to_dict())
         res = PairwiseResult(cell["adapters"], cell["tasks"], cell["method"], cell["params"],
                              np.asarray(cell["finetuned"], float), np.asarray(cell["merged"], float), cell["max_examples"])
         pair_s = store.tally - t0
         t0 = store.tally
 
         def all_tasks(m: str = method) -> dict:
-            full = evaluate_merge(adapters, tasks_dir, m, max_examples=args.max_examples, **_params(m, n))
+            full = evaluate_merge(adapters, tasks_dir, m, limit=args.max_examples, cache=cache, **_params(m, n))
             return {"anp": float(full.anp), "adapter": list(full.frame["adapter"]),
                     "normalized": [float(v) for v in full.frame["normalized"]]}
 

@@ -2,7 +2,7 @@
 
 Every number comes from the adapter folders (``training_info.json``, written by
 :mod:`sample_adapters.train`), the task folders, and the geometry library
-(:func:`geometry.distances.pairwise_distances` on :func:`geometry.loader.load_adapter`). Nothing is
+(:func:`geometry.analysis.distances.pairwise_distances` on :func:`geometry.io.loader.load_adapter`). Nothing is
 typed by hand: the sentences that say whether a designed relation shows are chosen by the numbers.
 """
 
@@ -251,8 +251,8 @@ def _rank_of(values: np.ndarray, names: list[str], i: int, j: int, exclude: set[
 
 
 def geometry_section(infos: dict[str, dict], root: Path) -> list[str]:
-    from geometry.distances import pairwise_distances
-    from geometry.loader import load_adapter
+    from geometry.analysis.distances import pairwise_distances
+    from geometry.io.loader import load_adapter
 
     tasks = [n for n, i in infos.items() if i["variant"] == "task"]
     seeds = [n for n, i in infos.items() if i["variant"] == "seed"]
@@ -264,7 +264,7 @@ def geometry_section(infos: dict[str, dict], root: Path) -> list[str]:
         "",
         f"Adapters: the {len(tasks)} task adapters (r = 8, query and value, init seed "
         f"{infos[tasks[0]]['init_seed']}) and the seed control {', '.join(f'`{s}`' for s in seeds)}. "
-        "Distances are computed exactly from the factors by `geometry.distances.pairwise_distances` "
+        "Distances are computed exactly from the factors by `geometry.analysis.distances.pairwise_distances` "
         "and averaged over the 6 layers (the paper's `Tbar_d`). Cosine distance is in [0, 2]; the Grassmann "
         "distance between column spaces is at most sqrt(8) pi/2 = 4.44.",
         "",
@@ -298,7 +298,7 @@ def geometry_section(infos: dict[str, dict], root: Path) -> list[str]:
 
 
 def seed_section(infos, root, tasks, seeds, adapters, names) -> list[str]:
-    from geometry.distances import pairwise_distances
+    from geometry.analysis.distances import pairwise_distances
 
     lines = ["## Seed control: how much of a distance is the task, how much the seed?", ""]
     if not seeds:
@@ -345,8 +345,8 @@ def seed_section(infos, root, tasks, seeds, adapters, names) -> list[str]:
 
 
 def variant_section(infos: dict[str, dict], root: Path) -> list[str]:
-    from geometry.distances import pairwise_distances
-    from geometry.loader import load_adapter
+    from geometry.analysis.distances import pairwise_distances
+    from geometry.io.loader import load_adapter
 
     variants = [n for n, i in infos.items() if i["variant"] in ("rank", "modules")]
     if not variants:
@@ -375,8 +375,8 @@ def relations(root: Path) -> dict[str, bool]:
     ``seed_closest:<metric>:<factor>:<kind>``: the seed pair is closer than every pair of different tasks;
     ``seed_farthest:<metric>:<factor>:<kind>``: the seed pair is farther than every pair of different tasks.
     """
-    from geometry.distances import pairwise_distances
-    from geometry.loader import load_adapter
+    from geometry.analysis.distances import pairwise_distances
+    from geometry.io.loader import load_adapter
 
     infos = read_infos(root)
     tasks = [n for n, i in infos.items() if i["variant"] == "task"]

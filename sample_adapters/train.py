@@ -39,9 +39,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from geometry.base_models import MINILM, quiet, resolve_base
-from geometry.evaluate import classification_scores, load_classifier, predict
-from geometry.tasks import TaskData, load_task
+from geometry.evaluation.evaluate import load_classifier
+from geometry.evaluation.metrics import classification_scores
+from geometry.evaluation.tasks import TaskData, load_task
+from geometry.runtime import predict
+from geometry.runtime.base_models import MINILM, quiet, resolve_base
 from sample_adapters import realdata
 from sample_adapters.taskgen import TASKS, write_task
 
@@ -287,7 +289,7 @@ def majority(splits: dict[str, TaskData]) -> dict:
 
 
 def score_folder(folder: Path, task_dir: Path, batch_size: int = 64, max_length: int = 128) -> dict:
-    """Test scores of a saved adapter through :mod:`geometry.evaluate`; for the synthetic set also on
+    """Test scores of a saved adapter through :mod:`geometry.evaluation.evaluate`; for the synthetic set also on
     the rows whose label was not flipped by the documented noise (validation is left to
     ``python -m geometry evaluate``)."""
     model, tokenizer = load_classifier(folder, device="cpu")

@@ -10,33 +10,18 @@ import numpy as np
 import pytest
 
 from geometry.cli import main
+from geometry.io.loader import load_adapter
 from geometry.learned import AdaMerging, adamerging
-from geometry.loader import load_adapter
-from tests.learned_fixtures import amplified, learned_study
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "sample_adapters" / "synthetic"
-
-
-@pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    return learned_study(tmp_path_factory.mktemp("ada"))
-
-
-@pytest.fixture(scope="module")
-def tiny(study):
-    folders, tasks = study
-    return [amplified(load_adapter(f)) for f in folders], tasks
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("ADAPTER_ATLAS_CACHE", str(tmp_path / "cache"))
+# learned_study_dirs, learned_tiny: tests/conftest.py (the tiny study shared with tests/test_divmerge.py)
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def test_entropy_decreases_on_the_sample_pair():
     adapters = [load_adapter(SAMPLES / "sentiment_movies"), load_adapter(SAMPLES / "question")]
-    run = AdaMerging(adapters, SAMPLES / "tasks", samples=12, epochs=2, lr=0.05, use_cache=False)
+    run = AdaMerging(adapters, SAMPLES / "tasks", samples=12, epochs=2, lr=0.05)
     assert not run.needs_reference
     before, _ = run.objective_value()
     result = run.fit()
@@ -45,23 +30,22 @@ def test_entropy_decreases_on_the_sample_pair():
     assert result.objective == "entropy" and result.divergence is None and result.method == "adamerging"
 
 
-def test_defaults_and_the_original_codes_options(tiny):
-    adapters, tasks = tiny
+def test_defaults_and_the_original_codes_options(learned_tiny):
+    adapters, tasks = learned_tiny
     run = AdaMerging(adapters, tasks, samples=8)
     assert (run.settings.lr, run.settings.epochs, run.settings.init, run.settings.clamp) == (1e-3, 5, 0.5, False)
     assert AdaMerging(adapters, tasks).settings.samples == 200
     assert AdaMerging(adapters, tasks, level="layer").settings.samples == 400
-    original = AdaMerging(adapters, tasks, init=0.3, clamp=True, split="test", lr=0.5, samples=8, max_steps=4,
-                          use_cache=False)
+    original = AdaMerging(adapters, tasks, init=0.3, clamp=True, split="test", lr=0.5, samples=8, max_steps=4)
     assert np.allclose(original.coefficients, 0.3) and original.inputs[0].source.endswith("test.jsonl")
     result = original.fit()
     assert result.steps_done == 4 and result.coefficients.min() >= 0.0 and result.coefficients.max() <= 1.0
     assert not np.allclose(result.coefficients, 0.3)
 
 
-def test_entropy_gradients_equal_finite_differences_and_layer_shapes(tiny):
-    adapters, tasks = tiny
-    run = AdaMerging(adapters[:2], tasks, level="layer", samples=8, use_cache=False)
+def test_entropy_gradients_equal_finite_differences_and_layer_shapes(learned_tiny):
+    adapters, tasks = learned_tiny
+    run = AdaMerging(adapters[:2], tasks, level="layer", samples=8)
     assert run.layout.shape == (2, 3)
     gamma = np.random.default_rng(2).uniform(0.2, 0.9, size=(2, 3))
     value, grad = run.objective_value(gamma, grad=True)
@@ -73,12 +57,12 @@ def test_entropy_gradients_equal_finite_differences_and_layer_shapes(tiny):
         down[i, j] -= eps
         fd = (run.objective_value(up)[0] - run.objective_value(down)[0]) / (2 * eps)
         assert fd == pytest.approx(grad[i, j], rel=2e-3, abs=1e-6)
-    result = adamerging(adapters[:2], tasks, level="layer", samples=8, max_steps=2, limit=6, use_cache=False)
+    result = adamerging(adapters[:2], tasks, level="layer", samples=8, max_steps=2, limit=6)
     assert result.coefficients.shape == (2, 3) and result.anp is not None
 
 
-def test_cli_json_shape(study, capsys):
-    folders, tasks = study
+def test_cli_json_shape(learned_study_dirs, capsys):
+    folders, tasks = learned_study_dirs
     code = main(["adamerging", *map(str, folders), "--tasks", str(tasks), "--level", "layer", "--samples", "8",
                  "--epochs", "1", "--init", "0.3", "--clamp", "--limit", "6", "--quiet"])
     assert code == 0

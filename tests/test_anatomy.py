@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from geometry.anatomy import ANATOMY_COLUMNS, anatomy, decompose_adapter, ordered_keys
+from geometry.analysis.anatomy import ANATOMY_COLUMNS, anatomy, decompose_adapter, ordered_keys
+from geometry.testing import random_adapter, random_factors
 from geometry.types import ModuleKey
-from tests.synthetic import random_adapter, random_factors
 
 
 def _dense_row(mod):
@@ -59,8 +59,8 @@ def test_rows_in_display_order_and_kind_filter():
     ad = random_adapter("a", layers=[2, 0, 1], kinds={"v": (8, 8), "q": (8, 8), "down": (8, 8)}, r=2, seed=0)
     frame = anatomy(ad, device="cpu")
     assert list(zip(frame.layer, frame.kind))[:3] == [(0, "q"), (0, "v"), (0, "down")]
-    assert set(anatomy(ad, kinds=["v"], device="cpu").kind) == {"v"}
-    assert set(anatomy(ad, kinds="down", device="cpu").kind) == {"down"}  # a single kind as a string
+    assert set(anatomy(ad, kind=["v"], device="cpu").kind) == {"v"}
+    assert set(anatomy(ad, kind="down", device="cpu").kind) == {"down"}  # a single kind as a string
     keys = [ModuleKey("raw", -1, "zz"), ModuleKey("decoder", 0, "q"), ModuleKey("model", 1, "o"), ModuleKey("model", 1, "k")]
     assert ordered_keys(keys) == [keys[3], keys[2], keys[1], keys[0]]
 
@@ -81,7 +81,7 @@ def test_cli_anatomy_csv_and_json(tmp_path, capsys):
     import pandas as pd
 
     from geometry.cli import main
-    from geometry.loader import load_adapter
+    from geometry.io.loader import load_adapter
     from tests.app_fixtures import write_adapter
 
     path = write_adapter(tmp_path / "ad", seed=3, layers=2)

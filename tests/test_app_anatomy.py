@@ -5,45 +5,40 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.app_fixtures import decode, page_test, plotly_specs, write_sample_set
+from tests.app_fixtures import decode, page_test, plotly_specs
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-@pytest.fixture(scope="module")
-def samples(tmp_path_factory):
-    root = write_sample_set(tmp_path_factory.mktemp("anat") / "samples", n=2, layers=3)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ADAPTER_ATLAS_SAMPLES", str(root))
-        mp.setenv("ADAPTER_ATLAS_CACHE", str(root.parent / "cache"))
-        yield root
+#: the tiny sample set of this module (the ``sample_set`` fixture, tests/conftest.py)
+SAMPLE_SET = {"n": 2, "layers": 3}
 
 
-def _norm_grid(name: str, samples) -> np.ndarray:
-    from geometry.anatomy import anatomy
-    from geometry.loader import load_adapter
+def _norm_grid(name: str, sample_set) -> np.ndarray:
+    from geometry.analysis.anatomy import anatomy
+    from geometry.io.loader import load_adapter
 
-    table = anatomy(load_adapter(str(samples / name), name=name))
+    table = anatomy(load_adapter(str(sample_set / name), name=name))
     return table.pivot(index="layer", columns="kind", values="fro_norm")[["q", "v"]].to_numpy()
 
 
-def test_heatmap_spectrum_and_ranks(samples):
+def test_heatmap_spectrum_and_ranks(sample_set):
     at = page_test("anatomy.py")
     assert not at.exception and not at.error
     specs = plotly_specs(at)
     assert len(specs) == 3  # norms, ranks, spectrum
-    np.testing.assert_allclose(np.asarray(decode(specs[0]["data"][0]["z"])), _norm_grid("task0", samples), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(decode(specs[0]["data"][0]["z"])), _norm_grid("task0", sample_set), rtol=1e-12)
     assert "task0" in specs[0]["layout"]["title"]["subtitle"]["text"]
     spectrum = np.asarray(decode(specs[2]["data"][0]["y"]))
     assert spectrum.shape == (4,) and np.all(np.diff(spectrum) <= 0)
 
 
-def test_switching_adapter_layer_and_compare(samples):
+def test_switching_adapter_layer_and_compare(sample_set):
     at = page_test("anatomy.py")
     before = plotly_specs(at)
     at.selectbox(key="adapter").set_value("task1").run()
     after = plotly_specs(at)
-    np.testing.assert_allclose(np.asarray(decode(after[0]["data"][0]["z"])), _norm_grid("task1", samples), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(decode(after[0]["data"][0]["z"])), _norm_grid("task1", sample_set), rtol=1e-12)
     at.select_slider(key="a_layer").set_value(0).run()
     moved = plotly_specs(at)
     assert decode(moved[2]["data"][0]["y"]) != decode(after[2]["data"][0]["y"])

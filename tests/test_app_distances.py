@@ -6,27 +6,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.app_fixtures import decode, page_test, plotly_specs, write_sample_set
+from tests.app_fixtures import decode, page_test, plotly_specs
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-@pytest.fixture(scope="module")
-def samples(tmp_path_factory):
-    root = write_sample_set(tmp_path_factory.mktemp("dist") / "samples", n=3, layers=4)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ADAPTER_ATLAS_SAMPLES", str(root))
-        mp.setenv("ADAPTER_ATLAS_CACHE", str(root.parent / "cache"))
-        yield root
+#: the tiny sample set of this module (the ``sample_set`` fixture, tests/conftest.py)
+SAMPLE_SET = {"n": 3, "layers": 4}
 
 
 @pytest.fixture(scope="module")
-def library(samples):
+def library(sample_set):
     """The library's own distances on the same adapters (what the page must show)."""
-    from geometry.distances import all_distances
-    from geometry.loader import load_adapter
+    from geometry.analysis.distances import all_distances
+    from geometry.io.loader import load_adapter
 
-    adapters = [load_adapter(str(samples / f"task{k}"), name=f"task{k}") for k in range(3)]
+    adapters = [load_adapter(str(sample_set / f"task{k}"), name=f"task{k}") for k in range(3)]
     return all_distances(adapters)
 
 
@@ -34,7 +29,7 @@ def _heatmap(at) -> np.ndarray:
     return np.asarray(decode(plotly_specs(at)[0]["data"][0]["z"]), dtype=float)
 
 
-def test_default_view_is_mean_cosine_on_value(samples, library):
+def test_default_view_is_mean_cosine_on_value(sample_set, library):
     at = page_test("distances.py")
     assert not at.exception and not at.error
     np.testing.assert_allclose(_heatmap(at), library[("cosine", "ba", "model", "v")].reduce("all"), rtol=1e-12)
@@ -42,7 +37,7 @@ def test_default_view_is_mean_cosine_on_value(samples, library):
     assert len(at.get("download_button")) >= 6
 
 
-def test_metric_factor_kind_and_layers_change_the_heatmap(samples, library):
+def test_metric_factor_kind_and_layers_change_the_heatmap(sample_set, library):
     at = page_test("distances.py")
     seen = [_heatmap(at)]
     at.segmented_control(key="metric").set_value("Grassmann").run()
@@ -65,7 +60,7 @@ def test_metric_factor_kind_and_layers_change_the_heatmap(samples, library):
         assert not np.allclose(a, b)
 
 
-def test_query_vs_value_side_by_side(samples, library):
+def test_query_vs_value_side_by_side(sample_set, library):
     at = page_test("distances.py")
     at.toggle(key="qv").set_value(True).run()
     fig = plotly_specs(at)[-1]
@@ -77,13 +72,13 @@ def test_query_vs_value_side_by_side(samples, library):
         )
 
 
-def test_a_link_reopens_the_same_view(samples, library):
+def test_a_link_reopens_the_same_view(sample_set, library):
     at = page_test("distances.py", {"metric": "L2", "factor": "A", "kind": "q", "layers": "one layer", "layer": "2"})
     assert at.segmented_control(key="metric").value == "L2"
     np.testing.assert_allclose(_heatmap(at), library[("l2", "a", "model", "q")].values[:, :, 2], rtol=1e-12)
 
 
-def test_map_methods(samples):
+def test_map_methods(sample_set):
     at = page_test("distances.py")
     before = plotly_specs(at)[1]["data"][0]
     at.segmented_control(key="map").set_value("MDS").run()
@@ -97,13 +92,13 @@ def test_map_methods(samples):
     assert "PCA" in plotly_specs(at)[1]["layout"]["xaxis"]["title"]["text"]
 
 
-def test_task_interference_beside_the_distances(samples):
+def test_task_interference_beside_the_distances(sample_set):
     """TSV's interference: the mean over the chosen value modules of geometry.merging.tsv.task_interference."""
-    from geometry.loader import load_adapter
+    from geometry.io.loader import load_adapter
     from geometry.merging.tsv import task_interference
     from geometry.types import ModuleKey
 
-    adapters = [load_adapter(str(samples / f"task{k}"), name=f"task{k}") for k in range(3)]
+    adapters = [load_adapter(str(sample_set / f"task{k}"), name=f"task{k}") for k in range(3)]
     at = page_test("distances.py")
     n_before = len(plotly_specs(at))
     at.toggle(key="interference").set_value(True).run()

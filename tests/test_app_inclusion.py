@@ -1,38 +1,33 @@
 """Inclusion page in AppTest: curves both directions, λ, the asymmetric matrix against the library's
-``inclusion_matrix``, and the t-test table against ``geometry.stats.ttest``."""
+``inclusion_matrix``, and the t-test table against ``geometry.analysis.stats.ttest``."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from tests.app_fixtures import decode, page_test, plotly_specs, write_sample_set
+from tests.app_fixtures import decode, page_test, plotly_specs
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-@pytest.fixture(scope="module")
-def samples(tmp_path_factory):
-    root = write_sample_set(tmp_path_factory.mktemp("incl") / "samples", n=3, layers=3)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ADAPTER_ATLAS_SAMPLES", str(root))
-        mp.setenv("ADAPTER_ATLAS_CACHE", str(root.parent / "cache"))
-        yield root
+#: the tiny sample set of this module (the ``sample_set`` fixture, tests/conftest.py)
+SAMPLE_SET = {"n": 3, "layers": 3}
 
 
 @pytest.fixture(scope="module")
-def adapters(samples):
-    from geometry.loader import load_adapter
+def adapters(sample_set):
+    from geometry.io.loader import load_adapter
 
-    return [load_adapter(str(samples / f"task{k}"), name=f"task{k}") for k in range(3)]
+    return [load_adapter(str(sample_set / f"task{k}"), name=f"task{k}") for k in range(3)]
 
 
 def _traces(spec) -> list:
     return [decode(t.get("y")) for t in spec["data"]]
 
 
-def test_pair_curves_both_directions_and_lambda(samples, adapters):
-    from geometry.inclusion import inclusion
+def test_pair_curves_both_directions_and_lambda(sample_set, adapters):
+    from geometry.analysis.inclusion import inclusion
 
     at = page_test("inclusion.py")
     assert not at.exception and not at.error
@@ -52,7 +47,7 @@ def test_pair_curves_both_directions_and_lambda(samples, adapters):
     assert "λ sweep" in [s.value.split(" (")[0] for s in at.subheader]
 
 
-def test_l1_choice_redraws_the_curves_and_leaves_the_sweep_as_it_was(samples, adapters):
+def test_l1_choice_redraws_the_curves_and_leaves_the_sweep_as_it_was(sample_set, adapters):
     """The λ sweep shows REC and both L1 variants, so "L1 on" changes only the per-layer curves (a changed
     figure is a new chart for the browser to mount)."""
     def sweep(at):
@@ -68,7 +63,7 @@ def test_l1_choice_redraws_the_curves_and_leaves_the_sweep_as_it_was(samples, ad
     assert sweep(at) == before_sweep
 
 
-def test_figures_follow_every_choice_they_are_built_for(samples, adapters):
+def test_figures_follow_every_choice_they_are_built_for(sample_set, adapters):
     """The page's figures are kept per inputs key (ui.figures.built): a choice that changes a figure gets a
     new one, going back gives the first one again."""
     def spectra(at):
@@ -85,25 +80,25 @@ def test_figures_follow_every_choice_they_are_built_for(samples, adapters):
     assert spectra(at) == linear
 
 
-def test_all_pairs_matrix_matches_library(samples, adapters):
-    from geometry.inclusion import inclusion_matrix
+def test_all_pairs_matrix_matches_library(sample_set, adapters):
+    from geometry.analysis.inclusion import inclusion_matrix
 
     at = page_test("inclusion.py", {"mode": "all pairs"})
     assert not at.exception
     shown = np.asarray(decode(plotly_specs(at)[0]["data"][0]["z"]), dtype=float)
-    expected = inclusion_matrix(adapters, "rec")
+    expected = inclusion_matrix(adapters, metric="rec")
     off = ~np.eye(3, dtype=bool)
     np.testing.assert_allclose(shown[off], expected[off], rtol=1e-10)
     assert not np.allclose(shown, shown.T, equal_nan=True)  # asymmetric
     assert any("row τ_i → column τ_j" in c.value for c in at.caption)
     at.selectbox(key="inc_metric").set_value("L1 raw").run()
     l1 = np.asarray(decode(plotly_specs(at)[0]["data"][0]["z"]), dtype=float)
-    np.testing.assert_allclose(l1[off], inclusion_matrix(adapters, "l1")[off], rtol=1e-10)
+    np.testing.assert_allclose(l1[off], inclusion_matrix(adapters, metric="l1")[off], rtol=1e-10)
 
 
-def test_ttest_table_matches_stats(samples, adapters):
-    from geometry.inclusion import inclusion
-    from geometry.stats import ttest
+def test_ttest_table_matches_stats(sample_set, adapters):
+    from geometry.analysis.inclusion import inclusion
+    from geometry.analysis.stats import ttest
 
     at = page_test("inclusion.py")
     table = at.dataframe[-1].value

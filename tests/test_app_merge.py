@@ -56,7 +56,7 @@ def test_merge_page_scores_pairs_and_downloads(monkeypatch, tmp_path, samples):
     # the download is a peft folder zip (config, weights, merge_info, one head per task)
     data = at.get("download_button")
     assert data  # rendered; the zip itself is checked below through the library call the page makes
-    from geometry.loader import load_adapter
+    from geometry.io.loader import load_adapter
     from geometry.merging import merge
 
     ads = [load_adapter(samples / t) for t in TASKS]
@@ -125,7 +125,7 @@ def _stop_at_merged_evaluation(monkeypatch, n: int):
     its next Streamlit call; returns the function that puts the real evaluation back."""
     import streamlit as st
 
-    import geometry.merge_eval as merge_eval
+    import geometry.evaluation.merge_eval as merge_eval
 
     real, calls = merge_eval.performance, []
 

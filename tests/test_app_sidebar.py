@@ -149,9 +149,9 @@ def test_sample_paths_are_cached_until_the_folders_change(tmp_path, monkeypatch)
     is seen on the next call once the listing's few seconds are over."""
     import shutil
 
-    from ui import state
+    from ui import cache, state
 
-    monkeypatch.setattr(state, "SAMPLE_PATHS_TTL", 0.0)  # look at the folders on every call
+    monkeypatch.setattr(cache, "SAMPLE_PATHS", cache.sample_paths_cache(ttl=0.0))  # look at the folders every call
 
     def add(rel: str) -> None:
         (tmp_path / rel).mkdir(parents=True)
@@ -180,14 +180,14 @@ def test_sample_paths_are_cached_until_the_folders_change(tmp_path, monkeypatch)
 
 
 def test_sample_paths_look_at_the_folders_once_per_ttl(tmp_path, monkeypatch):
-    from ui import state
+    from ui import cache, state
 
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "adapter_config.json").write_text("{}")
-    monkeypatch.setattr(state, "SAMPLE_PATHS_TTL", 3600.0)
+    monkeypatch.setattr(cache, "SAMPLE_PATHS", cache.sample_paths_cache(ttl=3600.0))
     assert [p.name for p in state.sample_paths(tmp_path)] == ["a"]
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "adapter_config.json").write_text("{}")
     assert [p.name for p in state.sample_paths(tmp_path)] == ["a"]  # within the TTL: the listing kept
-    monkeypatch.setattr(state, "SAMPLE_PATHS_TTL", 0.0)
+    monkeypatch.setattr(cache, "SAMPLE_PATHS", cache.sample_paths_cache(ttl=0.0))
     assert [p.name for p in state.sample_paths(tmp_path)] == ["a", "b"]

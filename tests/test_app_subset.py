@@ -19,8 +19,8 @@ def samples(tmp_path, monkeypatch):
 
 
 def test_subset_is_sliced_from_the_full_set(samples, monkeypatch):
-    import geometry.distances as gd
-    from geometry.loader import load_adapter
+    import geometry.analysis.distances as gd
+    from geometry.io.loader import load_adapter
 
     calls = []
     real = gd.all_distances

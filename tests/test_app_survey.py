@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from geometry import survey as sv
+from geometry.testing import random_adapter, save_peft_folder
 from tests.app_fixtures import decode, page_test, plotly_specs, write_sample_set
-from tests.synthetic import random_adapter, save_peft_folder
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 KINDS = {"q": (20, 12), "v": (16, 12)}
@@ -83,7 +83,7 @@ def test_filters_metric_and_kinds(env):
     assert not at.exception
     heat = next(s for s in plotly_specs(at) if s["data"][0]["type"] == "heatmap")
     names = heat["data"][0]["x"]
-    values, _ = env.matrix("cosine_b", kinds=["q"])
+    values, _ = env.matrix("cosine_b", kind=["q"])
     idx = [env.names.index(n) for n in names]
     np.testing.assert_allclose(np.asarray(decode(heat["data"][0]["z"]), dtype=float), values[np.ix_(idx, idx)],
                                rtol=1e-12)

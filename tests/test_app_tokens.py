@@ -26,8 +26,8 @@ def real(tmp_path, monkeypatch):
 
 
 def test_real_model_view_text_error_and_batch(real):
-    from geometry import tokens as tk
-    from geometry.loader import load_adapter
+    from geometry.analysis import tokens as tk
+    from geometry.io.loader import load_adapter
 
     at = page_test("tokens.py", {"tok_adapters": "nli"})
     assert not at.exception and not at.error
@@ -70,7 +70,7 @@ def test_a_cancelled_batch_run_shows_what_finished_and_resumes(real, monkeypatch
     """Cancel turns batch mode off and keeps the inputs done; turning it on again finishes the rest."""
     from streamlit.runtime.scriptrunner_utils.exceptions import StopException
 
-    from geometry import tokens as tk
+    from geometry.analysis import tokens as tk
     from ui import tokens as ui_tokens
 
     monkeypatch.setattr(tk, "BATCH_CHUNK", 2)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from geometry.analysis.distances import pairwise_distances
 from geometry.cli import main
-from geometry.distances import pairwise_distances
-from geometry.loader import load_adapter
-from tests.synthetic import random_adapter, save_peft_folder
+from geometry.io.loader import load_adapter
+from geometry.testing import random_adapter, save_peft_folder
 
 KINDS = {"q": (16, 12), "v": (8, 12), "down": (12, 20)}
 
@@ -93,3 +93,64 @@ def test_bad_choice_is_one_error_line(capsys, folders):
         main(["distances", *folders[:2], "--metric", "manhattan"])
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("error: distances: argument --metric")
+
+
+def test_several_metrics_and_kinds_in_one_call_match_the_single_calls(capsys, folders):
+    code, out, err = run(capsys, "distances", *folders, "--metric", "grassmann,cosine", "--kind", "q,down",
+                         "--layers", "last:2")
+    assert code == 0
+    data = json.loads(out)
+    assert data["adapters"] == ["ad0", "ad1", "ad2"] and data["factor"] == "ba"
+    pairs = [(r["metric"], r["kind"]) for r in data["results"]]
+    assert pairs == [("grassmann", "q"), ("grassmann", "down"), ("cosine", "q"), ("cosine", "down")]
+    for result in data["results"]:
+        code, single, _ = run(capsys, "distances", *folders, "--metric", result["metric"], "--kind", result["kind"],
+                              "--layers", "last:2")
+        single = json.loads(single)
+        assert {k: result[k] for k in single if k not in ("adapters", "matrix")} == {
+            k: v for k, v in single.items() if k not in ("adapters", "matrix")}
+        np.testing.assert_allclose(np.array(result["matrix"]), np.array(single["matrix"]), rtol=1e-12, atol=1e-15)
+    assert err.count("note: Grassmann distance") == 1
+
+
+def test_several_metrics_decompose_each_adapter_once_per_kind(capsys, folders, monkeypatch):
+    """The work is bounded: one all_distances pass per kind, whatever the number of metrics."""
+    import geometry.analysis.distances as gd
+
+    calls = []
+    real = gd.all_distances
+
+    def counting(adapters, kind=None, metrics=(), *args, **kwargs):
+        calls.append((tuple(kind), tuple(metrics)))
+        return real(adapters, kind, metrics, *args, **kwargs)
+
+    monkeypatch.setattr(gd, "all_distances", counting)
+    code, _, _ = run(capsys, "distances", *folders, "--metric", "l2,cosine,grassmann", "--kind", "q,v")
+    assert code == 0 and calls == [(("q",), ("l2", "cosine", "grassmann")), (("v",), ("l2", "cosine", "grassmann"))]
+
+
+def test_several_per_layer_records_and_csv_gain_a_metric_column(capsys, folders):
+    code, out, _ = run(capsys, "distances", *folders[:2], "--metric", "l2,cosine", "--per-layer", "--layers", "3")
+    records = json.loads(out)
+    assert code == 0 and len(records) == 2 * 2 * 2 * 1
+    assert set(records[0]) == {"i", "j", "adapter_i", "adapter_j", "layer", "kind", "metric", "value"}
+    assert {(r["metric"], r["kind"]) for r in records} == {("l2", "v"), ("cosine", "v")}  # default kind v
+    code, out, _ = run(capsys, "distances", *folders[:2], "--metric", "l2", "--kind", "q,v", "--per-layer",
+                       "--layers", "3", "--format", "csv")
+    rows = list(csv.reader(io.StringIO(out)))
+    assert rows[0] == ["i", "j", "adapter_i", "adapter_j", "layer", "kind", "metric", "value"]
+    assert len(rows) == 1 + 2 * 2 * 2 and {r[5] for r in rows[1:]} == {"q", "v"} and {r[6] for r in rows[1:]} == {"l2"}
+    code, out, _ = run(capsys, "distances", *folders, "--metric", "cosine,l2", "--format", "csv")
+    rows = list(csv.reader(io.StringIO(out)))
+    assert rows[0] == ["metric", "kind", "adapter", "ad0", "ad1", "ad2"] and len(rows) == 1 + 2 * 3
+    assert [r[:3] for r in rows[1:4]] == [["cosine", "v", "ad0"], ["cosine", "v", "ad1"], ["cosine", "v", "ad2"]]
+    assert rows[4][:2] == ["l2", "v"] and rows[4][3] == "0.0"
+
+
+def test_several_kinds_errors_stay_one_line(capsys, folders):
+    code, _, err = run(capsys, "distances", *folders[:2], "--metric", "l2,cosine", "--kind", "q,gate")
+    assert code == 2 and "kind 'gate' is not common" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as exc:
+        main(["distances", *folders[:2], "--metric", "l2,manhattan"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and "'manhattan'" in err[0]

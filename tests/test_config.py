@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from peft.utils.other import get_pattern_key
 
-from geometry.config import parse_config, rank_and_alpha
 from geometry.errors import AdapterLoadError
+from geometry.io.config import parse_config, rank_and_alpha
 from geometry.types import lora_scale
 
 

@@ -72,9 +72,9 @@ def test_hub_is_off_in_demo_mode_unless_allowed(monkeypatch, tmp_path, samples):
     allowed = _page(monkeypatch, tmp_path, samples, "pages/home.py", allow="owner/*")
     assert [t for t in allowed.sidebar.text_input if t.key == "hub_id"]
     # a refused id gets one sentence and the set keeps its adapters (the download is never called)
-    import geometry.loader as loader
+    import geometry.io.loader as loader
 
-    monkeypatch.setattr(loader, "snapshot_download", lambda **kw: pytest.fail("download attempted"))
+    monkeypatch.setattr(loader.hub, "snapshot_download", lambda **kw: pytest.fail("download attempted"))
     n = len(allowed.session_state["adapter_set"])
     allowed.sidebar.text_input(key="hub_id").set_value("someone/else")
     next(b for b in allowed.sidebar.button if b.label == "Load from hub").click()

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from geometry.align import check_compatible, common_keys, missing_keys
-from geometry.distances import (
+from geometry.analysis.distances import (
     FACTORS,
     METRICS,
     DistanceTensor,
@@ -19,8 +18,9 @@ from geometry.distances import (
     select_layers,
 )
 from geometry.errors import AtlasError, IncompatibleAdaptersError
+from geometry.linalg.align import check_compatible, common_keys, missing_keys
+from geometry.testing import random_adapter, random_factors
 from geometry.types import ModuleKey
-from tests.synthetic import random_adapter, random_factors
 
 CPU = torch.device("cpu")
 KINDS = {"q": (20, 14), "v": (9, 14), "down": (14, 26)}
@@ -327,7 +327,7 @@ def test_zero_modules_are_named_once_per_adapter_in_the_notes():
 
 def test_reduce_reports_how_many_layers_each_pair_averaged():
     ads = _zero_set()
-    dt = all_distances(ads, metrics=["grassmann"], factors=["ba"], kinds=["q"], device=CPU)["grassmann", "ba", "model", "q"]
+    dt = all_distances(ads, metrics=["grassmann"], factors=["ba"], kind=["q"], device=CPU)["grassmann", "ba", "model", "q"]
     default = dt.reduce()
     values, counts = dt.reduce("all", return_counts=True)
     np.testing.assert_array_equal(values, default)
@@ -342,7 +342,7 @@ def test_reduce_reports_how_many_layers_each_pair_averaged():
 
 def test_one_note_for_one_cause():
     """Ten adapters without one adapter's k modules: one line naming that adapter, not ten."""
-    from geometry.align import check_compatible as check
+    from geometry.linalg.align import check_compatible as check
 
     qv = [random_adapter(f"t{i}", layers=2, kinds={"q": (8, 6), "v": (8, 6)}, r=2, seed=i) for i in range(10)]
     wide = random_adapter("wide", layers=2, kinds={"q": (8, 6), "k": (8, 6), "v": (8, 6)}, r=2, seed=11)

@@ -16,32 +16,18 @@ import torch
 
 from geometry.cli import main
 from geometry.errors import AtlasError
+from geometry.io.loader import load_adapter
 from geometry.learned import DivMerge, UnlabeledDataError, divmerge, entropy, js_divergence, kl_divergence
-from geometry.loader import load_adapter
 from geometry.merging import task_arithmetic
 from geometry.runtime import Runtime
-from tests.learned_fixtures import amplified, learned_study
 from tests.merge_fixtures import write_study
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "sample_adapters" / "synthetic"
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("ADAPTER_ATLAS_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    """Three tiny BERT adapters (3 blocks, LoRA on query / value, own heads) with validation and test splits."""
-    return learned_study(tmp_path_factory.mktemp("dm"))
-
-
-@pytest.fixture(scope="module")
-def tiny(study):
-    folders, tasks = study
-    return [amplified(load_adapter(f)) for f in folders], tasks
+# learned_study_dirs, learned_tiny: tests/conftest.py (the tiny study shared with tests/test_adamerging.py)
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +60,9 @@ def test_js_symmetric_bounded_zero_only_for_equal_kl_forward_entropy():
 
 
 # ------------------------------------------------------------------------------------------- the optimisation
-def test_one_task_recovers_coefficient_one_and_zero_divergence(tiny):
-    adapters, tasks = tiny
-    run = DivMerge(adapters[:1], tasks, samples=24, epochs=25, lr=0.05, use_cache=False)
+def test_one_task_recovers_coefficient_one_and_zero_divergence(learned_tiny):
+    adapters, tasks = learned_tiny
+    run = DivMerge(adapters[:1], tasks, samples=24, epochs=25, lr=0.05)
     start, _ = run.objective_value()
     result = run.fit()
     assert result.coefficients.shape == (1, 1) and result.layers == ["all"]
@@ -86,7 +72,7 @@ def test_one_task_recovers_coefficient_one_and_zero_divergence(tiny):
 
 
 def test_objective_decreases_on_the_sample_pair(sample_pair):
-    run = DivMerge(sample_pair, SAMPLES / "tasks", samples=12, epochs=2, lr=0.05, seed=0, use_cache=False)
+    run = DivMerge(sample_pair, SAMPLES / "tasks", samples=12, epochs=2, lr=0.05, seed=0)
     before, _ = run.objective_value()
     states = list(run.steps())
     after, _ = run.objective_value()
@@ -98,9 +84,9 @@ def test_objective_decreases_on_the_sample_pair(sample_pair):
 
 @pytest.mark.parametrize("level", ["task", "layer"])
 @pytest.mark.parametrize("divergence", ["js", "kl"])
-def test_gradients_equal_finite_differences(tiny, level, divergence):
-    adapters, tasks = tiny
-    run = DivMerge(adapters[:2], tasks, level=level, divergence=divergence, samples=8, use_cache=False)
+def test_gradients_equal_finite_differences(learned_tiny, level, divergence):
+    adapters, tasks = learned_tiny
+    run = DivMerge(adapters[:2], tasks, level=level, divergence=divergence, samples=8)
     gamma = np.random.default_rng(1).uniform(0.2, 0.9, size=run.layout.shape)
     value, grad = run.objective_value(gamma, grad=True)
     assert value > 1e-4 and grad.shape == run.layout.shape
@@ -113,9 +99,9 @@ def test_gradients_equal_finite_differences(tiny, level, divergence):
         assert fd == pytest.approx(grad[i, j], rel=2e-3, abs=1e-6)
 
 
-def test_layer_level_coefficients_are_tasks_by_layers(tiny, sample_pair):
-    adapters, tasks = tiny
-    run = DivMerge(adapters, tasks, level="layer", samples=8, max_steps=2, use_cache=False)
+def test_layer_level_coefficients_are_tasks_by_layers(learned_tiny, sample_pair):
+    adapters, tasks = learned_tiny
+    run = DivMerge(adapters, tasks, level="layer", samples=8, max_steps=2)
     assert run.settings.samples == 8 and run.layout.layers == [0, 1, 2]
     result = run.fit()
     assert result.coefficients.shape == (3, 3) and result.frame().shape == (3, 3)
@@ -132,10 +118,10 @@ def test_layer_level_coefficients_are_tasks_by_layers(tiny, sample_pair):
 
 
 @pytest.mark.parametrize("level", ["task", "layer", "module"])
-def test_exported_merge_is_task_arithmetic_with_the_coefficients(tiny, tmp_path, level):
-    adapters, tasks = tiny
+def test_exported_merge_is_task_arithmetic_with_the_coefficients(learned_tiny, tmp_path, level):
+    adapters, tasks = learned_tiny
     adapters = adapters[:2]
-    result = DivMerge(adapters, tasks, level=level, samples=8, max_steps=3, lr=0.1, use_cache=False).fit()
+    result = DivMerge(adapters, tasks, level=level, samples=8, max_steps=3, lr=0.1).fit()
     gamma = result.coefficients
     assert not np.allclose(gamma, 0.5)
     merged = result.merge()
@@ -171,9 +157,9 @@ def test_exported_merge_is_task_arithmetic_with_the_coefficients(tiny, tmp_path,
 
 
 # ------------------------------------------------------------------------------------------- step by step
-def test_stop_keeps_the_coefficients_and_steps_resume(tiny):
-    adapters, tasks = tiny
-    run = DivMerge(adapters[:2], tasks, samples=8, epochs=3, lr=0.1, use_cache=False)
+def test_stop_keeps_the_coefficients_and_steps_resume(learned_tiny):
+    adapters, tasks = learned_tiny
+    run = DivMerge(adapters[:2], tasks, samples=8, epochs=3, lr=0.1)
     assert run.total_steps == 6 and run.snapshot().step == 0
     seen = []
     for state in run.steps():
@@ -192,38 +178,43 @@ def test_stop_keeps_the_coefficients_and_steps_resume(tiny):
     assert len(run.history) == 6 and run.result().evaluations[-1]["step"] == 6
 
 
-def test_background_thread_and_same_seed_same_coefficients(tiny):
-    adapters, tasks = tiny
-    run = DivMerge(adapters[:2], tasks, samples=8, epochs=2, lr=0.1, use_cache=False)
+def test_background_thread_and_same_seed_same_coefficients(learned_tiny):
+    adapters, tasks = learned_tiny
+    run = DivMerge(adapters[:2], tasks, samples=8, epochs=2, lr=0.1)
     run.start()
     run.join(timeout=120)
     assert not run.running and run.error is None and run.done
-    again = DivMerge(adapters[:2], tasks, samples=8, epochs=2, lr=0.1, use_cache=False).fit()
+    again = DivMerge(adapters[:2], tasks, samples=8, epochs=2, lr=0.1).fit()
     np.testing.assert_array_equal(run.coefficients, again.coefficients)
-    other_seed = DivMerge(adapters[:2], tasks, samples=8, epochs=2, lr=0.1, seed=1, use_cache=False).fit()
+    other_seed = DivMerge(adapters[:2], tasks, samples=8, epochs=2, lr=0.1, seed=1).fit()
     assert not np.array_equal(run.coefficients, other_seed.coefficients)
 
 
-def test_finished_runs_are_cached_by_content(tiny):
-    adapters, tasks = tiny
-    first = DivMerge(adapters[:2], tasks, samples=8, epochs=1, lr=0.1)
+def test_finished_runs_are_cached_by_content(learned_tiny, tmp_path):
+    from geometry.cache import ResultCache
+
+    adapters, tasks = learned_tiny
+    cache = ResultCache(tmp_path / "runs")
+    first = DivMerge(adapters[:2], tasks, samples=8, epochs=1, lr=0.1, cache=cache)
     result = first.fit()
     assert not first.from_cache
-    second = DivMerge(adapters[:2], tasks, samples=8, epochs=1, lr=0.1)
+    second = DivMerge(adapters[:2], tasks, samples=8, epochs=1, lr=0.1, cache=cache)
     states = list(second.steps())
     assert len(states) == 1 and states[0].cached and states[0].done and second.from_cache
     np.testing.assert_array_equal(second.coefficients, result.coefficients)
     assert second.history == first.history
-    third = DivMerge(adapters[:2], tasks, samples=8, epochs=1, lr=0.2)  # other settings: not the same entry
+    third = DivMerge(adapters[:2], tasks, samples=8, epochs=1, lr=0.2, cache=cache)  # other settings: another entry
     assert not list(third.steps())[0].cached
+    uncached = DivMerge(adapters[:2], tasks, samples=8, epochs=1, lr=0.1)  # no cache: no disk, a fresh run
+    assert uncached.cache is None and not list(uncached.steps())[0].cached
 
 
 # ------------------------------------------------------------------------------------------- data and errors
-def test_unlabeled_files_and_clear_errors(tiny, study, tmp_path):
-    adapters, tasks = tiny
+def test_unlabeled_files_and_clear_errors(learned_tiny, learned_study_dirs, tmp_path):
+    adapters, tasks = learned_tiny
     csv_file = tmp_path / "alpha.csv"
     csv_file.write_text("text,text_pair,label\nred cat,blue dog,1\nsun rain,big small,0\n", encoding="utf-8")
-    run = DivMerge(adapters[:2], tasks, data={"alpha": csv_file}, samples=50, max_steps=1, use_cache=False)
+    run = DivMerge(adapters[:2], tasks, data={"alpha": csv_file}, samples=50, max_steps=1)
     assert run.inputs[0].texts == ["red cat", "sun rain"] and run.inputs[0].pairs == ["blue dog", "big small"]
     assert any("50 samples asked, 2 available" in n for n in run.notes)
     run.fit()
@@ -243,16 +234,16 @@ def test_unlabeled_files_and_clear_errors(tiny, study, tmp_path):
         DivMerge(adapters[:2], tasks, samples=0)
 
 
-def test_divmerge_function_scores_anp(tiny):
-    adapters, tasks = tiny
-    result = divmerge(adapters[:2], tasks, samples=8, max_steps=2, limit=8, use_cache=False)
+def test_divmerge_function_scores_anp(learned_tiny):
+    adapters, tasks = learned_tiny
+    result = divmerge(adapters[:2], tasks, samples=8, max_steps=2, limit=8)
     assert result.anp is not None and set(result.to_dict()["scores"]) == {"alpha", "beta"}
     assert result.divergence == "js" and result.method == "divmerge"
 
 
 # ------------------------------------------------------------------------------------------- command line
-def test_cli_json_shape_and_peft_out(study, tmp_path, capsys):
-    folders, tasks = study
+def test_cli_json_shape_and_peft_out(learned_study_dirs, tmp_path, capsys):
+    folders, tasks = learned_study_dirs
     out = tmp_path / "merged"
     code = main(["divmerge", *map(str, folders[:2]), "--tasks", str(tasks), "--level", "layer", "--divergence", "kl",
                  "--samples", "8", "--epochs", "1", "--lr", "0.05", "--init", "uniform", "--limit", "8",
@@ -272,8 +263,8 @@ def test_cli_json_shape_and_peft_out(study, tmp_path, capsys):
     assert code == 0 and lines[0] == "adapter,task,finetuned,merged,normalized,coefficient[all]" and len(lines) == 3
 
 
-def test_cli_bad_inputs_exit_2_with_one_error_line(study, tmp_path, capsys):
-    folders, tasks = study
+def test_cli_bad_inputs_exit_2_with_one_error_line(learned_study_dirs, tmp_path, capsys):
+    folders, tasks = learned_study_dirs
     other, _ = write_study(tmp_path / "other", tasks=("delta",), n_examples=4)
     no_val = tmp_path / "tasks_no_validation"
     shutil.copytree(tasks, no_val)

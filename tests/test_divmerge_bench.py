@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 
-from geometry.diskcache import REPO
+from geometry.cache import REPO
 
 
 def test_quick_divmerge_bench_prints_json_last(capsys, tmp_path, monkeypatch):

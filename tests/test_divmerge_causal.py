@@ -10,17 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from geometry import metrics
 from geometry.errors import AtlasError
+from geometry.evaluation import metrics
+from geometry.io.loader import load_adapter
 from geometry.learned import AdaMerging, DivMerge
-from geometry.loader import load_adapter
 from geometry.runtime import Runtime
 from tests.learned_fixtures import causal_study
 
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("ADAPTER_ATLAS_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +28,11 @@ def causal(tmp_path_factory):
 
 def test_one_task_recovers_one_and_references_stored_or_recomputed_agree(causal):
     adapters, tasks = causal
-    run = DivMerge(adapters[:1], tasks, samples=12, epochs=20, lr=0.05, max_new_tokens=6, use_cache=False)
+    run = DivMerge(adapters[:1], tasks, samples=12, epochs=20, lr=0.05, max_new_tokens=6)
     start, _ = run.objective_value()
     cont = run._terms[0]._continuations["continuation"]
     assert len(cont) == 12 and all(1 <= len(c) <= 6 for c in cont)
-    recomputed = DivMerge(adapters[:1], tasks, samples=12, max_new_tokens=6, reference_budget=0, use_cache=False)
+    recomputed = DivMerge(adapters[:1], tasks, samples=12, max_new_tokens=6, reference_budget=0)
     again, _ = recomputed.objective_value()
     assert again == pytest.approx(start, rel=1e-5) and any("recomputed teacher-forced" in n for n in recomputed.notes)
     result = run.fit()
@@ -45,7 +42,7 @@ def test_one_task_recovers_one_and_references_stored_or_recomputed_agree(causal)
 
 def test_gradients_equal_finite_differences_on_the_causal_lm(causal):
     adapters, tasks = causal
-    run = DivMerge(adapters, tasks, level="layer", divergence="kl", samples=6, max_new_tokens=4, use_cache=False)
+    run = DivMerge(adapters, tasks, level="layer", divergence="kl", samples=6, max_new_tokens=4)
     assert run.layout.shape == (2, 2)
     gamma = np.array([[0.3, 0.8], [0.6, 0.4]])
     value, grad = run.objective_value(gamma, grad=True)
@@ -69,7 +66,7 @@ def test_merge_anp_with_rouge_and_adamerging(causal, tmp_path):
             outputs = rt.generate([r["prompt"] for r in rows], max_new_tokens=32)
         (tasks / ad.name / "test.jsonl").write_text(
             "\n".join(json.dumps({"prompt": r["prompt"], "reference": o or "x"}) for r, o in zip(rows, outputs)))
-    run = DivMerge(adapters, tasks, samples=8, max_steps=3, lr=0.1, max_new_tokens=6, use_cache=False)
+    run = DivMerge(adapters, tasks, samples=8, max_steps=3, lr=0.1, max_new_tokens=6)
     state = list(run.steps(evaluate_every=3, limit=6))[-1]
     assert state.anp is not None and 0 < state.anp["anp"] < 200
     assert all(s["finetuned"] > 0 for s in state.anp["scores"].values())
@@ -83,7 +80,7 @@ def test_merge_anp_with_rouge_and_adamerging(causal, tmp_path):
         with rt.apply(merged):
             got = rt.forward(**enc).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    ada = AdaMerging(adapters, tasks, samples=8, max_new_tokens=6, use_cache=False)
+    ada = AdaMerging(adapters, tasks, samples=8, max_new_tokens=6)
     assert ada.settings.lr == 1e-2  # the Table 9 generation setting
     before, _ = ada.objective_value()
     ada.fit()

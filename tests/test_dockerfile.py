@@ -200,7 +200,7 @@ def test_runs_as_a_non_root_user_with_uid_1000(dockerfile):
 
 
 def test_demo_mode_and_writable_caches_under_home(dockerfile, monkeypatch):
-    from geometry.maps import numba_cache_dir
+    from geometry.analysis.maps import numba_cache_dir
 
     env = dockerfile.state().env
     assert env["ADAPTER_ATLAS_DEMO"] == "1"

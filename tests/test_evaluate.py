@@ -10,19 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from geometry.base_models import MINILM, resolve_base
 from geometry.cli import main
 from geometry.errors import AtlasError
-from geometry.evaluate import (
-    LoraUpdates,
-    adapter_updates,
-    apply_updates,
-    build_classifier,
-    classification_scores,
-    evaluate,
-    lcs_length,
-    rouge_l,
-)
+from geometry.evaluation.evaluate import evaluate
+from geometry.evaluation.metrics import classification_scores, lcs_length, rouge_l
+from geometry.runtime import LoraUpdates, adapter_updates, apply_updates, build_classifier
+from geometry.runtime.base_models import MINILM, resolve_base
 
 
 # ------------------------------------------------------------------------------------------- ROUGE-L
@@ -155,7 +148,7 @@ def _peft_logits(base, folder, ids):
 def test_adapter_updates_reproduce_peft(tiny, kind):
     """Writing an Adapter's factors into a fresh base (W0 + s B A, Conv1D transposed, fused c_attn parts
     put back by rows) gives the logits of PeftModel.from_pretrained."""
-    from geometry.loader import load_adapter
+    from geometry.io.loader import load_adapter
 
     base, folder = tiny[kind]
     ids = torch.randint(1000, 2000, (3, 7))
@@ -209,25 +202,37 @@ def _write_task(folder, n=12, pair=False):
 
 
 def test_evaluate_folder_adapter_and_updates_agree(tiny, tmp_path):
-    from geometry.loader import load_adapter
+    from geometry.io.loader import load_adapter
 
     base, folder = tiny["bert"]
     task = _write_task(tmp_path / "toy", pair=True)
-    by_folder = evaluate(folder, task, use_cache=False, batch_size=5)
-    by_adapter = evaluate(load_adapter(folder), task, use_cache=False)
+    by_folder = evaluate(folder, task, batch_size=5)
+    by_adapter = evaluate(load_adapter(folder), task)
     ups = adapter_updates(load_adapter(folder))
-    by_updates = evaluate(LoraUpdates(str(base), ups.updates, ups.head), task, use_cache=False)
+    by_updates = evaluate(LoraUpdates(str(base), ups.updates, ups.head), task)
     assert by_folder["n"] == 12 and by_folder["task"] == "toy" and by_folder["split"] == "test"
     assert by_folder == by_adapter == by_updates
 
 
 def test_evaluate_cache_and_limit(tiny, tmp_path, monkeypatch):
-    monkeypatch.setenv("ADAPTER_ATLAS_CACHE", str(tmp_path / "cache"))
+    """Scores are kept only in a cache that is given, and read back from it."""
+    import geometry.evaluation.evaluate as ev
+    from geometry.cache import ResultCache
+
+    monkeypatch.chdir(tmp_path)
     _, folder = tiny["bert"]
     task = _write_task(tmp_path / "toy")
+    before = sorted(tmp_path.rglob("*"))
     first = evaluate(folder, task, limit=6)
-    assert first["n"] == 6
-    assert evaluate(folder, task, limit=6) == first == evaluate(folder, task, limit=6, use_cache=False)
+    assert first["n"] == 6 and sorted(tmp_path.rglob("*")) == before  # no cache: nothing written
+    cache = ResultCache(tmp_path / "cache")
+    assert evaluate(folder, task, limit=6, cache=cache) == first and len(cache) == 1
+    calls = []
+    real = ev._evaluate
+    monkeypatch.setattr(ev, "_evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert evaluate(folder, task, limit=6, cache=cache) == first and calls == []  # read back
+    assert evaluate(folder, task, limit=5, cache=cache)["n"] == 5 and calls == [1] and len(cache) == 2
+    assert evaluate(folder, task, limit=6, cache=tmp_path / "cache") == first and calls == [1]  # a folder path
 
 
 def test_generation_rouge_l_on_tiny_causal_lm(tiny, tmp_path):
@@ -252,13 +257,13 @@ def test_generation_rouge_l_on_tiny_causal_lm(tiny, tmp_path):
     assert any(r.strip() for r in refs)
     data = tmp_path / "gen.jsonl"
     data.write_text("".join(json.dumps({"prompt": p, "reference": r}) + "\n" for p, r in zip(prompts, refs)))
-    result = evaluate(folder, data, max_new_tokens=6, batch_size=4, use_cache=False)
+    result = evaluate(folder, data, max_new_tokens=6, batch_size=4)
     assert result == {"rouge_l": pytest.approx(1.0), "n": 4, "task": "gen", "split": "gen"}
     wrong = tmp_path / "wrong.jsonl"
     wrong.write_text("".join(json.dumps({"prompt": p, "reference": "alpha beta " + r}) + "\n"
                              for p, r in zip(prompts, refs)))
     expected = np.mean([rouge_l(r, "alpha beta " + r) for r in refs])
-    assert evaluate(folder, wrong, max_new_tokens=6, use_cache=False)["rouge_l"] == pytest.approx(expected)
+    assert evaluate(folder, wrong, max_new_tokens=6)["rouge_l"] == pytest.approx(expected)
 
 
 def test_cli_evaluate(tiny, tmp_path, capsys):

@@ -9,7 +9,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from geometry.factored import (
+from geometry.linalg.factored import (
     diff_fro_norm,
     fro_inner,
     fro_norm,
@@ -18,7 +18,7 @@ from geometry.factored import (
     orthonormal_basis,
     principal_angles,
 )
-from tests.synthetic import random_factors
+from geometry.testing import random_factors
 
 CPU = torch.device("cpu")
 # (m, n, r, rank_b, rank_a): square, rectangular both ways, rank-deficient B or A or both.

@@ -108,15 +108,6 @@ def test_layer_choice_spec(choice, spec):
     assert choice.spec == spec
 
 
-def test_inclusion_matrix_from_tables_is_row_to_column_mean():
-    t01 = pd.DataFrame({"kind": ["q", "v"], "rec": [0.2, 0.4]})
-    t10 = pd.DataFrame({"kind": ["q", "v"], "rec": [0.6, 1.0]})
-    m = views.inclusion_matrix_from_tables({(0, 1): t01, (1, 0): t10}, 2, "rec")
-    assert m[0, 1] == pytest.approx(0.3) and m[1, 0] == pytest.approx(0.8)
-    assert np.isnan(m[0, 0])
-    assert views.inclusion_matrix_from_tables({(0, 1): t01}, 2, "rec", kind="v")[0, 1] == pytest.approx(0.4)
-
-
 def test_map_labels_do_not_overlap_and_no_rounding_noise_ticks():
     from ui.figures import embedding_scatter, label_positions
 
@@ -201,36 +192,68 @@ def test_shared_figure_refuses_changes_and_copies_are_editable():
 
 
 def test_shared_figures_are_evicted_beyond_their_byte_budget(monkeypatch):
-    monkeypatch.setattr(figures, "_SHARED", figures.OrderedDict())
-    monkeypatch.setattr(figures, "SHARED_BYTES", 20_000)
+    from ui import cache
+
+    monkeypatch.setattr(cache, "FIGURES", cache.figure_cache(20_000))
     first = figures.figure(*_spec(np.random.default_rng(0).normal(size=(20, 20))))
     for i in range(1, 30):
         figures.figure(*_spec(np.random.default_rng(i).normal(size=(20, 20))))
-    assert sum(size for _, size in figures._SHARED.values()) <= 20_000 and len(figures._SHARED) >= 2
+    assert cache.FIGURES.currsize == sum(size for _, size in cache.FIGURES.values()) <= 20_000
+    assert len(cache.FIGURES) >= 2
     again = figures.figure(*_spec(np.random.default_rng(0).normal(size=(20, 20))))
     assert again is not first and again.to_dict() == first.to_dict()  # rebuilt, same figure
 
 
-def test_built_runs_a_builder_once_per_inputs_key_while_its_figure_is_kept(monkeypatch):
-    monkeypatch.setattr(figures, "_SHARED", figures.OrderedDict())
-    monkeypatch.setattr(figures, "_BUILT", figures.OrderedDict())
+def test_built_runs_a_builder_once_per_distinct_arguments_while_its_figure_is_kept(monkeypatch):
+    """The key is the builder's own arguments (bound to its signature, arrays by content), never a list
+    written by hand: what the figure depends on, and only that."""
+    from cachetools import LRUCache
+
+    from ui import cache
+
+    monkeypatch.setattr(cache, "FIGURES", cache.figure_cache())
+    monkeypatch.setattr(cache, "BUILT", LRUCache(maxsize=cache.BUILT_KEYS))
     calls = []
 
-    def bars(values, title):
+    def bars(values, title, log=False):
         calls.append(title)
         return figures.figure([{"type": "bar", "y": list(values)}], {"title": {"text": title}})
 
-    first = figures.built(bars, ("a", 1), [1, 2], title="one")
-    assert figures.built(bars, ("a", 1), [1, 2], title="one") is first and calls == ["one"]  # not built again
-    other = figures.built(bars, ("a", 2), [3, 4], title="two")
-    assert other is not first and calls == ["one", "two"]
+    first = figures.built(bars, np.array([1, 2]), title="one")
+    assert figures.built(bars, np.array([1, 2]), "one", log=False) is first and calls == ["one"]  # same arguments
+    assert figures.built(bars, np.array([1, 2]), title="one", log=True) is not None and len(calls) == 2
+    other = figures.built(bars, np.array([3, 4]), title="one")  # same title, other content: built
+    assert other is not first and calls == ["one", "one", "one"]
     assert list(other.data[0].y) == [3, 4] and list(first.data[0].y) == [1, 2]
-    figures._SHARED.clear()  # the figure is gone from figure()'s cache: built again, not a stale reference
-    again = figures.built(bars, ("a", 1), [1, 2], title="one")
-    assert calls == ["one", "two", "one"] and again.to_dict() == first.to_dict()
+    frame = pd.DataFrame({"y": [1.0, 2.0]})
+    calls.clear()
+    figures.built(bars, frame["y"], title="df")
+    assert figures.built(bars, frame.copy()["y"], title="df") is not None and calls == ["df"]  # a copy: same content
+    cache.FIGURES.clear()  # the figure is gone from figure()'s cache: built again, not a stale reference
+    again = figures.built(bars, np.array([1, 2]), title="one")
+    assert calls == ["df", "one"] and again.to_dict() == first.to_dict()
     none_calls = []
-    assert figures.built(lambda: none_calls.append(1), ("n",)) is None
-    assert figures.built(lambda: none_calls.append(1), ("n",)) is None and none_calls == [1, 1]  # None not kept
+    assert figures.built(lambda: none_calls.append(1)) is None
+    assert figures.built(lambda: none_calls.append(1)) is None and none_calls == [1, 1]  # None not kept
+
+
+def test_argument_keys_follow_content_not_identity():
+    from ui import cache
+
+    def builder(matrix, names, *, title="t", detail=None):
+        return None
+
+    m = np.arange(6.0).reshape(2, 3)
+    key = cache.argument_key(builder, m, ["a", "b"])
+    assert key == cache.argument_key(builder, m.copy(), ["a", "b"], title="t")  # a copy, the default spelled out
+    assert key != cache.argument_key(builder, m.T.copy(), ["a", "b"])  # same bytes, other shape
+    assert key != cache.argument_key(builder, m, ["a", "b"], detail="x")
+    assert key != cache.argument_key(builder, m.astype(np.float32), ["a", "b"])
+    big = pd.DataFrame({"sv": [np.arange(3000.0), np.arange(3000.0)]})  # arrays in cells: hashed whole
+    changed = big.copy()
+    changed.at[1, "sv"] = np.r_[np.arange(1500.0), -1.0, np.arange(1501.0, 3000.0)]
+    assert cache.content_hash(big) != cache.content_hash(changed)
+    assert cache.content_hash(big) == cache.content_hash(big.copy())
 
 
 def test_streamlit_draws_a_shared_figure_as_the_plain_one():

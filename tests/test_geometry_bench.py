@@ -1,11 +1,17 @@
-"""The geometry benchmark runs end to end on tiny shapes and ends with its JSON line (no timing claims)."""
+"""The geometry benchmark runs end to end on tiny shapes and ends with its JSON line: its figures are
+consistent (ratios of the reported times, finite and positive, as many timed runs as asked), and its
+dense baseline computes the same distances as the library (no timing claims)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
+from pathlib import Path
 
-from geometry.diskcache import REPO
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _bench():
@@ -17,21 +23,35 @@ def _bench():
 
 def test_quick_bench_prints_json_last(capsys):
     bench = _bench()
-    assert bench.main(["--quick", "--adapters", "2", "--layers", "1", "--threads", "1"]) == 0
+    assert bench.main(["--quick", "--adapters", "2", "--layers", "1", "--threads", "1", "--repeats", "2"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     data = json.loads(last)
-    assert {"factored_s", "dense_s_extrapolated", "ratio", "qr_b_s", "ratio_vs_qr_b", "per_shape"} <= set(data)
-    assert data["quick"] is True and data["factored_s"] > 0 and data["dense_s_extrapolated"] > 0
-    # One entry per distinct module shape, module counts summing to the workload's 7 kinds x 1 layer.
+    assert data["quick"] is True and data["adapters"] == 2 and data["layers"] == 1 and data["threads"] == 1
+    # as many timed runs as asked, each a positive time, the reported figure their median
+    assert len(data["factored_runs_s"]) == len(data["qr_b_runs_s"]) == 2
+    assert all(t > 0 for t in data["factored_runs_s"] + data["qr_b_runs_s"])
+    assert min(data["factored_runs_s"]) <= data["factored_s"] <= max(data["factored_runs_s"])
+    # the ratios are the reported times' ratios, finite and positive (6 significant digits in the JSON)
+    for key in ("factored_s", "dense_s_extrapolated", "qr_b_s", "factored_grassmann_s", "ratio", "ratio_vs_qr_b"):
+        assert math.isfinite(data[key]) and data[key] > 0, key
+    assert data["ratio"] == pytest.approx(data["dense_s_extrapolated"] / data["factored_s"], rel=1e-4)
+    assert data["ratio_vs_qr_b"] == pytest.approx(data["qr_b_s"] / data["factored_grassmann_s"], rel=1e-4)
+    # one entry per distinct module shape, module counts summing to the workload's 7 kinds x 1 layer
     assert sum(v["modules"] for v in data["per_shape"].values()) == 7
     assert {"q/o", "k/v", "gate/up", "down"} == set(data["per_shape"])
+    for shape in data["per_shape"].values():
+        assert math.isfinite(shape["ratio"]) and shape["ratio"] > 0
+        assert shape["ratio"] == pytest.approx(shape["dense_s_extrapolated"] / shape["factored_s"], rel=1e-4)
+    # the extrapolated dense total is the per-shape sum (the count, not a model)
+    total = sum(v["dense_s_extrapolated"] for v in data["per_shape"].values())
+    assert data["dense_s_extrapolated"] == pytest.approx(total, rel=1e-4)
 
 
 def test_dense_baseline_agrees_with_the_factored_distances():
     """The baseline computes the same numbers (it is a baseline for the same work, not another one)."""
     import numpy as np
 
-    from geometry.distances import all_distances
+    from geometry.analysis.distances import all_distances
     from geometry.types import ModuleKey
 
     bench = _bench()

@@ -1,4 +1,4 @@
-"""The all-pairs Gram engine (geometry.gram): float32 Gram path within 1e-6 of float64 dense maths, promotions
+"""The all-pairs Gram engine (geometry.linalg.gram): float32 Gram path within 1e-6 of float64 dense maths, promotions
 to float64 where float32 would not be accurate, and the CUDA path equal to the CPU one."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from geometry.distances import FACTORS, METRICS, all_distances, dense_distance
+from geometry.analysis.distances import FACTORS, METRICS, all_distances, dense_distance
 from geometry.errors import AtlasError
-from geometry.factored import EPS64, grassmann_from_angles, principal_angles
-from geometry.gram import COND_FLOAT32, FLOAT32_MIN_ROWS, FactorSide, resolve_gram_dtype
+from geometry.linalg.factored import EPS64, grassmann_from_angles, principal_angles
+from geometry.linalg.gram import COND_FLOAT32, FLOAT32_MIN_ROWS, FactorSide, resolve_gram_dtype
+from geometry.testing import random_adapter, random_factors
 from geometry.types import ModuleKey
-from tests.synthetic import random_adapter, random_factors
 
 CPU = torch.device("cpu")
 HAS_CUDA = torch.cuda.is_available()

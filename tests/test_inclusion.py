@@ -10,13 +10,8 @@ import pytest
 import torch
 from scipy.optimize import minimize, nnls
 
-from geometry.errors import IncompatibleAdaptersError
-from geometry.factored import LowRankSVD, lowrank_svd
-from geometry.inclusion import (
+from geometry.analysis.inclusion import (
     INCLUSION_COLUMNS,
-    adam_inclusion,
-    adam_inclusion_dense,
-    adam_spectrum,
     inclusion,
     inclusion_matrices,
     inclusion_matrix,
@@ -27,10 +22,13 @@ from geometry.inclusion import (
     projection_residual,
     solve_spectrum,
 )
-from geometry.spectra import rec
-from geometry.stats import ttest
+from geometry.analysis.inclusion_adam import adam_inclusion, adam_inclusion_dense, adam_spectrum
+from geometry.analysis.stats import ttest
+from geometry.errors import IncompatibleAdaptersError
+from geometry.linalg.factored import LowRankSVD, lowrank_svd
+from geometry.linalg.spectra import rec
+from geometry.testing import random_adapter, random_factors
 from geometry.types import ModuleKey
-from tests.synthetic import random_adapter, random_factors
 
 CPU = "cpu"
 
@@ -264,15 +262,15 @@ def test_inclusion_matrix_rows_project_columns_and_equal_frame_means():
     assert M[2, 0] == pytest.approx(inclusion(c, a, device=CPU).rec.mean())
     assert M[0, 1] != pytest.approx(M[1, 0])
     v = inclusion_matrix([a, b, c], metric="l1", kind="v", device=CPU)
-    assert np.isnan(v[0, 2]) and v[0, 1] == pytest.approx(inclusion(a, b, kinds=["v"], device=CPU).l1.mean())
-    assert set(inclusion(a, b, kinds="v", device=CPU).kind) == {"v"}
+    assert np.isnan(v[0, 2]) and v[0, 1] == pytest.approx(inclusion(a, b, kind=["v"], device=CPU).l1.mean())
+    assert set(inclusion(a, b, kind="v", device=CPU).kind) == {"v"}
     with pytest.raises(ValueError, match="unknown inclusion metric"):
         inclusion_matrix([a, b], metric="cosine")
 
 
 def test_lambda_sweep_like_table_6():
     a, b, _ = _adapters()
-    sweep = lambda_sweep(a, b, lams=[0.0, 1e-3, 0.1, 0.5, 1.0], device=CPU)
+    sweep = lambda_sweep(a, b, lam=[0.0, 1e-3, 0.1, 0.5, 1.0], device=CPU)
     base = inclusion(a, b, device=CPU)
     assert sweep.loc[0, "rec"] == pytest.approx(base.rec.mean())
     assert sweep.loc[0, "l1"] == pytest.approx(base.l1.mean())
@@ -280,7 +278,7 @@ def test_lambda_sweep_like_table_6():
     assert last.n_zero == last.n_modules == 6 and math.isnan(last.rec)
     assert last.l1 == pytest.approx(np.mean([sum(s) for s in base.s1]))
     assert list(sweep.n_zero) == sorted(sweep.n_zero)
-    squared = lambda_sweep(a, b, lams=[0.01], objective="squared", device=CPU)
+    squared = lambda_sweep(a, b, lam=[0.01], objective="squared", device=CPU)
     assert squared.loc[0, "l1"] == pytest.approx(inclusion(a, b, lam=0.01, objective="squared", device=CPU).l1.mean())
 
 
@@ -335,7 +333,7 @@ def test_cli_inclusion_csv_and_json(tmp_path, capsys):
     import pandas as pd
 
     from geometry.cli import main
-    from geometry.loader import load_adapter
+    from geometry.io.loader import load_adapter
     from tests.app_fixtures import write_adapter
 
     p1, p2 = write_adapter(tmp_path / "one", seed=1, layers=2), write_adapter(tmp_path / "two", seed=2, layers=2, r=3)
@@ -349,7 +347,7 @@ def test_cli_inclusion_csv_and_json(tmp_path, capsys):
     assert json.loads(frame.s2[0]) == pytest.approx(expected.s2[0], rel=1e-12)
     assert main(["inclusion", str(p1), str(p2), "--lambda", "0.05", "--format", "json", "--kind", "q"]) == 0
     records = json.loads(capsys.readouterr().out)
-    by_lam = inclusion(load_adapter(p1), load_adapter(p2), lam=0.05, kinds=["q"])
+    by_lam = inclusion(load_adapter(p1), load_adapter(p2), lam=0.05, kind=["q"])
     assert [r["kind"] for r in records] == ["q", "q"]
     assert records[1]["s2"] == pytest.approx(by_lam.s2[1], rel=1e-12)
 
@@ -370,12 +368,12 @@ def test_cli_inclusion_errors_are_one_line(tmp_path, capsys):
 
 def test_real_qwen_adapters_with_different_ranks_match_dense(real_adapters_dir):
     """r12 -> r6 and back on the published Qwen2.5-0.5B adapters: closed form == dense clip(lstsq)."""
-    from geometry.loader import load_adapter
+    from geometry.io.loader import load_adapter
 
     r12 = load_adapter(real_adapters_dir / "MatthewZhang473__LoRA_Qwen0.5B__r12_alpha32")
     r6 = load_adapter(real_adapters_dir / "MatthewZhang473__LoRA_Qwen0.5B__r6_alpha32")
     for ad1, ad2 in ((r12, r6), (r6, r12)):
-        frame = inclusion(ad1, ad2, kinds=["v"], device=CPU)
+        frame = inclusion(ad1, ad2, kind=["v"], device=CPU)
         assert len(frame) == 24 and set(frame["rank"]) == {ad1.config.r}
         assert frame.rec.between(0, 1).all() and frame.h1.between(0, 1).all()
         for layer in (0, 23):
@@ -392,7 +390,7 @@ def test_real_qwen_adapters_with_different_ranks_match_dense(real_adapters_dir):
 def test_compare_projections_like_table_5():
     from scipy import stats
 
-    from geometry.stats import compare_projections
+    from geometry.analysis.stats import compare_projections
 
     a, b, _ = _adapters()
     c = random_adapter("c2", layers=3, kinds={"q": (24, 16), "v": (8, 16)}, r=4, seed=5)
@@ -410,7 +408,7 @@ def test_compare_projections_like_table_5():
 
 def test_inclusion_tables_equal_pair_by_pair_with_one_decomposition_each(monkeypatch):
     """All ordered pairs from n decompositions (not n (n - 1)), equal to inclusion() per pair."""
-    import geometry.inclusion as inc
+    import geometry.analysis.inclusion as inc
 
     kinds = {"q": (24, 16), "v": (12, 16)}
     ads = [
@@ -423,11 +421,11 @@ def test_inclusion_tables_equal_pair_by_pair_with_one_decomposition_each(monkeyp
     monkeypatch.setattr(inc, "decompose_adapter", lambda ad, *a, **k: calls.append(ad.name) or real(ad, *a, **k))
     for lam in (0.0, 0.05):
         calls.clear()
-        tables = inc.inclusion_tables(ads, lam)
+        tables = inc.inclusion_tables(ads, lam=lam)
         assert sorted(calls) == ["a", "b", "c"]
         assert sorted(tables) == [(i, j) for i in range(3) for j in range(3) if i != j]
         for (i, j), table in tables.items():
-            ref = inc.inclusion(ads[i], ads[j], lam)
+            ref = inc.inclusion(ads[i], ads[j], lam=lam)
             pd.testing.assert_frame_equal(table.drop(columns=["s1", "s2"]), ref.drop(columns=["s1", "s2"]))
             for col in ("s1", "s2"):
                 for x, y in zip(table[col], ref[col]):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from geometry.anatomy import anatomy
-from geometry.inclusion import inclusion, inclusion_matrix, inclusion_tables
-from tests.synthetic import random_adapter
+from geometry.analysis.anatomy import anatomy
+from geometry.analysis.inclusion import inclusion, inclusion_matrix, inclusion_tables
+from geometry.testing import random_adapter
 
 pytestmark = [
     pytest.mark.cuda,
@@ -25,13 +25,13 @@ def _adapters():
 @pytest.mark.parametrize("lam", [0.0, 0.05])
 def test_inclusion_on_cuda_equals_cpu(lam):
     a, b, c = _adapters()
-    cpu = inclusion(a, b, lam, device="cpu")
-    gpu = inclusion(a, b, lam, device="cuda")
+    cpu = inclusion(a, b, lam=lam, device="cpu")
+    gpu = inclusion(a, b, lam=lam, device="cuda")
     for col in ("rec", "l1", "l2", "h1", "h2"):
         np.testing.assert_allclose(gpu[col].to_numpy(float), cpu[col].to_numpy(float), rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(inclusion_matrix([a, b, c], "rec", device="cuda"),
-                               inclusion_matrix([a, b, c], "rec", device="cpu"), rtol=1e-9, atol=1e-12)
-    tables = inclusion_tables([a, b, c], lam, device="cuda")
+    np.testing.assert_allclose(inclusion_matrix([a, b, c], metric="rec", device="cuda"),
+                               inclusion_matrix([a, b, c], metric="rec", device="cpu"), rtol=1e-9, atol=1e-12)
+    tables = inclusion_tables([a, b, c], lam=lam, device="cuda")
     np.testing.assert_allclose(tables[0, 1]["rec"].to_numpy(float), cpu["rec"].to_numpy(float), rtol=1e-9)
 
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import geometry.loader as loader
+import geometry.io.loader as loader
 from geometry.errors import AdapterLoadError
-from geometry.loader import load_adapter, load_files, load_hub, load_zip_bytes
-from geometry.summary import adapter_summary
+from geometry.io.loader import load_adapter, load_files, load_hub, load_zip_bytes
+from geometry.io.summary import adapter_summary
 from geometry.types import ModuleKey
 from tests.families import FAMILIES, legacy_forward, peft_delta, save_adapter
 
@@ -254,7 +254,7 @@ def test_hub_download_is_mocked(llama_dir, tmp_path, monkeypatch):
             shutil.copytree(path, dest)
         return str(dest)
 
-    monkeypatch.setattr(loader, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(loader.hub, "snapshot_download", fake_snapshot_download)
     a = load_adapter("hub:someone/tiny-lora")
     b = load_adapter("someone/tiny-lora")
     c = load_hub("someone/tiny-lora", revision="v1", name="named")
@@ -266,7 +266,7 @@ def test_hub_download_is_mocked(llama_dir, tmp_path, monkeypatch):
     def failing(**kwargs):
         raise OSError("offline")
 
-    monkeypatch.setattr(loader, "snapshot_download", failing)
+    monkeypatch.setattr(loader.hub, "snapshot_download", failing)
     with pytest.raises(AdapterLoadError, match="hub:someone/missing: download failed"):
         load_adapter("hub:someone/missing")
     with pytest.raises(AdapterLoadError, match="no such file or folder, and as a hub id: .*offline"):
@@ -518,20 +518,20 @@ def test_hub_size_is_checked_before_downloading_in_demo_mode(llama_dir, tmp_path
         return lambda: SimpleNamespace(model_info=lambda repo_id, revision=None, files_metadata=False:
                                        SimpleNamespace(siblings=files))
 
-    monkeypatch.setattr(loader, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(loader.hub, "snapshot_download", fake_snapshot_download)
     monkeypatch.setenv("ADAPTER_ATLAS_DEMO", "1")
-    monkeypatch.setattr(loader, "HfApi", fake_api({"adapter_config.json": 500, "adapter_model.safetensors": 3 * 2**30,
+    monkeypatch.setattr(loader.hub, "HfApi", fake_api({"adapter_config.json": 500, "adapter_model.safetensors": 3 * 2**30,
                                                     "README.md": 10}))
     with pytest.raises(AdapterLoadError, match=r"hub:big/lora: its adapter files are 3221225972 bytes, more than"):
         load_hub("big/lora")
     assert downloads == []
-    monkeypatch.setattr(loader, "HfApi", fake_api({"adapter_config.json": 500, "adapter_model.safetensors": None}))
+    monkeypatch.setattr(loader.hub, "HfApi", fake_api({"adapter_config.json": 500, "adapter_model.safetensors": None}))
     with pytest.raises(AdapterLoadError, match="does not say how large"):
         load_hub("odd/lora")
-    monkeypatch.setattr(loader, "HfApi", fake_api({"adapter_config.json": 500, "adapter_model.safetensors": 9000}))
+    monkeypatch.setattr(loader.hub, "HfApi", fake_api({"adapter_config.json": 500, "adapter_model.safetensors": 9000}))
     assert load_hub("small/lora").source == "hub:small/lora" and downloads == ["small/lora"]
     monkeypatch.delenv("ADAPTER_ATLAS_DEMO")
-    monkeypatch.setattr(loader, "HfApi", lambda: pytest.fail("no size check outside demo mode"))
+    monkeypatch.setattr(loader.hub, "HfApi", lambda: pytest.fail("no size check outside demo mode"))
     load_hub("any/lora")  # a researcher's own server: no cap, no metadata call
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import pdist, squareform
 
+from geometry.analysis.maps import embed_2d
 from geometry.errors import AtlasError
-from geometry.maps import embed_2d
 
 RNG = np.random.default_rng(0)
 
@@ -96,7 +96,7 @@ def test_bad_inputs():
 
 
 def test_undefined_distances_are_left_out_and_named_not_imputed():
-    from geometry.maps import embed_defined
+    from geometry.analysis.maps import embed_defined
 
     rng = np.random.default_rng(0)
     X = rng.normal(size=(5, 3))
@@ -113,7 +113,7 @@ def test_undefined_distances_are_left_out_and_named_not_imputed():
 
 
 def test_one_undefined_pair_drops_one_adapter():
-    from geometry.maps import embed_defined
+    from geometry.analysis.maps import embed_defined
 
     D = np.ones((4, 4)) - np.eye(4)
     D[1, 2] = D[2, 1] = np.nan

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from geometry.cli import main
-from geometry.loader import load_adapter
+from geometry.io.loader import load_adapter
 from tests.families import save_adapter
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from geometry.merging import MERGE_METHODS, merge
-from tests.synthetic import random_adapter
+from geometry.testing import random_adapter
 
 pytestmark = [
     pytest.mark.cuda,

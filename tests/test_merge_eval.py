@@ -7,8 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from geometry.loader import load_adapter
-from geometry.merge_eval import (
+from geometry.evaluation.merge_eval import (
     MissingTaskDataError,
     anp,
     evaluate_merge,
@@ -17,6 +16,7 @@ from geometry.merge_eval import (
     pairwise_study,
     row_spearman,
 )
+from geometry.io.loader import load_adapter
 from tests.merge_fixtures import write_study
 
 TASKS = ("alpha", "beta", "gamma")
@@ -83,6 +83,29 @@ def test_partial_results_of_a_stopped_run_name_what_finished(study):
     assert rows[0].anp == pytest.approx(ev.frame["normalized"].iloc[0])
 
 
+def test_evaluate_merge_scores_the_split_asked_for_and_writes_only_to_a_cache_given(study, tmp_path):
+    import shutil
+
+    from geometry.cache import ResultCache
+
+    adapters, tasks = study
+    only_validation = tmp_path / "tasks"
+    shutil.copytree(tasks, only_validation)
+    for folder in only_validation.iterdir():
+        if folder.is_dir() and (folder / "test.jsonl").is_file():
+            lines = (folder / "test.jsonl").read_text().splitlines()
+            (folder / "validation.jsonl").write_text("\n".join(lines[:4]))
+            (folder / "test.jsonl").unlink()
+    before = sorted(tmp_path.rglob("*"))
+    ev = evaluate_merge(adapters[:2], only_validation, "task_arithmetic", split="validation")
+    assert ev.complete and sorted(tmp_path.rglob("*")) == before  # no cache: nothing written
+    cache = ResultCache(tmp_path / "cache")
+    again = evaluate_merge(adapters[:2], only_validation, "task_arithmetic", split="validation", cache=cache)
+    assert again.anp == ev.anp and len(cache) == 4  # two fine-tuned and two merged scores
+    with pytest.raises(MissingTaskDataError):
+        evaluate_merge(adapters[:2], only_validation, "task_arithmetic")  # the test split is not there
+
+
 def test_merge_of_one_adapter_scores_like_the_adapter(study):
     adapters, tasks = study
     ev = evaluate_merge(adapters[:1], tasks, "task_arithmetic")
@@ -118,7 +141,7 @@ def test_pairwise_cli_csv_json_and_missing_tasks(study, tmp_path, capsys):
 def test_correlation_study_matches_dense_cosine(study):
     from scipy.stats import spearmanr
 
-    from geometry.merge_eval import correlation_study, correlation_table
+    from geometry.evaluation.merge_eval import correlation_study, correlation_table
     from geometry.types import ModuleKey
 
     adapters, _ = study
@@ -141,9 +164,10 @@ def test_correlation_study_matches_dense_cosine(study):
     assert list(table.index) == ["q", "v"] and ("cosine", "last:2") in table.columns
 
 
-def test_merge_report_on_a_study(tmp_path):
+def test_merge_report_on_a_study(tmp_path, monkeypatch):
     from sample_adapters import merge_report
 
+    monkeypatch.setenv("ADAPTER_ATLAS_CACHE", str(tmp_path / "cache"))  # the report keeps its scores there
     folders, _ = write_study(tmp_path / "samples", TASKS, n_examples=8, seed=3)
     assert merge_report.main(["--root", str(tmp_path / "samples"), "--methods", "task_arithmetic,ties,iso_c"]) == 0
     text = (tmp_path / "samples" / "MERGE_RESULTS.md").read_text()
@@ -152,3 +176,4 @@ def test_merge_report_on_a_study(tmp_path):
     assert "picked after the fact" in text and "- `iso_c`: " in text and "all-task merge" in text
     assert "| v | grassmann |" in text and "Merge loss delta(i, j)" in text
     assert merge_report.main(["--root", str(tmp_path / "nothing")]) == 2
+    assert len(merge_report.report_cache()) > 0  # on purpose: a re-run reads them back

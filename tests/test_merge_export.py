@@ -7,7 +7,7 @@ import json
 import torch
 
 from geometry.merging import base, export, merge
-from tests.synthetic import random_adapter
+from geometry.testing import random_adapter
 
 KINDS = {"q": (24, 20), "v": (16, 20)}
 
@@ -17,7 +17,7 @@ def test_export_module_holds_the_peft_writer():
         assert callable(getattr(export, name)), name
     for name in ("_DROPPED_CONFIG_FIELDS", "MERGE_INFO", "HEADS_DIR", "_short", "_safe", "_contiguous"):
         assert name not in vars(base), name  # export helpers live in export.py only
-    assert export.PEFT_PREFIX is __import__("geometry.config", fromlist=["PEFT_PREFIX"]).PEFT_PREFIX
+    assert export.PEFT_PREFIX is __import__("geometry.io.config", fromlist=["PEFT_PREFIX"]).PEFT_PREFIX
 
 
 def test_delegates_write_the_same_payload(tmp_path):

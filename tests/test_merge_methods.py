@@ -13,8 +13,8 @@ from geometry.merging import MERGE_METHODS, METHOD_PARAMS, merge
 from geometry.merging.elementwise import module_seed
 from geometry.merging.multislerp import multislerp_tensors
 from geometry.merging.truncate import factorize_dense, truncate_factored
+from geometry.testing import random_adapter
 from geometry.types import ModuleKey
-from tests.synthetic import random_adapter
 
 KINDS = {"q": (20, 12), "v": (16, 12)}
 

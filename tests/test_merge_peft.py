@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel
 from peft.utils import merge_utils
 
-from geometry.loader import load_adapter
+from geometry.io.loader import load_adapter
 from geometry.merging import MERGE_METHODS, merge
 from geometry.merging.elementwise import module_seed
 from geometry.types import ModuleKey

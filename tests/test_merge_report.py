@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from geometry.distances import all_distances
-from geometry.merge_eval import correlation_study, row_spearman
+from geometry.analysis.distances import all_distances
+from geometry.evaluation.merge_eval import correlation_study, row_spearman
+from geometry.testing import random_adapter
 from sample_adapters import merge_report
-from tests.synthetic import random_adapter
 
 
 def _random_case(n=8, cells=5, seed=0):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from geometry.factored import rank_mask
+from geometry.linalg.factored import rank_mask
 from geometry.merging.base import all_keys, iter_present
 from geometry.merging.core_space import PARAMS as CORE_PARAMS
 from geometry.merging.core_space import core_space, isotropize, tsv_cores
@@ -22,8 +22,8 @@ from geometry.merging.knots import knots
 from geometry.merging.task_arithmetic import task_arithmetic
 from geometry.merging.ties import disjoint_mean, elect_sign, ties_tensors
 from geometry.merging.weights import MergeWeights
+from geometry.testing import random_adapter
 from geometry.types import ModuleKey
-from tests.synthetic import random_adapter
 
 # non-square modules; at "v" the rank sum (4 + 3 + 5 = 12) exceeds m = 9; at "q" it equals n = 12
 KINDS = {"q": (20, 12), "v": (9, 26)}

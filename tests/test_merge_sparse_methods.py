@@ -9,7 +9,7 @@ from geometry.merging import merge
 from geometry.merging.breadcrumbs import breadcrumb_mask
 from geometry.merging.dare import mask_generator
 from geometry.merging.della import keep_probabilities, magprune
-from tests.synthetic import random_adapter
+from geometry.testing import random_adapter
 
 KINDS = {"q": (20, 12), "v": (16, 12)}
 

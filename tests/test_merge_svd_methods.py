@@ -17,8 +17,8 @@ from geometry.merging.iso import PARAMS as ISO_PARAMS
 from geometry.merging.iso import cts_split, iso_c, iso_cts
 from geometry.merging.tsv import PARAMS as TSV_PARAMS
 from geometry.merging.tsv import interference_by_module, task_interference, tsv_m
+from geometry.testing import random_adapter
 from geometry.types import ModuleKey
-from tests.synthetic import random_adapter
 
 EPS = torch.finfo(torch.float64).eps
 #: non-square kinds: "q" low rank (sum r_t < min(m, n)), "v" full rank (sum r_t >= min(m, n) = 6)

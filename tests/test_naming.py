@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from geometry.naming import fused_qkv_note, has_two_stacks, module_key
+from geometry.io.naming import fused_qkv_note, has_two_stacks, module_key
 from geometry.types import ModuleKey
 
 CASES = [
@@ -162,7 +162,7 @@ def test_other_fused_qkv_paths_are_never_split():
 
 
 def test_peft_prefix_has_one_definition():
-    """``geometry.config.PEFT_PREFIX`` is the only spelling of peft's prefix in naming / loader / merging."""
+    """``geometry.io.config.PEFT_PREFIX`` is the only spelling of peft's prefix in naming / loader / merging."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1] / "geometry"

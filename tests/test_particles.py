@@ -1,12 +1,12 @@
-"""The toy particle model of self-attention with a LoRA on V (geometry.particles) and its figures."""
+"""The toy particle model of self-attention with a LoRA on V (geometry.analysis.particles) and its figures."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from geometry.analysis.particles import geodesic, simulate, velocity
 from geometry.errors import AtlasError
-from geometry.particles import geodesic, simulate, velocity
 
 
 def test_zero_perturbation_gives_the_same_trajectory():

@@ -21,7 +21,7 @@ def _plain_peft_predictions(folder: Path, rows: list[dict], n_labels: int) -> np
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from geometry.base_models import MINILM, quiet, resolve_base
+    from geometry.runtime.base_models import MINILM, quiet, resolve_base
 
     with quiet():
         base = AutoModelForSequenceClassification.from_pretrained(resolve_base(MINILM), num_labels=n_labels)

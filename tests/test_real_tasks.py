@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from geometry.tasks import load_task
+from geometry.evaluation.tasks import load_task
 from sample_adapters import realdata
 
 ROOT = Path(__file__).resolve().parents[1] / "sample_adapters" / "real"

@@ -12,9 +12,10 @@ import torch
 
 from geometry import runtime as rt_mod
 from geometry.errors import AtlasError
-from geometry.evaluate import LoraUpdates, evaluate
-from geometry.loader import load_adapter
-from geometry.runtime import Runtime, _hidden_states
+from geometry.evaluation.evaluate import evaluate
+from geometry.io.loader import load_adapter
+from geometry.runtime import LoraUpdates, Runtime
+from geometry.runtime.model import _hidden_states
 from tests.families import FAMILIES, make_peft_model, tiny_model
 from tests.merge_fixtures import write_study
 
@@ -312,7 +313,7 @@ def fresh_cache(monkeypatch):
         calls.append(args)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(rt_mod, "load_base", counting)
+    monkeypatch.setattr(rt_mod.bases, "load_base", counting)
     yield calls
     rt_mod.clear_cache()
 
@@ -323,14 +324,13 @@ def test_base_loaded_once_and_left_bit_identical(study, fresh_cache):
     from geometry.merging import merge
 
     adapters, tasks = study
-    first = evaluate(adapters[0], tasks / "alpha", use_cache=False, device="cpu")
+    first = evaluate(adapters[0], tasks / "alpha", device="cpu")
     runtime = Runtime.for_base(adapters[0].config.base_model_name_or_path, "SEQ_CLS", 2, "cpu")
     snap = _snapshot(runtime.model)
     head_param = runtime.model.classifier.weight
-    assert evaluate(adapters[0], tasks / "alpha", use_cache=False, device="cpu") == first
-    evaluate(adapters[1], tasks / "beta", use_cache=False, device="cpu")
-    evaluate(merge(adapters, "task_arithmetic", [0.5, 0.5]), tasks / "beta", head=adapters[1].name,
-             use_cache=False, device="cpu")
+    assert evaluate(adapters[0], tasks / "alpha", device="cpu") == first
+    evaluate(adapters[1], tasks / "beta", device="cpu")
+    evaluate(merge(adapters, "task_arithmetic", [0.5, 0.5]), tasks / "beta", head=adapters[1].name, device="cpu")
     assert len(fresh_cache) == 1
     assert Runtime.for_base(adapters[1].config.base_model_name_or_path, "SEQ_CLS", 2, "cpu") is runtime
     assert _bit_identical(runtime.model, snap) and runtime.model.classifier.weight is head_param
@@ -346,8 +346,8 @@ def test_runtime_scores_equal_the_peft_reference(study, fresh_cache):
     """evaluate(Adapter) through the runtime equals evaluate(folder) through PeftModel, task by task."""
     adapters, tasks = study
     for ad, task in zip(adapters, ("alpha", "beta")):
-        assert evaluate(ad, tasks / task, use_cache=False, device="cpu") == \
-            evaluate(ad.source, tasks / task, use_cache=False, device="cpu")
+        assert evaluate(ad, tasks / task, device="cpu") == \
+            evaluate(ad.source, tasks / task, device="cpu")
 
 
 def test_run_batches_and_hidden_states(study, fresh_cache):
@@ -395,7 +395,7 @@ def test_heads_choice_and_errors(study, fresh_cache, tmp_path):
     got = []
 
     def try_lock():
-        got.append(runtime._lock.acquire(timeout=5))
+        got.append(runtime._lock.acquire(blocking=False))  # free at once: no wait, no clock
         if got[-1]:
             runtime._lock.release()
 
@@ -430,7 +430,7 @@ def tiny_lm(tmp_path_factory):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    from geometry.base_models import MINILM, resolve_base
+    from geometry.runtime.base_models import MINILM, resolve_base
 
     base_dir = tmp_path_factory.mktemp("lm_base")
     torch.manual_seed(0)
@@ -474,7 +474,7 @@ def test_generation_with_hooks_equals_peft(tiny_lm, fresh_cache, tmp_path):
     assert plain != reference
     data = tmp_path / "gen.jsonl"
     data.write_text("".join(json.dumps({"prompt": p, "reference": r}) + "\n" for p, r in zip(prompts, reference)))
-    result = evaluate(adapter, data, max_new_tokens=6, batch_size=4, use_cache=False, device="cpu")
+    result = evaluate(adapter, data, max_new_tokens=6, batch_size=4, device="cpu")
     assert result["rouge_l"] == pytest.approx(1.0) and len(fresh_cache) == 1
 
 

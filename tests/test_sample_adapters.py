@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from geometry.base_models import MINILM, resolve_base
-from geometry.evaluate import classification_scores, evaluate
-from geometry.tasks import load_task
+from geometry.evaluation.evaluate import evaluate
+from geometry.evaluation.metrics import classification_scores
+from geometry.evaluation.tasks import load_task
+from geometry.runtime.base_models import MINILM, resolve_base
 
 ROOT = Path(__file__).resolve().parents[1] / "sample_adapters" / "synthetic"
 FOLDERS = sorted(p.parent for p in ROOT.glob("*/training_info.json"))
@@ -48,7 +49,7 @@ def bases():
 def test_every_adapter_loads_with_peft_and_the_loader(bases):
     from peft import PeftModel
 
-    from geometry.loader import load_adapter
+    from geometry.io.loader import load_adapter
 
     for folder in FOLDERS:
         info = _info(folder)
@@ -100,7 +101,7 @@ def test_evaluate_reproduces_the_recorded_accuracy():
     """The harness scores the shipped adapter exactly as recorded at training time (full test split)."""
     folder = ROOT / "question" if (ROOT / "question").is_dir() else FOLDERS[0]
     info = _info(folder)
-    result = evaluate(folder, ROOT / "tasks" / info["task"], "test", use_cache=False)
+    result = evaluate(folder, ROOT / "tasks" / info["task"], "test")
     assert result["n"] == info["scores"]["test"]["n"]
     assert result["accuracy"] == pytest.approx(info["scores"]["test"]["accuracy"], abs=1e-12)
     assert result["macro_f1"] == pytest.approx(info["scores"]["test"]["macro_f1"], abs=1e-12)
@@ -126,7 +127,7 @@ def test_evaluate_subset_matches_an_independent_forward_pass():
                       padding=True, return_tensors="pt")
             preds.extend(model(**enc).logits.argmax(-1).tolist())
     expected = classification_scores(preds, data.labels)
-    got = evaluate(ROOT / name, ROOT / "tasks" / info["task"], limit=64, use_cache=False, device="cpu")
+    got = evaluate(ROOT / name, ROOT / "tasks" / info["task"], limit=64, device="cpu")
     assert got["n"] == 64
     assert got["accuracy"] == pytest.approx(expected["accuracy"])
     assert got["macro_f1"] == pytest.approx(expected["macro_f1"])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from geometry.spectra import effective_rank, entropy, lp, rec, shannon_entropy, stable_rank
+from geometry.linalg.spectra import effective_rank, entropy, lp, rec, shannon_entropy, stable_rank
 
 RNG = np.random.default_rng(0)
 

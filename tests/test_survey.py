@@ -1,4 +1,4 @@
-"""Surveys (geometry/survey.py, geometry/survey_dask.py): equal to geometry.distances, blocked = unblocked,
+"""Surveys (geometry/survey.py, geometry/survey/cluster.py): equal to geometry.distances, blocked = unblocked,
 resumable, 1 worker = 2 workers, URLs = paths, the neighbours query and the command line."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import geometry
 from geometry import survey as sv
 from geometry.cli import main
 from geometry.errors import AtlasError
+from geometry.testing import random_adapter, save_peft_folder
 from geometry.types import ModuleKey
-from tests.synthetic import random_adapter, save_peft_folder
 
 KINDS = {"q": (40, 24), "v": (16, 24)}
 N = 6
@@ -53,7 +53,7 @@ def test_equals_in_memory_distances_every_metric_and_module(full, adapters_dir):
     for col in sv.METRIC_COLUMNS:
         metric, factor = col.rsplit("_", 1)
         for kind in KINDS:
-            ref = geometry.distances(ads, metric=metric, factor=factor, kind=kind, per_layer=True)
+            ref = geometry.distance_table(ads, metric=metric, factor=factor, kind=kind)
             ref = ref[ref.i < ref.j].sort_values(["layer", "i", "j"])
             got = frame[frame.kind == kind].sort_values(["layer", "i", "j"])
             np.testing.assert_allclose(got[col].to_numpy(), ref["value"].to_numpy(), rtol=1e-12, atol=1e-14,
@@ -66,10 +66,10 @@ def test_undefined_is_nan_not_zero(full):
     assert len(zero) == N - 1
     assert zero["grassmann_ba"].isna().all() and zero["cosine_ba"].isna().all() and zero["grassmann_b"].isna().all()
     assert zero["l2_ba"].notna().all() and (zero["l2_ba"] > 0).all()  # L2 to a zero task vector is defined
-    values, counts = full.matrix("grassmann_ba", kinds=["v"])
+    values, counts = full.matrix("grassmann_ba", kind=["v"])
     a3, a0 = full.names.index("a3"), full.names.index("a0")
     assert counts[a3, a0] == 1 and counts[a0, a0 + 1] == 2  # the mean skipped the undefined layer
-    nb = full.neighbours("a3", "grassmann_ba", k=10, kinds=["v"], layers=[1])
+    nb = full.neighbours("a3", "grassmann_ba", k=10, kind=["v"], layers=[1])
     assert nb["distance"].isna().all() and (nb["modules"] == 0).all()
 
 
@@ -118,7 +118,7 @@ def test_resume_skips_finished_modules(full, adapters_dir, tmp_path, monkeypatch
         computed.append(task.label)
         return real(task)
 
-    monkeypatch.setattr(sv, "compute_module", counting)
+    monkeypatch.setattr(sv.run, "compute_module", counting)  # where run_survey looks it up
 
     class Stop(Exception):
         pass
@@ -145,17 +145,17 @@ def test_resume_skips_finished_modules(full, adapters_dir, tmp_path, monkeypatch
 def test_resume_refuses_other_adapters(adapters_dir, tmp_path):
     out = tmp_path / "o.parquet"
     refs = sv.scan(adapters_dir)
-    sv.run_survey(refs[:3], out, kinds=["v"])
+    sv.run_survey(refs[:3], out, kind=["v"])
     with pytest.raises(AtlasError, match="other adapters"):
-        sv.run_survey(refs[:4], out, kinds=["v"])
+        sv.run_survey(refs[:4], out, kind=["v"])
     with pytest.raises(AtlasError, match="other settings"):
-        sv.run_survey(refs[:3], out, kinds=["v"], settings=sv.SurveySettings(pad=True))
+        sv.run_survey(refs[:3], out, kind=["v"], settings=sv.SurveySettings(pad=True))
 
 
 def test_url_reading_equals_paths(full, adapters_dir, tmp_path):
     refs = sv.scan(f"file://{adapters_dir}")
     assert [r.name for r in refs] == full.names
-    task = sv.plan(refs, kinds=["q"], layers=[0])[0]
+    task = sv.plan(refs, kind=["q"], layers=[0])[0]
     assert task.refs[0].weights.startswith("file://")
     got = sv.compute_module(task)["values"]
     frame = full.frame()
@@ -183,7 +183,7 @@ def test_list_file_and_single_file_roundtrip(full, adapters_dir, tmp_path):
 
 def test_dask_one_worker_equals_two(full, adapters_dir, tmp_path):
     pytest.importorskip("distributed")
-    from geometry.survey_dask import dask_runner, start_client, worker_count
+    from geometry.survey.cluster import dask_runner, start_client, worker_count
 
     client = start_client(workers=1, processes=False)
     try:
@@ -261,7 +261,7 @@ def test_mixed_ranks_equal_in_memory_distances(tmp_path):
     ads = geometry.load(str(root))
     for col in sv.METRIC_COLUMNS:
         metric, factor = col.rsplit("_", 1)
-        ref = geometry.distances(ads, metric=metric, factor=factor, kind="v", per_layer=True)
+        ref = geometry.distance_table(ads, metric=metric, factor=factor, kind="v")
         ref = ref[ref.i < ref.j].sort_values(["layer", "i", "j"])
         np.testing.assert_allclose(frame[col].to_numpy(), ref["value"].to_numpy(), rtol=1e-9, atol=1e-12, err_msg=col)
     assert frame["l2_b"].isna().any() and frame["l2_ba"].notna().all()

@@ -1,4 +1,4 @@
-"""Sample task generators (deterministic, held-out words and templates, noise) and geometry.tasks."""
+"""Sample task generators (deterministic, held-out words and templates, noise) and geometry.evaluation.tasks."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from geometry.tasks import TaskLoadError, load_task
+from geometry.evaluation.tasks import TaskLoadError, load_task
 from sample_adapters.taskgen import TASKS, generate, write_task
 from sample_adapters.taskgen.common import heldout_templates
 
@@ -124,7 +124,7 @@ def test_write_uploaded_task_checks_like_a_task_on_disk(tmp_path):
 
     import pytest
 
-    from geometry.tasks import TaskLoadError, write_uploaded_task
+    from geometry.evaluation.tasks import TaskLoadError, write_uploaded_task
 
     labels = tmp_path / "labels.json"
     labels.write_text(json.dumps({"labels": ["neg", "pos"], "task": "s"}))

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from safetensors.torch import load_file, save_file
 
-from geometry import tokens as tk
+from geometry.analysis import tokens as tk
 from geometry.errors import AtlasError, IncompatibleAdaptersError
 from tests.app_fixtures import write_adapter
 
@@ -29,7 +29,7 @@ def env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def adapters(env):
-    from geometry.loader import load_adapter
+    from geometry.io.loader import load_adapter
 
     return [load_adapter(REPO_SAMPLES / "nli"), load_adapter(REPO_SAMPLES / "negation")]
 
@@ -37,7 +37,7 @@ def adapters(env):
 @pytest.fixture(scope="module")
 def zero_adapter(env):
     """The nli adapter with every lora_B set to zero: tau = 0, the adapted model is the base."""
-    from geometry.loader import load_adapter
+    from geometry.io.loader import load_adapter
 
     folder = env / "nli_zero"
     folder.mkdir()
@@ -129,10 +129,10 @@ def test_pca_is_one_fit_shared_by_layers_and_models(dyn):
 
 
 def test_zero_lora_gives_the_base(zero_adapter, adapters):
-    (states,) = tk.hidden_states([zero_adapter, adapters[0]], [TEXT], use_cache=False)
+    (states,) = tk.hidden_states([zero_adapter, adapters[0]], [TEXT])
     assert np.array_equal(states.adapted["nli_zero"], states.base)
     assert not np.allclose(states.adapted["nli"][1:], states.base[1:])
-    t = tk.token_dynamics([zero_adapter], TEXT, use_cache=False).table
+    t = tk.token_dynamics([zero_adapter], TEXT).table
     assert (t["distance"] == 0).all()
     assert np.array_equal(t["clusters_base"], t["clusters_adapted"])
     assert np.array_equal(t["pairwise_cosine_base"], t["pairwise_cosine_adapted"])
@@ -140,8 +140,8 @@ def test_zero_lora_gives_the_base(zero_adapter, adapters):
 
 def test_padding_ignored_and_special_tokens_option(adapters):
     short, long = "Hi there.", "A much longer sentence that forces padding of the short one in the same batch."
-    both = tk.hidden_states(adapters[:1], [short, long], use_cache=False)
-    (alone,) = tk.hidden_states(adapters[:1], [short], use_cache=False)
+    both = tk.hidden_states(adapters[:1], [short, long])
+    (alone,) = tk.hidden_states(adapters[:1], [short])
     assert both[0].tokens == alone.tokens == ["[CLS]", "hi", "there", ".", "[SEP]"]
     np.testing.assert_allclose(both[0].base, alone.base, atol=2e-5)
     np.testing.assert_allclose(both[0].adapted["nli"], alone.adapted["nli"], atol=2e-5)
@@ -164,8 +164,11 @@ def test_batch_mode_mean_and_spread(adapters):
     pd.testing.assert_frame_equal(mine, single, check_exact=False, atol=1e-6)
 
 
-def test_batch_mode_reports_progress_and_an_interrupted_run_keeps_and_resumes(adapters, monkeypatch):
+def test_batch_mode_reports_progress_and_an_interrupted_run_keeps_and_resumes(adapters, monkeypatch, tmp_path):
+    from geometry.cache import ResultCache
+
     task = REPO_SAMPLES / "tasks" / "nli"
+    cache = ResultCache(tmp_path / "cache")  # what an interrupted run kept: the finished steps
     monkeypatch.setattr(tk, "BATCH_CHUNK", 2)
     steps, partials, stop_at = [], [], [4]
 
@@ -177,10 +180,10 @@ def test_batch_mode_reports_progress_and_an_interrupted_run_keeps_and_resumes(ad
         if done in stop_at:
             raise Stop  # a Cancel click stops the script at its next progress update
 
-    assert tk.batch_dynamics(adapters[:1], task=task, limit=5, threshold=0.45, cached_only=True) is None
+    assert tk.batch_dynamics(adapters[:1], task=task, limit=5, threshold=0.45, cached_only=True, cache=cache) is None
     with pytest.raises(Stop):
         tk.batch_dynamics(adapters[:1], task=task, limit=5, threshold=0.45, progress=progress,
-                          partial=partials.append)
+                          partial=partials.append, cache=cache)
     assert steps == [(2, 5), (4, 5)]
     kept = partials[-1]
     assert len(kept.texts) == 4 and sorted(kept.per_text["text_index"].unique()) == [0, 1, 2, 3]
@@ -190,24 +193,25 @@ def test_batch_mode_reports_progress_and_an_interrupted_run_keeps_and_resumes(ad
     monkeypatch.setattr(tk, "hidden_states", lambda ads, chunk, **kw: calls.append(list(chunk)) or real(ads, chunk, **kw))
     steps.clear()
     stop_at.clear()
-    full = tk.batch_dynamics(adapters[:1], task=task, limit=5, threshold=0.45, progress=progress)
+    full = tk.batch_dynamics(adapters[:1], task=task, limit=5, threshold=0.45, progress=progress, cache=cache)
     assert calls == [tk.task_texts(task, "validation", 5)[4:]]  # only the input not done before runs
     assert steps == [(2, 5), (4, 5), (5, 5)] and len(full.texts) == 5 and "finished" not in full.source
-    whole = tk.batch_dynamics(adapters[:1], task=task, limit=5, threshold=0.45, use_cache=False)
+    whole = tk.batch_dynamics(adapters[:1], task=task, limit=5, threshold=0.45)
     pd.testing.assert_frame_equal(full.per_text, whole.per_text)  # the steps add up to one run
     pd.testing.assert_frame_equal(kept.per_text, whole.per_text[whole.per_text["text_index"] < 4])
-    cached = tk.batch_dynamics(adapters[:1], task=task, limit=5, threshold=0.45, cached_only=True)
+    cached = tk.batch_dynamics(adapters[:1], task=task, limit=5, threshold=0.45, cached_only=True, cache=cache)
     pd.testing.assert_frame_equal(cached.per_text, full.per_text)
+    assert tk.batch_dynamics(adapters[:1], task=task, limit=5, threshold=0.45, cached_only=True) is None  # no cache
 
 
 def test_errors_are_clear(adapters, tmp_path):
-    from geometry.loader import load_adapter
+    from geometry.io.loader import load_adapter
 
     with pytest.raises(tk.TokenInputError, match="empty"):
         tk.token_dynamics(adapters, "   ")
     tiny = load_adapter(write_adapter(tmp_path / "tiny", seed=0))
     with pytest.raises(tk.BaseLoadError, match=r"cannot load the base model 'tiny/bert-like' of tiny"):
-        tk.token_dynamics([tiny], TEXT, use_cache=False)
+        tk.token_dynamics([tiny], TEXT)
     with pytest.raises(IncompatibleAdaptersError, match="different base models"):
         tk.token_dynamics([tiny, adapters[0]], TEXT)
     with pytest.raises(AtlasError, match="threshold"):

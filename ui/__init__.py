@@ -7,10 +7,13 @@
 from __future__ import annotations
 
 import os
+import runpy
 import threading
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+
+from geometry.analysis.maps import numba_cache_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,7 +25,6 @@ def quiet_environment() -> None:
     advisory warnings off, ``NUMBA_CACHE_DIR`` to ``~/.cache/adapter-atlas/numba`` (UMAP JIT-compiles with numba),
     and filters UMAP / sklearn warnings that do not concern the user.
     """
-    from geometry.maps import numba_cache_dir
 
     os.environ.setdefault("NUMBA_CACHE_DIR", str(numba_cache_dir()))
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -67,7 +69,6 @@ def require_app() -> None:
     """
     if getattr(_RUN, "inside", False):
         return
-    import runpy
 
     import streamlit as st
     from streamlit.runtime.pages_manager import PagesManager

@@ -7,6 +7,7 @@ message in the returned error list and the set keeps every adapter it had.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -75,7 +76,7 @@ def _error_text(exc: BaseException, what: str) -> str:
 # -- loading ----------------------------------------------------------------------------------
 def load_sample_set(paths: Sequence[Path], root: Path | str | None = None) -> tuple[AdapterSet, list[str]]:
     """A new set holding the sample adapters at ``paths``; failures become error messages."""
-    from geometry.loader import load_adapter
+    from geometry.io.loader import load_adapter
 
     aset, errors = AdapterSet(), []
     for path in paths:
@@ -93,39 +94,24 @@ def load_uploads(aset: AdapterSet, files: Sequence[tuple[str, bytes]]) -> tuple[
 
     Returns ``(added names, error messages)``; an adapter that fails leaves the set untouched.
     """
-    from geometry.loader import load_files, load_zip_bytes
+    import geometry
 
     added, errors = [], []
-    loose: dict[str, bytes] = {}
-    for filename, data in files:
-        base = Path(filename).name
-        if base.lower().endswith(".zip"):
-            try:
-                adapter = load_zip_bytes(data, name=Path(base).stem, source=base)
+    zips = [(Path(f).name, d) for f, d in files if Path(f).name.lower().endswith(".zip")]
+    loose = {Path(f).name: d for f, d in files if not Path(f).name.lower().endswith(".zip")}
+    groups = [({base: data}, base) for base, data in zips] + ([(loose, " + ".join(sorted(loose)))] if loose else [])
+    for group, label in groups:  # one adapter at a time: one that fails leaves the set as it was
+        try:
+            for adapter in geometry.load(group).adapters:
                 added.append(aset.add(adapter, origin="upload"))
-            except (AtlasError, OSError, ValueError) as exc:
-                errors.append(_error_text(exc, base))
-        else:
-            loose[base] = data
-    if loose:
-        configs = [n for n in loose if n.endswith(".json")]
-        label = " + ".join(sorted(loose))
-        if len(configs) > 1:
-            errors.append(
-                f"{label}: several config files in one upload ({', '.join(configs)}); upload one adapter's "
-                "adapter_config.json with its weights file at a time, or each adapter as a .zip"
-            )
-        else:
-            try:
-                added.append(aset.add(load_files(loose), origin="upload"))
-            except (AtlasError, OSError, ValueError) as exc:
-                errors.append(_error_text(exc, label))
+        except (AtlasError, OSError, ValueError) as exc:
+            errors.append(_error_text(exc, label))
     return added, errors
 
 
 def load_hub_id(aset: AdapterSet, repo_id: str) -> tuple[list[str], list[str]]:
     """Load ``owner/name`` from the Hugging Face hub into ``aset``; returns ``(added, errors)``."""
-    from geometry.loader import load_hub
+    from geometry.io.loader import load_hub
 
     repo_id = (repo_id or "").strip()
     if not repo_id:
@@ -144,7 +130,6 @@ def training_records(root: Path | str, names: Sequence[str]):
     majority-class test accuracy, and ``note``: "near chance" when the adapter is within
     ``sample_adapters.report.NEAR_CHANCE`` (0.03) of the majority class's accuracy (a merge can hardly lose
     on such a task, which inflates the ANP of every merge that includes it)."""
-    import json
 
     import pandas as pd
 

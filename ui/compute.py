@@ -1,9 +1,10 @@
 """The dashboard's compute layer: library calls cached by adapter content hash.
 
 Two cache levels: ``st.cache_data`` in memory (per server process, keyed by content hashes only,
-so renaming an adapter costs nothing) and ``geometry.diskcache`` under ``cache/`` (survives a
-restart). Heavy results are computed once per adapter set; pages then only re-slice them
-(``ui.views``). Results are keyed by content, and display names are put back on afterwards.
+so renaming an adapter costs nothing) and the dashboard's disk cache, ``ui.cache.results()`` under
+``cache/store`` (survives a restart; also handed to the library calls that take ``cache=``). Heavy
+results are computed once per adapter set; pages then only re-slice them (``ui.views``). Results are
+keyed by content, and display names are put back on afterwards.
 
 Progress: a cached function must not draw (Streamlit replays what a cached function drew), so
 the slow first computation runs outside ``st.cache_data`` with a progress bar, writes the disk
@@ -16,17 +17,21 @@ import itertools
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import streamlit as st
 
+from geometry.errors import AtlasError
 from geometry.types import Adapter
+from ui import cache
 from ui.views import relabel, slice_tensor
 
 #: Bump when the meaning of a cached result changes (it is part of every cache key).
 CACHE_VERSION = "dashboard-1"
+_MISSING = object()
 
 Progress = Callable[[int, int, str], None]
 
@@ -41,18 +46,15 @@ def content_key(adapters: Sequence[Adapter]) -> tuple[str, ...]:
 
 
 def _disk_get(namespace: str, key: tuple) -> object:
-    from geometry.diskcache import cached
-
-    def missing():
+    """The dashboard's disk cache entry, or :class:`_Miss`."""
+    value = cache.results().get(namespace, (CACHE_VERSION, *key), _MISSING)
+    if value is _MISSING:
         raise _Miss(namespace)
-
-    return cached(namespace, (CACHE_VERSION, *key), missing)
+    return value
 
 
 def _disk_compute(namespace: str, key: tuple, compute: Callable[[], object]) -> object:
-    from geometry.diskcache import cached
-
-    return cached(namespace, (CACHE_VERSION, *key), compute)
+    return cache.results().get_or_compute(namespace, (CACHE_VERSION, *key), compute)
 
 
 @contextmanager
@@ -109,7 +111,7 @@ def _distances_memory(key: tuple[str, ...]) -> dict:
 
 
 def distances(adapters: Sequence[Adapter], within: Sequence[Adapter] | None = None) -> dict:
-    """``geometry.distances.all_distances`` of the set, labelled with the current display names.
+    """``geometry.distance_tensors`` of the set, labelled with the current display names.
 
     Keys are ``(metric, factor, stack, kind)``; values are ``DistanceTensor``. ``within``: a larger
     set holding ``adapters`` (the session's comparable adapters). When the chosen adapters have the
@@ -123,7 +125,7 @@ def distances(adapters: Sequence[Adapter], within: Sequence[Adapter] | None = No
         idx = [hashes.index(a.content_hash) for a in adapters]
         notes = check(adapters)
         return {k: slice_tensor(v, idx, [a.name for a in adapters], notes) for k, v in full.items()}
-    from geometry.distances import all_distances
+    import geometry
 
     key = content_key(adapters)
     names = [a.name for a in adapters]
@@ -131,7 +133,7 @@ def distances(adapters: Sequence[Adapter], within: Sequence[Adapter] | None = No
         raw = _distances_memory(key)
     except _Miss:
         with progress_bar("Computing distances (once per adapter set)") as update:
-            raw = _disk_compute("all_distances", key, lambda: all_distances(list(adapters), progress=update))
+            raw = _disk_compute("all_distances", key, lambda: geometry.distance_tensors(list(adapters), progress=update))
         try:
             raw = _distances_memory(key)
         except _Miss:  # the disk cache is not writable: keep the fresh result
@@ -140,7 +142,7 @@ def distances(adapters: Sequence[Adapter], within: Sequence[Adapter] | None = No
 
 
 def _sliceable(adapters: Sequence[Adapter], within: Sequence[Adapter]) -> bool:
-    from geometry.align import common_keys
+    from geometry.linalg.align import common_keys
 
     hashes = [a.content_hash for a in within]
     if len(adapters) >= len(within) or len(set(hashes)) != len(hashes) or not all(a.content_hash for a in adapters):
@@ -153,46 +155,44 @@ def _sliceable(adapters: Sequence[Adapter], within: Sequence[Adapter]) -> bool:
 # -- anatomy ------------------------------------------------------------------------------------
 @st.cache_data(show_spinner=False, max_entries=64)
 def _anatomy_memory(content_hash: str, _adapter: Adapter) -> pd.DataFrame:
-    from geometry.anatomy import anatomy
+    import geometry
 
-    return _disk_compute("anatomy", (content_hash,), lambda: anatomy(_adapter))
+    return _disk_compute("anatomy", (content_hash,), lambda: geometry.anatomy(_adapter))
 
 
 def anatomy(adapter: Adapter) -> pd.DataFrame:
-    """``geometry.anatomy.anatomy(adapter)``: one row per module (norms, spectra, ranks)."""
+    """``geometry.analysis.anatomy.anatomy(adapter)``: one row per module (norms, spectra, ranks)."""
     with st.spinner(f"Decomposing {adapter.name} (once per adapter)..."):
         return _anatomy_memory(adapter.content_hash or f"unhashed:{id(adapter)}", adapter)
 
 
 # -- task interference (TSV) --------------------------------------------------------------------
-@st.cache_data(show_spinner=False, max_entries=16)
-def _interference_memory(key: tuple[str, ...], score: str, _adapters: Sequence[Adapter]) -> dict:
-    from geometry.merging.base import all_keys
-    from geometry.merging.tsv import task_interference
+@st.cache_data(show_spinner=False, max_entries=64)
+def _interference_memory(key: tuple[str, ...], score: str, kind: str, layers: tuple[int, ...], stack: str,
+                         _adapters: Sequence[Adapter]) -> pd.DataFrame:
+    import geometry
 
-    def compute():
-        return {(k.stack, k.layer, k.kind): task_interference(_adapters, score=score, module=k).to_numpy()
-                for k in all_keys(_adapters)}
-
-    return _disk_compute("interference", (*key, score), compute)
+    return _disk_compute("interference", (*key, score, kind, layers, stack), lambda: geometry.interference(
+        list(_adapters), score=score, kind=kind, layers=list(layers), stack=stack))
 
 
-def interference(adapters: Sequence[Adapter], score: str) -> dict[tuple[str, int, str], np.ndarray]:
-    """``geometry.merging.tsv.task_interference`` per module: (stack, layer, kind) -> adapters x adapters matrix."""
-    with st.spinner("Task singular vectors of every module (once per adapter set)..."):
-        return _interference_memory(content_key(adapters), score, adapters)
+def interference(adapters: Sequence[Adapter], score: str, kind: str, layers, stack: str) -> pd.DataFrame:
+    """``geometry.interference``: the mean over the chosen modules of TSV's task interference, ``[n, n]``."""
+    with st.spinner("Task singular vectors of the chosen modules..."):
+        return _interference_memory(content_key(adapters), score, kind, tuple(int(v) for v in layers), stack,
+                                    adapters)
 
 
 # -- inclusion ----------------------------------------------------------------------------------
 @st.cache_data(show_spinner=False, max_entries=1024)
 def _inclusion_memory(h1: str, h2: str, lam: float, _a1: Adapter, _a2: Adapter) -> pd.DataFrame:
-    from geometry.inclusion import inclusion
+    import geometry
 
-    return _disk_compute("inclusion", (h1, h2, float(lam)), lambda: inclusion(_a1, _a2, lam=float(lam)))
+    return _disk_compute("inclusion", (h1, h2, float(lam)), lambda: geometry.inclusion(_a1, _a2, lam=float(lam)))
 
 
 def inclusion_pair(a1: Adapter, a2: Adapter, lam: float = 0.0) -> pd.DataFrame:
-    """``geometry.inclusion.inclusion(a1, a2, lam)``: ``tau1 -> tau2``, one row per common module."""
+    """``geometry.analysis.inclusion.inclusion(a1, a2, lam)``: ``tau1 -> tau2``, one row per common module."""
     return _inclusion_memory(a1.content_hash, a2.content_hash, float(lam), a1, a2)
 
 
@@ -202,9 +202,9 @@ def _inclusion_tables_memory(key: tuple[str, ...], lam: float) -> dict:
 
 
 def inclusion_all_pairs(adapters: Sequence[Adapter], lam: float = 0.0) -> dict[tuple[int, int], pd.DataFrame]:
-    """``geometry.inclusion.inclusion_tables``: every ordered pair ``(i, j), i != j``, each adapter
+    """``geometry.analysis.inclusion.inclusion_tables``: every ordered pair ``(i, j), i != j``, each adapter
     decomposed once; a progress bar on first use, then memory and disk caches by content."""
-    from geometry.inclusion import inclusion_tables
+    from geometry.analysis.inclusion import inclusion_tables
 
     key = content_key(adapters)
     try:
@@ -213,23 +213,70 @@ def inclusion_all_pairs(adapters: Sequence[Adapter], lam: float = 0.0) -> dict[t
         n = len(adapters)
         with progress_bar(f"Spectral inclusion for {n * (n - 1)} ordered pairs (λ = {lam:g})") as update:
             tables = _disk_compute("inclusion_tables", (*key, float(lam)),
-                                   lambda: inclusion_tables(list(adapters), float(lam), progress=update))
+                                   lambda: inclusion_tables(list(adapters), lam=float(lam), progress=update))
     try:
         return _inclusion_tables_memory(key, float(lam))
     except _Miss:  # the disk cache is not writable: keep the fresh result
         return tables
 
 
+@st.cache_data(show_spinner=False, max_entries=64)
+def _inclusion_matrix_memory(key: tuple[str, ...], metric: str, kind: str | None, lam: float,
+                             _adapters: Sequence[Adapter]) -> pd.DataFrame:
+    import geometry
+
+    return _disk_compute("inclusion_matrix", (*key, metric, kind, float(lam)), lambda: geometry.inclusion_matrix(
+        list(_adapters), metric=metric, kind=kind, lam=float(lam)))
+
+
+def inclusion_matrix(adapters: Sequence[Adapter], metric: str, kind: str | None, lam: float = 0.0) -> pd.DataFrame:
+    """``geometry.inclusion_matrix``: row ``tau_i -> column tau_j``, the library's diagonal (an adapter with itself)."""
+    return _inclusion_matrix_memory(content_key(adapters), metric, kind, float(lam), adapters)
+
+
 # -- maps ---------------------------------------------------------------------------------------
 @st.cache_data(show_spinner=False, max_entries=256)
 def embedding(matrix: np.ndarray, names: tuple[str, ...], method: str, seed: int = 0):
-    """``geometry.maps.embed_defined``: the 2-D map of the adapters with defined distances (memoised).
+    """``geometry.analysis.maps.embed_defined``: the 2-D map of the adapters with defined distances (memoised).
 
     Adapters with an undefined (NaN) distance are left out and named in ``.message``, never imputed.
     """
-    from geometry.maps import embed_defined
+    from geometry.analysis.maps import embed_defined
 
     return embed_defined(np.asarray(matrix, dtype=float), list(names), method=method, seed=seed)
+
+
+@dataclass
+class MapView:
+    """A 2-D map as the pages show it: ``mapped`` (:class:`geometry.analysis.maps.Map2D`), the ``method``
+    actually used, a ``note`` saying why it is not the one asked for, and ``pending`` while UMAP compiles."""
+
+    mapped: object
+    method: str
+    note: str | None = None
+    pending: bool = False
+
+
+def adapter_map(matrix: np.ndarray, names: Sequence[str], method: str, fallback: str = "pca") -> MapView:
+    """The one map rule of the dashboard (Distances and Survey pages): UMAP still compiling in the background
+    (numba, once per installation) or unavailable, or a method that fails on these points (too few for UMAP),
+    gives the ``fallback`` method with a note; undefined distances leave adapters out, named (``embed_defined``)."""
+    from geometry.analysis.maps import UMAP_MIN_POINTS
+    from ui import warmup
+
+    note, pending = None, False
+    if method == "umap" and len(names) >= UMAP_MIN_POINTS and not warmup.umap_ready():
+        warmup.start()  # normally started with the server (app.py); idempotent
+        note, pending, method = (f"UMAP is being compiled in the background (numba, once per installation; about a "
+                                 f"minute on 2 cores). Showing {fallback.upper()} until it is ready."), True, fallback
+    elif method == "umap" and warmup.umap_error():
+        note, method = f"UMAP is unavailable ({warmup.umap_error()}). Showing {fallback.upper()}.", fallback
+    try:
+        mapped = embedding(matrix, tuple(names), method)
+    except AtlasError as exc:
+        note, method = f"{exc}. Showing {fallback.upper()}.", fallback
+        mapped = embedding(matrix, tuple(names), method)
+    return MapView(mapped, method, note, pending)
 
 
 # -- compatibility ------------------------------------------------------------------------------
@@ -244,8 +291,8 @@ def compatible_default(adapters: Sequence[Adapter]) -> list[str]:
 
 
 def check(adapters: Sequence[Adapter]) -> list[str]:
-    """``geometry.align.check_compatible``: warnings, or raises ``IncompatibleAdaptersError``."""
-    from geometry.align import check_compatible
+    """``geometry.linalg.align.check_compatible``: warnings, or raises ``IncompatibleAdaptersError``."""
+    from geometry.linalg.align import check_compatible
 
     return list(check_compatible(list(adapters)))
 
@@ -256,13 +303,13 @@ SWEEP_LAMBDAS = (0.0, 1e-4, 1e-3, 1e-2, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def _sweep_memory(h1: str, h2: str, lams: tuple[float, ...], _a1: Adapter, _a2: Adapter) -> pd.DataFrame:
-    from geometry.inclusion import lambda_sweep as sweep
+    from geometry.analysis.inclusion import lambda_sweep as sweep
 
-    return _disk_compute("lambda_sweep", (h1, h2, lams), lambda: sweep(_a1, _a2, lams=lams))
+    return _disk_compute("lambda_sweep", (h1, h2, lams), lambda: sweep(_a1, _a2, lam=lams))
 
 
 def lambda_sweep(a1: Adapter, a2: Adapter, lams: Sequence[float] = SWEEP_LAMBDAS) -> pd.DataFrame:
-    """``geometry.inclusion.lambda_sweep``: mean metrics of ``tau1 -> tau2`` for each λ."""
+    """``geometry.analysis.inclusion.lambda_sweep``: mean metrics of ``tau1 -> tau2`` for each λ."""
     return _sweep_memory(a1.content_hash, a2.content_hash, tuple(float(v) for v in lams), a1, a2)
 
 
@@ -274,14 +321,15 @@ def _merge_key(adapters: Sequence[Adapter], method: str, weights, params: dict) 
 
 @st.cache_data(show_spinner=False, max_entries=16)
 def _merged_memory(key: tuple, _adapters: tuple[Adapter, ...]):
-    from geometry.merging import merge
+    import geometry
 
     _, method, weights, params = key
-    return merge(list(_adapters), method, None if weights is None else list(weights), **dict(params))
+    return geometry.merge(list(_adapters), method=method, weights=None if weights is None else list(weights),
+                          **dict(params))
 
 
 def merged(adapters: Sequence[Adapter], method: str, weights=None, params: dict | None = None):
-    """``geometry.merging.merge`` of the adapters, once per (contents, method, weights, parameters).
+    """``geometry.merge`` of the adapters, once per (contents, method, weights, parameters).
 
     Raises the library's ``AtlasError`` / ``ValueError`` on a bad choice (the page shows it).
     """
@@ -310,23 +358,14 @@ def merged_zip(merged_adapter, rank: int | None, head: str | None) -> bytes:
 
 def _task_files_key(adapters: Sequence[Adapter], tasks_dir: str) -> tuple[str, ...]:
     """Content hashes of each adapter's test split (what the scores depend on besides the models)."""
-    from geometry.merge_eval import find_task_dir
+    from geometry.evaluation.tasks import find_task_dir
 
     return tuple(_file_digest(find_task_dir(a, tasks_dir) / "test.jsonl") for a in adapters)
 
 
-_DIGESTS: dict[tuple[str, int, int], str] = {}
-
-
 def _file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes, read again only when its size or modification time changes."""
-    import hashlib
-
-    st_ = path.stat()
-    key = (str(path), st_.st_mtime_ns, st_.st_size)
-    if key not in _DIGESTS:
-        _DIGESTS[key] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return _DIGESTS[key]
+    """SHA-256 of a file's bytes, read again only when its size or modification time changes (``ui.cache``)."""
+    return cache.file_digest(path)
 
 
 def queued(update):
@@ -375,10 +414,10 @@ def merge_scores_key(adapters: Sequence[Adapter], tasks_dir: str, merged_adapter
 
 def merge_scores(adapters: Sequence[Adapter], tasks_dir: str, merged_adapter, max_examples: int | None, *,
                  run: bool):
-    """``geometry.merge_eval.evaluate_merge`` (per-task scores and ANP) when cached, or when ``run``
+    """``geometry.evaluation.merge_eval.evaluate_merge`` (per-task scores and ANP) when cached, or when ``run``
     (then with a progress bar; every evaluation is cached on disk). When neither: the tasks a
     cancelled run finished (``complete`` False), or ``None``."""
-    from geometry.merge_eval import evaluate_merge
+    from geometry.evaluation.merge_eval import evaluate_merge
 
     key = merge_scores_key(adapters, tasks_dir, merged_adapter, max_examples)
     try:
@@ -389,8 +428,8 @@ def merge_scores(adapters: Sequence[Adapter], tasks_dir: str, merged_adapter, ma
     with progress_bar("Scoring fine-tuned and merged models", on_cancel=_mark_cancelled("merge_scores", key)) as update, \
             queued(update):
         return _disk_compute("merge_scores", key, lambda: evaluate_merge(
-            list(adapters), tasks_dir, merged=merged_adapter, max_examples=max_examples, progress=update,
-            partial=_keep_partial("merge_scores", key)))
+            list(adapters), tasks_dir, merged=merged_adapter, limit=max_examples, progress=update,
+            partial=_keep_partial("merge_scores", key), cache=cache.results()))
 
 
 def pairwise_key(adapters: Sequence[Adapter], tasks_dir: str, method: str, params: dict,
@@ -400,13 +439,13 @@ def pairwise_key(adapters: Sequence[Adapter], tasks_dir: str, method: str, param
 
 def pairwise(adapters: Sequence[Adapter], tasks_dir: str, method: str, params: dict, max_examples: int | None, *,
              run: bool):
-    """``geometry.merge_eval.pairwise_study`` labelled with the current names, when cached or when ``run``.
+    """``geometry.evaluation.merge_eval.pairwise_study`` labelled with the current names, when cached or when ``run``.
 
     When neither: the pairs a cancelled run finished (``complete`` False, the others NaN), or ``None``.
     """
     import dataclasses
 
-    from geometry.merge_eval import pairwise_study
+    from geometry.evaluation.merge_eval import pairwise_study
 
     key = pairwise_key(adapters, tasks_dir, method, params, max_examples)
     try:
@@ -420,6 +459,6 @@ def pairwise(adapters: Sequence[Adapter], tasks_dir: str, method: str, params: d
             with progress_bar(f"Pairwise {method} merges", on_cancel=_mark_cancelled("pairwise", key)) as update, \
                     queued(update):
                 result = _disk_compute("pairwise", key, lambda: pairwise_study(
-                    list(adapters), tasks_dir, method, max_examples=max_examples, progress=update,
-                    show_progress=False, partial=_keep_partial("pairwise", key), **params))
+                    list(adapters), tasks_dir, method, limit=max_examples, progress=update,
+                    show_progress=False, partial=_keep_partial("pairwise", key), cache=cache.results(), **params))
     return dataclasses.replace(result, adapters=[a.name for a in adapters])  # a copy: cached results stay as they are

@@ -6,11 +6,18 @@ query parameter, so a copied link reopens the same metric, kind and layers.
 
 from __future__ import annotations
 
+import hashlib
+import shutil
+import tempfile
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import streamlit as st
 
 from geometry.errors import AtlasError
+from geometry.evaluation.tasks import TaskLoadError, load_task, write_uploaded_task
+from geometry.merging.params import choices, default
 from geometry.types import Adapter
 from ui import compute, state
 from ui.views import LAYER_MODES, LayerChoice
@@ -118,18 +125,12 @@ def uploaded_tasks(key: str) -> str | None:
     """Labeled test files uploaded by the visitor, one per task, as a folder of task folders.
 
     Each file ``<task or adapter name>.jsonl`` / ``.csv`` (``text`` [, ``text_pair``], ``label``) is
-    checked by :func:`geometry.tasks.write_uploaded_task` (a bad file gets one message and is left out;
+    checked by :func:`geometry.evaluation.tasks.write_uploaded_task` (a bad file gets one message and is left out;
     the session keeps everything else). The folder is named by the SHA-256 of the files, under the
     system's temporary directory: it holds only what was uploaded, is never read from a typed path,
     and folders older than a day are removed when another set is written.
     """
-    import hashlib
-    import shutil
-    import tempfile
-    import time
-    from pathlib import Path
 
-    from geometry.tasks import TaskLoadError, load_task, write_uploaded_task
     from ui import demo
 
     files = st.file_uploader(
@@ -234,7 +235,6 @@ def layer_control(layers: Sequence[int], key: str = "layers") -> LayerChoice:
 def merge_param(method: str, param, key: str):
     """A widget for one merge parameter (:data:`geometry.merging.params.PARAMS`), defaulting to the method's own."""
     from geometry.merging import MERGE_METHODS
-    from geometry.merging.params import choices, default
 
     label = param.name.replace("_", " ").capitalize()
     value = default(MERGE_METHODS[method], param.name)

@@ -11,7 +11,7 @@ On a public host every visitor is a stranger, so in demo mode:
   one visitor cannot starve the others.
 
 Outside demo mode (a researcher's own machine) paths and the hub stay allowed and nothing is capped.
-Upload size caps live in :mod:`geometry.limits` (checked in the library, whatever the page).
+Upload size caps live in :mod:`geometry.io.limits` (checked in the library, whatever the page).
 """
 
 from __future__ import annotations

@@ -13,14 +13,14 @@ import copy
 import hashlib
 import math
 import pickle
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
+
+from ui import cache
 
 # Figures are drawn with theme="streamlit" (the app's colours, light or dark), so plotly's own default
 # template would be overridden anyway; building figures without it is several times faster (a control
@@ -217,64 +217,34 @@ class SharedFigure(go.Figure):
         super().__setattr__(prop, value)
 
 
-#: figures by content hash, most recently used last; bounded by their encoded size
-_SHARED: OrderedDict[str, tuple[SharedFigure, int]] = OrderedDict()
-_SHARED_LOCK = threading.Lock()
-SHARED_BYTES = 64 * 2**20  # of pickled spec; the figures kept take about three times that
-
-
 def figure(data: Sequence[dict], layout: dict, frames: Sequence[dict] | None = None) -> SharedFigure:
     """The validated figure of trace dicts (each with its ``type``), a layout dict and optional
-    animation frames: one :class:`SharedFigure` per content (a hash of the pickled spec), kept while
-    the figures kept stay under ``SHARED_BYTES`` of spec."""
+    animation frames: one :class:`SharedFigure` per content (a hash of the pickled spec), kept in
+    ``ui.cache.FIGURES`` (least recently used first out, within ``ui.cache.FIGURE_BYTES`` of spec)."""
     spec = {"data": list(data), "layout": fit_margins(data, layout), **({"frames": list(frames)} if frames else {})}
     blob = pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL)
     key = hashlib.blake2b(blob, digest_size=20).hexdigest()
-    with _SHARED_LOCK:
-        hit = _SHARED.get(key)
-        if hit is not None:
-            _SHARED.move_to_end(key)
-            return hit[0]
-    fig = SharedFigure(spec).freeze()
-    fig._content_hash = key
-    with _SHARED_LOCK:
-        _SHARED[key] = (fig, len(blob))
-        total = sum(size for _, size in _SHARED.values())
-        while total > SHARED_BYTES and len(_SHARED) > 1:
-            _, (_, size) = _SHARED.popitem(last=False)
-            total -= size
-    return fig
+
+    def build() -> tuple[SharedFigure, int]:
+        fig = SharedFigure(spec).freeze()
+        fig._content_hash = key
+        return fig, len(blob)
+
+    return cache.shared_figure(key, build)
 
 
 _figure = figure
 
-#: inputs key -> content hash in _SHARED, most recently used last (the figures themselves stay in _SHARED)
-_BUILT: OrderedDict[tuple, str] = OrderedDict()
-BUILT_KEYS = 4096
 
-
-def built(builder: Callable[..., go.Figure | None], key: tuple, *args, **kwargs) -> go.Figure | None:
+def built(builder: Callable[..., go.Figure | None], *args, **kwargs) -> go.Figure | None:
     """``builder(*args, **kwargs)``, a builder of this module's kind (its figure from :func:`figure`), run
-    once per ``key``: a hashable description of every input the figure depends on (content hashes, names,
-    options). Later calls with the same key return the shared figure without building it or hashing its
-    spec again (the token animation: 20 ms of a page run each time), for as long as :func:`figure` keeps
-    it. A figure that is not shared (``None``, or not from :func:`figure`) is returned and not kept."""
-    memo = (builder.__module__, builder.__qualname__, *key)
-    with _SHARED_LOCK:
-        content = _BUILT.get(memo)
-        hit = _SHARED.get(content) if content is not None else None
-        if hit is not None:
-            _SHARED.move_to_end(content)
-            _BUILT.move_to_end(memo)
-            return hit[0]
-    fig = builder(*args, **kwargs)
-    content = getattr(fig, "_content_hash", None)
-    if content is not None:
-        with _SHARED_LOCK:
-            _BUILT[memo] = content
-            while len(_BUILT) > BUILT_KEYS:
-                _BUILT.popitem(last=False)
-    return fig
+    once per distinct arguments: the key is a hash of the builder and of the arguments it is called with
+    (``ui.cache.memoized_figure``: bound to its signature, defaults filled in, arrays and DataFrames by
+    content), so it names exactly what the figure depends on. Later calls with the same arguments return
+    the shared figure without building it or hashing its spec again (the token animation: 20 ms of a page
+    run each time), for as long as :func:`figure` keeps it. A figure that is not shared (``None``, or not
+    from :func:`figure`) is returned and not kept."""
+    return cache.memoized_figure(builder)(*args, **kwargs)
 
 
 def _grid(rows: int, cols: int, *, titles: Sequence[str] | None = None, hspace: float = 0.2,

@@ -78,3 +78,13 @@ class LiveRun:
         with self.run._lock:
             evals = [dict(e) for e in self.run.evaluations]
         return pd.DataFrame([{"step": e["step"], "ANP (%)": e["anp"]} for e in evals], columns=["step", "ANP (%)"])
+
+
+def make_run(method: str, adapters: Any, tasks_dir: Any, **kwargs: Any) -> Any:
+    """A run of ``geometry.learned.METHODS[method]`` (``divmerge`` / ``adamerging``) on the dashboard's disk cache
+    (``ui.cache.results()``): the fine-tuned models' references, the scores and the finished result are kept
+    there, so Start after a Stop or a restart does not compute them again."""
+    from geometry.learned import METHODS
+    from ui import cache
+
+    return METHODS[method](adapters, tasks_dir, cache=cache.results(), **kwargs)

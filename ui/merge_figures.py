@@ -44,7 +44,7 @@ def performance_bars(frame: pd.DataFrame, *, title: str, metric_label: str = "ac
 def correlation_lines(frame: pd.DataFrame, *, title: str) -> go.Figure:
     """Mean Spearman correlation (± std over tasks) against ``k`` for the last-``k``-layers selections.
 
-    One line per metric, one panel per kind; ``frame`` is :func:`geometry.merge_eval.correlation_study`.
+    One line per metric, one panel per kind; ``frame`` is :func:`geometry.evaluation.merge_eval.correlation_study`.
     """
     last = frame[frame["layers"].str.startswith("last:")]
     kinds = list(dict.fromkeys(last["kind"]))

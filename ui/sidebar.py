@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import html
 import os
+import re
 
 import streamlit as st
 
+from geometry.io.limits import limits
 from ui import demo, state
 from ui.adapter_set import UPLOAD_TYPES, load_hub_id, load_uploads, sample_sets, samples_dir
 
@@ -15,8 +18,6 @@ NEWEST_KEY = "newest_adapters"
 
 def _md(text: str) -> str:
     """``text`` shown literally in markdown (names like ``sentiment_movies_r16`` must not turn italic)."""
-    import html
-    import re
 
     return re.sub(r"([\\`*_{}\[\]()#+\-.!|~<>])", r"\\\1", html.escape(str(text), quote=False))
 
@@ -45,7 +46,6 @@ def on_upload() -> None:
 def _demo_upload_mb() -> int | None:
     if not demo.demo_mode():
         return None
-    from geometry.limits import limits
 
     return max(1, limits().max_upload_bytes // 2**20)
 
@@ -170,7 +170,6 @@ def render() -> None:
             max_upload_size=_demo_upload_mb(),
         )
         if demo.demo_mode():
-            from geometry.limits import limits
 
             cap = demo.caps().max_adapters
             st.caption(f":material/speed: Demo server: uploads up to {limits().max_upload_bytes // 2**20} MB each "

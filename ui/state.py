@@ -9,12 +9,11 @@ server for the next visitor).
 from __future__ import annotations
 
 import os
-import threading
-import time
 from pathlib import Path
 
 import streamlit as st
 
+from ui import cache
 from ui.adapter_set import (
     DEFAULT_SET,
     AdapterSet,
@@ -56,12 +55,6 @@ def _sample_set(paths: tuple[str, ...], stamps: tuple[float, ...], root: str) ->
     return aset, tuple(errors)
 
 
-_SAMPLE_PATHS: dict[str, tuple[tuple, float, list[Path]]] = {}
-_SAMPLE_PATHS_LOCK = threading.Lock()
-#: seconds a listing is used without looking at the folders again (one script run asks two or three times)
-SAMPLE_PATHS_TTL = 2.0
-
-
 def _folder_stamp(root: Path) -> tuple:
     """Modification times of ``root`` and of each folder in it: an adapter folder added, removed or
     renamed there, or an ``adapter_config.json`` written into one, changes one of them."""
@@ -72,21 +65,24 @@ def _folder_stamp(root: Path) -> tuple:
 
 def sample_paths(root: Path | None = None) -> list[Path]:
     """The sample adapter folders under ``root``: the recursive search runs again only when the folders
-    change (:func:`_folder_stamp`, looked at once per ``SAMPLE_PATHS_TTL`` seconds). It ran on every
-    script run of every session before: 8 % of the server's script time under the soak's 8 visitors."""
+    change (:func:`_folder_stamp`, looked at once per ``ui.cache.SAMPLE_PATHS_TTL`` seconds: the listing is
+    kept in ``ui.cache.SAMPLE_PATHS``, a TTL cache, and per stamp in ``ui.cache.SAMPLE_LISTINGS``). It ran on
+    every script run of every session before: 8 % of the server's script time under the soak's 8 visitors."""
     root = Path(root or samples_root())
-    now = time.monotonic()
-    with _SAMPLE_PATHS_LOCK:
-        hit = _SAMPLE_PATHS.get(str(root))
-    if hit is not None and now - hit[1] < SAMPLE_PATHS_TTL:
-        return list(hit[2])
+    where = str(root)
+    with cache.SAMPLE_LOCK:
+        hit = cache.SAMPLE_PATHS.get(where)
+        known = cache.SAMPLE_LISTINGS.get(where)
+    if hit is not None:
+        return list(hit)
     try:
         stamp = _folder_stamp(root)
     except OSError:
         return list_sample_adapters(root)
-    paths = hit[2] if hit is not None and hit[0] == stamp else list_sample_adapters(root)
-    with _SAMPLE_PATHS_LOCK:
-        _SAMPLE_PATHS[str(root)] = (stamp, now, paths)
+    paths = known[1] if known is not None and known[0] == stamp else list_sample_adapters(root)
+    with cache.SAMPLE_LOCK:
+        cache.SAMPLE_PATHS[where] = paths
+        cache.SAMPLE_LISTINGS[where] = (stamp, paths)
     return list(paths)
 
 

@@ -29,7 +29,7 @@ FACTOR_LABELS = {"ba": "BA", "b": "B", "a": "A"}
 
 def surveys_dir() -> Path:
     """Where surveys run from the page are written (under the app's disk cache)."""
-    from geometry.diskcache import cache_dir
+    from ui.cache import cache_dir
 
     return cache_dir() / "surveys"
 
@@ -58,7 +58,7 @@ def open_survey(path: str | Path) -> sv.Survey:
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def _matrix(path: str, stamp: tuple, metric: str, kinds: tuple[str, ...] | None) -> tuple[np.ndarray, np.ndarray]:
-    return sv.open_survey(path).matrix(metric, kinds=kinds)
+    return sv.open_survey(path).matrix(metric, kind=kinds)
 
 
 def matrix(survey: sv.Survey, metric: str, kinds: Sequence[str] | None) -> tuple[np.ndarray, np.ndarray]:

@@ -1,7 +1,7 @@
 """Token dynamics page helpers: cached library calls and the page's Plotly figures.
 
 Cached wrappers (``st.cache_data`` in memory, keyed by adapter content hashes and display names, over the
-library's own disk cache of hidden states) for :mod:`geometry.tokens` and :mod:`geometry.particles`, and
+dashboard's disk cache of hidden states, ``ui.cache.results()``, handed to the library) for :mod:`geometry.analysis.tokens` and :mod:`geometry.analysis.particles`, and
 figure builders (pure functions, plain dict specs as in :mod:`ui.figures`): the shared-PCA map of the
 tokens with one animation frame per layer, the per-layer curves of several adapters, their batch mean
 with a band, and the particle model's animation and curves.
@@ -18,7 +18,9 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from geometry.evaluation.tasks import adapter_task_name
 from geometry.types import Adapter
+from ui import cache
 from ui.compute import content_key
 from ui.figures import QUALITATIVE, _figure, _grid, _grid_axes, _layer_dtick, _layout
 
@@ -36,13 +38,14 @@ PANELS = (
 @st.cache_data(show_spinner=False, max_entries=64)
 def _dynamics_memory(key: tuple[str, ...], names: tuple[str, ...], text: str, threshold: float,
                      include_special: bool, _adapters: Sequence[Adapter]):
-    from geometry.tokens import token_dynamics
+    from geometry.analysis.tokens import token_dynamics
 
-    return token_dynamics(list(_adapters), text, threshold=threshold, include_special=include_special)
+    return token_dynamics(list(_adapters), text, threshold=threshold, include_special=include_special,
+                          cache=cache.results())
 
 
 def dynamics(adapters: Sequence[Adapter], text: str, threshold: float, include_special: bool):
-    """``geometry.tokens.token_dynamics`` of the chosen adapters (raises ``AtlasError`` on bad input)."""
+    """``geometry.analysis.tokens.token_dynamics`` of the chosen adapters (raises ``AtlasError`` on bad input)."""
     with st.spinner("Running the base model and the adapters on the text (the base is loaded once)…"):
         return _dynamics_memory(content_key(adapters), tuple(a.name for a in adapters), text, float(threshold),
                                 bool(include_special), list(adapters))
@@ -50,10 +53,10 @@ def dynamics(adapters: Sequence[Adapter], text: str, threshold: float, include_s
 
 def _batch_call(adapters: Sequence[Adapter], task: str, limit: int, threshold: float, include_special: bool,
                 split: str, **extra):
-    from geometry.tokens import batch_dynamics
+    from geometry.analysis.tokens import batch_dynamics
 
     return batch_dynamics(list(adapters), task=task, split=split, limit=int(limit), threshold=float(threshold),
-                          include_special=bool(include_special), **extra)
+                          include_special=bool(include_special), cache=cache.results(), **extra)
 
 
 def batch_key(adapters: Sequence[Adapter], task: str, limit: int, threshold: float, include_special: bool,
@@ -64,7 +67,7 @@ def batch_key(adapters: Sequence[Adapter], task: str, limit: int, threshold: flo
 
 def batch(adapters: Sequence[Adapter], task: str, limit: int, threshold: float, include_special: bool,
           split: str = "validation", *, on_cancel=None):
-    """``geometry.tokens.batch_dynamics`` over the first ``limit`` inputs of ``split`` of ``task``: from the
+    """``geometry.analysis.tokens.batch_dynamics`` over the first ``limit`` inputs of ``split`` of ``task``: from the
     disk cache when it is there, else run with a progress bar (inputs done / total, time left, Cancel).
     Each step's inputs are cached and the latest partial result is kept in the session
     (:func:`batch_partial`), so a cancelled run keeps what finished and a new run resumes there."""
@@ -91,8 +94,8 @@ def batch_partial(adapters: Sequence[Adapter], task: str, limit: int, threshold:
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def particles(**params):
-    """``geometry.particles.simulate(**params)``, cached by its parameters."""
-    from geometry.particles import simulate
+    """``geometry.analysis.particles.simulate(**params)``, cached by its parameters."""
+    from geometry.analysis.particles import simulate
 
     return simulate(**params)
 
@@ -100,7 +103,6 @@ def particles(**params):
 def example_texts(adapters: Sequence[Adapter], tasks_dir: Path) -> dict[str, str]:
     """``{task name: first validation input}`` for the chosen adapters' tasks found under ``tasks_dir``, then the
     other tasks there; a neutral sentence when there is none."""
-    from geometry.merge_eval import adapter_task_name
 
     names = [adapter_task_name(a) for a in adapters] + [a.name for a in adapters]
     if tasks_dir.is_dir():
@@ -110,7 +112,7 @@ def example_texts(adapters: Sequence[Adapter], tasks_dir: Path) -> dict[str, str
 
 @st.cache_data(show_spinner=False, max_entries=32, ttl=600)
 def _first_inputs(tasks_dir: str, names: tuple[str, ...]) -> dict[str, str]:
-    from geometry.tokens import task_texts
+    from geometry.analysis.tokens import task_texts
 
     out: dict[str, str] = {}
     for name in names:
@@ -255,7 +257,7 @@ def _rgba(hex_color: str, alpha: float) -> str:
 
 
 def _long(table: pd.DataFrame) -> pd.DataFrame:
-    from geometry.tokens import METRICS
+    from geometry.analysis.tokens import METRICS
 
     return table.melt(id_vars=["adapter", "layer"], value_vars=list(METRICS), var_name="metric", value_name="value")
 

@@ -4,7 +4,7 @@ Pure functions (no Streamlit import): they take the results the library computed
 set (``DistanceTensor`` objects, inclusion / anatomy tables) and the control values, and return
 the matrices and long tables the figures draw. No geometry is computed here: averaging a
 precomputed distance over the chosen layers is ``DistanceTensor.reduce``; inclusion tables are
-only filtered and averaged over modules, exactly as ``geometry.inclusion.inclusion_matrix`` does.
+only filtered and averaged over modules, exactly as ``geometry.analysis.inclusion.inclusion_matrix`` does.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
+
+from geometry.types import ordered_kinds, ordered_stacks
 
 #: Layer-control modes and their labels in the UI.
 LAYER_MODES: dict[str, str] = {
@@ -50,7 +52,7 @@ INCLUSION_METRICS: dict[str, str] = {
 
 @dataclass(frozen=True)
 class LayerChoice:
-    """A layer selection from the page control, as a ``geometry.distances.select_layers`` spec."""
+    """A layer selection from the page control, as a ``geometry.analysis.distances.select_layers`` spec."""
 
     mode: str = "all"
     layer: int | None = None
@@ -81,7 +83,7 @@ class LayerChoice:
 
 def pick_layers(available: Sequence[int], choice: LayerChoice) -> list[int]:
     """The layers of ``available`` that ``choice`` selects (through the library's ``select_layers``)."""
-    from geometry.distances import select_layers
+    from geometry.analysis.distances import select_layers
 
     return [int(v) for v in select_layers(list(available), choice.spec)]
 
@@ -92,13 +94,11 @@ def distance_keys(dists: Mapping[tuple, object]) -> pd.DataFrame:
 
 
 def kinds_of(dists: Mapping[tuple, object], stack: str | None = None) -> list[str]:
-    from geometry.types import ordered_kinds
 
     return ordered_kinds(k[3] for k in dists if stack is None or k[2] == stack)
 
 
 def stacks_of(dists: Mapping[tuple, object]) -> list[str]:
-    from geometry.types import ordered_stacks
 
     return ordered_stacks(k[2] for k in dists)
 
@@ -155,58 +155,12 @@ def matrix_frame(matrix: np.ndarray, names: Sequence[str], value_name: str = "va
     return pd.DataFrame(np.asarray(matrix), index=list(names), columns=list(names)).rename_axis(value_name)
 
 
-def inclusion_curves_frame(
-    tables: Mapping[str, pd.DataFrame], kinds: Sequence[str], stack: str | None = None
-) -> pd.DataFrame:
-    """Per-layer inclusion metrics for each direction label (``tau1 → tau2``) and kind, long format."""
-    parts = []
-    for direction, table in tables.items():
-        sub = table[table["kind"].isin(list(kinds))]
-        if stack is not None:
-            sub = sub[sub["stack"] == stack]
-        sub = sub.drop(columns=[c for c in ("s1", "s2") if c in sub.columns]).copy()
-        sub.insert(0, "direction", direction)
-        parts.append(sub)
-    if not parts:
-        return pd.DataFrame()
-    return pd.concat(parts, ignore_index=True)
 
 
-def module_mean(table: pd.DataFrame, metric: str, kind: str | None = None) -> float:
-    """Mean of an inclusion metric over the modules of one pair (one kind, or all when None)."""
-    sub = table if kind is None else table[table["kind"] == kind]
-    values = pd.to_numeric(sub[metric], errors="coerce").to_numpy(dtype=float)
-    values = values[np.isfinite(values)]
-    return float(values.mean()) if values.size else float("nan")
 
 
-def inclusion_matrix_from_tables(
-    tables: Mapping[tuple[int, int], pd.DataFrame], n: int, metric: str, kind: str | None = None
-) -> np.ndarray:
-    """Asymmetric matrix: entry ``(i, j)`` = mean over modules of ``metric`` for ``tau_i → tau_j``.
-
-    The diagonal is the self-inclusion (REC = 1, L1 = 0) and is left as NaN unless given.
-    """
-    out = np.full((n, n), np.nan)
-    for (i, j), table in tables.items():
-        out[i, j] = module_mean(table, metric, kind)
-    return out
 
 
-def entropy_frame(tables: Mapping[tuple[int, int], pd.DataFrame], names: Sequence[str]) -> pd.DataFrame:
-    """Mean normalized entropies ``H(S1)``, ``H(S2)`` per direction ``tau_i → tau_j``."""
-    rows = []
-    for (i, j), table in tables.items():
-        rows.append(
-            {
-                "tau1 (basis)": names[i],
-                "tau2 (projected)": names[j],
-                "mean H(S1)": module_mean(table, "h1"),
-                "mean H(S2)": module_mean(table, "h2"),
-                "modules": int(len(table)),
-            }
-        )
-    return pd.DataFrame(rows)
 
 
 def spectra_at(table: pd.DataFrame, layer: int, kind: str, stack: str | None = None) -> dict[str, list[float]]:
@@ -218,21 +172,3 @@ def spectra_at(table: pd.DataFrame, layer: int, kind: str, stack: str | None = N
         return {}
     row = sub.iloc[0]
     return {"S1 (τ1 spectrum)": list(map(float, row["s1"])), "S2 (τ2 projected on τ1's basis)": list(map(float, row["s2"]))}
-
-
-def inclusion_margins(matrix: np.ndarray, names: Sequence[str], metric: str, entropies: pd.DataFrame) -> pd.DataFrame:
-    """Per adapter: the row mean (as the basis τ1), the column mean (as the projected τ2) of the
-    inclusion matrix, and its spectrum's mean entropy H(S1) as a basis."""
-    m = np.asarray(matrix, dtype=float)
-    with np.errstate(invalid="ignore"):
-        rows = np.nanmean(np.where(np.isfinite(m), m, np.nan), axis=1) if m.size else np.array([])
-        cols = np.nanmean(np.where(np.isfinite(m), m, np.nan), axis=0) if m.size else np.array([])
-    h1 = entropies.groupby("tau1 (basis)")["mean H(S1)"].mean() if len(entropies) else pd.Series(dtype=float)
-    return pd.DataFrame(
-        {
-            "adapter": list(names),
-            f"{metric} as τ1 (row mean)": rows,
-            f"{metric} as τ2 (column mean)": cols,
-            "mean H(S1)": [float(h1.get(n, np.nan)) for n in names],
-        }
-    )

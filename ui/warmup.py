@@ -1,7 +1,7 @@
 """Background warm-up at server start: UMAP's numba compile runs once, off the request path.
 
 ``start()`` (called by ``app.py``) launches one daemon thread per server process that runs
-:func:`geometry.maps.warm_umap`; ``umap_ready()`` says whether it has finished, so the Distances page
+:func:`geometry.analysis.maps.warm_umap`; ``umap_ready()`` says whether it has finished, so the Distances page
 shows PCA with a note meanwhile and the UMAP map as soon as it is ready (never a minutes-long spinner).
 Then :func:`settle_heap` freezes what the imports and the compile left on the heap.
 """
@@ -11,13 +11,14 @@ from __future__ import annotations
 import gc
 import threading
 
+from geometry.analysis.maps import warm_umap
+
 _READY = threading.Event()
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {"thread": None, "seconds": None, "error": None}
 
 
 def _run() -> None:
-    from geometry.maps import warm_umap
 
     try:
         _STATE["seconds"] = warm_umap()

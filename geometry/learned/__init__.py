@@ -27,8 +27,9 @@ module                 what
         ...                              # state.step, state.objective, state.coefficients, state.anp
 """
 
+from geometry.errors import UnlabeledDataError
 from geometry.learned.adamerging import AdaMerging, adamerging
-from geometry.learned.data import UnlabeledDataError, UnlabeledInputs, parse_unlabeled, read_unlabeled
+from geometry.learned.data import UnlabeledInputs, parse_unlabeled, read_unlabeled
 from geometry.learned.divergences import entropy, js_divergence, kl_divergence
 from geometry.learned.divmerge import DivMerge, divmerge
 from geometry.learned.layout import LEVELS, CoefficientLayout

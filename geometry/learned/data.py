@@ -3,7 +3,7 @@
 DivMerge and AdaMerging never read labels. For each adapter ``t`` the inputs ``X_t`` are
 
 * by default ``samples`` examples of the ``validation`` split of its task folder
-  (``tasks_dir/<task>/validation.jsonl``, found by :func:`geometry.merge_eval.find_task_dir`),
+  (``tasks/<task>/validation.jsonl``, found by :func:`geometry.evaluation.merge_eval.find_task_dir`),
   drawn without replacement by a generator seeded with ``(seed, task name)`` (the same inputs for a
   task whatever the other adapters); when the split has fewer examples, all of them are used and
   :attr:`UnlabeledInputs.note` says so;
@@ -14,10 +14,7 @@ DivMerge and AdaMerging never read labels. For each adapter ``t`` the inputs ``X
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
-import json
 import os
 import zlib
 from dataclasses import dataclass
@@ -26,11 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from geometry.errors import AtlasError
-
-
-class UnlabeledDataError(AtlasError):
-    """Unlabeled inputs cannot be read (no file or split, no ``text`` column, empty file...)."""
+from geometry.errors import AtlasError, MissingTaskDataError, UnlabeledDataError  # noqa: F401  (re-exported)
+from geometry.evaluation.tasks import adapter_task_name, rows_csv, rows_jsonl
 
 
 @dataclass
@@ -56,28 +50,6 @@ class UnlabeledInputs:
             if self.pairs is not None:
                 h.update(self.pairs[i].encode("utf-8") + b"\1")
         return h.hexdigest()
-
-
-def rows_jsonl(text: str, name: str) -> list[dict]:
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UnlabeledDataError(f"{name}: line {lineno} is not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise UnlabeledDataError(f"{name}: line {lineno} is not a JSON object")
-        rows.append(row)
-    return rows
-
-
-def rows_csv(text: str, name: str, delimiter: str = ",") -> list[dict]:
-    try:
-        return list(csv.DictReader(io.StringIO(text), delimiter=delimiter))
-    except csv.Error as exc:
-        raise UnlabeledDataError(f"{name}: not a readable CSV file ({exc})") from None
 
 
 def parse_unlabeled(data: bytes | str, name: str, task: str | None = None) -> UnlabeledInputs:
@@ -121,30 +93,29 @@ def read_unlabeled(path: str | os.PathLike[str], task: str | None = None) -> Unl
     return parse_unlabeled(path.read_bytes(), str(path), task)
 
 
-def task_inputs(adapter: Any, tasks_dir: str | os.PathLike[str] | None, split: str = "validation") -> UnlabeledInputs:
-    """All inputs of ``split`` of ``adapter``'s task folder under ``tasks_dir``."""
-    from geometry.merge_eval import MissingTaskDataError, adapter_task_name
+def task_inputs(adapter: Any, tasks: str | os.PathLike[str] | None, split: str = "validation") -> UnlabeledInputs:
+    """All inputs of ``split`` of ``adapter``'s task folder under ``tasks``."""
 
-    if tasks_dir is None:
+    if tasks is None:
         raise UnlabeledDataError(f"no unlabeled inputs for adapter {adapter.name!r}: pass a tasks folder "
                                  "or a data file for it")
-    tasks_dir = Path(tasks_dir)
-    if not tasks_dir.is_dir():
-        raise MissingTaskDataError(f"task folder {tasks_dir} does not exist")
+    tasks = Path(tasks)
+    if not tasks.is_dir():
+        raise MissingTaskDataError(f"task folder {tasks} does not exist")
     names = list(dict.fromkeys([adapter_task_name(adapter), adapter.name]))
     for name in names:
-        folder = tasks_dir / name
+        folder = tasks / name
         if (folder / f"{split}.jsonl").is_file():
             return read_unlabeled(folder / f"{split}.jsonl", task=folder.name)
     for name in names:
-        folder = tasks_dir / name
+        folder = tasks / name
         if folder.is_dir():
             present = sorted(p.stem for p in folder.glob("*.jsonl"))
             raise UnlabeledDataError(
                 f"task folder {folder} has no {split}.jsonl (splits present: {', '.join(present) or 'none'}): "
                 f"the unlabeled inputs come from the {split} split; give a data file for {adapter.name!r} instead")
-    raise MissingTaskDataError(f"no task data for adapter {adapter.name!r} in {tasks_dir}: looked for "
-                               + " and ".join(str(tasks_dir / n) for n in names))
+    raise MissingTaskDataError(f"no task data for adapter {adapter.name!r} in {tasks}: looked for "
+                               + " and ".join(str(tasks / n) for n in names))
 
 
 def select(inputs: UnlabeledInputs, samples: int | None, seed: int = 0) -> UnlabeledInputs:

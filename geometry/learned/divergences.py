@@ -27,6 +27,8 @@ import math
 
 import torch
 
+from geometry.errors import AtlasError
+
 #: Divergence names accepted by :class:`geometry.learned.DivMerge` (``js`` is the paper's default).
 DIVERGENCES = ("js", "kl")
 LOG2 = math.log(2.0)
@@ -65,7 +67,6 @@ def entropy(logq: torch.Tensor) -> torch.Tensor:
 
 def divergence(name: str):
     """The function ``(logp, logq) -> per-row divergence`` called ``name`` (``js`` or ``kl``)."""
-    from geometry.errors import AtlasError
 
     table = {"js": js_divergence, "kl": kl_divergence}
     if name not in table:

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from geometry.errors import InvalidArgumentError
 from geometry.learned.layout import CoefficientLayout
 from geometry.types import Adapter
 
@@ -66,7 +67,7 @@ class LearnedMerge:
         """The :class:`geometry.merging.MergedAdapter`: ``geometry.merging.task_arithmetic`` with these
         coefficients (per layer for LL; module level folds them into each module's scale)."""
         if self.source_adapters is None or self.layout is None:
-            raise ValueError("this result does not carry its adapters (it was rebuilt from JSON): merge with "
+            raise InvalidArgumentError("this result does not carry its adapters (it was rebuilt from JSON): merge with "
                              "geometry.merging.task_arithmetic(adapters, weights) instead")
         merged = self.layout.merge(self.source_adapters, self.coefficients, **params)
         merged.params["learned"] = {"method": self.method, "objective": self.objective, "level": self.level,

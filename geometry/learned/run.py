@@ -25,9 +25,10 @@ Step-wise use (a dashboard page, a notebook)::
 
 ``run.steps()`` called again resumes where it stopped; :meth:`LearnedMergeRun.start` runs it in a
 background thread (``run.snapshot()`` reads the state meanwhile, ``run.stop()`` ends it).
-A run that reaches its last step stores its result on disk (:mod:`geometry.diskcache`, keyed by the
-adapters' content, the inputs' content and the settings); a new run with the same key starts from
-it (``state.cached``).
+A run given a ``cache`` (a :class:`geometry.cache.ResultCache` or a folder) keeps there the fine-tuned
+models' references, the scores, and, when it reaches its last step, its result (keyed by the adapters'
+content, the inputs' content and the settings); a new run with the same key and cache starts from it
+(``state.cached``). Without one (the default) nothing is written to disk.
 """
 
 from __future__ import annotations
@@ -135,9 +136,9 @@ class LearnedMergeRun:
         max_new_tokens: int = 32,
         reference_budget: int = 512 * 2**20,
         device: Any = None,
-        use_cache: bool = True,
+        cache: Any = None,
     ):
-        from geometry.merge_eval import check_unique_names
+        from geometry.evaluation.merge_eval import check_unique_names
         from geometry.merging.base import check_mergeable
 
         ads = _as_adapters(adapters)
@@ -165,7 +166,9 @@ class LearnedMergeRun:
         self.tasks_dir = Path(tasks) if tasks is not None else None
         self.layout = CoefficientLayout(ads, level)
         self.device = device
-        self.use_cache = use_cache
+        from geometry.cache import as_cache
+
+        self.cache = as_cache(cache)
         self.reference_budget = int(reference_budget)
         self.notes: list[str] = []
         self.inputs = self._select_inputs(data or {})
@@ -230,7 +233,7 @@ class LearnedMergeRun:
     def _make_terms(self) -> list[TaskTerm]:
         if self._terms is None:
             self._terms = [make_term(self.kind, t, self.adapters, self.inputs[t], max_length=self.settings.max_length,
-                                     device=self.device, use_cache=self.use_cache,
+                                     device=self.device, cache=self.cache,
                                      max_new_tokens=self.settings.max_new_tokens,
                                      reference_budget=self.reference_budget)
                            for t in range(len(self.adapters))]
@@ -332,7 +335,7 @@ class LearnedMergeRun:
         """
         _check_positive("evaluate_every", evaluate_every, int)
         self._stop.clear()
-        if self.step == 0 and self.use_cache and self._load_cached():
+        if self.step == 0 and self.cache is not None and self._load_cached():
             if evaluate_at_end and not self._evaluated(limit):
                 self.evaluate(limit=limit)  # the stored run was scored otherwise (or not at all)
             state = self.snapshot()
@@ -445,10 +448,10 @@ class LearnedMergeRun:
         ``{"step", "anp", "limit", "scores": {task: {"adapter", "merged", "finetuned", "normalized"}}}``
         (``anp`` NaN and a ``note`` when a fine-tuned model scores 0, where ANP is undefined).
 
-        Fine-tuned scores are computed once per run (and cached on disk by :mod:`geometry.evaluate`),
-        merged scores each time (cached on disk by the merge's content hash).
+        Fine-tuned scores are computed once per run, merged scores each time (both kept in the run's
+        ``cache`` when it has one, by content hash).
         """
-        from geometry.merge_eval import anp, find_task_dir, performance
+        from geometry.evaluation.merge_eval import anp, find_task_dir, performance
 
         if self.tasks_dir is None:
             raise AtlasError("ANP needs the tasks folder with each task's test split: pass tasks=")
@@ -459,10 +462,10 @@ class LearnedMergeRun:
             folder = find_task_dir(ad, self.tasks_dir, "test")
             key = (ad.name, limit)
             if key not in self._finetuned:
-                self._finetuned[key] = performance(ad, folder, max_examples=limit, use_cache=self.use_cache)
+                self._finetuned[key] = performance(ad, folder, limit=limit, cache=self.cache)
             ft = self._finetuned[key]
             head = ad.name if ad.other_tensors else None  # causal LMs: no head
-            mg = performance(merged, folder, head=head, max_examples=limit, use_cache=self.use_cache)
+            mg = performance(merged, folder, head=head, limit=limit, cache=self.cache)
             scores[folder.name] = {"adapter": ad.name, "merged": mg, "finetuned": ft,
                                    "normalized": 100.0 * mg / ft if ft > 0 else math.nan}
         record: dict[str, Any] = {"step": self.step, "anp": math.nan, "limit": limit, "scores": scores}
@@ -505,7 +508,7 @@ class LearnedMergeRun:
     # ------------------------------------------------------------------------------------ result cache
     def cache_key(self) -> tuple:
         """What a finished run depends on: method, settings, adapters' and inputs' content."""
-        from geometry.evaluate import source_hash
+        from geometry.evaluation.evaluate import source_hash
 
         settings = {k: v for k, v in self.settings.to_dict().items()}
         return (RESULT_VERSION, self.method, repr(sorted(settings.items())), self.layout.level,
@@ -513,18 +516,16 @@ class LearnedMergeRun:
                 tuple(i.content_hash for i in self.inputs))
 
     def _store_cached(self) -> None:
-        if not self.use_cache:
+        if self.cache is None:
             return
-        from geometry.diskcache import store
-
         payload = {"coefficients": self.coefficients, "history": self.history, "notes": self.notes,
                    "evaluations": self.evaluations, "step": self.step}
-        store("learned_merge", self.cache_key(), payload)
+        self.cache.set("learned_merge", self.cache_key(), payload)
 
     def _load_cached(self) -> bool:
-        from geometry.diskcache import load
-
-        payload = load("learned_merge", self.cache_key())
+        if self.cache is None:
+            return False
+        payload = self.cache.get("learned_merge", self.cache_key())
         try:  # no entry (None) or another shape: not this run's result
             gamma = np.asarray(payload["coefficients"], dtype=float)
             if gamma.shape != self.layout.shape:
@@ -556,7 +557,7 @@ def _as_adapters(adapters: Any) -> list[Adapter]:
         if isinstance(a, Adapter):
             out.append(a)
         elif isinstance(a, (str, Path)):
-            from geometry.loader import load_adapter
+            from geometry.io.loader import load_adapter
 
             out.append(load_adapter(a))
         else:
@@ -565,6 +566,6 @@ def _as_adapters(adapters: Any) -> list[Adapter]:
 
 
 def _task_name(adapter: Adapter) -> str:
-    from geometry.merge_eval import adapter_task_name
+    from geometry.evaluation.tasks import adapter_task_name
 
     return adapter_task_name(adapter)

@@ -13,8 +13,9 @@ distributions of the merged model ``Phi`` with task ``t``'s head:
   teacher-forced, and ``f(x)`` is the mean over the tokens of ``y`` of the token-level divergence
   (AdaMerging: of the entropy of the merged next-token distribution).
 
-Reference distributions are cached in memory and on disk (:func:`geometry.diskcache.cached`), keyed by
-the adapter's content hash, the inputs' content hash, the base and the settings that change them
+Reference distributions are kept in memory (an LRU of at most :data:`MEMORY_BYTES` bytes,
+:func:`clear_memory_cache`) and, when the run is given a ``cache`` (:class:`geometry.cache.ResultCache`),
+on disk, keyed by the adapter's content hash, the inputs' content hash, the base and the settings that change them
 (``max_length``, ``max_new_tokens``). Generation stores the continuations always and the per-token
 distributions while they fit in ``reference_budget`` bytes; above that the reference model is re-run
 (teacher-forced, without gradient) on each batch, which gives the same distributions.
@@ -27,6 +28,7 @@ import threading
 from typing import Any
 
 import torch
+from cachetools import LRUCache
 
 from geometry.errors import AtlasError
 from geometry.learned.data import UnlabeledInputs
@@ -36,9 +38,25 @@ from geometry.types import Adapter
 #: task types each kind of term handles
 CLASSIFICATION_TYPES = ("SEQ_CLS",)
 GENERATION_TYPES = ("CAUSAL_LM",)
-_MEMORY: dict[tuple, Any] = {}
+
+
+def _nbytes(value: Any) -> int:
+    """About how many bytes ``value`` (tensors, lists of them, continuations' token lists) holds."""
+    if isinstance(value, torch.Tensor):
+        return value.element_size() * value.nelement()
+    if isinstance(value, dict):
+        return 64 + sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return 64 + sum(_nbytes(v) if isinstance(v, (torch.Tensor, list, tuple, dict)) else 8 for v in value)
+    return 64
+
+
+#: bytes of reference distributions and continuations kept in memory across runs (least recently used go)
+MEMORY_BYTES = 1 << 30
+_MEMORY: LRUCache = LRUCache(maxsize=MEMORY_BYTES, getsizeof=_nbytes)
 _MEMORY_LOCK = threading.Lock()
 REFERENCE_VERSION = "1"
+_MISSING = object()
 
 
 def term_kind(adapters: list[Adapter]) -> str:
@@ -60,23 +78,25 @@ def term_kind(adapters: list[Adapter]) -> str:
                      "per task) and causal LMs (CAUSAL_LM)")
 
 
-def _memo(key: tuple, compute, use_disk: bool) -> Any:
-    with _MEMORY_LOCK:
-        if key in _MEMORY:
-            return _MEMORY[key]
-    if use_disk:
-        from geometry.diskcache import cached
+def _memo(key: tuple, compute, cache: Any = None) -> Any:
+    """``compute()`` once per ``key``: from memory, else from ``cache`` (a ResultCache, or ``None``: no disk)."""
+    from geometry.cache import cached
 
-        value = cached("learned_reference", key, compute)
-    else:
-        value = compute()
     with _MEMORY_LOCK:
-        _MEMORY[key] = value
+        value = _MEMORY.get(key, _MISSING)
+    if value is not _MISSING:
+        return value
+    value = cached(cache, "learned_reference", key, compute)
+    with _MEMORY_LOCK:
+        try:
+            _MEMORY[key] = value
+        except ValueError:  # larger than the whole budget: not kept
+            pass
     return value
 
 
 def clear_memory_cache() -> None:
-    """Forget the reference distributions kept in memory (the disk cache stays)."""
+    """Forget the reference distributions kept in memory (a disk cache given to a run stays)."""
     with _MEMORY_LOCK:
         _MEMORY.clear()
 
@@ -91,7 +111,7 @@ class TaskTerm:
     kind = ""
 
     def __init__(self, index: int, adapters: list[Adapter], inputs: UnlabeledInputs, *, max_length: int = 128,
-                 device: Any = None, use_cache: bool = True):
+                 device: Any = None, cache: Any = None):
         self.index = index
         self.adapters = adapters
         self.adapter = adapters[index]
@@ -100,7 +120,7 @@ class TaskTerm:
         self.max_length = int(max_length)
         self.head = _head(self.adapter)
         self.runtime = Runtime.for_sources(adapters, head=self.head, device=device)
-        self.use_cache = use_cache
+        self.cache = cache
         self._reference: Any = None
 
     def __len__(self) -> int:
@@ -112,8 +132,8 @@ class TaskTerm:
         return texts, pairs
 
     def _key(self, *extra: Any) -> tuple:
-        from geometry.base_models import resolve_base
-        from geometry.evaluate import source_hash
+        from geometry.evaluation.evaluate import source_hash
+        from geometry.runtime.base_models import resolve_base
 
         return (REFERENCE_VERSION, self.kind, source_hash(self.adapter), self.inputs.content_hash,
                 resolve_base(self.runtime.base or ""), self.max_length, *extra)
@@ -127,7 +147,7 @@ class ClassificationTerm(TaskTerm):
     def prepare(self, distributions: bool = True, batch_size: int = 64) -> None:
         """Compute (or read from the caches) the reference distributions; ``distributions=False``: nothing."""
         if distributions and self._reference is None:
-            self._reference = _memo(self._key(), lambda: self._compute_reference(batch_size), self.use_cache)
+            self._reference = _memo(self._key(), lambda: self._compute_reference(batch_size), self.cache)
 
     def _compute_reference(self, batch_size: int) -> torch.Tensor:
         rt = self.runtime
@@ -169,13 +189,13 @@ class GenerationTerm(TaskTerm):
         """Greedy continuations (always) and, with ``distributions``, the reference next-token distributions."""
         if self._continuations is None:
             self._continuations = _memo(self._key("continuations", self.max_new_tokens),
-                                        lambda: self._greedy(batch_size), self.use_cache)
+                                        lambda: self._greedy(batch_size), self.cache)
         if distributions and self._reference is None:
             vocab = self._vocab()
             tokens = sum(len(c) for c in self._continuations["continuation"])
             if tokens * vocab * 4 <= self.reference_budget:
                 self._reference = _memo(self._key("distributions", self.max_new_tokens),
-                                        self._compute_distributions, self.use_cache)
+                                        self._compute_distributions, self.cache)
             else:
                 self._reference = "recompute"
                 self.note = (f"{self.name}: reference distributions ({tokens} tokens x {vocab} vocabulary) exceed "
@@ -186,8 +206,8 @@ class GenerationTerm(TaskTerm):
         return int(emb.weight.shape[0]) if emb is not None else int(self.runtime.model.config.vocab_size)
 
     def _greedy(self, batch_size: int) -> dict:
-        from geometry.base_models import quiet
         from geometry.runtime import tokenizer_padding
+        from geometry.runtime.base_models import quiet
 
         rt = self.runtime
         tok = rt.tokenizer

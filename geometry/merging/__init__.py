@@ -66,7 +66,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from geometry.errors import AtlasError
+from geometry.errors import MergeParameterError, UnknownMergeMethodError
 from geometry.merging.base import MergedAdapter, MergedModule, PeftUpdate
 from geometry.merging.breadcrumbs import breadcrumbs, breadcrumbs_ties
 from geometry.merging.core_space import core_space
@@ -126,15 +126,11 @@ METHOD_PARAMS: dict[str, tuple[str, ...]] = {
 COMMON_PARAMS: tuple[str, ...] = ("dtype", "device")
 
 
-class UnknownMergeMethodError(AtlasError, ValueError):
-    """A merge method name that is not in :data:`MERGE_METHODS`."""
-
-
 def merge(adapters: Sequence[Adapter], method: str, weights: Any = None, **params: Any) -> MergedAdapter:
     """Merge ``adapters`` with the method registered as ``method``.
 
     Parameters that are ``None`` are dropped (the method's default applies); a parameter the method
-    does not take raises ``ValueError`` naming the ones it does take.
+    does not take raises :class:`~geometry.errors.MergeParameterError` naming the ones it does take.
     """
     if method not in MERGE_METHODS:
         raise UnknownMergeMethodError(f"unknown merge method {method!r}; choose one of {', '.join(MERGE_METHODS)}")
@@ -142,7 +138,7 @@ def merge(adapters: Sequence[Adapter], method: str, weights: Any = None, **param
     unknown = sorted(set(params) - set(METHOD_PARAMS[method]) - set(COMMON_PARAMS))
     if unknown:
         takes = ", ".join(METHOD_PARAMS[method]) or "only weights"
-        raise ValueError(f"merge method {method!r} does not take {', '.join(unknown)} (it takes {takes})")
+        raise MergeParameterError(f"merge method {method!r} does not take {', '.join(unknown)} (it takes {takes})")
     return MERGE_METHODS[method](list(adapters), weights, **params)
 
 

@@ -31,7 +31,9 @@ from typing import Any
 import torch
 
 from geometry.device import default_device
-from geometry.errors import IncompatibleAdaptersError
+from geometry.errors import IncompatibleAdaptersError, MergeParameterError
+from geometry.merging import export
+from geometry.merging.updates import PeftUpdate, factored_norm2, jsonable  # noqa: F401  (re-exported)
 from geometry.types import Adapter, ModuleKey
 
 #: How the factored methods choose each module's rank (the element-wise ones: the sum of the input ranks).
@@ -88,34 +90,6 @@ class MergedModule:
 
     def norm2(self) -> float:
         """``||Delta||_F^2`` (factored: ``trace((B^T B)(A A^T))``, no ``m x n`` product)."""
-        if self.delta is not None:
-            return float(self.delta.double().pow(2).sum())
-        return factored_norm2(self.B, self.A)
-
-
-@dataclass
-class PeftUpdate:
-    """The update of one peft module (fused parts put back together), in ``(out, in)`` orientation."""
-
-    name: str
-    shape: tuple[int, int]
-    B: torch.Tensor | None = None
-    A: torch.Tensor | None = None
-    delta: torch.Tensor | None = None
-    is_embedding: bool = False
-    fan_in_fan_out: bool = False
-    rank_sum: int | None = None
-
-    def dense(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        if self.delta is not None:
-            return self.delta.to(dtype)
-        return self.B.to(dtype) @ self.A.to(dtype)
-
-    def as_update(self) -> tuple[torch.Tensor, torch.Tensor, float] | torch.Tensor:
-        """``(B, A, 1.0)`` or the dense matrix: the form ``geometry.evaluate.apply_updates`` takes."""
-        return self.delta if self.delta is not None else (self.B, self.A, 1.0)
-
-    def norm2(self) -> float:
         if self.delta is not None:
             return float(self.delta.double().pow(2).sum())
         return factored_norm2(self.B, self.A)
@@ -182,7 +156,7 @@ class MergedAdapter:
         return out
 
     def updates(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, float] | torch.Tensor]:
-        """``{peft module name: (B, A, 1.0) or dense}`` for ``geometry.evaluate.apply_updates``."""
+        """``{peft module name: (B, A, 1.0) or dense}`` for ``geometry.evaluation.evaluate.apply_updates``."""
         return {name: up.as_update() for name, up in self.peft_updates().items()}
 
     def summary(self) -> dict[str, Any]:
@@ -224,9 +198,7 @@ class MergedAdapter:
     # ------------------------------------------------------------------------------------ output
     def to_peft_folder(self, path: str | Path, rank: int | None = None, head: str | None = None) -> Path:
         """Write a peft LoRA folder; see :func:`geometry.merging.export.to_peft_folder`."""
-        from geometry.merging.export import to_peft_folder
-
-        return to_peft_folder(self, path, rank=rank, head=head)
+        return export.to_peft_folder(self, path, rank=rank, head=head)
 
     def save(self, path: str | Path, rank: int | None = None, head: str | None = None) -> Path:
         """Alias of :meth:`to_peft_folder` (the notebook API's ``m.save(path)``)."""
@@ -234,20 +206,10 @@ class MergedAdapter:
 
     def to_zip_bytes(self, rank: int | None = None, head: str | None = None) -> bytes:
         """The :meth:`to_peft_folder` files as a zip; see :func:`geometry.merging.export.to_zip_bytes`."""
-        from geometry.merging.export import to_zip_bytes
-
-        return to_zip_bytes(self, rank=rank, head=head)
+        return export.to_zip_bytes(self, rank=rank, head=head)
 
     def _peft_payload(self, rank: int | None, head: str | None) -> tuple[dict, dict, dict]:
-        from geometry.merging.export import peft_payload
-
-        return peft_payload(self, rank, head)
-
-
-def factored_norm2(B: torch.Tensor, A: torch.Tensor) -> float:
-    """``||B A||_F^2 = trace((B^T B)(A A^T))`` without forming ``B A``."""
-    Bd, Ad = B.double(), A.double()
-    return float(((Bd.T @ Bd) * (Ad @ Ad.T)).sum())
+        return export.peft_payload(self, rank, head)
 
 
 def _assemble(name: str, parts: list[MergedModule]) -> PeftUpdate:
@@ -287,18 +249,6 @@ def _assemble(name: str, parts: list[MergedModule]) -> PeftUpdate:
     return PeftUpdate(name, (m, n), B, A, rank_sum=rank_sum, **flags)
 
 
-def jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return str(value)
-
-
 # ------------------------------------------------------------------------------ input helpers
 def merge_device(device: torch.device | str | None = None) -> torch.device:
     """The device a merge computes on: ``device``, else :func:`geometry.device.default_device`
@@ -311,7 +261,7 @@ def check_rank(rank: int | None) -> int | None:
     if rank is None:
         return None
     if isinstance(rank, bool) or int(rank) != rank or int(rank) < 1:
-        raise ValueError(f"rank must be a positive integer, got {rank}")
+        raise MergeParameterError(f"rank must be a positive integer, got {rank}")
     return int(rank)
 
 
@@ -396,4 +346,5 @@ def wrap(method: str, params: dict[str, Any], adapters: Sequence[Adapter], modul
         head_configs={
             a.name: {"modules_to_save": a.config.modules_to_save, "task_type": a.config.task_type} for a in adapters
         },
+        source_adapters=list(adapters),
     )

@@ -41,6 +41,7 @@ from collections.abc import Sequence
 
 import torch
 
+from geometry.errors import MergeParameterError
 from geometry.merging.base import MergedAdapter
 from geometry.merging.elementwise import check_density, elementwise_merge
 from geometry.merging.weights import WeightsSpec
@@ -68,7 +69,7 @@ def breadcrumb_mask(tau: torch.Tensor, density: float, gamma: float, *, per_row:
 def check_gamma(gamma: float) -> float:
     gamma = float(gamma)
     if not 0.0 <= gamma < 1.0:
-        raise ValueError(f"gamma must be in [0, 1) (the fraction of largest magnitudes removed), got {gamma}")
+        raise MergeParameterError(f"gamma must be in [0, 1) (the fraction of largest magnitudes removed), got {gamma}")
     return gamma
 
 

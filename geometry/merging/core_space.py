@@ -40,7 +40,7 @@ methods, Iso-C and TSV; in TIES / DARE they enter the mean (or sum) after trim /
 election, as in :func:`~geometry.merging.ties.ties_tensors`. The reference bases never depend on
 the weights or on the scales ``s_t``: they are built from the raw factors, as the authors do.
 
-Computed factored: ``U_B`` and ``V_A`` come from :func:`geometry.factored.orthonormal_basis`
+Computed factored: ``U_B`` and ``V_A`` come from :func:`geometry.linalg.factored.orthonormal_basis`
 (QR of the ``m x R`` / ``n x R`` stacks, SVD of the ``R x R`` factor); the stored result is
 ``B = U_B M`` (``m x k``), ``A = V_A^T`` (``k x n``), ``k = rank of the stacked A's <= R``, never an
 ``m x n`` matrix. ``rank`` truncates it (factored SVD, :func:`~geometry.merging.truncate.truncate_factored`)
@@ -80,7 +80,7 @@ from collections.abc import Sequence
 
 import torch
 
-from geometry.factored import orthonormal_basis, rank_mask
+from geometry.linalg.factored import orthonormal_basis, rank_mask
 from geometry.merging.base import (
     MergedAdapter,
     MergedModule,

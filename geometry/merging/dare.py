@@ -55,6 +55,7 @@ from collections.abc import Sequence
 
 import torch
 
+from geometry.errors import MergeParameterError
 from geometry.merging.base import MergedAdapter, merge_device
 from geometry.merging.elementwise import check_density, elementwise_merge, module_seed
 from geometry.merging.ties import SignMethod, disjoint_mean, elect_sign
@@ -127,7 +128,7 @@ def dare_ties(
     """DARE then TIES' sign election and disjoint mean (no second trim); see module docstring."""
     density = check_density(density)
     if majority_sign_method not in ("total", "frequency"):
-        raise ValueError(f"majority_sign_method must be 'total' or 'frequency', got {majority_sign_method!r}")
+        raise MergeParameterError(f"majority_sign_method must be 'total' or 'frequency', got {majority_sign_method!r}")
     dev = merge_device(device)
 
     def combine(taus, w, key):

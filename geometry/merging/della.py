@@ -39,6 +39,7 @@ from typing import Literal
 
 import torch
 
+from geometry.errors import MergeParameterError
 from geometry.merging.base import MergedAdapter, merge_device
 from geometry.merging.dare import mask_generator
 from geometry.merging.elementwise import check_density, elementwise_merge
@@ -92,11 +93,11 @@ def della_tensors(
 def check_della(density: float, epsilon: float, rescale: str) -> tuple[float, float]:
     density, epsilon = check_density(density), float(epsilon)
     if not 0.0 <= epsilon or not density - epsilon > 0.0 or density + epsilon > 1.0:
-        raise ValueError(
+        raise MergeParameterError(
             f"epsilon must keep density +/- epsilon in (0, 1] (keep probabilities), got density={density}, "
             f"epsilon={epsilon}")
     if rescale not in ("probability", "l1", "none"):
-        raise ValueError(f"rescale must be 'probability', 'l1' or 'none', got {rescale!r}")
+        raise MergeParameterError(f"rescale must be 'probability', 'l1' or 'none', got {rescale!r}")
     return density, epsilon
 
 

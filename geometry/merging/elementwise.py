@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from geometry.errors import MergeParameterError
 from geometry.merging.base import (
     MergedAdapter,
     MergedModule,
@@ -54,7 +55,7 @@ def module_seed(seed: int, key: ModuleKey) -> int:
 def check_density(density: float) -> float:
     density = float(density)
     if not 0.0 < density <= 1.0:
-        raise ValueError(f"density must be in (0, 1] (the fraction of entries kept), got {density}")
+        raise MergeParameterError(f"density must be in (0, 1] (the fraction of entries kept), got {density}")
     return density
 
 

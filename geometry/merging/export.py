@@ -27,17 +27,18 @@ from __future__ import annotations
 import io
 import json
 import re
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from geometry.config import PEFT_PREFIX
 from geometry.device import default_device
-from geometry.errors import IncompatibleAdaptersError
-from geometry.merging.base import PeftUpdate, jsonable
+from geometry.errors import IncompatibleAdaptersError, MergeParameterError
+from geometry.io.config import PEFT_PREFIX
 from geometry.merging.truncate import factorize_dense, truncate_factored
+from geometry.merging.updates import PeftUpdate, jsonable
 
 if TYPE_CHECKING:
     from geometry.merging.base import MergedAdapter
@@ -83,7 +84,6 @@ def to_peft_folder(
 
 def to_zip_bytes(merged: MergedAdapter, rank: int | None = None, head: str | None = None) -> bytes:
     """The :func:`to_peft_folder` files as a zip (for a download button)."""
-    import tempfile
 
     buf = io.BytesIO()
     with tempfile.TemporaryDirectory() as tmp:
@@ -98,7 +98,7 @@ def to_zip_bytes(merged: MergedAdapter, rank: int | None = None, head: str | Non
 def peft_payload(merged: MergedAdapter, rank: int | None, head: str | None) -> tuple[dict, dict, dict]:
     """``(weights, adapter_config, merge_info)`` of :func:`to_peft_folder`."""
     if rank is not None and int(rank) < 1:
-        raise ValueError(f"rank must be a positive integer, got {rank}")
+        raise MergeParameterError(f"rank must be a positive integer, got {rank}")
     head = choose_head(merged, head)
     weights: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}

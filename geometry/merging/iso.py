@@ -21,7 +21,7 @@ Per module, with ``tau_t = lambda_t s_t B_t A_t`` and ``Delta_TA = sum_t tau_t =
 
 Factored (no ``m x n`` matrix): everything lives in ``Im[B_1..B_T]`` and ``Im[A_1^T..A_T^T]``, of
 dimension ``<= K = sum_t r_t``. One orthonormal basis of each (``Qb``, ``Qa``, QR + SVD of the
-stacked factors, :func:`geometry.factored.orthonormal_basis`) turns every task into a
+stacked factors, :func:`geometry.linalg.factored.orthonormal_basis`) turns every task into a
 ``K x K`` core ``C_t = Qb^T tau_t Qa`` (exact: ``tau_t = Qb C_t Qa^T``); Delta_TA, the projections,
 the residual SVDs and the polar factors (``polar(Qb X) = Qb polar(X)``) are all computed on cores.
 Cost ``O((m + n) K^2 + T K^3)``. Stored as ``B = alpha sigma_bar Qb polar(U')``, ``A = (Qa polar(V'))^T``.
@@ -63,7 +63,7 @@ Limits:
   (``round`` up with ``int(f D)`` close to ``D``), ``T`` fewer are taken (the authors' code would
   index past its arrays). A residual with fewer than ``n`` non-zero singular values contributes
   only those. Numerical zero (Iso-CTS): ``max(m, n) * eps`` times the largest singular value among
-  ``Delta_TA`` and the ``tau_t`` (float64); Iso-C: that of :func:`geometry.factored.lowrank_svd`.
+  ``Delta_TA`` and the ``tau_t`` (float64); Iso-C: that of :func:`geometry.linalg.factored.lowrank_svd`.
 """
 
 from __future__ import annotations
@@ -73,7 +73,8 @@ from typing import Literal
 
 import torch
 
-from geometry.factored import EPS64, lowrank_svd, orthonormal_basis
+from geometry.errors import MergeParameterError
+from geometry.linalg.factored import EPS64, lowrank_svd, orthonormal_basis
 from geometry.merging.base import (
     MergedAdapter,
     all_keys,
@@ -101,7 +102,7 @@ Spectrum = Literal["rank", "full"]
 
 def check_spectrum(spectrum: str) -> str:
     if spectrum not in ("rank", "full"):
-        raise ValueError(f"spectrum must be 'rank' or 'full', got {spectrum!r}")
+        raise MergeParameterError(f"spectrum must be 'rank' or 'full', got {spectrum!r}")
     return spectrum
 
 
@@ -257,7 +258,7 @@ def iso_cts(
     spectrum = check_spectrum(spectrum)
     f = float(common_space_fraction)
     if not 0.0 <= f <= 1.0:
-        raise ValueError(f"common_space_fraction must be in [0, 1], got {common_space_fraction}")
+        raise MergeParameterError(f"common_space_fraction must be in [0, 1], got {common_space_fraction}")
     dev = merge_device(device)
     w = MergeWeights(weights, len(adapters), default=1.0)
     modules: dict = {}

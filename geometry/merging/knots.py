@@ -44,7 +44,7 @@ Conventions (where this differs from the authors' code):
   ``scale_coordinates=False`` merges the unscaled ``V_t^T`` and multiplies by ``S`` after, as the
   ``knots`` merge space of ``apanariello4/core-space-merging``'s ``MatrixPerLayerMerger`` does).
   No row normalisation (their ``normalize_Vs_per_model`` is ``False`` and unused).
-- Kept components: the numerical rank (``S_i > max(m, Tn) eps S_1``, :func:`geometry.factored.rank_mask`)
+- Kept components: the numerical rank (``S_i > max(m, Tn) eps S_1``, :func:`geometry.linalg.factored.rank_mask`)
   instead of their absolute ``S_i > 1e-5``.
 - Trim per module (``floor(density * k * n)`` entries of each ``X_t``), as this library's ``ties``;
   KnOTS trims each task's whole flattened model vector at once, keeping ties at the threshold.
@@ -71,7 +71,8 @@ from collections.abc import Sequence
 
 import torch
 
-from geometry.factored import rank_mask
+from geometry.errors import MergeParameterError
+from geometry.linalg.factored import rank_mask
 from geometry.merging.base import (
     MergedAdapter,
     MergedModule,
@@ -104,13 +105,13 @@ DEFAULT_DENSITY: dict[str, float] = {"ties": 0.2, "dare_ties": 0.5, "dare_linear
 
 def check_method(merge_method: str, choices: Sequence[str]) -> str:
     if merge_method not in choices:
-        raise ValueError(f"merge_method must be one of {', '.join(choices)}; got {merge_method!r}")
+        raise MergeParameterError(f"merge_method must be one of {', '.join(choices)}; got {merge_method!r}")
     return merge_method
 
 
 def check_sign_method(majority_sign_method: str) -> str:
     if majority_sign_method not in ("total", "frequency"):
-        raise ValueError(f"majority_sign_method must be 'total' or 'frequency', got {majority_sign_method!r}")
+        raise MergeParameterError(f"majority_sign_method must be 'total' or 'frequency', got {majority_sign_method!r}")
     return majority_sign_method
 
 
@@ -157,12 +158,12 @@ def combine_stacked(
         return ties_tensors(X, weights.to(X.dtype), density, majority_sign_method)
     if merge_method in ("dare_ties", "dare_linear"):
         if key is None:
-            raise ValueError("DARE needs the module key (its masks are seeded per module)")
+            raise MergeParameterError("DARE needs the module key (its masks are seeded per module)")
         dropped = drop_and_rescale(X, density, mask_generator(seed, key, X.device))
         if merge_method == "dare_linear":
             return (dropped * wv).sum(dim=0)
         return disjoint_mean(dropped * wv, elect_sign(dropped, majority_sign_method))
-    raise ValueError(f"unknown element-wise merge {merge_method!r}; choose one of {', '.join(ELEMENTWISE_METHODS)}")
+    raise MergeParameterError(f"unknown element-wise merge {merge_method!r}; choose one of {', '.join(ELEMENTWISE_METHODS)}")
 
 
 def canonical_signs(U: torch.Tensor) -> torch.Tensor:

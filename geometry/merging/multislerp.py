@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
+from geometry.errors import MergeParameterError
 from geometry.merging.base import MergedAdapter
 from geometry.merging.elementwise import elementwise_merge
 from geometry.merging.weights import WeightsSpec
@@ -42,7 +43,7 @@ def multislerp_tensors(taus: torch.Tensor, weights: torch.Tensor, key: ModuleKey
     flat = taus.reshape(taus.shape[0], -1)
     total = float(weights.sum())
     if total == 0.0:
-        raise ValueError("multislerp weights sum to 0; they are normalised to sum to 1")
+        raise MergeParameterError("multislerp weights sum to 0; they are normalised to sum to 1")
     w = (weights / total).to(flat.dtype)
     norms = flat.norm(dim=-1, keepdim=True)
     unit = flat / (norms + EPS)
@@ -52,7 +53,7 @@ def multislerp_tensors(taus: torch.Tensor, weights: torch.Tensor, key: ModuleKey
         if taus.shape[0] == 2:
             return (w[0] * taus[0] + w[1] * taus[1]).reshape(taus.shape[1:])
         where = f" at module {key.label}" if key is not None else ""
-        raise ValueError(f"multislerp: the weighted mean of the unit task vectors is 0{where} (antipodal inputs)")
+        raise MergeParameterError(f"multislerp: the weighted mean of the unit task vectors is 0{where} (antipodal inputs)")
     mean = mean / mean_norm
     tangent = unit - (unit @ mean)[:, None] * mean
     v = (tangent * w[:, None]).sum(0)

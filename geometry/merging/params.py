@@ -12,6 +12,8 @@ import inspect
 from dataclasses import dataclass
 from typing import Any
 
+from geometry.errors import MergeParameterError
+
 
 @dataclass(frozen=True)
 class Param:
@@ -87,21 +89,21 @@ def parse(text: str, takes: tuple[str, ...], method: str) -> tuple[str, Any]:
     name, sep, raw = text.partition("=")
     name, raw = name.strip().replace("-", "_"), raw.strip()
     if not sep or not name:
-        raise ValueError(f"--param {text!r}: expected NAME=VALUE, e.g. gamma=0.01")
+        raise MergeParameterError(f"--param {text!r}: expected NAME=VALUE, e.g. gamma=0.01")
     if name not in takes or name not in PARAMS:
-        raise ValueError(f"--param {name}: merge method {method!r} does not take it (it takes {', '.join(takes) or 'only weights'})")
+        raise MergeParameterError(f"--param {name}: merge method {method!r} does not take it (it takes {', '.join(takes) or 'only weights'})")
     p = PARAMS[name]
     if p.kind == "choice":
         allowed = choices(method, name)
         if raw not in allowed:
-            raise ValueError(f"--param {name}={raw}: expected one of {', '.join(allowed)}")
+            raise MergeParameterError(f"--param {name}={raw}: expected one of {', '.join(allowed)}")
         return name, raw
     if p.kind == "bool":
         if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise ValueError(f"--param {name}={raw}: expected true or false")
+            raise MergeParameterError(f"--param {name}={raw}: expected true or false")
         return name, raw.lower() in ("true", "1", "yes")
     try:
         value = int(raw) if p.kind == "int" else float(raw)
     except ValueError:
-        raise ValueError(f"--param {name}={raw}: expected {'an integer' if p.kind == 'int' else 'a number'}") from None
+        raise MergeParameterError(f"--param {name}={raw}: expected {'an integer' if p.kind == 'int' else 'a number'}") from None
     return name, value

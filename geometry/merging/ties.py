@@ -28,6 +28,7 @@ from typing import Literal
 
 import torch
 
+from geometry.errors import MergeParameterError
 from geometry.merging.base import MergedAdapter
 from geometry.merging.elementwise import check_density, elementwise_merge
 from geometry.merging.weights import WeightsSpec
@@ -56,7 +57,7 @@ def elect_sign(taus: torch.Tensor, method: SignMethod = "total") -> torch.Tensor
     elif method == "frequency":
         mass = sign.sum(dim=0)
     else:
-        raise ValueError(f"majority_sign_method must be 'total' or 'frequency', got {method!r}")
+        raise MergeParameterError(f"majority_sign_method must be 'total' or 'frequency', got {method!r}")
     elected = torch.where(mass >= 0, 1.0, -1.0).to(taus.dtype)
     return sign == elected
 
@@ -91,7 +92,7 @@ def ties(
     """TIES-merging of the adapters' task vectors (keep ``density`` of each); see module docstring."""
     density = check_density(density)
     if majority_sign_method not in ("total", "frequency"):
-        raise ValueError(f"majority_sign_method must be 'total' or 'frequency', got {majority_sign_method!r}")
+        raise MergeParameterError(f"majority_sign_method must be 'total' or 'frequency', got {majority_sign_method!r}")
     return elementwise_merge(
         "ties", adapters, weights, 1.0,
         lambda taus, w, key: ties_tensors(taus, w, density, majority_sign_method),

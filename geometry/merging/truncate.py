@@ -2,7 +2,7 @@
 
 *Factored* (a rank-sum update ``Delta = B @ A``, ``B (m, k)``, ``A (k, n)``, e.g. exact task
 arithmetic ``[l1 s1 B1, ..., lT sT BT] @ [A1; ...; AT]``): the exact thin SVD comes from
-:func:`geometry.factored.lowrank_svd` (QR of ``B`` and ``A^T``, SVD of the ``k x k`` core in
+:func:`geometry.linalg.factored.lowrank_svd` (QR of ``B`` and ``A^T``, SVD of the ``k x k`` core in
 float64), never from the ``m x n`` matrix. Truncating to rank ``R`` keeps the top ``R`` singular
 triplets: ``B' = U_R S_R``, ``A' = V_R^T``, the best rank-``R`` approximation (Eckart-Young).
 
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from geometry.factored import lowrank_svd
+from geometry.linalg.factored import lowrank_svd
 
 #: Largest ``min(m, n)`` whose dense SVD is taken in full (above: randomized SVD).
 EXACT_SVD_MAX = 1024

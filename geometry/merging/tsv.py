@@ -13,7 +13,7 @@ Formula, per module (``lambda_t`` the merge weight at the module, ``s_t`` the ad
     U_perp = polar(U_cat),  V_perp = polar(V_cat)     (polar(M) = P Q^T for M = P diag(.) Q^T)
     Delta = alpha * U_perp diag(S_cat) V_perp^T
 
-Steps: each task's exact thin SVD comes from its factors (:func:`geometry.factored.lowrank_svd`:
+Steps: each task's exact thin SVD comes from its factors (:func:`geometry.linalg.factored.lowrank_svd`:
 QR of ``B_t`` and ``A_t^T``, ``r_t x r_t`` core), the polar factors from the SVDs of the
 ``(m, K)`` and ``(n, K)`` concatenations (``K = sum_t k_t``); the result is stored factored,
 ``B = alpha * U_perp diag(S_cat)``, ``A = V_perp^T``, rank ``K``. Cost ``O((m + n) K^2)``; no
@@ -49,7 +49,7 @@ Limits (where this differs from the authors' dense code, and why):
   ``tests/test_merge_svd_methods.py``.
 - ``polar`` of a rank-deficient concatenation (e.g. two tasks sharing a singular vector) is taken
   as the canonical partial isometry ``P_+ Q_+^T`` over its non-zero singular values (numerical rank
-  as in :mod:`geometry.factored`); the authors' ``P Q^T`` then depends on LAPACK's choice of ``P``'s
+  as in :mod:`geometry.linalg.factored`); the authors' ``P Q^T`` then depends on LAPACK's choice of ``P``'s
   null columns. Both agree when the concatenation has full rank ``min(m or n, K)``.
 - Non-matrix parameters, ``text_projection`` and heads: not part of a LoRA update here; each task
   keeps its own head (:attr:`~geometry.merging.base.MergedAdapter.heads`).
@@ -74,7 +74,8 @@ from typing import Literal
 import pandas as pd
 import torch
 
-from geometry.factored import lowrank_svd, rank_mask
+from geometry.errors import MergeParameterError
+from geometry.linalg.factored import lowrank_svd, rank_mask
 from geometry.merging.base import (
     MergedAdapter,
     all_keys,
@@ -125,7 +126,7 @@ def polar(M: torch.Tensor) -> torch.Tensor:
 
     The nearest matrix with orthonormal columns (rows, when ``p < q``) to ``M`` in Frobenius norm
     (Procrustes; TSV-M's ``U_perp``). Only singular values above ``max(p, q) * eps * s_1`` count
-    (as in :mod:`geometry.factored`): for a rank-deficient ``M`` this is the canonical partial
+    (as in :mod:`geometry.linalg.factored`): for a rank-deficient ``M`` this is the canonical partial
     isometry, unique where ``P Q^T`` would depend on the choice of ``P``'s null columns.
     """
     if M.shape[-1] == 0 or M.shape[-2] == 0:
@@ -147,7 +148,7 @@ def check_fraction(fraction: float | None) -> float | None:
         return None
     fraction = float(fraction)
     if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"fraction must be in (0, 1] (the fraction of each task's rank kept), got {fraction}")
+        raise MergeParameterError(f"fraction must be in (0, 1] (the fraction of each task's rank kept), got {fraction}")
     return fraction
 
 
@@ -240,16 +241,17 @@ def pair_interference(a: TaskSVD, b: TaskSVD, score: InterferenceScore = "sti") 
         if p == 0:
             return math.nan
         return float((X.pow(2).sum() + Y.pow(2).sum()) / (2 * p))
-    raise ValueError(f"score must be 'sti' or 'overlap', got {score!r}")
+    raise MergeParameterError(f"score must be 'sti' or 'overlap', got {score!r}")
 
 
-def _select_keys(adapters: Sequence[Adapter], module: ModuleKey | str | None) -> list[ModuleKey]:
+def _select_keys(adapters: Sequence[Adapter], module: ModuleKey | str | Sequence[ModuleKey] | None) -> list[ModuleKey]:
     keys = all_keys(adapters)
     if module is None:
         return keys
-    picked = [k for k in keys if k == module or k.label == module]
+    wanted = list(module) if isinstance(module, (list, tuple, set)) and not isinstance(module, ModuleKey) else [module]
+    picked = [k for k in keys if k in wanted or k.label in wanted]
     if not picked:
-        raise KeyError(f"no adapter has module {module!r}")
+        raise MergeParameterError(f"no adapter has module {module!r}")
     return picked
 
 
@@ -258,22 +260,22 @@ def task_interference(
     weights: WeightsSpec = None,
     *,
     score: InterferenceScore = "sti",
-    module: ModuleKey | str | None = None,
+    module: ModuleKey | str | Sequence[ModuleKey] | None = None,
     reduce: Literal["mean", "sum"] = "mean",
     device: torch.device | str | None = None,
 ) -> pd.DataFrame:
     """Pairwise interference, a symmetric DataFrame adapters x adapters labelled by adapter name.
 
-    Per module (``module``: a :class:`~geometry.types.ModuleKey` or its label), else the ``mean``
-    (or ``sum``) over the modules both adapters have (NaN when they share none). ``score``: see
+    Per module (``module``: a :class:`~geometry.types.ModuleKey` or its label), over a list of
+    modules, else the ``mean`` (or ``sum``) over the modules both adapters have (NaN when they share none). ``score``: see
     :func:`pair_interference`; task vectors are ``lambda_t s_t B_t A_t`` (``weights`` as in the merges).
     The diagonal is a task paired with itself (STI ``2 sum_i sigma_i``, overlap 1).
     All factored: per module one thin SVD per task and ``r_a x r_b`` products.
     """
     if score not in ("sti", "overlap"):
-        raise ValueError(f"score must be 'sti' or 'overlap', got {score!r}")
+        raise MergeParameterError(f"score must be 'sti' or 'overlap', got {score!r}")
     if reduce not in ("mean", "sum"):
-        raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
+        raise MergeParameterError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
     check_mergeable(adapters)
     dev = merge_device(device)
     w = MergeWeights(weights, len(adapters), default=1.0)

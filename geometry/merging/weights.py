@@ -14,9 +14,32 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from geometry.errors import MergeParameterError
 from geometry.types import ModuleKey
 
 WeightsSpec = None | Sequence[float] | Sequence[Mapping[Any, float]] | Sequence[Sequence[float]]
+
+
+def parse_weights(text: str, names: Sequence[str] | None = None, *, label: str = "weights") -> list[float] | None:
+    """Task-level weights from text, as typed in the dashboard or given to ``--weights``: ``"0.5, 0.5"``.
+
+    Numbers separated by commas (spaces ignored); an empty text is ``None`` (the method's default).
+    With ``names`` the count must match the adapters. Raises :class:`MergeParameterError` naming the
+    text (as ``label``: the CLI says ``--weights``) and what was expected.
+    """
+    if text is None or not str(text).strip():
+        return None
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        weights = [float(p) for p in parts]
+    except ValueError:
+        raise MergeParameterError(f"{label} {text!r}: expected comma-separated numbers, e.g. 0.5, 0.5") from None
+    if any(w != w or w in (float("inf"), float("-inf")) for w in weights):
+        raise MergeParameterError(f"{label} {text!r}: every weight must be a finite number")
+    if names is not None and len(weights) != len(names):
+        raise MergeParameterError(f"{label} {text!r}: {len(weights)} weights for {len(names)} adapters "
+                                  f"({', '.join(names)}); give one per adapter")
+    return weights
 
 
 class MergeWeights:
@@ -32,7 +55,7 @@ class MergeWeights:
             weights = weights.tolist()
         weights = list(weights)
         if len(weights) != self.n_tasks:
-            raise ValueError(f"got {len(weights)} merge weights for {self.n_tasks} adapters; give one per adapter")
+            raise MergeParameterError(f"got {len(weights)} merge weights for {self.n_tasks} adapters; give one per adapter")
         if all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
             self._task = [float(w) for w in weights]
             return
@@ -44,7 +67,7 @@ class MergeWeights:
             elif isinstance(w, Sequence) and not isinstance(w, str):
                 self._layer.append([float(v) for v in w])
             else:
-                raise ValueError(
+                raise MergeParameterError(
                     f"merge weight {t} is {w!r}: give numbers (one per adapter), or one mapping / list per adapter"
                 )
 
@@ -60,10 +83,10 @@ class MergeWeights:
                 elif "default" in w:
                     out.append(w["default"])
                 else:
-                    raise ValueError(f"layer-level merge weights of adapter {t} give no weight for layer {key.layer} ({key.label})")
+                    raise MergeParameterError(f"layer-level merge weights of adapter {t} give no weight for layer {key.layer} ({key.label})")
             else:
                 if not 0 <= key.layer < len(w):
-                    raise ValueError(
+                    raise MergeParameterError(
                         f"layer-level merge weights of adapter {t} cover layers 0..{len(w) - 1}, "
                         f"not layer {key.layer} ({key.label})"
                     )

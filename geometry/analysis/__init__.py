@@ -1,0 +1,1 @@
+"""The analyses: distances, spectral inclusion, anatomy, maps, tests, token dynamics."""

@@ -1,0 +1,1 @@
+"""Evaluation: task files, scores of model outputs, adapters and merges scored on tasks (ANP)."""

@@ -1,0 +1,47 @@
+"""Adapters from the Hugging Face Hub (``hub:owner/name``): the download call, with the size checked first in
+demo mode. Tests mock :func:`snapshot_download` and :class:`HfApi` here, nothing else."""
+
+from __future__ import annotations
+
+import fnmatch
+
+from huggingface_hub import HfApi, snapshot_download
+
+from geometry.errors import AdapterLoadError
+from geometry.io.limits import is_demo
+from geometry.io.limits import limits as current_limits
+
+HUB_PATTERNS = ["*adapter_config.json", "*adapter_model.safetensors", "*adapter_model.bin"]
+
+
+def _hub_size(repo_id: str, revision: str | None) -> int:
+    """Total bytes of the adapter files of ``repo_id`` (``HfApi.model_info`` with file sizes), before download."""
+
+    info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+    sizes = [f.size for f in info.siblings or [] if any(fnmatch.fnmatch(f.rfilename, p) for p in HUB_PATTERNS)]
+    if any(size is None for size in sizes):
+        raise AdapterLoadError(f"hub:{repo_id}: the hub does not say how large its adapter files are, so this "
+                               "server cannot check them against its limit before downloading")
+    return sum(sizes)
+
+
+def download(repo_id: str, revision: str | None = None, max_bytes: int | None = None) -> str:
+    """Download the adapter files of ``repo_id`` with ``huggingface_hub.snapshot_download``; their local folder.
+
+    ``max_bytes``: refuse, before downloading anything, a repository whose adapter files are larger (their
+    sizes come from the hub's file metadata). Default: the upload limit in demo mode
+    (:mod:`geometry.io.limits`), no cap otherwise.
+    """
+    if max_bytes is None and is_demo():
+        max_bytes = current_limits().max_upload_bytes
+    try:
+        total = _hub_size(repo_id, revision) if max_bytes is not None else None
+        if total is not None and total > max_bytes:
+            raise AdapterLoadError(f"hub:{repo_id}: its adapter files are {total} bytes, more than this server's "
+                                   f"limit of {max_bytes} bytes; nothing was downloaded")
+        folder = snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
+    except AdapterLoadError:
+        raise
+    except Exception as exc:  # network, auth, missing repo: one sentence for the user
+        raise AdapterLoadError(f"hub:{repo_id}: download failed ({type(exc).__name__}: {exc})") from exc
+    return folder

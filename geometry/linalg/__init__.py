@@ -1,0 +1,1 @@
+"""The factored linear algebra of low-rank task vectors (never ``B @ A``)."""
