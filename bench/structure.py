@@ -274,19 +274,22 @@ def traces() -> dict:
 
 
 def _path_upload_to_heatmap(blobs: dict[str, bytes]) -> None:
-    try:
-        from ui.session import distances_figure_from_zips  # the dashboard's own path, when it has one
-    except ImportError:
-        distances_figure_from_zips = None
-    if distances_figure_from_zips is not None:
-        distances_figure_from_zips(blobs)
-        return
-    from geometry.io.loader import load_zip_bytes
+    """What the dashboard does with uploaded zips: its upload handler, its cached distances, the heatmap."""
+    from geometry.adapter_set import AdapterSet
     from ui import compute, figures
 
-    adapters = [load_zip_bytes(b, name=n, source=f"{n}.zip") for n, b in blobs.items()]
+    if hasattr(__import__("ui.adapter_set").adapter_set, "load_uploads"):
+        from ui.adapter_set import load_uploads
+
+        aset = AdapterSet()
+        load_uploads(aset, [(f"{n}.zip", b) for n, b in blobs.items()])
+        adapters = aset.adapters
+    else:  # the layout before Library 2.0
+        from geometry.loader import load_zip_bytes
+
+        adapters = [load_zip_bytes(b, name=n, source=f"{n}.zip") for n, b in blobs.items()]
     dists = compute.distances(adapters)
-    key = ("grassmann", "ba", "v")
+    key = ("grassmann", "ba", "model", "v")
     tensor = dists.get(key) or next(iter(dists.values()))
     matrix = tensor.reduce(tensor.layers)
     figures.matrix_heatmap(matrix, [a.name for a in adapters], title="Grassmann", value_label="distance")
@@ -297,7 +300,10 @@ def _path_merge_scores(sample: Path) -> None:
 
     ads = geometry.load([sample / "sst2", sample / "mrpc"])
     merged = geometry.merge(ads, method="ties", density=0.2)
-    geometry.evaluate_merge(merged, tasks=sample / "tasks", limit=8)
+    if hasattr(geometry, "evaluate_merge"):
+        geometry.evaluate_merge(merged, tasks=sample / "tasks", limit=8)
+    else:  # the layout before Library 2.0
+        geometry.evaluate(merged, tasks=sample / "tasks", limit=8)
 
 
 def main() -> None:

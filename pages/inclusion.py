@@ -83,7 +83,7 @@ def view() -> None:
         default_kinds = [k for k in ("q", "v") if k in present] or present[:2]
         k1, k2 = st.columns([3, 2])
         with k1:
-            kinds = st.multiselect("Projections", present, default=default_kinds, key="kinds", bind=controls.URL)
+            kinds = st.multiselect("Projections", present, default=default_kinds, key="pair_kind", bind=controls.URL)
         with k2:
             l1_col = controls.choice(
                 st.segmented_control, "L1 on", {"l1": "raw spectra", "l1_normalized": "normalized"}, "l1", "l1"

@@ -9,8 +9,9 @@ import streamlit as st
 from geometry.errors import AtlasError
 from geometry.evaluation.merge_eval import methods_matrix, methods_table
 from geometry.learned.data import parse_unlabeled
-from ui import compute, controls, demo, downloads, figures, merge_figures, require_app
-from ui.learned import LiveRun, make_run
+from ui import compute, controls, demo, downloads, figures, require_app
+from ui.figures import merge as merge_figures
+from ui.runs import LiveRun, make_run
 
 require_app()  # a shared link opened first on a fresh server still gets the app around it
 
@@ -44,7 +45,7 @@ controls.demo_caps_note()
 
 c1, c2, c3, c4 = st.columns([3, 2, 2, 2])
 with c1:
-    tasks_dir = controls.task_data("learned_tasks", help="One folder per task: validation.jsonl (unlabeled inputs) "
+    tasks = controls.task_data("learned_tasks", help="One folder per task: validation.jsonl (unlabeled inputs) "
                                    "and test.jsonl (ANP).")
 with c2:
     method = st.selectbox("Method", list(METHODS), format_func=METHODS.get, key="learned_method", bind=controls.URL)
@@ -93,7 +94,7 @@ with st.expander("Your own unlabeled inputs (optional): a CSV or JSONL file per 
                    + (" (pairs)" if parsed.pairs is not None else "") + f" for {a.name}.")
 
 settings = (compute.content_key(adapters), method, level, divergence if method == "divmerge" else None, samples,
-            epochs, lr, init, tasks_dir,
+            epochs, lr, init, tasks,
             tuple(sorted((n, hashlib.sha256(b).hexdigest()) for n, b in uploaded.items())))
 live: LiveRun | None = st.session_state.get(RUN_KEY)
 running = bool(live and live.run.running)
@@ -107,9 +108,9 @@ if start:
     if method == "divmerge":
         kwargs["divergence"] = divergence
     try:
-        if not tasks_dir:
+        if not tasks:
             raise AtlasError("no task data to measure ANP on")
-        run = make_run(method, adapters, tasks_dir, data=uploaded or None, **kwargs)
+        run = make_run(method, adapters, tasks, data=uploaded or None, **kwargs)
     except (AtlasError, ValueError, OSError) as exc:
         st.error(str(exc), icon=":material/error:")
     else:
@@ -197,7 +198,7 @@ if live is not None:
         scored_by = {}
         for label, m in candidates.items():
             try:
-                scored = compute.merge_scores(src, tasks_dir, m, live.limit, run=clicked)
+                scored = compute.merge_scores(src, tasks, m, live.limit, run=clicked)
             except AtlasError as exc:
                 st.error(str(exc))
                 break

@@ -6,19 +6,19 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from geometry.errors import AtlasError
+from geometry.errors import AtlasError, MissingTaskDataError
 from geometry.evaluation.merge_eval import (
-    MissingTaskDataError,
     correlation_study,
     correlation_table,
-    find_task_dir,
     methods_matrix,
     methods_table,
 )
+from geometry.evaluation.tasks import find_task_dir
 from geometry.merging import MERGE_METHODS, METHOD_PARAMS
 from geometry.merging import params as merge_params
 from geometry.merging.weights import parse_weights
-from ui import compute, controls, demo, downloads, figures, merge_figures, require_app
+from ui import compute, controls, demo, downloads, figures, require_app, runs
+from ui.figures import merge as merge_figures
 
 require_app()  # a shared link opened first on a fresh server still gets the app around it
 
@@ -85,19 +85,19 @@ names = [a.name for a in adapters]
 
 c1, c2 = st.columns([3, 2])
 with c1:
-    tasks_dir = controls.task_data(
+    tasks = controls.task_data(
         "merge_tasks", help="Holds one folder per task (test.jsonl + labels.json). Each adapter's task is read "
         "from its training_info.json, else its name.", uploads=True,
     )
 with c2:
-    max_examples = int(st.number_input(
+    limit = int(st.number_input(
         "Test examples per task", min_value=10, max_value=demo.caps().max_test_examples or 100000, value=200,
-        step=50, key="merge_max", help="Scores use the first N test examples of each task (fewer = faster).",
+        step=50, key="merge_limit", help="Scores use the first N test examples of each task (fewer = faster).",
     ))
-task_errors = [] if tasks_dir else ["no task data"]
-for a in adapters if tasks_dir else []:
+task_errors = [] if tasks else ["no task data"]
+for a in adapters if tasks else []:
     try:
-        find_task_dir(a, tasks_dir)
+        find_task_dir(a, tasks)
     except MissingTaskDataError as exc:
         task_errors.append(str(exc))
 can_score = not task_errors
@@ -182,11 +182,11 @@ clicked = st.button("Score the merged model on every task", disabled=not can_sco
 result = None
 if can_score:
     try:
-        result = compute.merge_scores(adapters, tasks_dir, merged, max_examples, run=clicked)
+        result = compute.merge_scores(adapters, tasks, merged, limit, run=clicked)
     except AtlasError as exc:
         st.error(str(exc), icon=":material/error:")
-if result is None and can_score and compute.cancelled(
-        "merge_scores", compute.merge_scores_key(adapters, tasks_dir, merged, max_examples)):
+if result is None and can_score and runs.cancelled(
+        "merge_scores", compute.merge_scores_key(adapters, tasks, merged, limit)):
     st.info("Cancelled before the first task was scored: nothing to show yet. The evaluations that finished are "
             "cached, so pressing the button again continues from there.", icon=":material/pause_circle:")
 if result is not None:
@@ -211,7 +211,7 @@ compared = st.multiselect(
     default=["task_arithmetic", "ties", "dare_ties", "multislerp"],
 )
 clicked = st.button("Score every method", disabled=not can_score or not compared, key="merge_compare_run")
-view_key = (compute.content_key(adapters), tuple(compared), tasks_dir, max_examples)
+view_key = (compute.content_key(adapters), tuple(compared), tasks, limit)
 if clicked:
     st.session_state["merge_compare_view"] = view_key  # what to show; the results come from the caches
 scored_by, partial_methods = {}, []
@@ -219,7 +219,7 @@ if can_score and compared and st.session_state.get("merge_compare_view") == view
     for m_name in compared:
         try:
             m_merged = compute.merged(adapters, m_name, None, {})
-            scored = compute.merge_scores(adapters, tasks_dir, m_merged, max_examples, run=clicked)
+            scored = compute.merge_scores(adapters, tasks, m_merged, limit, run=clicked)
         except (AtlasError, ValueError) as exc:
             st.caption(f":material/info: {METHOD_LABELS[m_name]}: {exc}")
             continue
@@ -247,18 +247,18 @@ n_eval = len(adapters) * len(adapters)  # n fine-tuned + n (n - 1) merged evalua
 st.caption(
     f"Merges every pair of the {len(adapters)} adapters with the method above (each pair with the method's default "
     f"weights) and scores both tasks: {len(adapters)} fine-tuned and {n_eval - len(adapters)} merged evaluations of "
-    f"up to {max_examples} test examples each, about {compute.estimate_seconds(n_eval, max_examples)} on this "
+    f"up to {limit} test examples each, about {runs.estimate_seconds(n_eval, limit)} on this "
     "machine (estimate; evaluations already cached cost nothing). Pick the adapters above first."
 )
 clicked = st.button("Run the pairwise study", disabled=not can_score, key="merge_pairwise")
 res = None
 if can_score:
     try:
-        res = compute.pairwise(adapters, tasks_dir, method, params, max_examples, run=clicked)
+        res = compute.pairwise(adapters, tasks, method, params, limit, run=clicked)
     except AtlasError as exc:
         st.error(str(exc), icon=":material/error:")
-if res is None and can_score and compute.cancelled(
-        "pairwise", compute.pairwise_key(adapters, tasks_dir, method, params, max_examples)):
+if res is None and can_score and runs.cancelled(
+        "pairwise", compute.pairwise_key(adapters, tasks, method, params, limit)):
     st.info("Cancelled before the first pair was merged and scored: nothing to show yet. The evaluations that "
             "finished are cached, so running the study again continues from there.", icon=":material/pause_circle:")
 if res is not None:

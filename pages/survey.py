@@ -6,9 +6,10 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from geometry import survey as sv
 from geometry.errors import AtlasError
-from ui import compute, controls, demo, downloads, require_app, state
-from ui import survey as ui_survey
+from ui import compute, controls, demo, downloads, require_app, runs, state, views
+from ui.figures import survey as survey_figures
 
 require_app()
 
@@ -42,7 +43,7 @@ if source == "file":
         placeholder="results.parquet (the folder written by python -m geometry survey)")
     try:
         if upload is not None:
-            path = ui_survey.saved_upload(upload.getvalue())
+            path = compute.saved_survey_upload(upload.getvalue())
         elif typed.strip():
             path = typed.strip()
     except AtlasError as exc:
@@ -57,8 +58,8 @@ else:
                "resumes where a cancelled run stopped.")
     if st.button(f"Run the survey on the {len(adapters)} adapters", key="survey_run", icon=":material/play_arrow:"):
         try:
-            with compute.progress_bar("Surveying modules") as update, compute.queued(update):
-                st.session_state["survey_run_path"] = str(ui_survey.run_on_adapters(adapters, progress=update))
+            with runs.progress_bar("Surveying modules") as update, runs.queued(update):
+                st.session_state["survey_run_path"] = str(compute.run_survey_on(adapters, progress=update))
         except AtlasError as exc:
             st.error(str(exc))
             st.stop()
@@ -68,13 +69,13 @@ if not path:
     st.info("Open a survey file, or run one on the session's adapters.")
     st.stop()
 try:
-    survey = ui_survey.open_survey(path)
+    survey = compute.open_survey(path)
 except AtlasError as exc:
     st.error(str(exc))
     st.stop()
 
 info = survey.adapters
-mods = ui_survey.modules(survey)
+mods = compute.survey_modules(survey)
 n_all = len(info)
 st.caption(f"{n_all} adapters · {len(mods)} modules · {n_all * (n_all - 1) // 2} pairs per module · `{survey.path}`")
 
@@ -89,21 +90,21 @@ def view() -> None:
         targets = sorted({t for ts in info["target_modules"] for t in (ts or [])})
         pick_targets = st.multiselect("Target modules (all of)", targets, key="survey_targets", placeholder="any")
     with st.container(horizontal=True, gap="medium"):
-        metric = controls.choice(st.segmented_control, "Metric", ui_survey.METRIC_LABELS, "grassmann", "survey_metric")
-        factor = controls.choice(st.segmented_control, "Factor", ui_survey.FACTOR_LABELS, "ba", "survey_factor")
+        metric = controls.choice(st.segmented_control, "Metric", views.METRIC_LABELS, "grassmann", "survey_metric")
+        factor = controls.choice(st.segmented_control, "Factor", views.FACTOR_LABELS, "ba", "survey_factor")
         kinds_all = list(dict.fromkeys(mods.sort_values(["layer"])["kind"]))
-        kinds = st.multiselect("Projection kinds averaged", kinds_all, key="survey_kinds", placeholder="all kinds")
+        kinds = st.multiselect("Projection kinds averaged", kinds_all, key="survey_kind", placeholder="all kinds")
     column = f"{metric}_{factor}"
     names_all = survey.names
-    keep = ui_survey.filter_names(info, pick_bases, pick_ranks, pick_targets)
+    keep = sv.filter_adapters(info, bases=pick_bases, ranks=pick_ranks, targets=pick_targets)
     if len(keep) < 2:
         st.warning(f"{len(keep)} adapter(s) match these filters; at least 2 are needed.")
         return
-    values_all, counts_all = ui_survey.matrix(survey, column, kinds or None)
+    values_all, counts_all = compute.survey_matrix(survey, column, kinds or None)
     idx = [names_all.index(n) for n in keep]
     values, counts = values_all[np.ix_(idx, idx)], counts_all[np.ix_(idx, idx)]
     kinds_text = ", ".join(kinds) if kinds else "all kinds"
-    label = f"{ui_survey.METRIC_LABELS[metric]} distance on {ui_survey.FACTOR_LABELS[factor]}"
+    label = f"{views.METRIC_LABELS[metric]} distance on {views.FACTOR_LABELS[factor]}"
     where = f"mean over the modules of {kinds_text}"
     undefined = int(np.isnan(values).sum() // 2)
     st.caption(f"{len(keep)} of {n_all} adapters shown · {label} · {where}"
@@ -115,14 +116,14 @@ def view() -> None:
         who = st.selectbox("Adapter", keep, key="survey_who", width=320)
         k = st.number_input("k", min_value=1, max_value=max(1, len(keep) - 1), value=min(10, len(keep) - 1),
                             key="survey_k", width=120)
-    table = ui_survey.neighbours_frame(values, counts, keep, who, int(k))
+    table = sv.nearest(values, counts, keep, who, int(k))
     st.dataframe(table, hide_index=True, height=min(400, 38 + 35 * len(table)),
                  column_config={"distance": st.column_config.NumberColumn(format="%.5g")})
     downloads.csv_button(table, f"neighbours_{who}_{column}", label="CSV of the neighbours", key="csv_neighbours")
 
-    order, _ = ui_survey.cluster_order(values)
+    order, _ = sv.cluster_order(values)
     ordered = [keep[i] for i in order]
-    fig = ui_survey.survey_heatmap(
+    fig = survey_figures.survey_heatmap(
         values[order][:, order], ordered, title=f"{label[0].upper() + label[1:]}, ordered by hierarchical clustering\n"
         f"{len(keep)} adapters · {where}", value_label=label, detail=where)
     matrix_frame = pd.DataFrame(values, index=pd.Index(keep, name="adapter"), columns=keep)
@@ -136,7 +137,7 @@ def view() -> None:
     if mapped.message:
         st.warning(mapped.message, icon=":material/visibility_off:")
     base_of = {row.name: str(row.base or "not declared") for row in info.itertuples()}
-    fig_map = ui_survey.survey_scatter(
+    fig_map = survey_figures.survey_scatter(
         mapped.coords, mapped.names, [base_of[n] for n in mapped.names], method=method.upper(),
         title=f"2-D map ({method.upper()}) of the {label}\n{len(mapped.names)} adapters · {where} · "
         "colour: base model",

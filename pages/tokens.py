@@ -6,7 +6,7 @@ import streamlit as st
 
 from geometry.errors import AtlasError
 from ui import compute, controls, downloads, figures, require_app, state
-from ui import tokens as tok
+from ui.figures import tokens as token_figures
 
 require_app()  # a shared link opened first on a fresh server still gets the app around it
 
@@ -74,7 +74,7 @@ def real_view() -> None:
         st.info("Choose at least one adapter.")
         return
     adapters = aset.subset(chosen)
-    examples = tok.example_texts(adapters, _tasks_dir())
+    examples = compute.example_texts(adapters, _tasks_dir())
     if "tok_text" not in st.session_state:
         st.session_state["tok_text"] = next(iter(examples.values()))
 
@@ -93,7 +93,7 @@ def real_view() -> None:
         special = st.toggle("Include [CLS] / [SEP] (special tokens)", value=True, key="tok_special", bind=controls.URL)
     text = st.text_area("Text", key="tok_text", height=80)
     try:
-        dyn = tok.dynamics(adapters, text, threshold, special)
+        dyn = compute.dynamics(adapters, text, threshold, special)
         st.session_state["tok_last"] = (tuple(chosen), dyn)
     except AtlasError as exc:
         st.error(str(exc), icon=":material/error:")
@@ -113,8 +113,8 @@ def real_view() -> None:
     with st.container(horizontal=True, gap="medium", vertical_alignment="bottom"):
         shown = st.selectbox("Adapter on the map", chosen, key="tok_map_adapter", width=300)
         layer = st.select_slider("Layer", options=layers, value=layers[-1], key="tok_layer", width=420)
-    color = tok.QUALITATIVE[chosen.index(shown) % len(tok.QUALITATIVE)]
-    fig = figures.built(tok.projection_figure, dyn, shown, int(layer), color)  # kept per its arguments' content
+    color = token_figures.QUALITATIVE[chosen.index(shown) % len(token_figures.QUALITATIVE)]
+    fig = figures.built(token_figures.projection_figure, dyn, shown, int(layer), color)  # kept per its arguments' content
     points = dyn.points[dyn.points["model"].isin(["base", shown])]
     downloads.show(fig, f"tokens_map_{shown}", points, key="tok_map")
 
@@ -125,11 +125,11 @@ def real_view() -> None:
     short = dyn.text[:60] + ("…" if len(dyn.text) > 60 else "")
     title = (f"Per-layer token measures · {len(chosen)} adapter(s)\n"
              f"cluster cut: cosine distance {dyn.threshold:g} · text: {short}")
-    fig_c = figures.built(tok.layer_curves, dyn.table, title=title)
+    fig_c = figures.built(token_figures.layer_curves, dyn.table, title=title)
     downloads.show(fig_c, "tokens_per_layer", dyn.table, key="tok_curves")
 
     st.subheader("Batch mode: the same curves over a task's validation inputs")
-    tasks = tok.task_folders(_tasks_dir())
+    tasks = compute.task_folders(_tasks_dir())
     if not tasks:
         st.info(f"No task folder with a validation split under {_tasks_dir()}: batch mode needs one.")
         return
@@ -141,7 +141,7 @@ def real_view() -> None:
                                 help="The first N inputs of the validation split.")
     folder = str(_tasks_dir() / task)
     if not run_batch:
-        res = tok.batch_partial(adapters, folder, int(limit), threshold, special)
+        res = compute.batch_partial(adapters, folder, int(limit), threshold, special)
         if res is None:
             st.caption("Turn on batch mode to average the curves over the inputs (about a second per 32 inputs "
                        "and adapter on CPU for the sample base).")
@@ -151,12 +151,12 @@ def real_view() -> None:
                    icon=":material/pause_circle:")
     else:
         try:
-            res = tok.batch(adapters, folder, int(limit), threshold, special,
+            res = compute.batch(adapters, folder, int(limit), threshold, special,
                             on_cancel=lambda: st.session_state.update(tok_batch=False))
         except AtlasError as exc:
             st.error(str(exc), icon=":material/error:")
             return
-    fig_b = tok.batch_curves(res.summary, title=f"Per-layer token measures over {res.source}\n"
+    fig_b = token_figures.batch_curves(res.summary, title=f"Per-layer token measures over {res.source}\n"
                              f"mean ± one standard deviation over the inputs · cluster cut {threshold:g}")
     downloads.show(fig_b, f"tokens_batch_{task}", res.summary, key="tok_batch_fig")
     downloads.csv_button(res.per_text, f"tokens_batch_{task}_per_text", label="CSV (per input)", key="tok_batch_rows")
@@ -197,7 +197,7 @@ def toy_view() -> None:
                   steps=int(steps), dt=float(dt), qk=qk, v0=v0, threshold=float(threshold),
                   separation=float(separation))
     try:
-        run = tok.particles(**params)
+        run = compute.particles(**params)
     except AtlasError as exc:
         st.error(str(exc), icon=":material/error:")
         return
@@ -207,12 +207,12 @@ def toy_view() -> None:
               else f"{run.separation_time:.3g}", help=f"First t with mean geodesic distance > δ = {separation:g} rad")
     m2.metric("Final clusters, base", base)
     m3.metric("Final clusters, LoRA-perturbed", pert)
-    anim = figures.built(tok.particle_animation, run)
+    anim = figures.built(token_figures.particle_animation, run)
     if anim is None:
         st.info(f"The animation is drawn for d = 2 (circle) and d = 3 (sphere); d = {int(d)} shows the curves only.")
     else:
         downloads.show(anim, f"particles_d{int(d)}", key="pt_anim")
-    downloads.show(figures.built(tok.particle_curves, run), "particles_curves", run.table, key="pt_curves")
+    downloads.show(figures.built(token_figures.particle_curves, run), "particles_curves", run.table, key="pt_curves")
 
 
 with real_tab:

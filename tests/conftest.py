@@ -33,7 +33,7 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "cuda" in item.keywords:
+        if item.get_closest_marker("cuda") is not None:  # not item.keywords: a parameter id "cuda" is one too
             item.add_marker(skip)
 
 
@@ -92,3 +92,43 @@ def learned_tiny(learned_study_dirs):
 
     folders, tasks = learned_study_dirs
     return [amplified(load_adapter(f)) for f in folders], tasks
+
+
+@pytest.fixture
+def load_bench():
+    """``load_bench("geometry_bench")``: a fresh module of ``bench/geometry_bench.py`` (the benches are
+    scripts beside the library; they import the installed ``geometry``)."""
+    import importlib.util
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+@pytest.fixture
+def timed_runs(monkeypatch):
+    """``runs = timed_runs(bench, "_median_time")`` wraps a bench's median timer ``timer(fn, device, repeats)``;
+    ``runs`` then lists ``(repeats asked, calls of fn made, median returned)`` per timed figure."""
+
+    def wrap(module, attribute: str) -> list[tuple[int, int, float]]:
+        real, runs = getattr(module, attribute), []
+
+        def counting(fn, device, repeats):
+            made = []
+
+            def counted():
+                made.append(1)
+                return fn()
+
+            median = real(counted, device, repeats)
+            runs.append((repeats, len(made), median))
+            return median
+
+        monkeypatch.setattr(module, attribute, counting)
+        return runs
+
+    return wrap

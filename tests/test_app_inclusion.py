@@ -64,7 +64,7 @@ def test_l1_choice_redraws_the_curves_and_leaves_the_sweep_as_it_was(sample_set,
 
 
 def test_figures_follow_every_choice_they_are_built_for(sample_set, adapters):
-    """The page's figures are kept per inputs key (ui.figures.built): a choice that changes a figure gets a
+    """The page's figures are kept per the builder's arguments (ui.figures.built): a choice that changes a figure gets a
     new one, going back gives the first one again."""
     def spectra(at):
         return next(f for f in plotly_specs(at) if "spectra at layer" in f["layout"]["title"]["text"])

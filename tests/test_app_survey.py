@@ -79,7 +79,7 @@ def test_filters_metric_and_kinds(env):
     at.multiselect(key="survey_ranks").set_value([]).run()
     at.segmented_control(key="survey_metric").set_value("cosine").run()
     at.segmented_control(key="survey_factor").set_value("B").run()
-    at.multiselect(key="survey_kinds").set_value(["q"]).run()
+    at.multiselect(key="survey_kind").set_value(["q"]).run()
     assert not at.exception
     heat = next(s for s in plotly_specs(at) if s["data"][0]["type"] == "heatmap")
     names = heat["data"][0]["x"]

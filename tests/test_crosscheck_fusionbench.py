@@ -7,7 +7,6 @@ FusionBench (``fusion-bench`` on PyPI) is not a dependency: install it with ``pi
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -17,23 +16,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("crosscheck_fusionbench", REPO / "bench" / "crosscheck_fusionbench.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.fixture(scope="module")
-def script():
-    mod = _script()
+@pytest.fixture
+def script(load_bench):
+    mod = load_bench("crosscheck_fusionbench")
     if mod._package_dir(os.environ.get("FUSIONBENCH_PATH")) is None:
         pytest.skip("FusionBench (fusion_bench) is not installed; set FUSIONBENCH_PATH")
     return mod
 
 
-def test_skips_cleanly_without_fusionbench(tmp_path, capsys):
-    mod = _script()
+def test_skips_cleanly_without_fusionbench(tmp_path, capsys, load_bench):
+    mod = load_bench("crosscheck_fusionbench")
     assert mod.main(["--fusionbench-path", str(tmp_path)]) is None
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "skipped" in out[0]

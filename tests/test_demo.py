@@ -58,7 +58,7 @@ def test_demo_pages_offer_bundled_task_sets_not_a_path(monkeypatch, tmp_path, sa
 
 def test_demo_caps_the_test_examples_and_the_merge_size(monkeypatch, tmp_path, samples):
     at = _page(monkeypatch, tmp_path, samples, "pages/merge.py")
-    assert at.number_input(key="merge_max").max == demo.DEMO_CAPS.max_test_examples
+    assert at.number_input(key="merge_limit").max == demo.DEMO_CAPS.max_test_examples
     at.button(key="merge_run").click()
     at.run()
     assert not at.exception, at.exception
@@ -119,7 +119,7 @@ def test_heavy_runs_queue_behind_each_other(monkeypatch):
 
 
 def test_a_run_whose_session_left_stops():
-    from ui.learned import LiveRun
+    from ui.runs import LiveRun
 
     class Run:
         stopped = False

@@ -351,3 +351,23 @@ def test_concurrent_threads_share_one_store(cache):
     with ThreadPoolExecutor(8) as pool:
         assert all(pool.map(work, range(64)))
     assert len(cache) == 4
+
+
+def test_learned_references_in_memory_are_bounded_and_clearable(monkeypatch):
+    """The learned merges' reference distributions live in a byte-bounded LRU, not an unbounded dict."""
+    import torch
+    from cachetools import LRUCache
+
+    from geometry.learned import terms
+
+    assert isinstance(terms._MEMORY, LRUCache) and terms._MEMORY.maxsize == terms.MEMORY_BYTES
+    monkeypatch.setattr(terms, "_MEMORY", LRUCache(maxsize=1000, getsizeof=terms._nbytes))
+    for i in range(6):
+        terms._memo(("k", i), lambda: torch.zeros(50), None)  # 200 bytes each: five fit
+    assert terms._MEMORY.currsize == 1000 and ("k", 0) not in terms._MEMORY and ("k", 5) in terms._MEMORY
+    calls = []
+    assert terms._memo(("k", 4), lambda: calls.append(1), None).shape == (50,) and calls == []  # from memory
+    assert terms._memo(("big",), lambda: torch.zeros(1000), None).shape == (1000,)  # over the budget: not kept
+    assert ("big",) not in terms._MEMORY
+    terms.clear_memory_cache()
+    assert len(terms._MEMORY) == 0

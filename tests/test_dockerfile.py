@@ -23,6 +23,7 @@ import pytest
 from deploy.dockerfile_steps import Dockerfile, DockerfileError, DockerIgnore, split_commands, words
 from deploy.replay import Replay, ReplayError, duration
 
+pytestmark = pytest.mark.docker  # the Dockerfile, its parser and its replayed build (-m "not docker" skips them)
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "Dockerfile"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"

@@ -266,13 +266,25 @@ def test_generation_rouge_l_on_tiny_causal_lm(tiny, tmp_path):
     assert evaluate(folder, wrong, max_new_tokens=6)["rouge_l"] == pytest.approx(expected)
 
 
-def test_cli_evaluate(tiny, tmp_path, capsys):
+def test_cli_evaluate(tiny, tmp_path, capsys, isolated_cache, monkeypatch):
+    from geometry.cli import default_cache_dir
+
     _, folder = tiny["bert"]
     task = _write_task(tmp_path / "toy")
     assert main(["evaluate", str(folder), "--task", str(task), "--limit", "5", "--format", "csv", "--no-cache"]) == 0
     header, values = capsys.readouterr().out.strip().splitlines()
     assert header.split(",") == ["adapter", "accuracy", "macro_f1", "n", "task", "split"]
     assert values.split(",")[3:] == ["5", "toy", "test"]
+    assert not isolated_cache.exists()  # --no-cache: nothing written
+    # the CLI's own choice: a disk cache, --cache DIR, else $ADAPTER_ATLAS_CACHE, else ~/.cache/adapter-atlas
+    assert main(["evaluate", str(folder), "--task", str(task), "--limit", "5", "--cache", str(tmp_path / "mine")]) == 0
+    assert (tmp_path / "mine" / "store" / "cache.db").is_file() and not isolated_cache.exists()
+    assert main(["evaluate", str(folder), "--task", str(task), "--limit", "5"]) == 0
+    assert (isolated_cache / "store" / "cache.db").is_file()
+    capsys.readouterr()
+    monkeypatch.delenv("ADAPTER_ATLAS_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == str(tmp_path / "home" / ".cache" / "adapter-atlas")
     assert main(["evaluate", str(tmp_path / "missing"), "--task", str(task)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "adapter_config.json" in err and err.count("\n") == 1

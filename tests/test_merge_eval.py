@@ -7,15 +7,15 @@ import json
 import numpy as np
 import pytest
 
+from geometry.errors import MissingTaskDataError
 from geometry.evaluation.merge_eval import (
-    MissingTaskDataError,
     anp,
     evaluate_merge,
-    find_task_dir,
     layer_selections,
     pairwise_study,
     row_spearman,
 )
+from geometry.evaluation.tasks import find_task_dir
 from geometry.io.loader import load_adapter
 from tests.merge_fixtures import write_study
 
@@ -122,7 +122,7 @@ def test_row_spearman_and_layer_selections():
     assert layer_selections(3) == [("all", 3), ("last:1", 1), ("last:2", 2), ("last:3", 3)]
 
 
-def test_pairwise_cli_csv_json_and_missing_tasks(study, tmp_path, capsys):
+def test_pairwise_cli_csv_json_and_missing_tasks(study, tmp_path, capsys, isolated_cache):
     from geometry.cli import main
 
     adapters, tasks = study

@@ -6,21 +6,15 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
-import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from bench import st_protocol
+from bench.browser_latency import streamlit_server
 from deploy import nginx
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-
-import st_protocol  # noqa: E402  (bench/)
-
-from bench.browser_latency import streamlit_server  # noqa: E402
-from tests.app_fixtures import adapter_zip_bytes, write_sample_set  # noqa: E402
+from tests.app_fixtures import adapter_zip_bytes, write_sample_set
 
 CHROMIUM = shutil.which("chromium")
 needs_nginx = pytest.mark.skipif(nginx.nginx() is None, reason="nginx is not installed (apt-get install nginx)")
@@ -83,6 +77,7 @@ def test_behind_nginx_static_files_come_from_nginx_and_everything_else_from_stre
 
 
 @needs_nginx
+@pytest.mark.browser
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
 def test_a_browser_behind_nginx_draws_the_app_and_uploads_an_adapter(tmp_path):
     from playwright.sync_api import sync_playwright

@@ -80,7 +80,7 @@ def test_bad_parameters_are_refused():
 
 
 def test_animation_frames_for_d2_and_d3():
-    from ui.tokens import particle_animation, particle_curves
+    from ui.figures.tokens import particle_animation, particle_curves
 
     run2 = simulate(n=10, d=2, steps=50)
     fig = particle_animation(run2, max_frames=11)

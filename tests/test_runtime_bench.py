@@ -4,45 +4,15 @@ bytes it counts equal to the formula (no timing claims)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
-
-
-def count_timed_runs(monkeypatch, bench, attribute: str) -> list[tuple[int, int, float]]:
-    """Wrap the bench's median timer: ``(repeats asked, calls made, median)`` per timed figure."""
-    real, calls = getattr(bench, attribute), []
-
-    def counting(fn, device, repeats):
-        made = []
-
-        def counted():
-            made.append(1)
-            return fn()
-
-        median = real(counted, device, repeats)
-        calls.append((repeats, len(made), median))
-        return median
-
-    monkeypatch.setattr(bench, attribute, counting)
-    return calls
-
-
-def test_quick_runtime_bench_prints_json_last(capsys, monkeypatch):
-    bench = _load("runtime_bench")
-    timed = count_timed_runs(monkeypatch, bench, "_median_time")
+def test_quick_runtime_bench_prints_json_last(capsys, load_bench, timed_runs):
+    bench = load_bench("runtime_bench")
+    timed = timed_runs(bench, "_median_time")
     assert bench.main(["--quick", "--threads", "1", "--batch", "4", "--repeats", "2"]) == 0
     data = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert data["quick"] is True and data["adapters"] == 8 and data["memory_adapters"] == 8

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 from pathlib import Path
 
 import pytest
 
+from bench import soak, st_protocol
+from bench.browser_latency import streamlit_server
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-
-import soak  # noqa: E402  (bench/)
-import st_protocol  # noqa: E402
-
-from bench.browser_latency import streamlit_server  # noqa: E402
 
 SAMPLES = REPO / "sample_adapters" / "synthetic"
 pytestmark = pytest.mark.skipif(not (SAMPLES / "nli").is_dir(), reason="no sample adapters")

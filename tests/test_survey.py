@@ -246,8 +246,15 @@ def test_bench_quick_runs_and_reports(tmp_path):
                            str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     last = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert {"peak_rss_gb", "seconds_per_pair", "growth_vs_n2", "projection_1000_llama3_8b"} <= set(last)
-    assert 0 < last["peak_rss_gb"] < 4
+    assert (last["adapters"], last["layers"], last["modules"]) == (12, 1, 7)  # the quick workload, all of it
+    assert 0 < last["peak_rss_gb"] < last["memory_limit_gb"] == 4
+    pairs = 12 * 11 // 2
+    assert last["seconds_per_pair"] * pairs == pytest.approx(last["seconds"], abs=0.006)  # seconds: 2 decimals
+    assert last["seconds_per_pair_module"] == pytest.approx(last["seconds_per_pair"] / 7)
+    for key in ("seconds_per_pair", "growth_vs_n2", "gemm_gflops"):
+        assert math.isfinite(last[key]) and last[key] > 0, key
+    proj = last["projection_1000_llama3_8b"]
+    assert all(math.isfinite(v) and v > 0 for v in proj.values() if isinstance(v, (int, float))), proj
     assert list(tmp_path.iterdir()) == []  # the synthetic adapters are deleted
 
 

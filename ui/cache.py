@@ -12,7 +12,7 @@
   :data:`SAMPLE_LISTINGS` (the listing per folder stamp), and :data:`FILE_DIGESTS` (file sha256 by
   path, size and modification time).
 * Streamlit's own ``st.cache_data`` / ``st.cache_resource`` (``max_entries`` on each) live beside the
-  functions they wrap in ``ui.compute``, ``ui.tokens``, ``ui.survey`` and ``ui.state``.
+  functions they wrap in ``ui.compute`` and ``ui.state``.
 
 Pure Python: no Streamlit import (the figure builders and tests use it without a server).
 """
@@ -38,7 +38,7 @@ ENV = "ADAPTER_ATLAS_CACHE"
 #: Size cap of the disk cache in MiB (``2**20`` bytes); a float is accepted.
 ENV_MB = "ADAPTER_ATLAS_CACHE_MB"
 DEFAULT_MB = 2048.0
-#: Sub-folder of :func:`cache_dir` holding the disk cache (``surveys/`` beside it: ``ui.survey``).
+#: Sub-folder of :func:`cache_dir` holding the disk cache (``surveys/`` beside it: ``ui.compute.surveys_dir``).
 STORE = "store"
 
 

@@ -1,4 +1,6 @@
-"""The dashboard's compute layer: library calls cached by adapter content hash.
+"""The dashboard's compute layer: library calls cached by adapter content hash (distances, inclusion, anatomy,
+interference, maps, merges and their scores, token dynamics, surveys). Run control (progress, Cancel, the
+heavy-run queue, partial results) is in :mod:`ui.runs`; every cache's storage is in :mod:`ui.cache`.
 
 Two cache levels: ``st.cache_data`` in memory (per server process, keyed by content hashes only,
 so renaming an adapter costs nothing) and the dashboard's disk cache, ``ui.cache.results()`` under
@@ -13,10 +15,8 @@ cache, and the in-memory layer then reads it back.
 
 from __future__ import annotations
 
-import itertools
-import time
+import hashlib
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,16 +24,17 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from geometry import survey as sv
 from geometry.errors import AtlasError
+from geometry.evaluation.tasks import adapter_task_name
 from geometry.types import Adapter
 from ui import cache
+from ui.runs import _keep_partial, _mark_cancelled, partial, progress_bar, queued  # noqa: F401
 from ui.views import relabel, slice_tensor
 
 #: Bump when the meaning of a cached result changes (it is part of every cache key).
 CACHE_VERSION = "dashboard-1"
 _MISSING = object()
-
-Progress = Callable[[int, int, str], None]
 
 
 class _Miss(Exception):
@@ -55,53 +56,6 @@ def _disk_get(namespace: str, key: tuple) -> object:
 
 def _disk_compute(namespace: str, key: tuple, compute: Callable[[], object]) -> object:
     return cache.results().get_or_compute(namespace, (CACHE_VERSION, *key), compute)
-
-
-@contextmanager
-def progress_bar(label: str, *, cancel: bool = True, on_cancel: Callable[[], None] | None = None):
-    """A visible progress bar (not in a collapsed box) with the count, the elapsed time and an estimate
-    of what is left; yields a ``progress(done, total, message)`` callback.
-
-    ``cancel``: a Cancel button beside the bar. Clicking it reruns the page, which stops this run at its
-    next progress update; every step that finished is already in the disk cache (each evaluation,
-    each pair), so nothing done is lost and a new run resumes from there. ``on_cancel`` runs first (a
-    page whose run starts by itself turns off what started it there).
-    """
-    holder = st.empty()
-    box = holder.container(border=True)
-    bar = box.progress(0.0, text=f"{label}…")
-    if cancel:
-        box.button("Cancel (finished steps are kept)", key=f"cancel_{next(_BARS)}",
-                   icon=":material/cancel:", on_click=on_cancel)
-    start = time.perf_counter()
-
-    def update(done: int, total: int, message: str = "") -> None:
-        frac = 0.0 if total <= 0 else min(1.0, max(0.0, done / total))
-        elapsed = time.perf_counter() - start
-        left = f" · about {_seconds(elapsed / done * (total - done))} left" if 0 < done < total else ""
-        detail = f" · {message}" if message else ""
-        bar.progress(frac, text=f"{label}: {done}/{total} · {_seconds(elapsed)} elapsed{left}{detail}")
-
-    yield update
-    holder.empty()
-
-
-#: Scoring throughput measured on the 2-core development machine (all-MiniLM-L6-v2 with a LoRA applied
-#: by the runtime, 200 test examples in 1.1 s), plus the merge itself: for cost estimates only.
-EXAMPLES_PER_SECOND = 180.0
-SECONDS_PER_MERGE = 0.3
-
-
-def estimate_seconds(evaluations: int, examples: int) -> str:
-    """A rough wall time for ``evaluations`` scores of ``examples`` examples each (see EXAMPLES_PER_SECOND)."""
-    return _seconds(evaluations * (examples / EXAMPLES_PER_SECOND + SECONDS_PER_MERGE / 2))
-
-
-_BARS = itertools.count()
-
-
-def _seconds(value: float) -> str:
-    return f"{value:.0f} s" if value < 90 else f"{value / 60:.1f} min"
 
 
 # -- distances ----------------------------------------------------------------------------------
@@ -356,11 +310,11 @@ def merged_zip(merged_adapter, rank: int | None, head: str | None) -> bytes:
     return _zip_memory(merged_adapter.content_hash, rank, head, merged_adapter)
 
 
-def _task_files_key(adapters: Sequence[Adapter], tasks_dir: str) -> tuple[str, ...]:
+def _task_files_key(adapters: Sequence[Adapter], tasks: str) -> tuple[str, ...]:
     """Content hashes of each adapter's test split (what the scores depend on besides the models)."""
     from geometry.evaluation.tasks import find_task_dir
 
-    return tuple(_file_digest(find_task_dir(a, tasks_dir) / "test.jsonl") for a in adapters)
+    return tuple(_file_digest(find_task_dir(a, tasks) / "test.jsonl") for a in adapters)
 
 
 def _file_digest(path: Path) -> str:
@@ -368,58 +322,18 @@ def _file_digest(path: Path) -> str:
     return cache.file_digest(path)
 
 
-def queued(update):
-    """A heavy run's slot in the server-wide queue of a demo server (``ui.demo.heavy_slot``); while it
-    waits, the progress bar says so (and its Cancel button still works)."""
-    from ui import demo
-
-    return demo.heavy_slot(waiting=lambda s: update(0, 1, f"queued behind another visitor's run ({s:.0f} s)"))
+def merge_scores_key(adapters: Sequence[Adapter], tasks: str, merged_adapter, limit: int | None) -> tuple:
+    return (merged_adapter.content_hash, content_key(adapters), _task_files_key(adapters, tasks), limit)
 
 
-def _keep_partial(namespace: str, key: tuple):
-    """A callback that keeps the latest partial result of a run in the session (see :func:`partial`)."""
-    def keep(result) -> None:
-        st.session_state.setdefault("_partial_results", {})[(namespace, key)] = result
-    return keep
-
-
-def _mark_cancelled(namespace: str, key: tuple):
-    """``on_cancel`` of the bar of a run starting now: forgets an earlier cancel of this run and remembers in
-    the session that this one was cancelled if its Cancel is clicked (see :func:`cancelled`)."""
-    st.session_state.get("_cancelled_runs", set()).discard((namespace, key))
-
-    def mark() -> None:
-        st.session_state.setdefault("_cancelled_runs", set()).add((namespace, key))
-    return mark
-
-
-def cancelled(namespace: str, key: tuple) -> bool:
-    """Whether the last run of ``namespace`` on ``key`` in this session was cancelled (with or without a
-    step finished: before the first one :func:`partial` has nothing, and the page says so)."""
-    return (namespace, key) in st.session_state.get("_cancelled_runs", set())
-
-
-def partial(namespace: str, key: tuple):
-    """What a run of ``namespace`` on ``key`` finished before it was cancelled (or ``None``).
-
-    Runs report their partial results after each step; a Cancel click reruns the page, which stops the
-    run, and the page shows this until a complete result exists (labelled as partial).
-    """
-    return st.session_state.get("_partial_results", {}).get((namespace, key))
-
-
-def merge_scores_key(adapters: Sequence[Adapter], tasks_dir: str, merged_adapter, max_examples: int | None) -> tuple:
-    return (merged_adapter.content_hash, content_key(adapters), _task_files_key(adapters, tasks_dir), max_examples)
-
-
-def merge_scores(adapters: Sequence[Adapter], tasks_dir: str, merged_adapter, max_examples: int | None, *,
+def merge_scores(adapters: Sequence[Adapter], tasks: str, merged_adapter, limit: int | None, *,
                  run: bool):
     """``geometry.evaluation.merge_eval.evaluate_merge`` (per-task scores and ANP) when cached, or when ``run``
     (then with a progress bar; every evaluation is cached on disk). When neither: the tasks a
     cancelled run finished (``complete`` False), or ``None``."""
     from geometry.evaluation.merge_eval import evaluate_merge
 
-    key = merge_scores_key(adapters, tasks_dir, merged_adapter, max_examples)
+    key = merge_scores_key(adapters, tasks, merged_adapter, limit)
     try:
         return _disk_get("merge_scores", key)
     except _Miss:
@@ -428,16 +342,16 @@ def merge_scores(adapters: Sequence[Adapter], tasks_dir: str, merged_adapter, ma
     with progress_bar("Scoring fine-tuned and merged models", on_cancel=_mark_cancelled("merge_scores", key)) as update, \
             queued(update):
         return _disk_compute("merge_scores", key, lambda: evaluate_merge(
-            list(adapters), tasks_dir, merged=merged_adapter, limit=max_examples, progress=update,
+            list(adapters), tasks, merged=merged_adapter, limit=limit, progress=update,
             partial=_keep_partial("merge_scores", key), cache=cache.results()))
 
 
-def pairwise_key(adapters: Sequence[Adapter], tasks_dir: str, method: str, params: dict,
-                 max_examples: int | None) -> tuple:
-    return (*_merge_key(adapters, method, None, params), _task_files_key(adapters, tasks_dir), max_examples)
+def pairwise_key(adapters: Sequence[Adapter], tasks: str, method: str, params: dict,
+                 limit: int | None) -> tuple:
+    return (*_merge_key(adapters, method, None, params), _task_files_key(adapters, tasks), limit)
 
 
-def pairwise(adapters: Sequence[Adapter], tasks_dir: str, method: str, params: dict, max_examples: int | None, *,
+def pairwise(adapters: Sequence[Adapter], tasks: str, method: str, params: dict, limit: int | None, *,
              run: bool):
     """``geometry.evaluation.merge_eval.pairwise_study`` labelled with the current names, when cached or when ``run``.
 
@@ -447,7 +361,7 @@ def pairwise(adapters: Sequence[Adapter], tasks_dir: str, method: str, params: d
 
     from geometry.evaluation.merge_eval import pairwise_study
 
-    key = pairwise_key(adapters, tasks_dir, method, params, max_examples)
+    key = pairwise_key(adapters, tasks, method, params, limit)
     try:
         result = _disk_get("pairwise", key)
     except _Miss:
@@ -459,6 +373,165 @@ def pairwise(adapters: Sequence[Adapter], tasks_dir: str, method: str, params: d
             with progress_bar(f"Pairwise {method} merges", on_cancel=_mark_cancelled("pairwise", key)) as update, \
                     queued(update):
                 result = _disk_compute("pairwise", key, lambda: pairwise_study(
-                    list(adapters), tasks_dir, method, limit=max_examples, progress=update,
+                    list(adapters), tasks, method, limit=limit, progress=update,
                     show_progress=False, partial=_keep_partial("pairwise", key), cache=cache.results(), **params))
     return dataclasses.replace(result, adapters=[a.name for a in adapters])  # a copy: cached results stay as they are
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _dynamics_memory(key: tuple[str, ...], names: tuple[str, ...], text: str, threshold: float,
+                     include_special: bool, _adapters: Sequence[Adapter]):
+    from geometry.analysis.tokens import token_dynamics
+
+    return token_dynamics(list(_adapters), text, threshold=threshold, include_special=include_special,
+                          cache=cache.results())
+
+
+def dynamics(adapters: Sequence[Adapter], text: str, threshold: float, include_special: bool):
+    """``geometry.analysis.tokens.token_dynamics`` of the chosen adapters (raises ``AtlasError`` on bad input)."""
+    with st.spinner("Running the base model and the adapters on the text (the base is loaded once)…"):
+        return _dynamics_memory(content_key(adapters), tuple(a.name for a in adapters), text, float(threshold),
+                                bool(include_special), list(adapters))
+
+
+def _batch_call(adapters: Sequence[Adapter], task: str, limit: int, threshold: float, include_special: bool,
+                split: str, **extra):
+    from geometry.analysis.tokens import batch_dynamics
+
+    return batch_dynamics(list(adapters), task=task, split=split, limit=int(limit), threshold=float(threshold),
+                          include_special=bool(include_special), cache=cache.results(), **extra)
+
+
+def batch_key(adapters: Sequence[Adapter], task: str, limit: int, threshold: float, include_special: bool,
+              split: str = "validation") -> tuple:
+    return (content_key(adapters), tuple(a.name for a in adapters), str(task), split, int(limit), float(threshold),
+            bool(include_special))
+
+
+def batch(adapters: Sequence[Adapter], task: str, limit: int, threshold: float, include_special: bool,
+          split: str = "validation", *, on_cancel=None):
+    """``geometry.analysis.tokens.batch_dynamics`` over the first ``limit`` inputs of ``split`` of ``task``: from the
+    disk cache when it is there, else run with a progress bar (inputs done / total, time left, Cancel).
+    Each step's inputs are cached and the latest partial result is kept in the session
+    (:func:`batch_partial`), so a cancelled run keeps what finished and a new run resumes there."""
+
+    args = (adapters, str(task), limit, threshold, include_special, split)
+    key = batch_key(*args)
+    done = _batch_call(*args, cached_only=True)
+    if done is None:
+        with progress_bar(f"Running {limit} inputs of {Path(task).name} through the base and "
+                                  f"{len(adapters)} adapter(s)", on_cancel=on_cancel) as update:
+            done = _batch_call(*args, progress=update, partial=_keep_partial("token_batch", key))
+    st.session_state.get("_partial_results", {}).pop(("token_batch", key), None)  # finished: nothing partial
+    return done
+
+
+def batch_partial(adapters: Sequence[Adapter], task: str, limit: int, threshold: float, include_special: bool,
+                  split: str = "validation"):
+    """What a cancelled batch run of these settings finished (a ``BatchDynamics`` of fewer inputs), or ``None``."""
+
+    return partial("token_batch", batch_key(adapters, str(task), limit, threshold, include_special, split))
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def particles(**params):
+    """``geometry.analysis.particles.simulate(**params)``, cached by its parameters."""
+    from geometry.analysis.particles import simulate
+
+    return simulate(**params)
+
+
+def example_texts(adapters: Sequence[Adapter], tasks: Path) -> dict[str, str]:
+    """``{task name: first validation input}`` for the chosen adapters' tasks found under ``tasks``, then the
+    other tasks there; a neutral sentence when there is none."""
+
+    names = [adapter_task_name(a) for a in adapters] + [a.name for a in adapters]
+    if tasks.is_dir():
+        names += sorted(p.name for p in tasks.iterdir() if p.is_dir())
+    return dict(_first_inputs(str(tasks), tuple(dict.fromkeys(names))))
+
+
+@st.cache_data(show_spinner=False, max_entries=32, ttl=600)
+def _first_inputs(tasks: str, names: tuple[str, ...]) -> dict[str, str]:
+    from geometry.analysis.tokens import task_texts
+
+    out: dict[str, str] = {}
+    for name in names:
+        folder = Path(tasks) / name
+        if (folder / "validation.jsonl").is_file():
+            try:
+                out[name] = task_texts(folder, "validation", 1)[0]
+            except Exception:  # noqa: BLE001  (an unreadable task is just not offered as an example)
+                continue
+    return out or {"example": "The quick brown fox jumps over the lazy dog."}
+
+
+def task_folders(tasks: Path) -> list[str]:
+    """Task folders under ``tasks`` that have a validation split."""
+    if not tasks.is_dir():
+        return []
+    return sorted(p.name for p in tasks.iterdir() if (p / "validation.jsonl").is_file())
+
+
+def surveys_dir() -> Path:
+    """Where surveys run from the page are written (under the app's disk cache)."""
+    from ui.cache import cache_dir
+
+    return cache_dir() / "surveys"
+
+
+def _survey_stamp(path: Path) -> tuple:
+    """Changes when the survey on disk changes (a module added, a file replaced)."""
+    if path.is_dir():
+        parts = sorted(sv.finished_modules(path))
+        return (len(parts), parts[-1] if parts else "", (path / sv.MANIFEST).stat().st_mtime_ns)
+    st_ = path.stat()
+    return (st_.st_size, st_.st_mtime_ns)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _open_survey(path: str, stamp: tuple) -> sv.Survey:
+    return sv.open_survey(path)
+
+
+def open_survey(path: str | Path) -> sv.Survey:
+    """:func:`geometry.survey.open_survey`, memoised while the files do not change (raises ``AtlasError``)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        return sv.open_survey(path)  # the library's message
+    return _open_survey(str(path), _survey_stamp(path))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _survey_matrix(path: str, stamp: tuple, metric: str, kinds: tuple[str, ...] | None) -> tuple[np.ndarray, np.ndarray]:
+    return sv.open_survey(path).matrix(metric, kind=kinds)
+
+
+def survey_matrix(survey: sv.Survey, metric: str, kinds: Sequence[str] | None) -> tuple[np.ndarray, np.ndarray]:
+    """``Survey.matrix`` (mean over the chosen kinds' modules, NaN skipped; and counts), memoised."""
+    return _survey_matrix(str(survey.path), _survey_stamp(survey.path), metric, tuple(kinds) if kinds else None)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _survey_modules(path: str, stamp: tuple) -> pd.DataFrame:
+    return sv.open_survey(path).modules()
+
+
+def survey_modules(survey: sv.Survey) -> pd.DataFrame:
+    return _survey_modules(str(survey.path), _survey_stamp(survey.path))
+
+
+def saved_survey_upload(data: bytes) -> Path:
+    """An uploaded survey file, stored once under :func:`surveys_dir` by content (checked by the library)."""
+    return sv.survey_bytes_to_file(data, surveys_dir() / "uploads")
+
+
+def run_survey_on(adapters: Sequence, progress=None) -> Path:
+    """Survey the session's adapters (in memory) into a folder keyed by their content and names.
+
+    A cancelled run (the progress bar's Cancel) keeps its finished modules: the next run resumes there.
+    """
+    text = "\n".join(f"{a.name}\t{a.content_hash or f'unhashed:{id(a)}'}" for a in adapters)
+    out = surveys_dir() / hashlib.sha256(text.encode()).hexdigest()[:16] / "results.parquet"
+    sv.run_survey(sv.refs_from_adapters(adapters), out, runner=sv.memory_runner(adapters), progress=progress)
+    return out

@@ -74,8 +74,10 @@ def classical_mds(D: np.ndarray) -> np.ndarray:
 
 
 def numba_cache_dir() -> Path:
-    """Where numba keeps UMAP's compiled code: outside the repository, in the user's cache folder
-    (``$XDG_CACHE_HOME`` or ``~/.cache``) under ``adapter-atlas/numba``; survives reinstalls of the app."""
+    """Where the dashboard has numba keep UMAP's compiled code (it sets ``NUMBA_CACHE_DIR`` to this): outside
+    the repository, in the user's cache folder (``$XDG_CACHE_HOME`` or ``~/.cache``) under
+    ``adapter-atlas/numba``. The library itself sets nothing: without ``NUMBA_CACHE_DIR`` UMAP compiles in
+    memory for the process."""
     root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(root) / "adapter-atlas" / "numba"
 
@@ -123,10 +125,10 @@ def umap_embed(D: np.ndarray, seed: int = 0) -> np.ndarray:
         raise AtlasError(
             f"UMAP needs at least {UMAP_MIN_POINTS} adapters to build a neighbour graph (got {n}); use PCA or MDS"
         )
-    os.environ.setdefault("NUMBA_CACHE_DIR", str(numba_cache_dir()))
     import umap  # slow import (numba): only when asked for
 
-    _cache_umap_jit()
+    if os.environ.get("NUMBA_CACHE_DIR"):  # the caller chose a compile cache (the dashboard does): use it
+        _cache_umap_jit()
     reducer = umap.UMAP(
         n_components=2, metric="precomputed", n_neighbors=min(15, n - 1), random_state=seed, init="random" if n < 8 else "spectral"
     )

@@ -108,9 +108,15 @@ class MergedAdapter:
     base_model: str | None = None
     config_raw: dict[str, Any] = field(default_factory=dict)
     head_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
-    #: The input adapters, when the merge was made by ``geometry.merge`` (what ``geometry.evaluate`` needs
-    #: for the fine-tuned scores); not part of the merge's identity, not saved.
+    #: The input adapters (every merge method sets them: what ``geometry.evaluate_merge`` needs for the
+    #: fine-tuned scores); not part of the merge's identity, not saved, not pickled (a merge read back from
+    #: a cache knows its sources by ``sources`` / ``source_hashes``; pass ``adapters=`` to score it).
     source_adapters: list[Adapter] | None = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["source_adapters"] = None  # the inputs' tensors stay out of caches and copies
+        return state
 
     # ----------------------------------------------------------------------------------- queries
     @property

@@ -66,7 +66,15 @@ from geometry.survey.index import (
     read_header,
     scan,
 )
-from geometry.survey.results import Survey, factors_gb, open_survey, survey_bytes_to_file
+from geometry.survey.results import (
+    Survey,
+    cluster_order,
+    factors_gb,
+    filter_adapters,
+    nearest,
+    open_survey,
+    survey_bytes_to_file,
+)
 from geometry.survey.run import (
     local_runner,
     manifest,
@@ -79,7 +87,7 @@ from geometry.survey.run import (
 
 __all__ = [
     "BASELINE_BYTES", "DEFAULT_MEMORY_GB", "FORMAT_VERSION", "KEY_COLUMNS", "MANIFEST", "METRIC_COLUMNS",
-    "AdapterRef", "FactorRef", "ModuleTask", "Survey", "SurveySettings", "adapter_locations", "compute_module",
+    "AdapterRef", "FactorRef", "cluster_order", "filter_adapters", "nearest", "ModuleTask", "Survey", "SurveySettings", "adapter_locations", "compute_module",
     "condensed_pairs", "factors_gb", "finished_modules", "index_adapter", "local_runner", "manifest",
     "memory_runner", "module_distances", "module_table", "open_survey", "plan", "plan_blocks", "read_factors",
     "read_header", "refs_from_adapters", "run_survey", "scan", "survey_bytes_to_file", "task_bytes",

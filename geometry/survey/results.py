@@ -196,3 +196,54 @@ def factors_gb(refs: Sequence[AdapterRef]) -> float:
             m, n = ref.shapes[key]
             total += (m + n) * f.rank * 4
     return total / 1e9
+
+
+def filter_adapters(adapters: pd.DataFrame, *, bases: Sequence[str] = (), ranks: Sequence[int] = (),
+                    targets: Sequence[str] = ()) -> list[str]:
+    """Names of the adapters of :meth:`Survey.adapters` (``adapters``) of the chosen bases and ranks (an empty
+    choice: all) that target every chosen module name."""
+    keep = []
+    for row in adapters.itertuples():
+        base = str(row.base or "not declared")
+        if bases and base not in bases:
+            continue
+        if ranks and int(row.r) not in set(ranks):
+            continue
+        if targets and not set(targets) <= set(row.target_modules or []):
+            continue
+        keep.append(row.name)
+    return keep
+
+
+def cluster_order(values: np.ndarray) -> tuple[np.ndarray, int]:
+    """Leaf order of average-linkage hierarchical clustering of ``values`` ``[n, n]``; and the NaN pairs.
+
+    Undefined (NaN) distances are treated as the largest defined distance *for the ordering only*
+    (the heatmap still shows them as undefined).
+    """
+    from scipy.cluster.hierarchy import leaves_list, linkage
+    from scipy.spatial.distance import squareform
+
+    n = values.shape[0]
+    if n < 3:
+        return np.arange(n), 0
+    D = np.array(values, dtype=float)
+    bad = ~np.isfinite(D)
+    np.fill_diagonal(bad, False)
+    finite = D[np.isfinite(D)]
+    fill = float(finite.max()) if finite.size else 1.0
+    D[bad] = fill
+    D = (D + D.T) / 2
+    np.fill_diagonal(D, 0.0)
+    Z = linkage(squareform(np.clip(D, 0.0, None), checks=False), method="average")
+    return leaves_list(Z), int(bad.sum() // 2)
+
+
+def nearest(values: np.ndarray, counts: np.ndarray, names: Sequence[str], name: str, k: int) -> pd.DataFrame:
+    """The ``k`` nearest to ``name`` among ``names`` in a (filtered) survey matrix ``values`` with its module
+    ``counts`` (:meth:`Survey.matrix`): ``rank, adapter, distance, modules averaged``; NaN last, never as 0."""
+    i = list(names).index(name)
+    frame = pd.DataFrame({"adapter": list(names), "distance": values[i], "modules averaged": counts[i]})
+    frame = frame.drop(index=i).sort_values(["distance", "adapter"], na_position="last", kind="stable").head(k)
+    frame.insert(0, "rank", np.arange(1, len(frame) + 1))
+    return frame.reset_index(drop=True)

@@ -1,31 +1,22 @@
-"""Token dynamics page helpers: cached library calls and the page's Plotly figures.
-
-Cached wrappers (``st.cache_data`` in memory, keyed by adapter content hashes and display names, over the
-dashboard's disk cache of hidden states, ``ui.cache.results()``, handed to the library) for :mod:`geometry.analysis.tokens` and :mod:`geometry.analysis.particles`, and
-figure builders (pure functions, plain dict specs as in :mod:`ui.figures`): the shared-PCA map of the
-tokens with one animation frame per layer, the per-layer curves of several adapters, their batch mean
-with a band, and the particle model's animation and curves.
-"""
+"""Figures of the Token dynamics page (pure: data in, ``go.Figure`` out): token projections, per-layer curves, the particle model."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-import streamlit as st
 
-from geometry.evaluation.tasks import adapter_task_name
-from geometry.types import Adapter
-from ui import cache
-from ui.compute import content_key
 from ui.figures import QUALITATIVE, _figure, _grid, _grid_axes, _layer_dtick, _layout
 
 BASE_COLOR = "#7f7f7f"
+
+
 PERTURBED_COLOR = "#ff7f0e"
+
+
 #: Panels of the per-layer figure: (title, base column or None, adapted column, y-axis label).
 PANELS = (
     ("Clusters per layer", "clusters_base", "clusters_adapted", "clusters (count)"),
@@ -34,105 +25,6 @@ PANELS = (
 )
 
 
-# ---------------------------------------------------------------------------------------------- cached calls
-@st.cache_data(show_spinner=False, max_entries=64)
-def _dynamics_memory(key: tuple[str, ...], names: tuple[str, ...], text: str, threshold: float,
-                     include_special: bool, _adapters: Sequence[Adapter]):
-    from geometry.analysis.tokens import token_dynamics
-
-    return token_dynamics(list(_adapters), text, threshold=threshold, include_special=include_special,
-                          cache=cache.results())
-
-
-def dynamics(adapters: Sequence[Adapter], text: str, threshold: float, include_special: bool):
-    """``geometry.analysis.tokens.token_dynamics`` of the chosen adapters (raises ``AtlasError`` on bad input)."""
-    with st.spinner("Running the base model and the adapters on the text (the base is loaded once)…"):
-        return _dynamics_memory(content_key(adapters), tuple(a.name for a in adapters), text, float(threshold),
-                                bool(include_special), list(adapters))
-
-
-def _batch_call(adapters: Sequence[Adapter], task: str, limit: int, threshold: float, include_special: bool,
-                split: str, **extra):
-    from geometry.analysis.tokens import batch_dynamics
-
-    return batch_dynamics(list(adapters), task=task, split=split, limit=int(limit), threshold=float(threshold),
-                          include_special=bool(include_special), cache=cache.results(), **extra)
-
-
-def batch_key(adapters: Sequence[Adapter], task: str, limit: int, threshold: float, include_special: bool,
-              split: str = "validation") -> tuple:
-    return (content_key(adapters), tuple(a.name for a in adapters), str(task), split, int(limit), float(threshold),
-            bool(include_special))
-
-
-def batch(adapters: Sequence[Adapter], task: str, limit: int, threshold: float, include_special: bool,
-          split: str = "validation", *, on_cancel=None):
-    """``geometry.analysis.tokens.batch_dynamics`` over the first ``limit`` inputs of ``split`` of ``task``: from the
-    disk cache when it is there, else run with a progress bar (inputs done / total, time left, Cancel).
-    Each step's inputs are cached and the latest partial result is kept in the session
-    (:func:`batch_partial`), so a cancelled run keeps what finished and a new run resumes there."""
-    from ui import compute
-
-    args = (adapters, str(task), limit, threshold, include_special, split)
-    key = batch_key(*args)
-    done = _batch_call(*args, cached_only=True)
-    if done is None:
-        with compute.progress_bar(f"Running {limit} inputs of {Path(task).name} through the base and "
-                                  f"{len(adapters)} adapter(s)", on_cancel=on_cancel) as update:
-            done = _batch_call(*args, progress=update, partial=compute._keep_partial("token_batch", key))
-    st.session_state.get("_partial_results", {}).pop(("token_batch", key), None)  # finished: nothing partial
-    return done
-
-
-def batch_partial(adapters: Sequence[Adapter], task: str, limit: int, threshold: float, include_special: bool,
-                  split: str = "validation"):
-    """What a cancelled batch run of these settings finished (a ``BatchDynamics`` of fewer inputs), or ``None``."""
-    from ui import compute
-
-    return compute.partial("token_batch", batch_key(adapters, str(task), limit, threshold, include_special, split))
-
-
-@st.cache_data(show_spinner=False, max_entries=32)
-def particles(**params):
-    """``geometry.analysis.particles.simulate(**params)``, cached by its parameters."""
-    from geometry.analysis.particles import simulate
-
-    return simulate(**params)
-
-
-def example_texts(adapters: Sequence[Adapter], tasks_dir: Path) -> dict[str, str]:
-    """``{task name: first validation input}`` for the chosen adapters' tasks found under ``tasks_dir``, then the
-    other tasks there; a neutral sentence when there is none."""
-
-    names = [adapter_task_name(a) for a in adapters] + [a.name for a in adapters]
-    if tasks_dir.is_dir():
-        names += sorted(p.name for p in tasks_dir.iterdir() if p.is_dir())
-    return dict(_first_inputs(str(tasks_dir), tuple(dict.fromkeys(names))))
-
-
-@st.cache_data(show_spinner=False, max_entries=32, ttl=600)
-def _first_inputs(tasks_dir: str, names: tuple[str, ...]) -> dict[str, str]:
-    from geometry.analysis.tokens import task_texts
-
-    out: dict[str, str] = {}
-    for name in names:
-        folder = Path(tasks_dir) / name
-        if (folder / "validation.jsonl").is_file():
-            try:
-                out[name] = task_texts(folder, "validation", 1)[0]
-            except Exception:  # noqa: BLE001  (an unreadable task is just not offered as an example)
-                continue
-    return out or {"example": "The quick brown fox jumps over the lazy dog."}
-
-
-def task_folders(tasks_dir: Path) -> list[str]:
-    """Task folders under ``tasks_dir`` that have a validation split."""
-    if not tasks_dir.is_dir():
-        return []
-    return sorted(p.name for p in tasks_dir.iterdir() if (p / "validation.jsonl").is_file())
-
-
-# ---------------------------------------------------------------------------------------------- figures
 def _color(i: int) -> str:
     return QUALITATIVE[i % len(QUALITATIVE)]
 
@@ -292,7 +184,6 @@ def batch_curves(summary: pd.DataFrame, *, title: str) -> go.Figure:
     return _curves_figure(data, cells, notes, s["layer"].unique(), title)
 
 
-# ---------------------------------------------------------------------------------------------- particles
 def frame_steps(steps: int, max_frames: int = 60) -> list[int]:
     """At most ``max_frames`` evenly spaced steps from 0 to ``steps`` (both included)."""
     return sorted({int(round(s)) for s in np.linspace(0, steps, min(max_frames, steps + 1))})

@@ -5,6 +5,9 @@ pages show. Every figure has a title, axis titles (with units where there are an
 naming the adapters, the layer and the module kind. Colours are fixed perceptual scales (Viridis,
 Cividis, RdBu) that read on both light and dark backgrounds; the pages draw them with
 ``st.plotly_chart(theme="streamlit")`` so fonts, grid and background follow the app theme.
+
+This module holds the shared builders (heatmaps, maps, curves) and the style; the figures only one page
+draws are in :mod:`ui.figures.merge`, :mod:`ui.figures.survey` and :mod:`ui.figures.tokens`.
 """
 
 from __future__ import annotations
