@@ -122,8 +122,9 @@ def _heavy_modules() -> set[str]:
     changed = True
     while changed:
         changed = False
-        for mod, deps in top.items():
-            if mod not in heavy and deps & heavy:
+        for mod in top:
+            parents = {".".join(mod.split(".")[:k]) for k in range(1, mod.count(".") + 1)}
+            if mod not in heavy and (top[mod] | parents) & heavy:  # a submodule runs its package first
                 heavy.add(mod)
                 changed = True
     return heavy
@@ -142,7 +143,9 @@ def local_imports() -> dict:
                     continue
                 top = names[0].split(".")[0]
                 third_party = top not in {"geometry", "ui", "pages"} and top not in sys.stdlib_module_names
-                if top in HEAVY or third_party or any(n in heavy_modules for n in names):
+                # importing geometry.a.b runs geometry/a/__init__ first: a heavy package makes it heavy too
+                parents = {".".join(n.split(".")[:k]) for n in names for k in range(1, n.count(".") + 1)}
+                if top in HEAVY or third_party or any(n in heavy_modules for n in [*names, *parents]):
                     heavy += 1
                 else:
                     other += 1

@@ -19,6 +19,7 @@ SAMPLES = REPO / "sample_adapters" / "synthetic"
 pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
+@pytest.mark.slow
 def test_entropy_decreases_on_the_sample_pair():
     adapters = [load_adapter(SAMPLES / "sentiment_movies"), load_adapter(SAMPLES / "question")]
     run = AdaMerging(adapters, SAMPLES / "tasks", samples=12, epochs=2, lr=0.05)

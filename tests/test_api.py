@@ -229,3 +229,19 @@ def test_a_cache_asked_for_is_used(tmp_path):
     assert len(cache) == 4  # two fine-tuned and two merged scores
     again = geometry.evaluate_merge(m, tasks=SAMPLES / "tasks", limit=4, cache=cache)
     assert again.anp == first.anp and len(cache) == 4
+
+
+# ------------------------------------------------------------------------------------ the CLI's parser
+def test_the_cli_builds_only_the_parser_a_command_needs():
+    """``--version`` and ``--help`` import neither torch nor the merge methods; each help line is the full one."""
+    import subprocess
+    import sys
+
+    from geometry.cli import COMMANDS, build_parser
+
+    full = build_parser()._subparsers._group_actions[0]
+    assert {a.dest: a.help for a in full._choices_actions} == {k: v[0] for k, v in COMMANDS.items()}
+    code = ("import sys\nfrom geometry.cli import main\ntry:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'pandas', 'scipy', 'geometry.merging') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"

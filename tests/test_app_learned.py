@@ -36,6 +36,7 @@ def _wait(at, done) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_run_stop_keeps_coefficients_and_shows_the_merge(page):
     at = page
     at.number_input(key="learned_epochs_divmerge").set_value(50)

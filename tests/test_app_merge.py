@@ -10,7 +10,7 @@ import pytest
 from tests.app_fixtures import APP
 from tests.merge_fixtures import write_study
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]  # a tiny saved BERT study per module
 TASKS = ("alpha", "beta", "gamma")
 
 

@@ -18,6 +18,7 @@ def samples(tmp_path, monkeypatch):
     return root
 
 
+@pytest.mark.slow
 def test_subset_is_sliced_from_the_full_set(samples, monkeypatch):
     import geometry.analysis.distances as gd
     from geometry.io.loader import load_adapter

@@ -25,6 +25,7 @@ def real(tmp_path, monkeypatch):
     return SAMPLES
 
 
+@pytest.mark.slow
 def test_real_model_view_text_error_and_batch(real):
     from geometry.analysis import tokens as tk
     from geometry.io.loader import load_adapter

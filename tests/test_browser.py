@@ -23,7 +23,7 @@ import pytest
 
 from tests.app_fixtures import adapter_zip_bytes, write_sample_set
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"

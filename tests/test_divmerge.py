@@ -60,6 +60,7 @@ def test_js_symmetric_bounded_zero_only_for_equal_kl_forward_entropy():
 
 
 # ------------------------------------------------------------------------------------------- the optimisation
+@pytest.mark.slow
 def test_one_task_recovers_coefficient_one_and_zero_divergence(learned_tiny):
     adapters, tasks = learned_tiny
     run = DivMerge(adapters[:1], tasks, samples=24, epochs=25, lr=0.05)

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-pytestmark = pytest.mark.usefixtures("isolated_cache")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("isolated_cache")]
 
 
 def test_quick_divmerge_bench_prints_json_last(capsys, load_bench, timed_runs):

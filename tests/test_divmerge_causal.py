@@ -17,7 +17,7 @@ from geometry.learned import AdaMerging, DivMerge
 from geometry.runtime import Runtime
 from tests.learned_fixtures import causal_study
 
-pytestmark = pytest.mark.usefixtures("isolated_cache")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("isolated_cache")]  # a tiny causal LM per module
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ def test_html_embeds_plotly_js():
     assert len(html) > 1_000_000 and "Plotly.newPlot" in html  # plotly.js itself is in the file
 
 
+@pytest.mark.slow
 @pytest.mark.browser  # kaleido drives the system chromium
 def test_svg_and_pdf_export():
     if chromium_path() is None:

@@ -148,6 +148,7 @@ def test_float32_gram_at_the_edge_of_its_domain_stays_within_1e6(angle_deg, cond
     assert not bool(side.promoted.any())
 
 
+@pytest.mark.slow
 def test_float32_gram_promotes_close_subspaces_and_ill_conditioned_factors_to_float64():
     """Shared A (same LoRA init), nearly equal B, a condition-50 and a rank-deficient factor: float64 accuracy."""
     kinds = {"q": (1024, 768)}

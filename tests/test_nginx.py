@@ -48,6 +48,7 @@ def test_the_cli_writes_the_config_and_says_how_to_run_it(tmp_path, capsys):
 
 
 @needs_nginx
+@pytest.mark.slow
 def test_behind_nginx_static_files_come_from_nginx_and_everything_else_from_streamlit(tmp_path):
     samples = write_sample_set(tmp_path / "samples", n=3, layers=2)
     with streamlit_server(samples, tmp_path / "cache") as url, \
@@ -77,6 +78,7 @@ def test_behind_nginx_static_files_come_from_nginx_and_everything_else_from_stre
 
 
 @needs_nginx
+@pytest.mark.slow
 @pytest.mark.browser
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
 def test_a_browser_behind_nginx_draws_the_app_and_uploads_an_adapter(tmp_path):

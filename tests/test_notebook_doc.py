@@ -11,6 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "notebook.md"
 
 
+@pytest.mark.slow
 def test_notebook_walkthrough_runs(monkeypatch, tmp_path):
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("ADAPTER_ATLAS_CACHE", str(tmp_path / "cache"))

@@ -10,6 +10,7 @@ import math
 import pytest
 
 
+@pytest.mark.slow
 def test_quick_runtime_bench_prints_json_last(capsys, load_bench, timed_runs):
     bench = load_bench("runtime_bench")
     timed = timed_runs(bench, "_median_time")

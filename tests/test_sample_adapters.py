@@ -46,6 +46,7 @@ def bases():
     return {k: AutoModelForSequenceClassification.from_pretrained(path, num_labels=k) for k in (2, 3, 4)}
 
 
+@pytest.mark.slow
 def test_every_adapter_loads_with_peft_and_the_loader(bases):
     from peft import PeftModel
 

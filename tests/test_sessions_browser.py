@@ -18,7 +18,7 @@ import pytest
 from tests.app_fixtures import adapter_zip_bytes
 from tests.learned_fixtures import learned_study
 
-pytestmark = [pytest.mark.browser, pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium")]
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium")]
 SESSIONS = 8
 EPOCHS = 50  # with 200 inputs per task: 2,500 DivMerge steps
 DONE_JS = """() => { const app = document.querySelector('[data-testid="stApp"]');
@@ -56,7 +56,7 @@ async def _run(url: str, zips) -> dict:
             await runner.locator('[data-testid="stSidebarNav"] a[href$="/learned"]').click()
             await runner.wait_for_function("() => location.pathname.endsWith('/learned')")
             await runner.wait_for_function(DONE_JS)
-            epochs = runner.get_by_label("Epochs")
+            epochs = runner.locator('[data-testid="stNumberInput"]').filter(has_text="Epochs").locator("input")
             await epochs.fill(str(EPOCHS))
             await epochs.press("Enter")
             await runner.wait_for_function(DONE_JS)

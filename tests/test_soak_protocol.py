@@ -31,6 +31,7 @@ async def _tour(url: str) -> dict:
     return {"runs": runs, "pages": pages}
 
 
+@pytest.mark.slow
 def test_a_protocol_visitor_runs_every_page_as_a_browser_tab_does(tmp_path):
     with streamlit_server(SAMPLES, tmp_path / "cache") as url:
         tour = asyncio.run(_tour(url))

@@ -236,6 +236,7 @@ def test_cli_errors_exit_2_with_one_line(argv, needle, adapters_dir, tmp_path, c
     assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
 
 
+@pytest.mark.slow
 def test_bench_quick_runs_and_reports(tmp_path):
     import subprocess
     import sys

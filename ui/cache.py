@@ -284,13 +284,7 @@ def _feed(h: Any, value: Any, depth: int) -> None:
         _tag(h, value)
         _feed(h, attrs, d)
         return
-    try:
-        data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception:
-        _tag(h, value, repr(value))
-        return
-    _tag(h, value, str(len(data)))
-    h.update(data)
+    _feed_pickled(h, value)
 
 
 def _feed_numpy(h: Any, value: Any, depth: int) -> None:
@@ -336,13 +330,7 @@ def _feed_pandas(h: Any, value: Any, depth: int) -> None:
         else:
             _feed_values(h, value, depth)
         return
-    try:
-        data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception:
-        _tag(h, value, repr(value))
-        return
-    _tag(h, value, str(len(data)))
-    h.update(data)
+    _feed_pickled(h, value)
 
 
 def _feed_values(h: Any, values: Any, depth: int) -> None:
@@ -360,3 +348,14 @@ def _feed_values(h: Any, values: Any, depth: int) -> None:
 
 #: what ``pandas.api.types.infer_dtype`` calls an object column pandas hashes exactly (by value)
 _PLAIN = frozenset({"string", "empty", "boolean", "integer", "bytes"})
+
+
+def _feed_pickled(h: Any, value: Any) -> None:
+    """A value with no structure to walk: its pickle (its repr when it cannot be pickled)."""
+    try:
+        data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        _tag(h, value, repr(value))
+        return
+    _tag(h, value, str(len(data)))
+    h.update(data)

@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,18 +64,8 @@ class TaskData:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
     with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TaskLoadError(f"{path}: line {lineno} is not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise TaskLoadError(f"{path}: line {lineno} is not a JSON object")
-            rows.append(row)
+        rows = rows_jsonl(fh, str(path), error=TaskLoadError)
     if not rows:
         raise TaskLoadError(f"{path}: no examples")
     return rows
@@ -233,17 +224,20 @@ def find_task_dir(adapter: Adapter, tasks: str | Path, split: str = "test") -> P
     raise MissingTaskDataError(f"no task data for adapter {adapter.name!r}: looked for {' and '.join(tried)}")
 
 
-def rows_jsonl(text: str, name: str) -> list[dict]:
+def rows_jsonl(text: str | Iterable[str], name: str, *, error: type[AtlasError] = UnlabeledDataError) -> list[dict]:
+    """The JSON objects of a JSON Lines text (or an iterable of lines, e.g. an open file) called ``name``;
+    blank lines skipped; a line that is not a JSON object raises ``error`` naming ``name`` and the line."""
     rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    lines = text.splitlines() if isinstance(text, str) else text
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise UnlabeledDataError(f"{name}: line {lineno} is not valid JSON ({exc.msg})") from None
+            raise error(f"{name}: line {lineno} is not valid JSON ({exc.msg})") from None
         if not isinstance(row, dict):
-            raise UnlabeledDataError(f"{name}: line {lineno} is not a JSON object")
+            raise error(f"{name}: line {lineno} is not a JSON object")
         rows.append(row)
     return rows
 

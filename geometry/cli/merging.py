@@ -1,0 +1,152 @@
+"""Commands that score and merge: ``evaluate``, ``merge``, ``pairwise``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from geometry.cli.common import add_cache_options, result_cache
+from geometry.errors import AtlasError
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Score a peft adapter on a task split: accuracy and macro F1, or ROUGE-L for generation."""
+
+    from geometry.evaluation.evaluate import evaluate
+
+    result = evaluate(args.adapter, args.task, split=args.split, batch_size=args.batch_size, limit=args.limit,
+                      cache=result_cache(args))
+    result = {"adapter": args.adapter, **result}
+    if args.format == "csv":
+        print(",".join(result))
+        print(",".join(str(v) for v in result.values()))
+    else:
+        print(json.dumps(result, indent=1))
+    return 0
+
+
+def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="score an adapter on a task split (accuracy + macro F1, or ROUGE-L)")
+    p.add_argument("adapter", metavar="ADAPTER", help="peft adapter folder")
+    p.add_argument("--tasks", "--task", dest="task", required=True, metavar="DIR_OR_JSONL",
+                   help="task folder ({split}.jsonl + labels.json) or a .jsonl (--task: the old spelling)")
+    p.add_argument("--split", default="test", help="split of a task folder (default: test)")
+    p.add_argument("--format", choices=("json", "csv"), default="json")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N examples")
+    p.add_argument("--batch-size", type=int, default=64)
+    add_cache_options(p)
+    p.set_defaults(func=cmd_evaluate)
+
+
+def _merge_params(args: argparse.Namespace) -> tuple[list[float] | None, dict]:
+    """``--weights`` / ``--density`` / ``--seed`` / ``--rank`` as merge arguments (unset ones omitted)."""
+    from geometry.merging import METHOD_PARAMS
+    from geometry.merging.params import parse
+    from geometry.merging.weights import parse_weights
+
+    weights = parse_weights(args.weights, label="--weights")
+    takes = METHOD_PARAMS.get(args.method, ())
+    params = {}
+    for name in ("density", "seed", "rank"):
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if name not in takes:
+            if name == "rank":  # e.g. lora_average: truncate when writing instead
+                continue
+            raise ValueError(f"--{name} does not apply to --method {args.method} (it takes {', '.join(takes) or 'only --weights'})")
+        params[name] = value
+
+    for text in args.param or ():
+        name, value = parse(text, takes, args.method)
+        params[name] = value
+    return weights, params
+
+
+def _add_merge_options(p: argparse.ArgumentParser) -> None:
+    from geometry.merging import MERGE_METHODS
+
+    p.add_argument("paths", nargs="+", metavar="PATH", help="adapter folders or .zip files (same base model)")
+    p.add_argument("--method", required=True, choices=list(MERGE_METHODS), help="merge method")
+    p.add_argument("--weights", default=None, metavar="W1,W2,...", help="one weight per adapter (method default if unset)")
+    p.add_argument("--density", type=float, default=None, help="fraction of entries kept (ties, dare_*, magnitude_prune)")
+    p.add_argument("--rank", type=int, default=None,
+                   help="rank of each merged module (default: exact for task_arithmetic, the sum of "
+                   "the input ranks for ties / dare_* / multislerp / magnitude_prune); "
+                   "the energy kept is reported")
+    p.add_argument("--seed", type=int, default=None, help="random seed (dare_*, della*)")
+    p.add_argument("--param", action="append", default=None, metavar="NAME=VALUE",
+                   help="any other parameter of the method, repeatable (e.g. gamma=0.01 for breadcrumbs, "
+                   "epsilon=0.1 for della); see geometry/merging/params.py")
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Merge adapters and write a peft adapter folder (PeftModel.from_pretrained loads it)."""
+
+    from geometry.io.loader import load_adapter
+    from geometry.merging import merge
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        what = "a file" if not out.is_dir() else "a folder that is not empty"
+        raise AtlasError(f"--out {out} is {what}: choose a new folder, or pass --force to write into it")
+    weights, params = _merge_params(args)
+    merged = merge([load_adapter(p) for p in args.paths], args.method, weights, **params)
+    write_rank = args.rank if "rank" not in params else None
+    folder = merged.to_peft_folder(args.out, rank=write_rank, head=args.head)
+    info = json.loads((folder / "merge_info.json").read_text())
+    ranks = sorted(set(info["ranks"].values()))
+    print(f"wrote {folder}: {args.method} of {len(args.paths)} adapters, {len(info['ranks'])} modules, "
+          f"rank {ranks[0] if len(ranks) == 1 else f'{ranks[0]}-{ranks[-1]}'}, "
+          f"energy kept {100 * info['energy_kept_total']:.4g}%, head {info['head']}")
+    energy = info["energy_kept"]
+    worst = min(energy, key=energy.get)
+    print(f"energy kept: {100 * info['energy_kept_total']:.4g}% of sum ||delta||_F^2 over "
+          f"{len(energy)} modules (rank: {info['rank_rule']}; lowest {100 * energy[worst]:.4g}% at {worst}); "
+          f"per module in {folder / 'merge_info.json'}")
+    return 0
+
+
+def _add_merge_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="merge LoRA adapters into one peft adapter folder")
+    _add_merge_options(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="output peft adapter folder (new or empty)")
+    p.add_argument("--force", action="store_true", help="write into --out even when it is not empty")
+    p.add_argument("--head", default=None, metavar="NAME", help="whose head goes in the weights (default: first); all go to heads/")
+    p.set_defaults(func=cmd_merge)
+
+
+def cmd_pairwise(args: argparse.Namespace) -> int:
+    """Merge every pair of adapters, score each task with its own head: merge loss delta(i, j) and pairwise ANP."""
+
+    from geometry.evaluation.merge_eval import correlation_study, pairwise_study
+    from geometry.io.loader import load_adapter
+
+    weights, params = _merge_params(args)
+    adapters = [load_adapter(p) for p in args.paths]
+    result = pairwise_study(adapters, args.tasks, args.method, weights=weights, limit=args.max_examples,
+                            show_progress=sys.stderr.isatty(), cache=result_cache(args), **params)
+    if args.format == "csv":
+        print(result.to_frame().to_csv(index=False), end="")
+        return 0
+    out = result.to_dict()
+    if args.correlations:
+        corr = correlation_study(adapters, result.delta)
+        out["correlations"] = corr.to_dict(orient="records")
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+def _add_pairwise_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pairwise", help="pairwise merge study: merge loss delta(i, j), pairwise ANP, geometry correlations")
+    _add_merge_options(p)
+    p.add_argument("--tasks", required=True, metavar="DIR", help="folder holding one task folder per adapter (test.jsonl)")
+    p.add_argument("--format", choices=("json", "csv"), default="json")
+    p.add_argument("--limit", "--max-examples", dest="max_examples", type=int, default=None,
+                   help="score only the first N test examples of each task (--max-examples: the old spelling)")
+    p.add_argument("--correlations", action="store_true",
+                   help="json: add the Spearman correlations of delta(i, .) with each distance (paper's Table 3)")
+    add_cache_options(p)
+    p.set_defaults(func=cmd_pairwise)
