@@ -11,7 +11,9 @@ allowed, and the rest); strongly connected components of the module import graph
 
 Traces (``sys.setprofile``, project code only): the sequence of modules whose functions are called, with
 consecutive calls inside one module collapsed. ``modules`` is how many distinct modules the path passes,
-``re-entries`` how many times it enters a module it had already left. Path 1: an uploaded zip (bytes,
+``re-entries`` how many times it enters a module it had already left; the same is counted "by concept",
+each module replaced by its area (``geometry.io``, ``geometry.linalg``... ``ui``, ``pages``: the
+subpackages, and for the flat layout before them the same grouping, :data:`FLAT_AREAS`). Path 1: an uploaded zip (bytes,
 as the browser sends them) to the distance heatmap's figure; path 2: scoring a merge of two sample
 adapters on 8 test examples per task (ANP).
 """
@@ -225,14 +227,43 @@ class Trace:
         sys.setprofile(None)
 
     def summary(self) -> dict:
-        seen: set[str] = set()
-        reentries: Counter = Counter()
-        for mod in self.sequence:
-            if mod in seen:
-                reentries[mod] += 1
-            seen.add(mod)
-        return {"modules": len(seen), "re-entries": sum(reentries.values()),
-                "most re-entered": dict(reentries.most_common(3))}
+        return {**_reentries(self.sequence), "areas": _reentries(_collapse([area(m) for m in self.sequence]))}
+
+
+def _collapse(sequence: list[str]) -> list[str]:
+    return [x for k, x in enumerate(sequence) if k == 0 or sequence[k - 1] != x]
+
+
+def _reentries(sequence: list[str]) -> dict:
+    seen: set[str] = set()
+    reentries: Counter = Counter()
+    for mod in sequence:
+        if mod in seen:
+            reentries[mod] += 1
+        seen.add(mod)
+    return {"modules": len(seen), "re-entries": sum(reentries.values()), "most re-entered": dict(reentries.most_common(3))}
+
+
+#: The concept each module of the flat layout (before Library 2.0) belongs to: the same grouping as the
+#: subpackages after it, so that both trees are counted alike.
+FLAT_AREAS = {
+    **dict.fromkeys(("loader", "config", "naming", "limits", "summary"), "io"),
+    **dict.fromkeys(("factored", "gram", "decompose", "align", "spectra"), "linalg"),
+    **dict.fromkeys(("distances", "inclusion", "anatomy", "maps", "stats", "tokens", "particles"), "analysis"),
+    **dict.fromkeys(("runtime", "base_models"), "runtime"),
+    **dict.fromkeys(("evaluate", "merge_eval", "tasks", "metrics"), "evaluation"),
+    **dict.fromkeys(("survey", "survey_dask"), "survey"),
+    "diskcache": "cache",
+}
+
+
+def area(path: str) -> str:
+    """The concept a module file belongs to: ``geometry.<subpackage>`` (or its one module), ``ui``, ``pages``."""
+    parts = Path(path).with_suffix("").parts
+    if parts[0] != "geometry":
+        return parts[0]
+    name = parts[1] if len(parts) > 2 else FLAT_AREAS.get(parts[1], parts[1])
+    return f"geometry.{name}"
 
 
 def _zip_of(folder: Path) -> bytes:
@@ -327,8 +358,10 @@ def main() -> None:
         print("  " + " <-> ".join(c))
     if not args.static:
         for name, s in traces().items():
+            a = s["areas"]
             print(f"trace {name}: {s['modules']} modules, {s['re-entries']} re-entries "
-                  f"(most: {s['most re-entered']})")
+                  f"(most: {s['most re-entered']}); by concept: {a['modules']} areas, {a['re-entries']} re-entries "
+                  f"(most: {a['most re-entered']})")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """The public functions: what the dashboard, the CLI and notebooks all call (``import geometry``).
 
+(About 500 lines on purpose: the whole public contract in one file, each function a thin layer over the
+module that holds its maths.)
+
     import geometry
     ads = geometry.load("sample_adapters/real")                                   # AdapterSet, by name
     geometry.distances(ads, metric="grassmann", kind="v", layers="last:3")        # DataFrame [n, n]

@@ -19,7 +19,7 @@ from geometry.analysis.distances import pairwise_distances
 from geometry.analysis.inclusion import inclusion_matrix as inclusion_matrix_module
 from geometry.api import RETIRED, VOCABULARY
 from geometry.evaluation.merge_eval import MergeEvaluation
-from tests.synthetic import random_adapter
+from geometry.testing import random_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_adapters" / "synthetic"

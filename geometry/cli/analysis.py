@@ -144,7 +144,8 @@ def cmd_distances(args: argparse.Namespace) -> int:
     ``metric`` column, the JSON matrix form lists one matrix per ``(metric, kind)`` under ``results``.
     """
 
-    from geometry.analysis.distances import all_distances, pairwise_distances, select_layers
+    import geometry
+    from geometry.analysis.distances import select_layers
     from geometry.io.loader import load_adapter
 
     if len(args.paths) < 2:
@@ -158,24 +159,22 @@ def cmd_distances(args: argparse.Namespace) -> int:
     warnings = check_compatible(adapters)  # printed after a successful run (errors stay one line)
     metrics, kinds = args.metric, args.kind or [None]
     several = len(metrics) > 1 or len(kinds) > 1
-    if not several:
-        tensors = [pairwise_distances(adapters, metrics[0], args.factor, kind=kinds[0], stack=args.stack, pad=args.pad)]
-    else:  # one all_distances call per (stack, kind): the decompositions serve every metric
-        groups = common_groups(adapters)
-        if not groups:
-            raise AtlasError(f"adapters {[a.name for a in adapters]} have no module in common")
-        common = list(dict.fromkeys(k for _, k in groups))
-        by_kind = {}
-        for kind in kinds:
-            if kind is None:
-                kind = "v" if "v" in common else common[0]
-            if kind not in common:
-                raise AtlasError(f"kind {kind!r} is not common to all adapters; common kinds: {', '.join(common)}")
-            stack = args.stack or next(s for s, k in groups if k == kind)
-            if (stack, kind) not in groups:
-                raise AtlasError(f"no common module of kind {kind!r} in stack {stack!r}")
-            by_kind[kind] = (stack, all_distances(adapters, [kind], metrics, [args.factor], stacks=[stack], pad=args.pad))
-        tensors = [res[metric, args.factor, stack, kind] for metric in metrics for kind, (stack, res) in by_kind.items()]
+    groups = common_groups(adapters)
+    if not groups:
+        raise AtlasError(f"adapters {[a.name for a in adapters]} have no module in common")
+    common = list(dict.fromkeys(k for _, k in groups))
+    by_kind = {}
+    for kind in kinds:  # one pass per (stack, kind): each adapter decomposed once, shared by every metric
+        if kind is None:
+            kind = "v" if "v" in common else common[0]
+        if kind not in common:
+            raise AtlasError(f"kind {kind!r} is not common to all adapters; common kinds: {', '.join(common)}")
+        stack = args.stack or next(s for s, k in groups if k == kind)
+        if (stack, kind) not in groups:
+            raise AtlasError(f"no common module of kind {kind!r} in stack {stack!r}")
+        by_kind[kind] = (stack, geometry.distance_tensors(adapters, metric=metrics, factor=args.factor, kind=kind,
+                                                          stack=stack, pad=args.pad))
+    tensors = [res[metric, args.factor, stack, kind] for metric in metrics for kind, (stack, res) in by_kind.items()]
     chosen = [select_layers(dt.layers, args.layers) for dt in tensors]
     names = list(tensors[0].adapters)
 

@@ -1,5 +1,9 @@
 """The optimiser loop shared by DivMerge and AdaMerging, step by step.
 
+(Over 500 lines on purpose: one class, :class:`LearnedMergeRun`, whose state, the coefficients, the
+optimiser, the batches, the stop flag and the stored result, is shared by every method; split, each part
+would reach into the others' state.)
+
 A run holds the coefficients ``Gamma`` (a ``(T, L)`` leaf tensor, see :mod:`geometry.learned.layout`),
 an Adam optimiser (default moments, no weight decay), the unlabeled inputs of each task
 (:mod:`geometry.learned.data`) and one term per task (:mod:`geometry.learned.terms`). One step:
