@@ -43,6 +43,7 @@ if TYPE_CHECKING:
         interference,
         load,
         merge,
+        resolve_dora,
     )
     from geometry.types import Adapter
 
@@ -54,7 +55,7 @@ _LAZY: dict[str, str] = {
     "Adapter": "geometry.types",
     **dict.fromkeys(
         ("VOCABULARY", "anatomy", "distance_table", "distance_tensors", "distances", "embed", "evaluate", "evaluate_merge",
-         "inclusion", "inclusion_matrix", "interference", "load", "merge"),
+         "inclusion", "inclusion_matrix", "interference", "load", "merge", "resolve_dora"),
         "geometry.api",
     ),
 }
@@ -96,4 +97,5 @@ __all__ = [
     "interference",
     "load",
     "merge",
+    "resolve_dora",
 ]

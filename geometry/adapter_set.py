@@ -147,7 +147,8 @@ class AdapterSet:
             self.origin.pop(name, None)
 
     def summary(self) -> pd.DataFrame:
-        """Compact table of the set: name, base, r, alpha, targets, modules, parameters."""
+        """Compact table of the set: name, base, format (peft / diffusers / kohya), variant (LoRA, rsLoRA, DoRA,
+        AdaLoRA, LoHa, LoKr), r, alpha, targets, modules, parameters."""
 
         rows = []
         for name, adapter in self._items.items():
@@ -159,6 +160,8 @@ class AdapterSet:
                 {
                     "name": name,
                     "base": str(info.get("base") or "?").rstrip("/").split("/")[-1],
+                    "format": info.get("format", "peft"),
+                    "variant": info.get("variant", "LoRA"),
                     "r": info.get("r", adapter.config.r),
                     "alpha": info.get("alpha", adapter.config.lora_alpha),
                     "targets": targets,
@@ -166,4 +169,5 @@ class AdapterSet:
                     "parameters": info.get("n_params", adapter.n_params()),
                 }
             )
-        return pd.DataFrame(rows, columns=["name", "base", "r", "alpha", "targets", "modules", "parameters"])
+        return pd.DataFrame(
+            rows, columns=["name", "base", "format", "variant", "r", "alpha", "targets", "modules", "parameters"])

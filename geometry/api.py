@@ -84,6 +84,8 @@ VOCABULARY: dict[str, str] = {
     "split": "the split scored: test, validation or train",
     "limit": "how many examples per task are scored (None: all)",
     "samples": "how many unlabeled inputs per task a learned merge fits on (a different count from limit)",
+    "base": "a base model: a transformers / peft model, a Runtime, or a state dict of its weights",
+    "rank": "a target rank (the thin SVD truncates to it; None: the numerical rank)",
     "seed": "a random seed",
     "matrix": "a square distance matrix",
     "device": "where it computes (None: CUDA when present, else CPU)",
@@ -108,12 +110,15 @@ def _expand(source: Any) -> list[Any]:
             children = sorted(p for p in path.iterdir() if p.is_dir() and (p / "adapter_config.json").is_file())
             if len(children) > 1:
                 return children
+            files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".safetensors")
+            if not children and len(files) > 1:  # a folder of kohya / diffusers LoRA files: one adapter each
+                return files
     return [source]
 
 
 def _from_files(files: Mapping[str, bytes]) -> list[tuple[str, Any]]:
     """In-memory files (an upload): each ``.zip`` is one adapter named by its file; the rest form one more."""
-    from geometry.io.loader import load_files, load_zip_bytes
+    from geometry.io.loader import load_files, load_weights_bytes, load_zip_bytes
 
     out, loose = [], {}
     for filename, data in files.items():
@@ -122,6 +127,10 @@ def _from_files(files: Mapping[str, bytes]) -> list[tuple[str, Any]]:
             out.append((base, lambda d=data, b=base: load_zip_bytes(bytes(d), name=Path(b).stem, source=b)))
         else:
             loose[base] = bytes(data)
+    if loose and all(n.lower().endswith(".safetensors") for n in loose):  # kohya / diffusers LoRAs: one each
+        for base, data in loose.items():
+            out.append((base, lambda d=data, b=base: load_weights_bytes(d, name=Path(b).stem, source=b)))
+        return out
     if loose:
         configs = [n for n in loose if n.endswith(".json")]
         label = " + ".join(sorted(loose))
@@ -241,7 +250,8 @@ def distances(
         for i in range(len(names)) for j in range(i + 1, len(names)) if counts[i, j] < len(chosen)
     ]
     frame.attrs.update(
-        notes=[tensor.convention, *tensor.notes, *partial], layers=chosen, metric=metric, factor=factor,
+        notes=[tensor.convention, *tensor.notes, *partial, *_dora_notes(adapters)], layers=chosen, metric=metric,
+        factor=factor,
         kind=tensor.kind, stack=tensor.stack, counts=pd.DataFrame(counts, index=names, columns=names),
     )
     return frame
@@ -357,7 +367,17 @@ def anatomy(adapter: Adapter, *, kind: str | Iterable[str] | None = None, device
 
     if not isinstance(adapter, Adapter):
         raise InvalidArgumentError("anatomy(adapter): pass one Adapter (ads['name'])")
-    return run(adapter, kind=kind, device=device)
+    frame = run(adapter, kind=kind, device=device)
+    frame.attrs["notes"] = [*frame.attrs.get("notes", []), *_dora_notes(adapter)]
+    return frame
+
+
+def _dora_notes(adapters: Adapters | Adapter) -> list[str]:
+    """``"<name>: DoRA: direction only, base weights not loaded"`` for each DoRA adapter analysed by its LoRA
+    direction ``s B A`` (:func:`geometry.linalg.dora.resolve_dora` attaches the base's exact updates)."""
+    # geometry.linalg.dora.dora_status / DIRECTION_ONLY, inlined: this module stays free of torch at import
+    return [f"{a.name}: DoRA: direction only, base weights not loaded" for a in as_adapters(adapters)
+            if any((m.magnitude is not None or a.config.use_dora) and not m.dora_exact for m in a.modules.values())]
 
 
 def interference(
@@ -392,6 +412,18 @@ def interference(
     frame.index.name = "adapter"
     frame.attrs.update(score=score, modules=len(keys), kind=keys[0].kind, layers=sorted(chosen))
     return frame
+
+
+def resolve_dora(adapter: Adapter, *, base: Any, rank: int | None = None) -> Adapter:
+    """A copy of a DoRA ``adapter`` whose modules hold their exact updates, given its ``base`` weights
+    (:func:`geometry.linalg.dora.resolve_dora`): ``m (W0 + s B A) / ||W0 + s B A||_row - W0`` per module,
+    factored by a thin SVD at its numerical rank (or at most ``rank``). Without this, a DoRA adapter's
+    geometry is that of its LoRA direction ``s B A`` only, and says so in ``attrs["notes"]``."""
+    from geometry.linalg.dora import resolve_dora as run
+
+    if not isinstance(adapter, Adapter):
+        raise InvalidArgumentError("resolve_dora(adapter, base=...): pass one Adapter (ads['name'])")
+    return run(adapter, base, rank=rank)
 
 
 # ---------------------------------------------------------------------------------------------- map
@@ -522,4 +554,5 @@ __all__ = [
     "interference",
     "load",
     "merge",
+    "resolve_dora",
 ]

@@ -29,10 +29,19 @@ CANONICAL_KINDS: tuple[str, ...] = (
     "gate", "up", "down", "gate_up",
     "cross_q", "cross_k", "cross_v", "cross_o",
     "fc_in", "fc_out", "embed",
+    # diffusion UNet / DiT (geometry.io.diffusion)
+    "to_q", "to_k", "to_v", "to_out", "cross_to_q", "cross_to_k", "cross_to_v", "cross_to_out",
+    "add_q", "add_k", "add_v", "to_add_out", "proj_in", "proj_out", "ff_in", "ff_out",
+    "ff_context_in", "ff_context_out", "proj_mlp", "norm1", "norm1_context", "norm",
+    "res_conv1", "res_conv2", "res_time_emb", "res_shortcut", "downsample", "upsample",
 )
 #: Stacks: ``model`` for a single-stack model, ``encoder`` / ``decoder`` for T5-like models,
 #: ``raw`` for module names that could not be mapped (kept, never dropped).
-STACKS: tuple[str, ...] = ("model", "encoder", "decoder", "raw")
+#: Diffusion pipelines (:mod:`geometry.io.diffusion`): ``text_encoder*``, ``unet``, ``transformer``.
+STACKS: tuple[str, ...] = (
+    "model", "encoder", "decoder",
+    "text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer", "raw",
+)
 
 
 def kind_order(kind: str) -> tuple[int, str]:
@@ -79,6 +88,32 @@ class ModuleKey:
         return f"{self.stack}.{self.layer}.{self.kind}"
 
 
+#: Fused output rows of a split part: ``(start, stop)``, or ``((start, stop), ...)`` row blocks for a fused
+#: projection whose q / k / v rows are interleaved per head (GPT-NeoX ``query_key_value``).
+Rows = tuple
+
+
+def row_index(rows: Rows) -> slice | list[int]:
+    """Indexer of a part's rows in the fused output (``B_fused[row_index(rows)] = B_part``): a slice for
+    ``(start, stop)``, the list of row indices for row blocks."""
+    if isinstance(rows[0], int):
+        return slice(rows[0], rows[1])
+    return [i for lo, hi in rows for i in range(lo, hi)]
+
+
+def row_stop(rows: Rows) -> int:
+    """One past the last fused output row a part holds."""
+    return int(rows[1]) if isinstance(rows[0], int) else max(int(hi) for _, hi in rows)
+
+
+def row_label(rows: Rows) -> str:
+    """``start:stop``, or ``start:stop,start:stop,...`` (the first three blocks, then a count) for row blocks."""
+    if isinstance(rows[0], int):
+        return f"{rows[0]}:{rows[1]}"
+    text = ",".join(f"{lo}:{hi}" for lo, hi in rows[:3])
+    return text + (f",... ({len(rows)} blocks)" if len(rows) > 3 else "")
+
+
 def ordered_keys(keys: Iterable[ModuleKey]) -> list[ModuleKey]:
     """Distinct keys in display order (:attr:`ModuleKey.order`)."""
     return sorted(set(keys), key=lambda k: k.order)
@@ -91,11 +126,16 @@ class LoraModule:
     ``name`` is the peft module path (``bert.encoder.layer.0.attention.self.query``). For a fused
     projection split into parts (GPT-2 ``c_attn`` into q / k / v), ``name`` stays the fused path
     and ``rows`` gives the slice of the fused output rows this part holds (``B`` is already
-    sliced; ``A`` is shared by the parts).
+    sliced; ``A`` is shared by the parts): ``(start, stop)``, or a tuple of ``(start, stop)`` row blocks
+    when the parts interleave per head (GPT-NeoX); index with :func:`row_index`.
 
     DoRA (``magnitude`` set): the stored update is only the LoRA direction; the effective weight is
-    ``m * (W0 + s B A) / ||W0 + s B A||_col``, which depends on ``W0``. Adapter Atlas analyses the
-    LoRA part ``s B A`` as the task vector and reports the magnitude vector separately.
+    ``m * (W0 + s B A) / ||W0 + s B A||_row`` (one norm per output row, as peft computes it), which
+    depends on ``W0``. Without the base weights Adapter Atlas analyses the LoRA direction ``s B A``
+    (``dora_exact = False``: "DoRA: direction only, base weights not loaded"); with them,
+    :func:`geometry.linalg.dora.resolve_dora` replaces ``(B, A, scale)`` by a factorisation of the
+    exact update ``m * (W0 + s B A) / ||W0 + s B A||_row - W0`` and sets ``dora_exact = True``
+    (``magnitude`` is kept for reference; it is no longer applied on top).
     Embedding LoRA (``is_embedding``): peft stores ``lora_embedding_A (r, vocab)`` and
     ``lora_embedding_B (dim, r)``; the task vector is ``s * (B @ A)`` of shape ``(dim, vocab)``,
     the transpose of the embedding table's update.
@@ -111,7 +151,8 @@ class LoraModule:
     fan_in_fan_out: bool = False
     magnitude: torch.Tensor | None = None
     is_embedding: bool = False
-    rows: tuple[int, int] | None = None
+    rows: Rows | None = None
+    dora_exact: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -157,6 +198,9 @@ class AdapterConfig:
     task_type: str | None = None
     peft_type: str = "LORA"
     raw: dict[str, Any] = field(default_factory=dict)
+    #: The file format it came in: ``peft`` (``adapter_config.json``), ``diffusers`` or ``kohya``
+    #: (:mod:`geometry.io.diffusion`); an export writes the same format.
+    format: str = "peft"
 
 
 @dataclass

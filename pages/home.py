@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from geometry.linalg.dora import dora_note
 from ui import downloads, require_app, state
 from ui.adapter_set import sample_sets, training_records
 
@@ -29,7 +30,8 @@ with c3:
 aset = state.adapter_set()
 st.subheader(f"Adapter set ({len(aset)})")
 if not len(aset):
-    st.info("No adapters loaded. Use the sidebar to upload a .zip, a config + weights pair, or a hub id.")
+    st.info("No adapters loaded. Use the sidebar to upload a .zip, a config + weights pair, a kohya / diffusers "
+            ".safetensors LoRA, or a hub id.")
     st.stop()
 summary = aset.summary()
 st.dataframe(summary, hide_index=True, width="stretch")
@@ -48,7 +50,9 @@ if len(records):
     downloads.csv_button(records, "sample_training", key="csv_training")
 for name in aset.names:
     adapter = aset[name]
-    notes = list(adapter.warnings) + [f"unmapped module kept as raw: {u}" for u in adapter.unmapped]
+    dora = dora_note(adapter)  # "DoRA: direction only, base weights not loaded" when its geometry is s B A alone
+    notes = ([dora] if dora else []) + list(adapter.warnings) + [
+        f"unmapped module kept as raw: {u}" for u in adapter.unmapped]
     if notes:
         with st.expander(f"{name}: {len(notes)} note(s) from the loader"):
             for note in notes:

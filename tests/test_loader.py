@@ -335,7 +335,7 @@ P = "base_model.model.model.layers.0.self_attn."
 CFG = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]}
 
 
-def test_unmapped_names_are_kept_and_float16_kept(tmp_path):
+def test_unmapped_names_are_kept_and_float16_read_as_float32(tmp_path):
     g = torch.Generator().manual_seed(0)
     t = {
         P + "q_proj.lora_A.weight": torch.randn(2, 8, generator=g).half(),
@@ -348,7 +348,7 @@ def test_unmapped_names_are_kept_and_float16_kept(tmp_path):
     raw = adapter.modules[ModuleKey("raw", -1, "my_head.proj")]
     assert adapter.unmapped == ["my_head.proj"] and raw.shape == (3, 2 * 4)
     assert any("raw names" in w for w in adapter.warnings)
-    assert adapter.modules[ModuleKey("model", 0, "q")].A.dtype == torch.float16
+    assert adapter.modules[ModuleKey("model", 0, "q")].A.dtype == torch.float32  # half factors: read as float32
     assert list(adapter.other_tensors) == ["base_model.model.score.weight"]
     assert adapter_summary(adapter)["other_tensors"] == {"base_model.model.score.weight": [3, 8]}
 

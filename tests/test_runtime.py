@@ -413,11 +413,9 @@ def test_heads_choice_and_errors(study, fresh_cache, tmp_path):
     assert not applied.active and not any(m._forward_hooks for m in runtime.model.modules())
 
 
-def test_dora_and_per_layer_outside_blocks_are_refused(tmp_path):
+def test_per_layer_outside_blocks_is_refused(tmp_path):
+    # (DoRA is applied exactly now: tests/test_dora.py)
     base = tiny_model("bert")
-    dora, _ = _adapter("bert", base, tmp_path / "dora", use_dora=True)
-    with pytest.raises(AtlasError, match="DoRA"):
-        Runtime(base).apply(dora)
     plain, _ = _adapter("bert", base, tmp_path / "plain")
     with pytest.raises(AtlasError, match=r"bert.pooler.dense.*outside the numbered blocks"):
         Runtime(base).apply(plain, coefficients=torch.ones(1, 2))

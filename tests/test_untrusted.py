@@ -281,7 +281,7 @@ def test_duplicate_adapter_names_in_a_set_are_renamed_not_merged():
         (b'{"r": ' + b"9" * 5000 + b"}", ["invalid JSON", "digits"]),
         (_cfg(peft_type="PREFIX_TUNING"), ["peft_type is 'PREFIX_TUNING'", "only LoRA"]),
         (_cfg(peft_type="IA3"), ["peft_type is 'IA3'"]),
-        (_cfg(peft_type="LOHA"), ["peft_type is 'LOHA'"]),
+        (_cfg(peft_type="VERA"), ["peft_type is 'VERA'", "LoHa and LoKr"]),
         (_cfg(peft_type=["LORA"]), ["'peft_type' must be a string"]),
         (_cfg(r=0), ["'r' must be a positive integer, got 0"]),
         (_cfg(r=-2), ["'r' must be a positive integer, got -2"]),

@@ -160,7 +160,8 @@ def render() -> None:
 
     with sb.expander("Add adapters", expanded=False):
         st.file_uploader(
-            "Upload .zip files (one adapter each) or an adapter_config.json with its weights",
+            "Upload .zip files (one adapter each), an adapter_config.json with its weights, or kohya / diffusers "
+            ".safetensors LoRAs (one adapter each)",
             type=list(UPLOAD_TYPES),
             accept_multiple_files=True,
             key=_uploader_key(),

@@ -12,6 +12,7 @@ from geometry.errors import AtlasError, IncompatibleAdaptersError
 from geometry.io.summary import adapter_summary
 from geometry.linalg.align import check_compatible, common_groups
 from geometry.text import ranges
+from geometry.types import row_label
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -31,7 +32,8 @@ def format_summary(summary: dict) -> str:
     """Human-readable text of :func:`adapter_summary` (the ``info`` command's default output)."""
     s = summary
     lines = [
-        f"adapter {s['name']}  ({s['source']})",
+        f"adapter {s['name']}  ({s['source']})   format: {s.get('format', 'peft')}   "
+        f"variant: {s.get('variant', 'LoRA')}",
         f"  base: {s['base'] or '?'}   task: {s['task_type'] or '?'}   r: {s['r']}   alpha: {s['alpha']:g}   "
         f"scale: {s['scale_rule']} = {s['scale']:.4g}" + ("   DoRA" if s["use_dora"] else ""),
     ]
@@ -43,7 +45,7 @@ def format_summary(summary: dict) -> str:
     lines.append(f"  {'stack':8} {'layer':>5} {'kind':8} {'shape':>12} {'rank':>4} {'scale':>8}  name")
     for m in s.get("modules", []):
         shape = f"{m['shape'][0]}x{m['shape'][1]}"
-        extra = (f" rows {m['rows'][0]}:{m['rows'][1]}" if m["rows"] else "") + (" +magnitude" if m["dora"] else "")
+        extra = (f" rows {row_label(m['rows'])}" if m["rows"] else "") + (" +magnitude" if m["dora"] else "")
         lines.append(f"  {m['stack']:8} {m['layer']:>5} {m['kind'][:8]:8} {shape:>12} {m['rank']:>4} "
                      f"{m['scale']:>8.4g}  {m['name']}{extra}")
     lines.append(f"  unmapped: {', '.join(s['unmapped']) if s['unmapped'] else 'none'}")
@@ -52,6 +54,7 @@ def format_summary(summary: dict) -> str:
         lines.extend(f"    {k} {v}" for k, v in s["other_tensors"].items())
     else:
         lines.append("  non-LoRA tensors: none")
+    lines.extend(f"  note: {n}" for n in s.get("notes", []))
     lines.extend(f"  warning: {w}" for w in s["warnings"])
     return "\n".join(lines)
 

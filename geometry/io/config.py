@@ -36,6 +36,10 @@ MAX_PATTERN_KEYS = 10_000
 MAX_RANK = 2**24
 #: Seconds one pattern key may take to match one module name before the config is refused.
 PATTERN_TIMEOUT_S = 0.5
+#: The peft types read: LoRA (and DoRA, ``use_dora``) and AdaLoRA.
+PEFT_TYPES = ("LORA", "ADALORA", "LOHA", "LOKR")  # LoHa / LoKr: geometry.io.lycoris
+#: peft's ``AdaLoraConfig.init_r`` default (every module's rank before pruning, and its ``ranknum``).
+ADALORA_DEFAULT_INIT_R = 12
 
 
 def _number(data: dict, field: str, default: float, source: str, kind: type) -> Any:
@@ -103,8 +107,14 @@ def parse_config(data: dict, source: str = "") -> AdapterConfig:
     if not isinstance(peft_type, str):
         raise AdapterLoadError(f"{source}: field 'peft_type' must be a string such as 'LORA', got {peft_type!r}")
     peft_type = peft_type.upper()
-    if peft_type != "LORA":
-        raise AdapterLoadError(f"{source}: peft_type is {peft_type!r}; only LoRA adapters (peft_type 'LORA') are supported")
+    if peft_type not in PEFT_TYPES:
+        raise AdapterLoadError(
+            f"{source}: peft_type is {peft_type!r}, which defines no weight update Adapter Atlas reads; only LoRA, "
+            "DoRA, AdaLoRA, LoHa and LoKr adapters (peft_type 'LORA', 'ADALORA', 'LOHA' or 'LOKR') are supported")
+    if peft_type in ("LOHA", "LOKR"):
+        return _lycoris_config(data, source, peft_type)
+    if peft_type == "ADALORA":
+        return _adalora_config(data, source)
     targets = data.get("target_modules")
     if targets is not None and not isinstance(targets, (str, list)):
         raise AdapterLoadError(f"{source}: target_modules must be a list or a regex string, got {targets!r}")
@@ -129,6 +139,98 @@ def parse_config(data: dict, source: str = "") -> AdapterConfig:
         peft_type=peft_type,
         raw=dict(data),
     )
+
+
+def _lycoris_config(data: dict, source: str, peft_type: str) -> AdapterConfig:
+    """A LoHa / LoKr ``adapter_config.json`` (:mod:`geometry.io.lycoris`): ``alpha`` plays ``lora_alpha``."""
+    targets = data.get("target_modules")
+    if targets is not None and not isinstance(targets, (str, list)):
+        raise AdapterLoadError(f"{source}: target_modules must be a list or a regex string, got {targets!r}")
+    to_save = data.get("modules_to_save")
+    if to_save is not None and not isinstance(to_save, list):
+        raise AdapterLoadError(f"{source}: modules_to_save must be a list or null, got {to_save!r}")
+    for field in ("base_model_name_or_path", "task_type"):
+        if data.get(field) is not None and not isinstance(data[field], str):
+            raise AdapterLoadError(f"{source}: field {field!r} must be a string or null, got {data[field]!r}")
+    _flag(data, "use_effective_conv2d", source)
+    return AdapterConfig(
+        r=_number(data, "r", 8, source, int),
+        lora_alpha=_number(data, "alpha", 8.0, source, float),
+        rank_pattern=_pattern(data, "rank_pattern", source, int),
+        alpha_pattern=_pattern(data, "alpha_pattern", source, float),
+        target_modules=list(targets) if isinstance(targets, list) else targets,
+        modules_to_save=list(to_save) if to_save is not None else None,
+        base_model_name_or_path=data.get("base_model_name_or_path") or None,
+        task_type=data.get("task_type") or None,
+        peft_type=peft_type,
+        raw=dict(data),
+    )
+
+
+def _adalora_config(data: dict, source: str) -> AdapterConfig:
+    """An AdaLoRA config (:data:`ADALORA_DEFAULT_INIT_R`, masks in ``rank_pattern``; see :func:`adalora_masks`).
+
+    peft's AdaLoRA builds every module at rank ``init_r`` (``r`` is ignored), scales by ``lora_alpha``
+    (``r`` when ``lora_alpha <= 0``) over ``ranknum + 1e-5`` with ``ranknum = init_r``, and ignores
+    ``alpha_pattern`` and rsLoRA; ``config.r`` here is ``init_r``, ``rank_pattern`` / ``alpha_pattern`` stay
+    empty (the masks are read from ``raw`` by :func:`adalora_masks`).
+    """
+    if _flag(data, "use_dora", source):
+        raise AdapterLoadError(f"{source}: peft_type 'ADALORA' with use_dora true; AdaLoRA does not support DoRA")
+    for field in ("base_model_name_or_path", "task_type"):
+        if data.get(field) is not None and not isinstance(data[field], str):
+            raise AdapterLoadError(f"{source}: field {field!r} must be a string or null, got {data[field]!r}")
+    targets = data.get("target_modules")
+    if targets is not None and not isinstance(targets, (str, list)):
+        raise AdapterLoadError(f"{source}: target_modules must be a list or a regex string, got {targets!r}")
+    to_save = data.get("modules_to_save")
+    if to_save is not None and not isinstance(to_save, list):
+        raise AdapterLoadError(f"{source}: modules_to_save must be a list or null, got {to_save!r}")
+    alpha = _number(data, "lora_alpha", 8.0, source, float)
+    config = AdapterConfig(
+        r=_number(data, "init_r", ADALORA_DEFAULT_INIT_R, source, int),
+        lora_alpha=alpha,
+        target_modules=list(targets) if isinstance(targets, list) else targets,
+        fan_in_fan_out=_flag(data, "fan_in_fan_out", source),
+        modules_to_save=list(to_save) if to_save is not None else None,
+        base_model_name_or_path=data.get("base_model_name_or_path") or None,
+        task_type=data.get("task_type") or None,
+        peft_type="ADALORA",
+        raw=dict(data),
+    )
+    adalora_masks(config, source)  # validated here: one error at load, never later
+    return config
+
+
+def adalora_masks(config: AdapterConfig, source: str = "") -> dict[str, list[bool]]:
+    """AdaLoRA's saved ``rank_pattern``: ``{module path: [kept?] * init_r}`` (peft's keys
+    ``<module>.lora_E`` or ``<module>.lora_E.<adapter>``, ``true`` for each rank component kept).
+
+    peft saves only the kept components (``lora_A`` / ``lora_E`` rows, ``lora_B`` columns), so a pruned
+    module's factors have ``sum(mask)`` components; ``ranknum`` (the scale's denominator) stays ``init_r``.
+    """
+    source = source or "adapter_config.json"
+    value = config.raw.get("rank_pattern") or {}
+    if not isinstance(value, dict):
+        raise AdapterLoadError(f"{source}: AdaLoRA field 'rank_pattern' must be an object of module -> list of "
+                               f"true / false, got {type(value).__name__}")
+    if len(value) > MAX_PATTERN_KEYS:
+        raise AdapterLoadError(
+            f"{source}: field 'rank_pattern' has {len(value)} keys, more than the limit of {MAX_PATTERN_KEYS}")
+    out: dict[str, list[bool]] = {}
+    for key, mask in value.items():
+        if not isinstance(mask, list) or len(mask) > MAX_RANK or not all(
+                isinstance(b, bool) or (isinstance(b, int) and b in (0, 1)) for b in mask):
+            raise AdapterLoadError(
+                f"{source}: AdaLoRA rank_pattern[{str(key)[:200]!r}] must be a list of true / false (one per rank "
+                f"component), got {str(mask)[:80]}")
+        name = str(key).removeprefix(PEFT_PREFIX)
+        head, sep, _ = name.rpartition(".lora_E")
+        if not sep:
+            raise AdapterLoadError(f"{source}: AdaLoRA rank_pattern key {str(key)[:200]!r} does not name a lora_E "
+                                   "tensor (expected '<module>.lora_E')")
+        out[head] = [bool(b) for b in mask]
+    return out
 
 
 #: Repetition, alternation or a back-reference: a key without these matches in linear time.

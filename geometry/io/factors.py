@@ -9,11 +9,12 @@ import re
 import torch
 
 from geometry.errors import AdapterLoadError
-from geometry.io.config import PEFT_PREFIX, parse_config, rank_and_alpha
+from geometry.io.config import PEFT_PREFIX, adalora_masks, parse_config, rank_and_alpha
 from geometry.io.limits import NORMAL
+from geometry.io.lycoris import LYCORIS_TYPES, lycoris_entries
 from geometry.io.naming import fused_qkv_note, has_two_stacks, module_key
 from geometry.io.weights import _read_weights, content_hash
-from geometry.types import Adapter, AdapterConfig, LoraModule, ModuleKey, lora_scale
+from geometry.types import Adapter, AdapterConfig, LoraModule, ModuleKey, lora_scale, row_index, row_label
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -31,6 +32,10 @@ MAX_ENABLE_LORA = 8
 
 FACTOR_RE = re.compile(r"^(?P<mod>.+)\.lora_(?P<ab>A|B)(?:\.(?P<ad>[^.]+))?\.weight$")
 EMBED_RE = re.compile(r"^(?P<mod>.+)\.lora_embedding_(?P<ab>A|B)(?:\.(?P<ad>[^.]+))?$")
+#: AdaLoRA (peft_type ADALORA): ``<module>.lora_A`` (r, in), ``lora_B`` (out, r), ``lora_E`` (r, 1), no ``.weight``.
+ADALORA_RE = re.compile(r"^(?P<mod>.+)\.lora_(?P<ab>A|B|E)(?:\.(?P<ad>[^.]+))?$")
+#: Half-precision factor dtypes: converted to float32 at load, so that no computation runs in half.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 MAGNITUDE_RE = re.compile(r"^(?P<mod>.+)\.lora_magnitude_vector(?:\.(?P<ad>[^.]+))?(?:\.weight)?$")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -68,6 +73,9 @@ def build_adapter(
     except (ValueError, RecursionError) as exc:
         raise AdapterLoadError(f"{cfg_label}: the config cannot be hashed ({exc})") from exc
     adapter = Adapter(name=name, config=config, modules={}, source=source, content_hash=digest)
+    if config.peft_type in LYCORIS_TYPES:  # dense update -> exact SVD factors (geometry.io.lycoris)
+        _place(adapter, lycoris_entries(adapter, state, labels[wname], cfg_label))
+        return adapter
     fill_modules(adapter, state, labels[wname], cfg_label)
     return adapter
 
@@ -93,6 +101,12 @@ def _check_factor(label: str, key: str, t: torch.Tensor, expected: str) -> None:
             "size >= 1 (rank 0?)")
 
 
+def _float(t: torch.Tensor) -> torch.Tensor:
+    """A factor in float32 when stored in float16 / bfloat16 (every computation then runs in float32 or
+    float64, never in half); float32 / float64 factors are kept as they are."""
+    return t.to(torch.float32) if t.dtype in HALF_DTYPES else t
+
+
 def fill_modules(adapter: Adapter, state: dict[str, torch.Tensor], label: str, cfg_label: str = CONFIG_NAME) -> None:
     """Sort ``state`` into LoRA modules and other tensors; validate; key every module."""
     config = adapter.config
@@ -104,6 +118,8 @@ def fill_modules(adapter: Adapter, state: dict[str, torch.Tensor], label: str, c
         _check_finite(label, key, tensor)
         short = key.removeprefix(PEFT_PREFIX)
         m = FACTOR_RE.match(short) or EMBED_RE.match(short)
+        if m is None and config.peft_type == "ADALORA":
+            m = ADALORA_RE.match(short)
         if m:
             mod = m.group("mod")
             slot = factors.setdefault(mod, {})
@@ -126,6 +142,8 @@ def fill_modules(adapter: Adapter, state: dict[str, torch.Tensor], label: str, c
         raise AdapterLoadError(f"{label}: tensors of several adapters ({', '.join(sorted(adapter_names))}); save one adapter per file")
     if not factors:
         raise AdapterLoadError(f"{label}: no LoRA tensors (*.lora_A.weight / *.lora_B.weight) in the weights file")
+    masks = adalora_masks(config, cfg_label) if config.peft_type == "ADALORA" else {}
+    pruned: list[str] = []
 
     n_keys = len(config.rank_pattern) + len(config.alpha_pattern)
     if n_keys * len(factors) > MAX_PATTERN_MATCHES:
@@ -137,15 +155,23 @@ def fill_modules(adapter: Adapter, state: dict[str, torch.Tensor], label: str, c
     fused_notes: list[str] = []
     for mod in sorted(factors):
         slot = factors[mod]
-        for ab, other in (("A", "B"), ("B", "A")):
+        for ab in ("A", "B"):
             if ab not in slot:
-                present = slot[other][0]
+                present = next(v[0] for v in slot.values())
                 raise AdapterLoadError(f"{label}: module {mod} has {present} but no lora_{ab} tensor")
         (a_key, A), (b_key, B) = slot["A"], slot["B"]
-        _check_factor(label, a_key, A, "lora_A (r, in_features)")
-        _check_factor(label, b_key, B, "lora_B (out_features, r)")
-        r, alpha = rank_and_alpha(config, mod, source=cfg_label)
-        scale = lora_scale(r, alpha, config.use_rslora)
+        if config.peft_type == "ADALORA":
+            found = _adalora_factors(label, mod, slot, config, masks.get(mod))
+            if found is None:
+                pruned.append(mod)
+                continue
+            A, B, r, alpha, scale = found
+        else:
+            _check_factor(label, a_key, A, "lora_A (r, in_features)")
+            _check_factor(label, b_key, B, "lora_B (out_features, r)")
+            A, B = _float(A), _float(B)
+            r, alpha = rank_and_alpha(config, mod, source=cfg_label)
+            scale = lora_scale(r, alpha, config.use_rslora)
         legacy = config.raw.get("enable_lora")
         if B.dim() == 3 and isinstance(legacy, list) and any(legacy):
             if not any("legacy peft" in w for w in adapter.warnings):
@@ -171,22 +197,82 @@ def fill_modules(adapter: Adapter, state: dict[str, torch.Tensor], label: str, c
         if mod in magnitudes:
             mkey, magnitude = magnitudes.pop(mod)
             _check_factor(label, mkey, magnitude, f"DoRA magnitude ({B.shape[0]},)")
+            magnitude = _float(magnitude)
             if magnitude.dim() != 1 or magnitude.shape[0] != B.shape[0]:
                 raise AdapterLoadError(
                     f"{label}: tensor {mkey} has shape {tuple(magnitude.shape)}, expected ({B.shape[0]},) (one per output row)")
         for key, rows in parts:
-            b_part = B if rows is None else B[rows[0] : rows[1]]
-            mag_part = magnitude if magnitude is None or rows is None else magnitude[rows[0] : rows[1]]
+            b_part = B if rows is None else B[row_index(rows)]
+            mag_part = magnitude if magnitude is None or rows is None else magnitude[row_index(rows)]
             entries.append((mod, key, LoraModule(
                 name=mod, key=key, A=A, B=b_part, r=r, alpha=alpha, scale=scale,
                 fan_in_fan_out=config.fan_in_fan_out, magnitude=mag_part, is_embedding=is_emb, rows=rows,
             )))
     for mod, (mkey, _) in magnitudes.items():
         raise AdapterLoadError(f"{label}: tensor {mkey} (DoRA magnitude) has no lora_A / lora_B for module {mod}")
+    if pruned and not entries:
+        raise AdapterLoadError(f"{label}: every AdaLoRA module is pruned to rank 0 (rank_pattern keeps no component, "
+                               "or lora_E is all zero): the adapter changes nothing")
+    if pruned:
+        adapter.warnings.append(
+            f"{len(pruned)} AdaLoRA module(s) pruned to rank 0 (no update, left out): {', '.join(pruned[:5])}")
     if fused_notes:
         more = f" (and {len(fused_notes) - 1} more such module(s))" if len(fused_notes) > 1 else ""
         adapter.warnings.append(fused_notes[0] + more)
     _place(adapter, entries)
+
+
+def _adalora_factors(label: str, mod: str, slot: dict, config: AdapterConfig, mask: list[bool] | None):
+    """AdaLoRA ``scaling * B @ (A * E) / (ranknum + 1e-5)`` as LoRA factors ``(A', B, r, alpha, scale)``
+    with ``A' = diag(E) A`` (components with ``E = 0``, i.e. masked by the rank allocator, left out), or
+    ``None`` for a module pruned to rank 0.
+
+    peft (``AdaLoraLayer.update_layer``, ``AdaLoraModel.resize_modules_by_rank_pattern``): ``ranknum`` is
+    ``init_r`` for every module; ``scaling = lora_alpha``, or the module's rank when ``lora_alpha <= 0``
+    (``init_r``, or ``sum(mask)`` for a module resized by ``rank_pattern``).
+    """
+    for ab, what in (("A", "lora_A (r, in_features)"), ("B", "lora_B (out_features, r)"), ("E", "lora_E (r, 1)")):
+        if ab not in slot:
+            raise AdapterLoadError(f"{label}: AdaLoRA module {mod} has no {what} tensor")
+    (a_key, A), (b_key, B), (e_key, E) = slot["A"], slot["B"], slot["E"]
+    for key, t, what in ((a_key, A, "lora_A (r, in_features)"), (b_key, B, "lora_B (out_features, r)"),
+                         (e_key, E, "lora_E (r, 1)")):
+        if t.dtype not in FACTOR_DTYPES:
+            raise AdapterLoadError(f"{label}: tensor {key} has dtype {t.dtype}, expected a floating-point {what} "
+                                   "(float16, bfloat16, float32 or float64)")
+    if A.dim() != 2 or B.dim() != 2:
+        bad, t = (a_key, A) if A.dim() != 2 else (b_key, B)
+        raise AdapterLoadError(f"{label}: tensor {bad} has shape {tuple(t.shape)}, expected 2-D")
+    k = int(A.shape[0])
+    if E.dim() == 2 and E.shape[1] == 1:
+        E = E[:, 0]
+    if E.dim() != 1 or int(E.shape[0]) != k or int(B.shape[1]) != k:
+        raise AdapterLoadError(
+            f"{label}: AdaLoRA module {mod}: {a_key} {tuple(A.shape)}, {b_key} {tuple(B.shape)}, {e_key} "
+            f"{tuple(slot['E'][1].shape)}; expected A (r, in), B (out, r) and E (r, 1) with the same r")
+    init_r = int(config.r)
+    if mask is not None:
+        kept = sum(mask)
+        if k == len(mask) and k != kept:  # saved unresized: keep the masked components, as peft's save does
+            idx = torch.tensor(mask, dtype=torch.bool)
+            A, B, E = A[idx], B[:, idx], E[idx]
+        elif k != kept:
+            raise AdapterLoadError(
+                f"{label}: AdaLoRA module {mod} has {k} rank components but rank_pattern keeps {kept} of {len(mask)}")
+    if k > init_r and mask is None:
+        raise AdapterLoadError(f"{label}: AdaLoRA module {mod} has {k} rank components, more than init_r = {init_r}")
+    rank_now = int(A.shape[0])
+    alpha = float(config.lora_alpha)
+    scaling = alpha if alpha > 0 else float(rank_now if mask is not None else init_r)
+    scale = scaling / (init_r + 1e-5)
+    A, B, E = _float(A), _float(B), _float(E)
+    live = E != 0
+    if not bool(live.all()):
+        A, B, E = A[live], B[:, live], E[live]
+    if int(A.shape[0]) == 0:
+        return None
+    A = A * E.to(A.dtype)[:, None]
+    return A, B, int(A.shape[0]), alpha, scale
 
 
 def _embedding_stack(mod: str, two_stacks: bool) -> str:
@@ -270,7 +356,7 @@ def _place(adapter: Adapter, entries: list[tuple[str, ModuleKey, LoraModule]]) -
             f"names: {', '.join(clashing[:5])}")
     for mod, key, lm in entries:
         if mod in clashing or key.stack == "raw":
-            raw_name = mod if lm.rows is None else f"{mod}[{lm.rows[0]}:{lm.rows[1]}]"
+            raw_name = mod if lm.rows is None else f"{mod}[{row_label(lm.rows)}]"
             key = ModuleKey("raw", -1, raw_name)
             lm.key = key
             if mod not in adapter.unmapped:

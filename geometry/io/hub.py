@@ -11,7 +11,9 @@ from geometry.errors import AdapterLoadError
 from geometry.io.limits import is_demo
 from geometry.io.limits import limits as current_limits
 
-HUB_PATTERNS = ["*adapter_config.json", "*adapter_model.safetensors", "*adapter_model.bin"]
+#: peft adapter files, and diffusers' LoRA file (a diffusion LoRA with no config, geometry.io.diffusion).
+HUB_PATTERNS = ["*adapter_config.json", "*adapter_model.safetensors", "*adapter_model.bin",
+                "*pytorch_lora_weights.safetensors"]
 
 
 def _hub_size(repo_id: str, revision: str | None) -> int:

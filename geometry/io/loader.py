@@ -9,7 +9,12 @@ Formats read:
 
 * ``<module>.lora_A.weight`` ``(r, n)`` and ``<module>.lora_B.weight`` ``(m, r)`` (optionally with an
   adapter name before ``.weight``); ``tau = s * B @ A``.
-* DoRA ``<module>.lora_magnitude_vector``: attached as ``LoraModule.magnitude``; tau is the LoRA part.
+* DoRA ``<module>.lora_magnitude_vector``: attached as ``LoraModule.magnitude``; tau is the LoRA direction
+  until :func:`geometry.linalg.dora.resolve_dora` attaches the base weights' exact update.
+* AdaLoRA (``peft_type: ADALORA``) ``<module>.lora_A`` / ``lora_B`` / ``lora_E`` (no ``.weight``): the factors
+  ``B`` and ``diag(E) A`` at scale ``lora_alpha / (init_r + 1e-5)``, the ranks left by pruning
+  (``rank_pattern`` masks, components with ``E = 0`` left out).
+* Half-precision factors (float16 / bfloat16) are converted to float32 at load: nothing computes in half.
 * Embedding LoRA ``lora_embedding_A (r, vocab)`` / ``lora_embedding_B (dim, r)``: kind ``embed``,
   ``is_embedding=True``, tau ``= s * B @ A`` of shape ``(dim, vocab)``.
 * Legacy peft <= 0.2 merged LoRA (``enable_lora`` in the config, ``B`` a grouped ``Conv1d`` weight
@@ -24,6 +29,10 @@ Formats read:
   rows sliced, ``A`` shared, ``rows`` set. A fused module that cannot be split (Phi-4 / GQA shapes)
   stays ``qkv`` and ``Adapter.warnings`` says why.
   BLOOM's ``query_key_value`` interleaves heads, so its enabled thirds are not q / v: it stays ``qkv``.
+
+Diffusion LoRAs without ``adapter_config.json`` (kohya ``lora_unet_*`` / ``lora_te_*`` files, diffusers
+``pytorch_lora_weights.safetensors``) are detected by their key names in a folder, a zip, a single
+``.safetensors`` path, bytes or an upload, and read by :mod:`geometry.io.diffusion`.
 
 Everything else in the weights file (``classifier.*``, ``score.weight``, ``modules_to_save`` copies,
 ``lora_B.bias``) is kept in ``Adapter.other_tensors``.
@@ -56,7 +65,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from geometry.errors import AdapterLoadError
-from geometry.io import hub
+from geometry.io import diffusion, hub
 from geometry.io.factors import (  # noqa: F401  (the file names and key patterns, read here by their users)
     CONFIG_NAME,
     EMBED_RE,
@@ -99,7 +108,10 @@ def load_adapter(
     zip_limits = dict(max_bytes=max_bytes, max_members=max_members, max_ratio=max_ratio,
                       max_upload_bytes=max_upload_bytes)
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return load_zip_bytes(bytes(source), name=name, **zip_limits)
+        data = bytes(source)
+        if not data.startswith(b"PK") and diffusion.safetensors_keys(data) is not None:  # a kohya / diffusers file
+            return load_weights_bytes(data, name=name or "adapter", max_upload_bytes=max_upload_bytes)
+        return load_zip_bytes(data, name=name, **zip_limits)
     if isinstance(source, dict):
         return load_files(source, name=name, max_upload_bytes=max_upload_bytes)
     if not isinstance(source, (str, Path)):
@@ -117,8 +129,11 @@ def load_adapter(
             if size > cap:
                 raise AdapterLoadError(f"{path}: zip archive is {size} bytes, more than the limit of {cap} bytes")
             return load_zip_bytes(_read_file(path), name=name or path.stem, source=str(path), **zip_limits)
-        if path.name == CONFIG_NAME or path.name in WEIGHT_NAMES:
+        if path.name == CONFIG_NAME or (path.name in WEIGHT_NAMES and (path.parent / CONFIG_NAME).is_file()):
             return load_folder(path.parent, name=name)
+        if path.suffix.lower() == ".safetensors":  # a kohya / diffusers LoRA file
+            return load_weights_bytes(_read_file(path), name=name or path.stem, source=str(path),
+                                      max_upload_bytes=max_upload_bytes)
         raise AdapterLoadError(f"{path}: not a folder, a .zip, {CONFIG_NAME} or one of {', '.join(WEIGHT_NAMES)}")
     if isinstance(source, str) and _HUB_ID_RE.match(text) and not Path(text.split("/")[0]).exists():
         try:
@@ -133,7 +148,8 @@ def _find_adapter_dir(root: Path) -> Path:
         return root
     found = sorted(str(p.relative_to(root).as_posix()) for p in root.rglob(CONFIG_NAME) if p.is_file())
     if not found:
-        raise AdapterLoadError(f"{root}: no {CONFIG_NAME} in this folder or its subfolders")
+        raise AdapterLoadError(f"{root}: no {CONFIG_NAME} in this folder or its subfolders, and no kohya / "
+                               "diffusers .safetensors LoRA file")
     return root / PurePosixPath(_shallowest(found, str(root), "folder")[0]).parent
 
 
@@ -151,6 +167,12 @@ def _shallowest(configs: list[str], where: str, what: str) -> list[str]:
 def load_folder(path: str | Path, name: str | None = None) -> Adapter:
     """Load the adapter in ``path`` (or in its single subfolder holding ``adapter_config.json``)."""
     root = Path(path)
+    if root.is_dir() and not any(root.rglob(CONFIG_NAME)):  # a kohya / diffusers folder (no config)
+        names = [p.relative_to(root).as_posix() for p in root.rglob("*.safetensors") if p.is_file()]
+        wname = diffusion.pick_weights(names, str(root))
+        if wname is not None:
+            return load_weights_bytes(_read_file(root / wname), name=name or root.resolve().name,
+                                      source=str(root / wname))
     folder = _find_adapter_dir(root)
     cfg = folder / CONFIG_NAME
     if cfg.stat().st_size > MAX_CONFIG_BYTES:
@@ -226,6 +248,12 @@ def load_zip_bytes(
             i.filename: i for i in infos if not i.is_dir() and not i.filename.startswith("__MACOSX/")
         }
         configs = sorted(f for f in files if PurePosixPath(f).name == CONFIG_NAME)
+        weights_only = None if configs else diffusion.pick_weights(list(files), source)
+        if weights_only is not None:  # a kohya / diffusers LoRA: no config
+            data = _read_member(zf, files[weights_only], max_bytes, source)
+            stem = PurePosixPath(weights_only).parent.name or (Path(source).stem if source != "<zip>" else "adapter")
+            return diffusion.build_diffusion_adapter(data, name=name or stem, source=source,
+                                                     label=f"{source}/{weights_only}")
         if not configs:
             inner = sorted(f for f in files if f.lower().endswith(".zip"))
             if inner:
@@ -266,6 +294,9 @@ def load_files(files: dict[str, bytes], name: str | None = None, *, max_upload_b
             raise AdapterLoadError(f"{key}: {len(data)} bytes, more than the upload limit of {cap} bytes")
     configs = [k for k in files if k.lower().endswith(".json")]
     weights = [k for k in files if k.lower().endswith((".safetensors", ".bin"))]
+    if not configs and len(weights) == 1 and weights[0].lower().endswith(".safetensors"):  # kohya / diffusers
+        return diffusion.build_diffusion_adapter(bytes(files[weights[0]]), name=name or Path(weights[0]).stem,
+                                                 source=weights[0], label=weights[0])
     if len(configs) != 1 or len(weights) != 1:
         raise AdapterLoadError(
             f"expected one config (.json) and one weights file (.safetensors or .bin), got {sorted(files)}"
@@ -275,6 +306,16 @@ def load_files(files: dict[str, bytes], name: str | None = None, *, max_upload_b
     contents = {CONFIG_NAME: bytes(files[configs[0]]), wname: bytes(files[wkey])}
     return build_adapter(contents, name=name or "adapter", source=f"{configs[0]} + {wkey}", file_labels={
         CONFIG_NAME: configs[0], wname: wkey})
+
+
+def load_weights_bytes(data: bytes, name: str = "adapter", *, source: str = "<upload>",
+                       max_upload_bytes: int | None = None) -> Adapter:
+    """Load a kohya / diffusers LoRA ``.safetensors`` file given as bytes (no ``adapter_config.json``;
+    see :mod:`geometry.io.diffusion`). At most ``max_upload_bytes`` (default :func:`geometry.io.limits.limits`)."""
+    cap = current_limits().max_upload_bytes if max_upload_bytes is None else max_upload_bytes
+    if len(data) > cap:
+        raise AdapterLoadError(f"{source}: {len(data)} bytes, more than the upload limit of {cap} bytes")
+    return diffusion.build_diffusion_adapter(data, name=name, source=source, label=source)
 
 
 def load_hub(repo_id: str, revision: str | None = None, name: str | None = None,

@@ -23,12 +23,21 @@ so that adapters of one family (and pages, CLI, distances) talk about the same p
     counts the adapter does not carry, so it stays fused ``qkv``;
     :func:`fused_qkv_note` says why (the loader adds it to ``Adapter.warnings``).
 
-  Other fused projections stay fused ``qkv``: BLOOM / Falcon / GPT-NeoX ``query_key_value`` and
+  GPT-NeoX ``attention.query_key_value`` (Pythia, GPT-NeoX-20B, Dolly v2, OpenCALM) lays its rows out
+  ``[heads, 3, head_dim]``: when the base model's head count is known (:data:`NEOX_HEADS`, by name) it is
+  split exactly into q / k / v parts whose ``rows`` are per-head row blocks
+  (:func:`geometry.types.row_index`); otherwise it stays ``qkv`` with a note.
+
+  Other fused projections stay fused ``qkv``: BLOOM / Falcon ``query_key_value`` and
   GPT-BigCode ``c_attn`` interleave heads (or use multi-query shapes), CodeGen's ``attn.qkv_proj``
   interleaves four q|v|k partitions, MiniMax's lightning-attention ``self_attn.qkv_proj``
   interleaves q|k|v per head (kept fused when the base model names MiniMax or CodeGen; an adapter
   that names no base model is taken to be Phi-3 when its path and shapes fit). MPT ``Wqkv`` and
   other ``qkv_proj`` paths stay fused as well.
+* Diffusion UNet / DiT paths (``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k``,
+  ``transformer_blocks.3.attn.to_q``...) of peft UNet / transformer adapters are keyed by
+  :func:`geometry.io.diffusion.diffusion_key` (stack ``unet`` / ``transformer``, the block position as
+  the layer, ``to_q`` / ``to_k`` / ``ff_in``... as the kind).
 * A name that matches no rule (or has an extra index after the block, e.g. MoE experts) is
   ``ModuleKey("raw", -1, name)``: kept, listed as unmapped, never dropped.
 """
@@ -36,6 +45,7 @@ so that adapters of one family (and pages, CLI, distances) talk about the same p
 from __future__ import annotations
 
 from geometry.io.config import PEFT_PREFIX
+from geometry.io.diffusion_naming import is_diffusion_name, peft_diffusion_key
 from geometry.types import ModuleKey
 
 #: Containers of repeated blocks, matched as ``<container>.<index>``.
@@ -121,6 +131,39 @@ _SPLIT_THIRDS: dict[str, tuple[str, ...]] = {
 }
 
 
+#: GPT-NeoX-family bases (Pythia, GPT-NeoX-20B, Dolly v2, OpenCALM): ``(hidden_size, num_attention_heads)`` by a
+#: fragment of the base model's name (the longest fragment found in the lower-cased name wins; the adapter's
+#: ``in_features`` must equal ``hidden_size``). ``attention.query_key_value`` of these models lays its output
+#: rows out as ``[heads, 3, head_dim]`` (``modeling_gpt_neox``: ``view(..., -1, 3 * head_size)`` then
+#: ``chunk(3)``), so q / k / v are exact row blocks once the head count is known; it is not in the shapes.
+#: Add an entry for another GPT-NeoX checkpoint.
+NEOX_HEADS: dict[str, tuple[int, int]] = {
+    "pythia-70m": (512, 8), "pythia-160m": (768, 12), "pythia-410m": (1024, 16), "pythia-1b": (2048, 8),
+    "pythia-1.4b": (2048, 16), "pythia-2.8b": (2560, 32), "pythia-6.9b": (4096, 32), "pythia-12b": (5120, 40),
+    "gpt-neox-20b": (6144, 64), "dolly-v2-3b": (2560, 32), "dolly-v2-7b": (4096, 32), "dolly-v2-12b": (5120, 40),
+    "open-calm-small": (768, 12), "open-calm-medium": (1024, 16), "open-calm-large": (1536, 16),
+    "open-calm-1b": (2048, 16), "open-calm-3b": (2560, 32), "open-calm-7b": (4096, 32),
+}
+
+
+def neox_heads(base_model: str | None, in_features: int | None, out_features: int | None) -> int | None:
+    """The head count of a GPT-NeoX base from :data:`NEOX_HEADS`, or None (unknown base, or shapes that do
+    not fit: ``in != hidden`` or ``out != 3 * in``)."""
+    name = (base_model or "").lower()
+    hits = [frag for frag in NEOX_HEADS if frag in name]
+    if not hits or in_features is None or out_features != 3 * in_features:
+        return None
+    hidden, heads = NEOX_HEADS[max(hits, key=len)]
+    return heads if hidden == in_features and hidden % heads == 0 else None
+
+
+def neox_rows(heads: int, head_dim: int) -> list[tuple[tuple[int, int], ...]]:
+    """Row blocks of q, k and v in GPT-NeoX's fused output ``[heads, 3, head_dim]``: part ``i`` of head ``h``
+    is rows ``h * 3 d + i * d .. h * 3 d + (i + 1) * d``."""
+    return [tuple((h * 3 * head_dim + i * head_dim, h * 3 * head_dim + (i + 1) * head_dim) for h in range(heads))
+            for i in range(3)]
+
+
 def _layer_position(parts: list[str]) -> int | None:
     """Index in ``parts`` of the first ``<container>.<N>`` block index, or None."""
     for i in range(len(parts) - 1):
@@ -174,6 +217,8 @@ def module_key(
     parts = name.split(".")
     if two_stacks is None:
         two_stacks = is_encoder_decoder_name(name)
+    if is_diffusion_name(name):  # a peft UNet / DiT adapter (diffusers module paths)
+        return peft_diffusion_key(name, out_features=out_features, in_features=in_features)
     raw = [(ModuleKey("raw", -1, name), None)]
     pos = _layer_position(parts)
     if pos is None:
@@ -191,6 +236,11 @@ def module_key(
         return raw
     layer = int(parts[pos])
     stack = _stack(parts, pos, two_stacks)
+    if kind == "qkv" and tail[-2:] == ["attention", "query_key_value"]:  # GPT-NeoX: per-head q | k | v
+        heads = neox_heads(base_model, in_features, out_features)
+        if heads is not None:
+            blocks = neox_rows(heads, in_features // heads)
+            return [(ModuleKey(stack, layer, k), rows) for k, rows in zip(("q", "k", "v"), blocks, strict=True)]
     if kind in _SPLIT_THIRDS:
         if _split_refusal(kind, out_features, in_features, base_model) is not None:
             return [(ModuleKey(stack, layer, "qkv"), None)]
@@ -236,6 +286,12 @@ def fused_qkv_note(
     if pos is None:
         return None
     kind = _match_rule(parts[pos + 1 :])
+    if kind == "qkv" and parts[-2:] == ["attention", "query_key_value"]:
+        if neox_heads(base_model, in_features, out_features) is not None:
+            return None
+        return (f"{name} kept fused as 'qkv' (not split into q / k / v): GPT-NeoX interleaves q / k / v per head, "
+                f"and the head count of the base model {base_model!r} with hidden size {in_features} is not in "
+                "geometry.io.naming.NEOX_HEADS")
     if kind not in _SPLIT_THIRDS:
         return None
     why = _split_refusal(kind, out_features, in_features, base_model)

@@ -4,12 +4,33 @@ from __future__ import annotations
 
 from typing import Any
 
-from geometry.types import Adapter, lora_scale
+from geometry.types import Adapter, AdapterConfig, lora_scale
+
+#: Display names of the variants (:func:`adapter_variant`).
+VARIANTS = {"ADALORA": "AdaLoRA", "LOHA": "LoHa", "LOKR": "LoKr"}
+
+
+def adapter_variant(config: AdapterConfig) -> str:
+    """``LoRA``, ``rsLoRA``, ``DoRA`` (rsLoRA + DoRA: ``DoRA (rsLoRA)``), ``AdaLoRA``, ``LoHa`` or ``LoKr``."""
+    peft_type = (config.peft_type or "LORA").upper()
+    if peft_type in VARIANTS:
+        return VARIANTS[peft_type]
+    if config.use_dora:
+        return "DoRA (rsLoRA)" if config.use_rslora else "DoRA"
+    return "rsLoRA" if config.use_rslora else "LoRA"
+
+
+def format_label(config: AdapterConfig) -> str:
+    """``"<format> <variant>"`` as the Overview and ``info`` show it, e.g. ``peft rsLoRA``, ``kohya LoRA``."""
+    return f"{getattr(config, 'format', 'peft')} {adapter_variant(config)}"
 
 
 def adapter_summary(adapter: Adapter, modules: bool = True) -> dict:
-    """A JSON-ready description: name, base, r, alpha, scale rule, targets, counts, kinds, layers,
+    """A JSON-ready description: name, format (``peft`` / ``diffusers`` / ``kohya``), variant (LoRA, rsLoRA,
+    DoRA, AdaLoRA, LoHa, LoKr), base, r, alpha, scale rule, targets, counts, kinds, layers,
     unmapped names, other tensors (name -> shape), warnings, and (``modules=True``) one record per module."""
+    from geometry.linalg.dora import dora_note  # torch: only when a summary is made
+
     cfg = adapter.config
     out: dict[str, Any] = {
         "name": adapter.name,
@@ -17,6 +38,8 @@ def adapter_summary(adapter: Adapter, modules: bool = True) -> dict:
         "content_hash": adapter.content_hash,
         "base": cfg.base_model_name_or_path,
         "task_type": cfg.task_type,
+        "format": getattr(cfg, "format", "peft"),
+        "variant": adapter_variant(cfg),
         "r": cfg.r,
         "alpha": cfg.lora_alpha,
         "scale_rule": "alpha/sqrt(r)" if cfg.use_rslora else "alpha/r",
@@ -34,6 +57,8 @@ def adapter_summary(adapter: Adapter, modules: bool = True) -> dict:
         "unmapped": list(adapter.unmapped),
         "other_tensors": {k: list(v.shape) for k, v in adapter.other_tensors.items()},
         "warnings": list(adapter.warnings),
+        # e.g. "DoRA: direction only, base weights not loaded" (geometry.linalg.dora.dora_note)
+        "notes": [n for n in (dora_note(adapter),) if n],
     }
     if modules:
         out["modules"] = [
@@ -49,6 +74,7 @@ def adapter_summary(adapter: Adapter, modules: bool = True) -> dict:
                 "scale": m.scale,
                 "rows": list(m.rows) if m.rows else None,
                 "dora": m.magnitude is not None,
+                "dora_exact": m.dora_exact,
                 "embedding": m.is_embedding,
                 "dtype": str(m.B.dtype).removeprefix("torch."),
             }

@@ -32,9 +32,10 @@ import torch
 
 from geometry.device import default_device
 from geometry.errors import IncompatibleAdaptersError, MergeParameterError
+from geometry.linalg.dora import dora_status
 from geometry.merging import export
 from geometry.merging.updates import PeftUpdate, factored_norm2, jsonable  # noqa: F401  (re-exported)
-from geometry.types import Adapter, ModuleKey
+from geometry.types import Adapter, ModuleKey, row_index, row_stop
 
 #: How the factored methods choose each module's rank (the element-wise ones: the sum of the input ranks).
 RANK_RULES: dict[str, str] = {
@@ -228,28 +229,25 @@ def _assemble(name: str, parts: list[MergedModule]) -> PeftUpdate:
     if len(parts) == 1 and first.rows is None:
         return PeftUpdate(name, first.shape, first.B, first.A, first.delta, rank_sum=first.rank_sum, **flags)
     parts = sorted(parts, key=lambda p: p.rows or (0, p.shape[0]))
-    m = max((p.rows or (0, p.shape[0]))[1] for p in parts)
+    m = max(row_stop(p.rows or (0, p.shape[0])) for p in parts)
     n = first.shape[1]
     sums = [p.rank_sum for p in parts]
     rank_sum = None if any(r is None for r in sums) else sum(sums)
     if any(not p.factored for p in parts):
         delta = torch.zeros(m, n, dtype=torch.float32)
         for p in parts:
-            lo, hi = p.rows or (0, p.shape[0])
-            delta[lo:hi] = p.dense(torch.float32)
+            delta[row_index(p.rows or (0, p.shape[0]))] = p.dense(torch.float32)
         return PeftUpdate(name, (m, n), delta=delta, rank_sum=rank_sum, **flags)
     if all(p.A.shape == first.A.shape and torch.equal(p.A, first.A) for p in parts):
         B = torch.zeros(m, first.A.shape[0], dtype=first.B.dtype)
         for p in parts:
-            lo, hi = p.rows or (0, p.shape[0])
-            B[lo:hi] = p.B
+            B[row_index(p.rows or (0, p.shape[0]))] = p.B
         return PeftUpdate(name, (m, n), B, first.A, rank_sum=rank_sum, **flags)
     k = sum(p.A.shape[0] for p in parts)
     B = torch.zeros(m, k, dtype=first.B.dtype)
     col = 0
     for p in parts:
-        lo, hi = p.rows or (0, p.shape[0])
-        B[lo:hi, col : col + p.A.shape[0]] = p.B
+        B[row_index(p.rows or (0, p.shape[0])), col : col + p.A.shape[0]] = p.B
         col += p.A.shape[0]
     A = torch.cat([p.A for p in parts], dim=0)
     return PeftUpdate(name, (m, n), B, A, rank_sum=rank_sum, **flags)
@@ -289,8 +287,9 @@ def check_mergeable(adapters: Sequence[Adapter]) -> None:
     """Raise :class:`IncompatibleAdaptersError` for inputs no merge can combine.
 
     At least one adapter; one base model (when the configs name one); the same ``(m, n)`` shape for
-    every module key present in several adapters; no DoRA (its magnitude vector depends on
-    ``W0`` and has no defined combination, cf. peft issue #3761).
+    every module key present in several adapters; no DoRA adapter holding only its LoRA direction (its
+    update depends on ``W0``, cf. peft issue #3761): :func:`geometry.linalg.dora.resolve_dora` with the
+    base weights first, after which its exact updates are merged like any LoRA update.
     """
     if not adapters:
         raise IncompatibleAdaptersError("nothing to merge: give at least one adapter")
@@ -300,9 +299,11 @@ def check_mergeable(adapters: Sequence[Adapter]) -> None:
         raise IncompatibleAdaptersError(f"adapters are fine-tuned from different base models ({listed})")
     shapes: dict[ModuleKey, tuple[str, tuple[int, int]]] = {}
     for ad in adapters:
-        if ad.config.use_dora:
+        if dora_status(ad) == "direction":
             raise IncompatibleAdaptersError(
-                f"{ad.name}: DoRA adapter (use_dora); its magnitude vector depends on W0 and cannot be merged"
+                f"{ad.name}: DoRA adapter (use_dora) with its LoRA direction only; its update "
+                "m (W0 + s B A) / ||W0 + s B A||_row - W0 depends on the base weights W0: attach them with "
+                "geometry.linalg.dora.resolve_dora(adapter, base) to merge its exact updates"
             )
         for key, mod in ad.modules.items():
             if key in shapes and shapes[key][1] != mod.shape:
@@ -350,7 +351,8 @@ def wrap(method: str, params: dict[str, Any], adapters: Sequence[Adapter], modul
         base_model=base,
         config_raw=dict(adapters[0].config.raw),
         head_configs={
-            a.name: {"modules_to_save": a.config.modules_to_save, "task_type": a.config.task_type} for a in adapters
+            a.name: {"modules_to_save": a.config.modules_to_save, "task_type": a.config.task_type,
+                     **({"dora": "exact"} if dora_status(a) == "exact" else {})} for a in adapters
         },
         source_adapters=list(adapters),
     )

@@ -7,6 +7,11 @@ kept) and ``heads/<adapter>.safetensors`` (every task's head). ``lora_alpha = r`
 the stored ``B @ A`` is the merged update; fused parts (GPT-2 ``c_attn``, Phi-3 ``qkv_proj``) are put
 back into their fused module (:meth:`MergedAdapter.peft_updates`).
 
+Diffusion LoRAs (``config_raw["format"]`` ``kohya`` / ``diffusers``, :mod:`geometry.io.diffusion`) are
+written back in their format: ``lora.safetensors`` with kohya keys (``<name>.lora_down.weight``,
+``.lora_up.weight``, ``.alpha = r``) or ``pytorch_lora_weights.safetensors`` with the inputs' diffusers keys,
+plus ``merge_info.json``; scale 1 as for peft. Conv modules get their 4-D shapes back.
+
 Rank of each written module:
 
 - ``rank=None`` (default): factored modules are written as they are (exact task arithmetic:
@@ -37,12 +42,15 @@ import torch
 from geometry.device import default_device
 from geometry.errors import IncompatibleAdaptersError, MergeParameterError
 from geometry.io.config import PEFT_PREFIX
+from geometry.io.diffusion import diffusion_weights
 from geometry.merging.truncate import factorize_dense, truncate_factored
 from geometry.merging.updates import PeftUpdate, jsonable
 
 if TYPE_CHECKING:
     from geometry.merging.base import MergedAdapter
 
+#: The weights file of a diffusion LoRA export, by format (a kohya file loads as a single ``.safetensors``).
+DIFFUSION_FILES = {"kohya": "lora.safetensors", "diffusers": "pytorch_lora_weights.safetensors"}
 #: Files written next to the peft weights.
 MERGE_INFO = "merge_info.json"
 HEADS_DIR = "heads"
@@ -52,6 +60,8 @@ _DROPPED_CONFIG_FIELDS = {
     "layers_to_transform", "layers_pattern", "exclude_modules", "target_parameters", "loftq_config",
     "eva_config", "corda_config", "megatron_config", "lora_bias", "trainable_token_indices",
     "revision", "auto_mapping",
+    # AdaLoRA's (an AdaLoRA input's merge is written as plain LoRA)
+    "init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step",
 }
 
 
@@ -71,6 +81,13 @@ def to_peft_folder(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     weights, config, info = peft_payload(merged, rank, head)
+    fmt = merged.config_raw.get("format")
+    if fmt in ("kohya", "diffusers"):  # a diffusion LoRA: written in the format its inputs came in
+        file = DIFFUSION_FILES[fmt]
+        save_file(diffusion_payload(merged, weights), str(path / file))
+        info["format"] = fmt
+        (path / MERGE_INFO).write_text(json.dumps(info, indent=2, sort_keys=True))
+        return path
     save_file(weights, str(path / "adapter_model.safetensors"))
     (path / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     (path / MERGE_INFO).write_text(json.dumps(info, indent=2, sort_keys=True))
@@ -133,6 +150,9 @@ def peft_payload(merged: MergedAdapter, rank: int | None, head: str | None) -> t
     r = max(ranks.values())
     pattern = {re.escape(_short(name)): k for name, k in ranks.items() if k != r}
     config = {k: v for k, v in merged.config_raw.items() if k not in _DROPPED_CONFIG_FIELDS}
+    if str(merged.config_raw.get("peft_type") or "LORA").upper() in ("LOHA", "LOKR") or "format" in config:
+        # LoHa / LoKr sources (read as SVD factors) and diffusion files: only the fields a LoraConfig shares
+        config = {k: v for k, v in config.items() if k in ("task_type", "base_model_name_or_path", "inference_mode")}
     config.update(
         peft_type="LORA",
         r=r,
@@ -166,7 +186,25 @@ def peft_payload(merged: MergedAdapter, rank: int | None, head: str | None) -> t
         "energy_kept_min": min(energy.values()),
         "energy_kept_total": 1.0 if before_total == 0.0 else min(1.0, kept_total / before_total),
     }
+    dora = sorted(n for n, c in merged.head_configs.items() if c.get("dora") == "exact")
+    if dora:  # DoRA inputs (geometry.linalg.dora.resolve_dora): their exact updates were merged
+        info["dora"] = (f"DoRA inputs {', '.join(dora)}: their exact updates m (W0 + s B A) / ||W0 + s B A||_row - W0 "
+                        "were merged; written as a dense-derived LoRA (use_dora false) at the ranks above, "
+                        "energy kept as given, not as DoRA")
     return weights, config, info
+
+
+def diffusion_payload(merged: MergedAdapter, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The peft ``weights`` of :func:`peft_payload` (scale 1: ``lora_alpha = r``) as a kohya / diffusers
+    state dict under the inputs' own module names (:func:`geometry.io.diffusion.diffusion_weights`):
+    kohya ``<name>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha = r``; diffusers the factor suffix of
+    the input names, no alpha. Conv modules get their 4-D shapes back."""
+    pairs = {}
+    for key in weights:
+        if key.endswith(".lora_A.weight"):
+            name = _short(key.removesuffix(".lora_A.weight"))
+            pairs[name] = (weights[key.replace(".lora_A.weight", ".lora_B.weight")], weights[key])
+    return diffusion_weights(pairs, merged.config_raw["format"], merged.config_raw.get("conv_kernels") or {})
 
 
 def choose_head(merged: MergedAdapter, head: str | None) -> str | None:

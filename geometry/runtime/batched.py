@@ -76,7 +76,9 @@ def apply_updates(
 
     This is the *dense* path, for a standalone model you own (export, peft-free use); scoring uses
     :class:`Runtime`, which never forms ``B @ A``. ``updates[name]`` is ``(B, A, scale)``
-    (``W <- W0 + scale * B @ A``, ``B (out, r)``, ``A (r, in)``) or a dense ``(out, in)`` matrix.
+    (``W <- W0 + scale * B @ A``, ``B (out, r)``, ``A (r, in)``), ``(B, A, scale, magnitude)`` for DoRA
+    (``W <- mag * (W0 + scale * B @ A) / ||W0 + scale * B @ A||_row``, peft's merged DoRA weight) or a dense
+    ``(out, in)`` matrix.
     ``name`` is the peft module path (``base_model.model.`` prefix optional). GPT-2 ``Conv1D`` and
     embedding weights are stored transposed (``(in, out)``; embedding tables ``(vocab, dim)`` for an
     update ``(dim, vocab)``), so their update is added transposed.
@@ -90,12 +92,18 @@ def apply_updates(
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor):
             raise AtlasError(f"update {name!r}: the model has no module {path!r} with a weight")
+        transposed = _is_conv1d(module) or isinstance(module, torch.nn.Embedding)
         if isinstance(update, tuple):
-            B, A, scale = update
+            B, A, scale = update[:3]
             delta = float(scale) * (B.to(torch.float64) @ A.to(torch.float64))
+            if len(update) == 4:  # DoRA: the exact update from this module's W0
+                W0 = (weight.T if transposed else weight).detach().to(torch.float64)
+                if tuple(W0.shape) == tuple(delta.shape):
+                    V = W0 + delta.to(W0.device)
+                    g = update[3].detach().to(W0.device, torch.float64).reshape(-1) / torch.linalg.norm(V, dim=1)
+                    delta = g[:, None] * V - W0
         else:
             delta = update.to(torch.float64)
-        transposed = _is_conv1d(module) or isinstance(module, torch.nn.Embedding)
         if transposed:
             delta = delta.T
         if tuple(delta.shape) != tuple(weight.shape):

@@ -21,7 +21,7 @@ class _ModuleDelta:
 
     def __init__(self, path: str, module: torch.nn.Module,
                  factored: list[tuple[torch.Tensor, torch.Tensor, float, Any]], dense: list[tuple[torch.Tensor, Any]],
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, rowscale: list[tuple[torch.Tensor, Any]] = ()):
         self.path = path
         self.embedding = isinstance(module, torch.nn.Embedding)
         self.dtype, self.device = dtype, device
@@ -31,6 +31,10 @@ class _ModuleDelta:
             raise AtlasError(f"module {path!r}: embed_scale of shape {tuple(scale.shape)}, expected a scalar")
         self.embed_scale = scale
         self.dense = dense
+        # DoRA: ``c * v * (W0 x)`` per output row (``v = g - 1``), ``W0 x`` recomputed from the module's weight
+        # (not read from ``output``, which other hooks or a stacked application may have changed)
+        self.rowscale = list(rowscale)
+        self.module = module if self.rowscale else None
         self.A = self.B = None
         self.fixed: float | torch.Tensor | None = None
         self.spec: list[tuple[Any, float, int]] = []
@@ -56,7 +60,7 @@ class _ModuleDelta:
     def tensors(self) -> list[torch.Tensor]:
         """Tensors this hook holds for the update (factors, weights, dense matrices)."""
         out = [t for t in (self.A, self.B, self.fixed, self.ranks) if isinstance(t, torch.Tensor)]
-        return out + [d for d, _ in self.dense]
+        return out + [d for d, _ in self.dense] + [v for v, _ in self.rowscale]
 
     def _weight(self) -> float | torch.Tensor:
         if not self.spec:
@@ -91,9 +95,16 @@ class _ModuleDelta:
             else:
                 term = F.linear(x.to(self.dtype), D) * c
             delta = term if delta is None else delta + term
-        if delta is None:
+        if delta is None and not self.rowscale:
             return output
-        if self.embed_scale is not None:
+        if delta is not None and self.embed_scale is not None:
             delta = delta * (self.embed_scale.to(delta.dtype) if isinstance(self.embed_scale, torch.Tensor)
                              else self.embed_scale)
+        if self.rowscale:
+            weight = self.module.weight
+            weight = weight.T if type(self.module).__name__ == "Conv1D" else weight
+            base = F.linear(x.to(weight.dtype), weight).to(self.dtype)
+            for v, c in self.rowscale:
+                term = base * (v * _value(c, self.dtype, self.device))
+                delta = term if delta is None else delta + term
         return output + delta.to(output.dtype)

@@ -27,8 +27,12 @@ Module types (the update is always the linear map ``(out, in)``, as peft stores 
 * dense updates ``D (out, in)`` (element-wise merges such as TIES): ``h += c x D^T`` (fallback; these
   cost ``O(m n)`` by nature).
 
-peft's ``lora_dropout`` is the identity at evaluation. DoRA adapters (a magnitude vector that depends
-on ``W0``) are refused with :class:`~geometry.errors.AtlasError`.
+peft's ``lora_dropout`` is the identity at evaluation. DoRA modules (a magnitude vector ``mag``) are applied
+exactly, as peft's forward computes them: with ``g = mag / ||W0 + s B A||_row`` (one norm per output row,
+computed once from the module's own ``W0`` when the update is applied, in float64), the module adds
+``c ((g - 1) * (W0 x) + g * s B (A x))``, ``W0 x`` being the base output without its bias; ``B`` is
+replaced by ``diag(g) B`` (still two thin products). DoRA on an embedding is refused (resolve it first
+with :func:`geometry.linalg.dora.resolve_dora`, which the runtime then applies as a plain factored update).
 
 Coefficients ``c`` (:meth:`Runtime.apply`): ``None`` (all 1), a number, a tensor of shape ``(T,)``
 (one per task) or ``(T, L)`` (one per task and block index ``layer``), a sequence of ``T`` per-task
@@ -70,6 +74,7 @@ from geometry.runtime.coefficients import Coefficients, _coefficient, _prep
 from geometry.runtime.hooks import _ModuleDelta
 from geometry.runtime.modules import _head_key, _is_conv1d, _module_path, _module_shape, _num_labels
 from geometry.runtime.updates import _Task, _tasks
+from geometry.types import row_index, row_label, row_stop
 
 
 # ---------------------------------------------------------------------------------------------- outputs
@@ -235,7 +240,7 @@ class Runtime:
         return applied
 
     def _build(self, tasks: list[_Task], coefficients: Coefficients) -> dict[str, _ModuleDelta]:
-        per_module: dict[str, tuple[list, list]] = {}
+        per_module: dict[str, tuple[list, list, list]] = {}
         for t, task in enumerate(tasks):
             for term in task.terms:
                 path = _module_path(term.name)
@@ -244,7 +249,7 @@ class Runtime:
                 device = module.weight.device
                 out, inp = _module_shape(module)
                 coef = _coefficient(coefficients, t, len(tasks), term.name, term.layer)
-                factored, dense = per_module.setdefault(path, ([], []))
+                factored, dense, rowscale = per_module.setdefault(path, ([], [], []))
                 where = (f"update {term.name!r} ({task.name}) on module {path!r} "
                          f"({type(module).__name__}, (out, in) = {(out, inp)})")
                 if term.dense is not None:
@@ -258,22 +263,28 @@ class Runtime:
                     raise AtlasError(f"{where}: A has shape {tuple(A.shape)}, expected (r, {inp})")
                 if term.parts is not None:
                     B = torch.zeros(out, A.shape[0], dtype=dtype, device=device)
-                    for (lo, hi), part in term.parts:
-                        if hi > out or tuple(part.shape) != (hi - lo, A.shape[0]):
-                            raise AtlasError(f"{where}: B part for rows {lo}:{hi} has shape {tuple(part.shape)}, "
-                                             f"expected ({hi - lo}, {A.shape[0]}) within {out} rows")
-                        B[lo:hi] = _prep(part, dtype, device)
+                    for rows, part in term.parts:
+                        idx = row_index(rows)
+                        n = idx.stop - idx.start if isinstance(idx, slice) else len(idx)
+                        if row_stop(rows) > out or tuple(part.shape) != (n, A.shape[0]):
+                            raise AtlasError(f"{where}: B part for rows {row_label(rows)} has shape "
+                                             f"{tuple(part.shape)}, expected ({n}, {A.shape[0]}) within {out} rows")
+                        B[idx] = _prep(part, dtype, device)
                 else:
                     B = _prep(term.B, dtype, device)
                 if tuple(B.shape) != (out, A.shape[0]):
                     raise AtlasError(f"{where}: B has shape {tuple(B.shape)}, expected ({out}, {A.shape[0]}) "
                                      f"(out, r) with r = A.shape[0]")
+                if term.magnitude is not None:
+                    g = _dora_scale(where, module, term, A, B)
+                    B = (B.double() * g[:, None]).to(dtype)
+                    rowscale.append(((g - 1).to(dtype=dtype, device=device), coef))
                 factored.append((A, B, float(term.scale), coef))
         deltas = {}
-        for path, (factored, dense) in per_module.items():
+        for path, (factored, dense, rowscale) in per_module.items():
             module = self.model.get_submodule(path)
             dtype = module.weight.dtype if module.weight.is_floating_point() else self.dtype
-            deltas[path] = _ModuleDelta(path, module, factored, dense, dtype, module.weight.device)
+            deltas[path] = _ModuleDelta(path, module, factored, dense, dtype, module.weight.device, rowscale=rowscale)
         return deltas
 
     def _module(self, name: str, path: str) -> torch.nn.Module:
@@ -358,6 +369,24 @@ class Runtime:
     def generate(self, prompts: Sequence[str], batch_size: int = 16, max_new_tokens: int = 32) -> list[str]:
         """Greedy continuations of ``prompts`` (see :func:`generate`)."""
         return generate(self.model, self.tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens)
+
+
+def _dora_scale(where: str, module: torch.nn.Module, term: Any, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``g = mag / ||W0 + s B A||_row`` (float64, on the module's device) of a DoRA term, ``W0`` the module's own."""
+    if isinstance(module, torch.nn.Embedding):
+        raise AtlasError(f"{where}: DoRA on an embedding is not applied by the runtime; resolve the adapter first "
+                         "(geometry.linalg.dora.resolve_dora(adapter, base))")
+    weight = module.weight.detach()
+    if not weight.is_floating_point():
+        raise AtlasError(f"{where}: DoRA needs the floating-point base weight (this one is {weight.dtype})")
+    W0 = (weight.T if _is_conv1d(module) else weight).double()
+    mag = term.magnitude.detach().to(device=W0.device, dtype=torch.float64).reshape(-1)
+    if mag.shape[0] != W0.shape[0]:
+        raise AtlasError(f"{where}: DoRA magnitude of shape {tuple(term.magnitude.shape)}, expected ({W0.shape[0]},)")
+    norm = torch.linalg.norm(W0 + float(term.scale) * (B.double() @ A.double()), dim=1)
+    if not bool((norm > 0).all()):
+        raise AtlasError(f"{where}: a row of W0 + s B A is zero; DoRA's normalisation is undefined")
+    return mag / norm
 
 
 def _choose_head(tasks: list[_Task], head: Any) -> dict[str, torch.Tensor]:

@@ -13,9 +13,9 @@ import torch
 
 from geometry.errors import AdapterLoadError, AtlasError
 from geometry.io.config import PEFT_PREFIX
-from geometry.types import Adapter
+from geometry.types import Adapter, row_index, row_stop
 
-Update = tuple[torch.Tensor, torch.Tensor, float] | torch.Tensor
+Update = tuple[torch.Tensor, torch.Tensor, float] | tuple[torch.Tensor, torch.Tensor, float, torch.Tensor] | torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------- update sets
@@ -23,7 +23,9 @@ Update = tuple[torch.Tensor, torch.Tensor, float] | torch.Tensor
 class LoraUpdates:
     """A set of weight updates: ``{peft module name: (B, A, scale) or dense (out, in)}``.
 
-    ``(B, A, scale)`` stands for ``scale * B @ A`` (``B (out, r)``, ``A (r, in)``). ``head`` holds the
+    ``(B, A, scale)`` stands for ``scale * B @ A`` (``B (out, r)``, ``A (r, in)``); ``(B, A, scale, magnitude)``
+    for a DoRA module's exact update ``mag (W0 + s B A) / ||W0 + s B A||_row - W0``, which the runtime computes
+    from the base it holds (:mod:`geometry.linalg.dora`). ``head`` holds the
     classification head tensors (``classifier.weight`` ... with or without the ``base_model.model.``
     prefix). ``base`` is the base model name or path. ``layers`` optionally gives the block index of
     a module (for per-layer coefficients); missing names use the first all-digit path segment.
@@ -58,12 +60,29 @@ def _tensor_bytes(t: Any) -> bytes:
 
 
 def _check_not_dora(adapter: Adapter) -> None:
+    """Refuse a DoRA adapter whose modules lack their magnitude vectors (``use_dora`` without them)."""
     for mod in adapter.modules.values():
-        if mod.magnitude is not None or adapter.config.use_dora:
+        if adapter.config.use_dora and mod.magnitude is None and not mod.dora_exact:
             raise AtlasError(
-                f"{adapter.name}: module {mod.name} is DoRA (magnitude vector m, "
-                "W = m (W0 + s B A) / ||W0 + s B A||_col depends on W0 and is not a low-rank update): "
-                "evaluate its peft folder instead")
+                f"{adapter.name}: module {mod.name} is DoRA (use_dora) but has no lora_magnitude_vector: "
+                "its update m (W0 + s B A) / ||W0 + s B A||_row - W0 is undefined")
+
+
+def _dora_magnitude(name: str, parts: list) -> torch.Tensor | None:
+    """The full ``(out,)`` magnitude of a module whose parts are DoRA (direction only), else None."""
+    if all(p.magnitude is None or p.dora_exact for p in parts):
+        return None
+    if any(p.magnitude is None or p.dora_exact for p in parts):
+        raise AtlasError(f"module {name}: some parts are DoRA and some are not")
+    if len(parts) == 1 and parts[0].rows is None:
+        return parts[0].magnitude
+    out = max(row_stop(p.rows) for p in parts)
+    mag = torch.full((out,), float("nan"), dtype=parts[0].magnitude.dtype)
+    for p in parts:
+        mag[row_index(p.rows)] = p.magnitude
+    if bool(torch.isnan(mag).any()):
+        raise AtlasError(f"module {name}: DoRA parts do not cover every output row")
+    return mag
 
 
 def _head_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
@@ -90,11 +109,12 @@ def adapter_updates(adapter: Adapter) -> LoraUpdates:
     for mod in adapter.modules.values():
         layers.setdefault(mod.name, mod.key.layer if mod.key.layer >= 0 else _layer_of(mod.name))
         if mod.rows is None:
-            updates[mod.name] = (mod.B, mod.A, mod.scale)
+            mag = _dora_magnitude(mod.name, [mod])
+            updates[mod.name] = (mod.B, mod.A, mod.scale) if mag is None else (mod.B, mod.A, mod.scale, mag)
         else:
             fused.setdefault(mod.name, []).append(mod)
     for name, parts in fused.items():
-        out = max(p.rows[1] for p in parts)
+        out = max(row_stop(p.rows) for p in parts)
         groups: dict[int, list] = {}
         for p in parts:
             groups.setdefault(id(p.A), []).append(p)
@@ -104,10 +124,11 @@ def adapter_updates(adapter: Adapter) -> LoraUpdates:
         for g in groups.values():
             r = int(g[0].A.shape[0])
             for p in g:
-                B[p.rows[0]:p.rows[1], col:col + r] = p.B
+                B[row_index(p.rows), col:col + r] = p.B
             col += r
         A = torch.cat([g[0].A for g in groups.values()], dim=0) if len(groups) > 1 else parts[0].A
-        updates[name] = (B, A, parts[0].scale)
+        mag = _dora_magnitude(name, parts)
+        updates[name] = (B, A, parts[0].scale) if mag is None else (B, A, parts[0].scale, mag)
     base = adapter.config.base_model_name_or_path
     if not base:
         raise AdapterLoadError(f"{adapter.name}: adapter_config.json has no base_model_name_or_path")
@@ -176,6 +197,7 @@ class _Term:
     B: torch.Tensor | None = None
     parts: list[tuple[tuple[int, int], torch.Tensor]] | None = None
     dense: torch.Tensor | None = None
+    magnitude: torch.Tensor | None = None  # DoRA (direction only): applied exactly from the base's W0
 
 
 @dataclass
@@ -203,10 +225,12 @@ def _task(source: Any) -> _Task:
         for (name, _), mods in groups.items():
             layer = next((m.key.layer for m in mods if m.key.layer >= 0), _layer_of(name))
             first = mods[0]
+            mag = _dora_magnitude(name, mods)
             if first.rows is None:
-                terms.append(_Term(name, layer, first.scale, first.A, first.B))
+                terms.append(_Term(name, layer, first.scale, first.A, first.B, magnitude=mag))
             else:
-                terms.append(_Term(name, layer, first.scale, first.A, parts=[(m.rows, m.B) for m in mods]))
+                terms.append(_Term(name, layer, first.scale, first.A, parts=[(m.rows, m.B) for m in mods],
+                                   magnitude=mag))
         head = _head_tensors(source)
         return _Task(source.name, terms, {source.name: head} if head else {},
                      source.config.base_model_name_or_path, source.config.task_type)
@@ -223,13 +247,15 @@ def _task(source: Any) -> _Task:
         terms = []
         for mod_name, update in updates.items():
             layer = layers.get(mod_name, _layer_of(mod_name))
-            if isinstance(update, tuple):
-                B, A, scale = update
-                terms.append(_Term(mod_name, layer, float(scale), A, B))
+            if isinstance(update, tuple) and len(update) in (3, 4):
+                B, A, scale = update[:3]
+                mag = update[3] if len(update) == 4 else None
+                terms.append(_Term(mod_name, layer, float(scale), A, B, magnitude=mag))
             elif isinstance(update, torch.Tensor):
                 terms.append(_Term(mod_name, layer, dense=update))
             else:
-                raise AtlasError(f"update {mod_name!r}: expected (B, A, scale) or a dense (out, in) tensor, "
+                raise AtlasError(f"update {mod_name!r}: expected (B, A, scale), (B, A, scale, magnitude) or a dense "
+                                 "(out, in) tensor, "
                                  f"got {type(update).__name__}")
         return _Task(name, terms, heads, base, task_type)
     raise AtlasError(f"cannot apply a {type(source).__name__}: expected an Adapter, LoraUpdates, a merge result "

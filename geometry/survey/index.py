@@ -16,7 +16,7 @@ import torch
 from geometry.errors import AtlasError
 from geometry.io.config import PEFT_PREFIX, parse_config
 from geometry.survey.format import Progress
-from geometry.types import Adapter, ModuleKey
+from geometry.types import Adapter, ModuleKey, row_index
 
 _ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
@@ -30,7 +30,7 @@ class FactorRef:
     weights: str  #: path or URL of ``adapter_model.safetensors``
     a_key: str
     b_key: str
-    rows: tuple[int, int] | None  #: rows of ``B`` for a part of a fused projection
+    rows: tuple | None  #: rows of ``B`` for a part of a fused projection (geometry.types.Rows)
     rank: int
     scale: float
 
@@ -251,6 +251,9 @@ def _read_range(fh, start: int, length: int) -> bytes:
 
 def read_factors(ref: FactorRef, header_cache: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B, A)`` of one module of one adapter: ``safe_open`` slices for a path, byte ranges for a URL."""
+    if ref.rows is not None and not isinstance(ref.rows[0], int):  # per-head row blocks (GPT-NeoX): read all of B
+        B, A = read_factors(FactorRef(ref.weights, ref.a_key, ref.b_key, None, ref.rank, ref.scale), header_cache)
+        return B[row_index(ref.rows)], A
     r0, r1 = ref.rows if ref.rows is not None else (None, None)
     if not _is_url(ref.weights):
         from safetensors import safe_open
