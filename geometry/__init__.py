@@ -44,6 +44,7 @@ if TYPE_CHECKING:
         load,
         merge,
         resolve_dora,
+        resolve_dora_where_possible,
     )
     from geometry.types import Adapter
 
@@ -55,7 +56,8 @@ _LAZY: dict[str, str] = {
     "Adapter": "geometry.types",
     **dict.fromkeys(
         ("VOCABULARY", "anatomy", "distance_table", "distance_tensors", "distances", "embed", "evaluate", "evaluate_merge",
-         "inclusion", "inclusion_matrix", "interference", "load", "merge", "resolve_dora"),
+         "inclusion", "inclusion_matrix", "interference", "load", "merge", "resolve_dora",
+         "resolve_dora_where_possible"),
         "geometry.api",
     ),
 }
@@ -98,4 +100,5 @@ __all__ = [
     "load",
     "merge",
     "resolve_dora",
+    "resolve_dora_where_possible",
 ]

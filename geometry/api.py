@@ -45,7 +45,7 @@ import numpy as np
 import pandas as pd
 
 from geometry.adapter_set import AdapterSet
-from geometry.errors import AdapterLoadError, InvalidArgumentError
+from geometry.errors import AdapterLoadError, AtlasError, InvalidArgumentError
 from geometry.types import Adapter
 
 if TYPE_CHECKING:
@@ -414,16 +414,52 @@ def interference(
     return frame
 
 
-def resolve_dora(adapter: Adapter, *, base: Any, rank: int | None = None) -> Adapter:
+def resolve_dora(adapter: Adapter, *, base: Any = None, rank: int | None = None) -> Adapter:
     """A copy of a DoRA ``adapter`` whose modules hold their exact updates, given its ``base`` weights
     (:func:`geometry.linalg.dora.resolve_dora`): ``m (W0 + s B A) / ||W0 + s B A||_row - W0`` per module,
-    factored by a thin SVD at its numerical rank (or at most ``rank``). Without this, a DoRA adapter's
-    geometry is that of its LoRA direction ``s B A`` only, and says so in ``attrs["notes"]``."""
+    factored by a thin SVD at its numerical rank (or at most ``rank``). ``base=None``: the base the adapter
+    names, loaded once by the runtime (offline: a local folder or an installed package's model); when it
+    cannot be loaded, :class:`AtlasError` says why. Without this, a DoRA adapter's geometry is that of its
+    LoRA direction ``s B A`` only, and says so in ``attrs["notes"]``. Not DoRA: the adapter itself."""
+    from geometry.linalg.dora import dora_status
     from geometry.linalg.dora import resolve_dora as run
 
     if not isinstance(adapter, Adapter):
         raise InvalidArgumentError("resolve_dora(adapter, base=...): pass one Adapter (ads['name'])")
+    if dora_status(adapter) != "direction":
+        return adapter
+    if base is None:
+        from geometry.runtime import Runtime
+
+        base = Runtime.for_sources([adapter])
     return run(adapter, base, rank=rank)
+
+
+def resolve_dora_where_possible(adapters: Adapters) -> tuple[list[Adapter], list[str]]:
+    """Each DoRA adapter with its exact updates where its base is on this machine (:func:`resolve_dora`; nothing
+    is downloaded), the others as they are; and one note per DoRA adapter saying which (what the CLI and the
+    dashboard do on load)."""
+    from geometry.linalg.dora import dora_note, dora_status
+    from geometry.runtime.base_models import resolve_base
+
+    out, notes = [], []
+    for ad in as_adapters(adapters):
+        if dora_status(ad) == "direction":
+            base = ad.config.base_model_name_or_path
+            if not base or not Path(resolve_base(base)).exists():  # never a download on load
+                notes.append(f"{ad.name}: {dora_note(ad)} (its base {base or '(not named)'} is not available "
+                             "locally; geometry.resolve_dora(adapter, base=...) attaches one)")
+                out.append(ad)
+                continue
+            try:
+                ad = resolve_dora(ad)
+            except (AtlasError, OSError, ValueError) as exc:
+                notes.append(f"{ad.name}: {dora_note(ad)} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
+                out.append(ad)
+                continue
+            notes.append(f"{ad.name}: {dora_note(ad)}")
+        out.append(ad)
+    return out, notes
 
 
 # ---------------------------------------------------------------------------------------------- map
@@ -555,4 +591,5 @@ __all__ = [
     "load",
     "merge",
     "resolve_dora",
+    "resolve_dora_where_possible",
 ]

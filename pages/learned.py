@@ -187,9 +187,7 @@ if live is not None:
         downloads.csv_button(result.frame().reset_index(), f"{result.method}_coefficients_final", key="learned_csv")
         merged = run.merge()
         head = st.selectbox("Head in the download", list(result.adapters), key="learned_head")
-        st.download_button(":material/download: Learned merge (.zip, peft format)",
-                           compute.merged_zip(merged, None, head), file_name=f"{result.method}.zip",
-                           mime="application/zip", key="learned_zip", on_click="ignore")
+        zip_slot = st.empty()  # filled below, once the scores (if measured) are known: they go in the model card
         st.markdown("**Beside the other methods** (same tasks, same test examples)")
         clicked = st.button("Score the learned merge, task arithmetic and TIES", key="learned_compare")
         src = run.adapters
@@ -204,6 +202,12 @@ if live is not None:
                 break
             if scored is not None:
                 scored_by[label] = scored
+        zip_slot.download_button(
+            ":material/download: Learned merge (.zip, peft format)",
+            compute.merged_zip(merged, None, head, scored_by.get(result.method)), file_name=f"{result.method}.zip",
+            mime="application/zip", key="learned_zip", on_click="ignore",
+            help="peft folder with merge_info.json, every head under heads/ and README.md, a Hub model card "
+                 "(with the scores and ANP once the learned merge is scored below)")
         if scored_by:
             table, wide = methods_table(scored_by), methods_matrix(scored_by)
             st.dataframe(wide, width="stretch")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import streamlit as st
@@ -171,12 +173,6 @@ d1, d2 = st.columns([2, 3])
 with d1:
     head = st.selectbox("Head in the download", names, key="merge_head",
                         help="The chosen task's classifier goes in the peft weights; every head is in heads/.")
-with d2:
-    st.download_button(
-        ":material/download: Merged adapter (.zip, peft format)",
-        compute.merged_zip(merged, write_rank, head),
-        file_name=f"merged_{method}.zip", mime="application/zip", key="merge_zip", on_click="ignore",
-    )
 
 clicked = st.button("Score the merged model on every task", disabled=not can_score, key="merge_run", type="primary")
 result = None
@@ -201,6 +197,16 @@ if result is not None:
         st.metric(f"ANP over the {n_done} task{'s' if n_done != 1 else ''} scored (partial)", f"{result.anp:.2f}%")
     fig = merge_figures.performance_bars(frame, title=f"{METHOD_LABELS[method]}: merged vs fine-tuned, per task")
     downloads.show(fig, f"merge_{method}_performance", frame, key="merge_bars")
+with d2:  # drawn beside the head choice, once the scores (if measured) are known: they go in the model card
+    st.download_button(
+        ":material/download: Merged adapter (.zip, peft format)",
+        compute.merged_zip(merged, write_rank, head,
+                           None if result is None else replace(result, frame=result.frame.assign(
+                               adapter=names[:len(result.frame)]))),
+        file_name=f"merged_{method}.zip", mime="application/zip", key="merge_zip", on_click="ignore",
+        help="peft folder with merge_info.json, every head under heads/ and README.md, a Hub model card (with "
+             "the scores and ANP once the merge is scored below)",
+    )
 
 st.subheader("Methods side by side on these tasks")
 st.caption("Each method with its default weights and parameters (those of its function: TIES / magnitude pruning "

@@ -35,7 +35,7 @@ def test_distribution_name_and_extras():
 
 @pytest.mark.slow
 def test_a_wheel_holds_the_library_only(tmp_path):
-    pytest.importorskip("setuptools", minversion="69")
+    pytest.importorskip("setuptools", minversion="77")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
                     str(REPO)], check=True, capture_output=True)
     wheel = next(tmp_path.glob("adapter_atlas-*.whl"))

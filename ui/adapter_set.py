@@ -102,7 +102,8 @@ def load_uploads(aset: AdapterSet, files: Sequence[tuple[str, bytes]]) -> tuple[
     groups = [({base: data}, base) for base, data in zips] + ([(loose, " + ".join(sorted(loose)))] if loose else [])
     for group, label in groups:  # one adapter at a time: one that fails leaves the set as it was
         try:
-            for adapter in geometry.load(group).adapters:
+            # DoRA: exact updates where the base is on this machine (the Overview says which)
+            for adapter in geometry.resolve_dora_where_possible(geometry.load(group))[0]:
                 added.append(aset.add(adapter, origin="upload"))
         except (AtlasError, OSError, ValueError) as exc:
             errors.append(_error_text(exc, label))

@@ -301,13 +301,15 @@ def merged_summary(merged_adapter) -> dict:
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def _zip_memory(content_hash: str, rank: int | None, head: str | None, _merged) -> bytes:
-    return _merged.to_zip_bytes(rank=rank, head=head)
+def _zip_memory(content_hash: str, rank: int | None, head: str | None, scores_key: str, _merged, _scores=None) -> bytes:
+    return _merged.to_zip_bytes(rank=rank, head=head, scores=_scores)
 
 
-def merged_zip(merged_adapter, rank: int | None, head: str | None) -> bytes:
-    """The merged adapter as a peft folder zip (built once per merge, rank and head)."""
-    return _zip_memory(merged_adapter.content_hash, rank, head, merged_adapter)
+def merged_zip(merged_adapter, rank: int | None, head: str | None, scores=None) -> bytes:
+    """The merged adapter as a peft folder zip with its model card (``README.md``), built once per merge, rank,
+    head and scores (``scores``: the page's ``MergeEvaluation``, written in the card; ``None``: "not measured")."""
+    scores_key = "" if scores is None else f"{scores.anp!r}:{scores.tasks_total}:{scores.frame.to_json()}"
+    return _zip_memory(merged_adapter.content_hash, rank, head, scores_key, merged_adapter, scores)
 
 
 def _task_files_key(adapters: Sequence[Adapter], tasks: str) -> tuple[str, ...]:

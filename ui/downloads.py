@@ -1,4 +1,5 @@
-"""Download buttons: every matrix and table as CSV, every figure as HTML, SVG and PDF.
+"""Download buttons: every matrix and table as CSV (and, for a paper, LaTeX booktabs and Markdown, in a small
+popover beside the CSV button), every figure as HTML, SVG and PDF.
 
 The files are produced only when a button is clicked (``st.download_button`` with a callable), so
 a slider move does not pay for serialising every figure. HTML embeds plotly.js (about 4.7 MB), so the
@@ -19,6 +20,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from geometry.tables import table_latex, table_markdown
 from ui.figures import plotly_config
 
 
@@ -27,15 +29,45 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:120] or "figure"
 
 
-def csv_button(frame: pd.DataFrame, name: str, label: str = "CSV", index: bool = False, key: str | None = None):
+def table_bytes(frame: pd.DataFrame, fmt: str, index: bool = False, caption: str | None = None) -> bytes:
+    """``frame`` as ``csv``, ``tex`` (LaTeX booktabs, :func:`geometry.tables.table_latex`) or ``md`` (Markdown,
+    :func:`geometry.tables.table_markdown`); ``index`` as in ``DataFrame.to_csv``."""
+    if fmt == "csv":
+        return frame.to_csv(index=index).encode()
+    if fmt == "tex":
+        return table_latex(frame, caption, index=index).encode()
+    if fmt == "md":
+        return table_markdown(frame, index=index).encode()
+    raise ValueError(f"unknown table format {fmt!r}; expected csv, tex or md")
+
+
+def _table_buttons(frame: pd.DataFrame, name: str, label: str, index: bool, key: str) -> None:
+    """The CSV button, then a small popover holding the LaTeX and Markdown buttons (keys ``<key>_tex`` / ``_md``)."""
     st.download_button(
         f":material/download: {label}",
-        lambda: frame.to_csv(index=index).encode(),
+        lambda: table_bytes(frame, "csv", index),
         file_name=f"{slug(name)}.csv",
         mime="text/csv",
-        key=key or f"csv_{slug(name)}",
+        key=key,
         on_click="ignore",
     )
+    with st.popover(":material/table: LaTeX, Markdown", help="The same table for a paper: LaTeX (booktabs) or "
+                    "Markdown"):
+        for fmt, text, mime in (("tex", "LaTeX (booktabs)", "text/x-tex"), ("md", "Markdown", "text/markdown")):
+            st.download_button(
+                f":material/download: {text}",
+                lambda fmt=fmt: table_bytes(frame, fmt, index, caption=name.replace("_", " ")),
+                file_name=f"{slug(name)}.{fmt}",
+                mime=mime,
+                key=f"{key}_{fmt}",
+                on_click="ignore",
+            )
+
+
+def csv_button(frame: pd.DataFrame, name: str, label: str = "CSV", index: bool = False, key: str | None = None):
+    """A CSV download of ``frame``, with LaTeX and Markdown downloads of the same table in a popover beside it."""
+    with st.container(horizontal=True, gap="small"):
+        _table_buttons(frame, name, label, index, key or f"csv_{slug(name)}")
 
 
 def chromium_path() -> str | None:
@@ -96,4 +128,4 @@ def show(
                     file_name=f"{slug(name)}.{fmt}", mime=mime, key=f"{fmt}_{key}", on_click="ignore",
                 )
         if frame is not None:
-            csv_button(frame, name, index=index, key=f"csv_{key}")
+            _table_buttons(frame, name, "CSV", index, f"csv_{key}")

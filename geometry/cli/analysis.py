@@ -7,7 +7,7 @@ import json
 import math
 import sys
 
-from geometry.cli.common import comma_list, kinds_option, write_records
+from geometry.cli.common import comma_list, kinds_option, load_adapters, write_records
 from geometry.errors import AtlasError, IncompatibleAdaptersError
 from geometry.io.summary import adapter_summary
 from geometry.linalg.align import check_compatible, common_groups
@@ -18,9 +18,8 @@ from geometry.types import row_label
 def cmd_info(args: argparse.Namespace) -> int:
     """Describe adapters: name, base, r, alpha, scale rule, and every module's stack, layer, kind, shape, rank."""
 
-    from geometry.io.loader import load_adapter
 
-    summaries = [adapter_summary(load_adapter(p)) for p in args.paths]
+    summaries = [adapter_summary(ad) for ad in load_adapters(args.paths)]
     if args.json:
         print(json.dumps({"adapters": summaries}, indent=1))
     else:
@@ -70,11 +69,10 @@ def cmd_inclusion(args: argparse.Namespace) -> int:
     """Spectral inclusion tau1 -> tau2 (closed form): one record per common module."""
 
     from geometry.analysis.inclusion import inclusion
-    from geometry.io.loader import load_adapter
 
     if not args.lam >= 0:
         raise ValueError(f"--lambda must be >= 0, got {args.lam}")
-    ad1, ad2 = load_adapter(args.path1), load_adapter(args.path2)
+    ad1, ad2 = load_adapters([args.path1, args.path2])
     frame = inclusion(ad1, ad2, lam=args.lam, kind=kinds_option(args.kind), objective=args.objective)
     if frame.empty:
         raise IncompatibleAdaptersError(
@@ -115,9 +113,8 @@ def cmd_anatomy(args: argparse.Namespace) -> int:
     """Per-module anatomy of one adapter: norms, singular values, effective and stable rank."""
 
     from geometry.analysis.anatomy import anatomy
-    from geometry.io.loader import load_adapter
 
-    frame = anatomy(load_adapter(args.path), kind=kinds_option(args.kind))
+    frame = anatomy(load_adapters([args.path])[0], kind=kinds_option(args.kind))
     write_records(frame, args.format, args.out, ["singular_values"])
     return 0
 
@@ -149,11 +146,10 @@ def cmd_distances(args: argparse.Namespace) -> int:
 
     import geometry
     from geometry.analysis.distances import select_layers
-    from geometry.io.loader import load_adapter
 
     if len(args.paths) < 2:
         raise AtlasError("distances need at least two adapters (PATH PATH [PATH...])")
-    adapters = [load_adapter(p) for p in args.paths]
+    adapters = load_adapters(args.paths)
     seen: dict[str, int] = {}
     for ad in adapters:  # two folders with the same stem: keep the names apart
         seen[ad.name] = seen.get(ad.name, 0) + 1

@@ -78,3 +78,16 @@ def comma_list(choices: Sequence[str] | None):
         return values
 
     return parse
+
+
+def load_adapters(paths: Sequence[str]) -> list:
+    """The adapters at ``paths`` (folders, zips, weight files, ``hub:`` ids), DoRA ones with their exact updates
+    where their base loads offline (``geometry.resolve_dora``); one ``note:`` line on stderr per DoRA adapter
+    saying whether its geometry is exact or the LoRA direction only."""
+    from geometry.api import resolve_dora_where_possible
+    from geometry.io.loader import load_adapter
+
+    adapters, notes = resolve_dora_where_possible([load_adapter(p) for p in paths])
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    return adapters

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from geometry.cli.common import add_cache_options, result_cache
+from geometry.cli.common import add_cache_options, load_adapters, result_cache
 from geometry.errors import AtlasError
 
 
@@ -83,38 +84,64 @@ def _add_merge_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    """Merge adapters and write a peft adapter folder (PeftModel.from_pretrained loads it)."""
+    """Merge adapters and write a peft adapter folder (PeftModel.from_pretrained loads it) with its model card;
+    ``--tasks``: score it first (the scores and ANP go in the card); ``--push-to-hub``: upload it."""
 
-    from geometry.io.loader import load_adapter
     from geometry.merging import merge
 
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+    if args.out is None and args.push_to_hub is None:
+        raise AtlasError("merge: give --out DIR (a new folder), --push-to-hub REPO_ID, or both")
+    out = Path(args.out) if args.out is not None else None
+    if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         what = "a file" if not out.is_dir() else "a folder that is not empty"
         raise AtlasError(f"--out {out} is {what}: choose a new folder, or pass --force to write into it")
+    if args.limit is not None and args.tasks is None:
+        raise AtlasError("--limit applies to the scores of --tasks DIR: give --tasks too")
     weights, params = _merge_params(args)
-    merged = merge([load_adapter(p) for p in args.paths], args.method, weights, **params)
+    adapters = load_adapters(args.paths)
+    merged = merge(adapters, args.method, weights, **params)
     write_rank = args.rank if "rank" not in params else None
-    folder = merged.to_peft_folder(args.out, rank=write_rank, head=args.head)
-    info = json.loads((folder / "merge_info.json").read_text())
-    ranks = sorted(set(info["ranks"].values()))
-    print(f"wrote {folder}: {args.method} of {len(args.paths)} adapters, {len(info['ranks'])} modules, "
-          f"rank {ranks[0] if len(ranks) == 1 else f'{ranks[0]}-{ranks[-1]}'}, "
-          f"energy kept {100 * info['energy_kept_total']:.4g}%, head {info['head']}")
-    energy = info["energy_kept"]
-    worst = min(energy, key=energy.get)
-    print(f"energy kept: {100 * info['energy_kept_total']:.4g}% of sum ||delta||_F^2 over "
-          f"{len(energy)} modules (rank: {info['rank_rule']}; lowest {100 * energy[worst]:.4g}% at {worst}); "
-          f"per module in {folder / 'merge_info.json'}")
+    scores = None
+    if args.tasks is not None:
+        from geometry.evaluation.merge_eval import evaluate_merge
+
+        scores = evaluate_merge(adapters, args.tasks, merged=merged, limit=args.limit, cache=result_cache(args))
+        print(f"scored on {len(scores.frame)} tasks: ANP {scores.anp:.2f}% (in the model card, README.md)")
+    if out is not None:
+        folder = merged.to_peft_folder(out, rank=write_rank, head=args.head, scores=scores)
+        info = json.loads((folder / "merge_info.json").read_text())
+        ranks = sorted(set(info["ranks"].values()))
+        print(f"wrote {folder}: {args.method} of {len(args.paths)} adapters, {len(info['ranks'])} modules, "
+              f"rank {ranks[0] if len(ranks) == 1 else f'{ranks[0]}-{ranks[-1]}'}, "
+              f"energy kept {100 * info['energy_kept_total']:.4g}%, head {info['head']}")
+        energy = info["energy_kept"]
+        worst = min(energy, key=energy.get)
+        print(f"energy kept: {100 * info['energy_kept_total']:.4g}% of sum ||delta||_F^2 over "
+              f"{len(energy)} modules (rank: {info['rank_rule']}; lowest {100 * energy[worst]:.4g}% at {worst}); "
+              f"per module in {folder / 'merge_info.json'}")
+    if args.push_to_hub is not None:
+        token = args.token or os.environ.get("HF_TOKEN") or None
+        url = merged.push_to_hub(args.push_to_hub, token=token, private=not args.public, rank=write_rank,
+                                 head=args.head, scores=scores)
+        print(f"pushed to {url}")
     return 0
 
 
 def _add_merge_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("merge", help="merge LoRA adapters into one peft adapter folder")
+    p = sub.add_parser("merge", help="merge LoRA adapters into one peft adapter folder (with a model card)")
     _add_merge_options(p)
-    p.add_argument("--out", required=True, metavar="DIR", help="output peft adapter folder (new or empty)")
+    p.add_argument("--out", default=None, metavar="DIR", help="output peft adapter folder (new or empty)")
     p.add_argument("--force", action="store_true", help="write into --out even when it is not empty")
     p.add_argument("--head", default=None, metavar="NAME", help="whose head goes in the weights (default: first); all go to heads/")
+    p.add_argument("--tasks", default=None, metavar="DIR",
+                   help="score the merge on each adapter's task under DIR (test split) and put the scores and ANP "
+                   "in the model card (README.md); without it the card says 'not measured'")
+    p.add_argument("--limit", type=int, default=None, help="with --tasks: score only the first N test examples")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
+                   help="upload the merged folder (model card included) to this Hub model repository")
+    p.add_argument("--token", default=None, help="Hub token for --push-to-hub (default: $HF_TOKEN)")
+    p.add_argument("--public", action="store_true", help="with --push-to-hub: create the repository public (default private)")
+    add_cache_options(p)
     p.set_defaults(func=cmd_merge)
 
 
@@ -122,10 +149,9 @@ def cmd_pairwise(args: argparse.Namespace) -> int:
     """Merge every pair of adapters, score each task with its own head: merge loss delta(i, j) and pairwise ANP."""
 
     from geometry.evaluation.merge_eval import correlation_study, pairwise_study
-    from geometry.io.loader import load_adapter
 
     weights, params = _merge_params(args)
-    adapters = [load_adapter(p) for p in args.paths]
+    adapters = load_adapters(args.paths)
     result = pairwise_study(adapters, args.tasks, args.method, weights=weights, limit=args.max_examples,
                             show_progress=sys.stderr.isatty(), cache=result_cache(args), **params)
     if args.format == "csv":

@@ -1,5 +1,6 @@
 """Adapters from the Hugging Face Hub (``hub:owner/name``): the download call, with the size checked first in
-demo mode. Tests mock :func:`snapshot_download` and :class:`HfApi` here, nothing else."""
+demo mode, and the upload of a merged adapter (:func:`upload`, ``MergedAdapter.push_to_hub``). Tests mock
+:func:`snapshot_download` and :class:`HfApi` here, nothing else."""
 
 from __future__ import annotations
 
@@ -47,3 +48,25 @@ def download(repo_id: str, revision: str | None = None, max_bytes: int | None = 
     except Exception as exc:  # network, auth, missing repo: one sentence for the user
         raise AdapterLoadError(f"hub:{repo_id}: download failed ({type(exc).__name__}: {exc})") from exc
     return folder
+
+
+def upload(folder: str, repo_id: str, *, token: str | None = None, private: bool = True,
+           commit_message: str | None = None) -> str:
+    """Upload the files of ``folder`` to the model repository ``repo_id`` (created if missing, ``private`` when
+    created) with ``HfApi().create_repo(..., exist_ok=True)`` and ``upload_folder``; the repository's URL.
+
+    Any failure of the hub (network, token, permissions, a bad id) is one :class:`AtlasError` line.
+    """
+    from geometry.errors import AtlasError
+
+    try:
+        api = HfApi(token=token)
+        repo = api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True, token=token)
+        api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(folder), token=token,
+                          commit_message=commit_message or "Upload merged LoRA adapter (Adapter Atlas)")
+    except Exception as exc:  # network, auth, permissions, invalid id: one sentence for the user
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise AtlasError(f"push to hub {repo_id}: upload failed ({type(exc).__name__}"
+                         + (f": {detail})" if detail else ")")) from exc
+    url = getattr(repo, "url", None) or (repo if isinstance(repo, str) else None)
+    return str(url or f"https://huggingface.co/{repo_id}")

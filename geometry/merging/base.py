@@ -113,6 +113,9 @@ class MergedAdapter:
     #: fine-tuned scores); not part of the merge's identity, not saved, not pickled (a merge read back from
     #: a cache knows its sources by ``sources`` / ``source_hashes``; pass ``adapters=`` to score it).
     source_adapters: list[Adapter] | None = field(default=None, repr=False, compare=False)
+    #: Scores measured for this merge (a ``geometry.evaluation.merge_eval.MergeEvaluation``), written in the model
+    #: card (``README.md``) of every export unless the export is given ``scores=``; ``None``: "not measured".
+    card_scores: Any = field(default=None, repr=False, compare=False)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -203,17 +206,47 @@ class MergedAdapter:
         return RANK_RULES.get(self.method, "sum of the input ranks")
 
     # ------------------------------------------------------------------------------------ output
-    def to_peft_folder(self, path: str | Path, rank: int | None = None, head: str | None = None) -> Path:
-        """Write a peft LoRA folder; see :func:`geometry.merging.export.to_peft_folder`."""
-        return export.to_peft_folder(self, path, rank=rank, head=head)
+    def to_peft_folder(self, path: str | Path, rank: int | None = None, head: str | None = None, *,
+                       scores: Any = None, recipe: Any = None, license: str | None = None) -> Path:
+        """Write a peft LoRA folder with its model card (``README.md``: ``scores``, a ``MergeEvaluation``, default
+        :attr:`card_scores`; ``recipe``; ``license``); see :func:`geometry.merging.export.to_peft_folder`."""
+        return export.to_peft_folder(self, path, rank=rank, head=head, scores=scores, recipe=recipe, license=license)
 
-    def save(self, path: str | Path, rank: int | None = None, head: str | None = None) -> Path:
+    def save(self, path: str | Path, rank: int | None = None, head: str | None = None, *,
+             scores: Any = None, recipe: Any = None, license: str | None = None) -> Path:
         """Alias of :meth:`to_peft_folder` (the notebook API's ``m.save(path)``)."""
-        return self.to_peft_folder(path, rank=rank, head=head)
+        return self.to_peft_folder(path, rank=rank, head=head, scores=scores, recipe=recipe, license=license)
 
-    def to_zip_bytes(self, rank: int | None = None, head: str | None = None) -> bytes:
+    def to_zip_bytes(self, rank: int | None = None, head: str | None = None, *,
+                     scores: Any = None, recipe: Any = None, license: str | None = None) -> bytes:
         """The :meth:`to_peft_folder` files as a zip; see :func:`geometry.merging.export.to_zip_bytes`."""
-        return export.to_zip_bytes(self, rank=rank, head=head)
+        return export.to_zip_bytes(self, rank=rank, head=head, scores=scores, recipe=recipe, license=license)
+
+    def model_card(self, *, scores: Any = None, recipe: Any = None, license: str | None = None) -> str:
+        """The Hub model card (``README.md`` text) of this merge; see :func:`geometry.merging.card.model_card`."""
+        from geometry.merging.card import model_card
+
+        return model_card(self, scores=scores, recipe=recipe, license=license)
+
+    def push_to_hub(self, repo_id: str, *, token: str | None = None, private: bool = True,
+                    commit_message: str | None = None, rank: int | None = None, head: str | None = None,
+                    scores: Any = None, recipe: Any = None, license: str | None = None) -> str:
+        """Upload this merge to the Hub model repository ``repo_id``; the repository's URL.
+
+        Writes the :meth:`to_peft_folder` files (model card included) to a temporary folder and uploads them
+        with ``huggingface_hub.HfApi``: ``create_repo(..., exist_ok=True)`` (``private`` when it is created)
+        then ``upload_folder``. ``token``: a Hub token (default: ``huggingface_hub``'s own, e.g. ``HF_TOKEN``).
+        A failure of the hub is one :class:`~geometry.errors.AtlasError` line.
+        """
+        import tempfile
+
+        from geometry.io import hub
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self.to_peft_folder(Path(tmp) / "merged", rank=rank, head=head, scores=scores, recipe=recipe,
+                                         license=license)
+            message = commit_message or f"Upload {self.method} merge of {', '.join(self.sources)} (Adapter Atlas)"
+            return hub.upload(str(folder), repo_id, token=token, private=private, commit_message=message)
 
     def _peft_payload(self, rank: int | None, head: str | None) -> tuple[dict, dict, dict]:
         return export.peft_payload(self, rank, head)

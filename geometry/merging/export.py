@@ -2,7 +2,8 @@
 
 :func:`to_peft_folder` writes ``adapter_config.json`` + ``adapter_model.safetensors`` that
 ``PeftModel.from_pretrained(base, path)`` loads, ``merge_info.json`` (provenance, ranks, energy
-kept) and ``heads/<adapter>.safetensors`` (every task's head). ``lora_alpha = r`` per module
+kept), ``heads/<adapter>.safetensors`` (every task's head) and ``README.md``, the model card
+(:mod:`geometry.merging.card`). ``lora_alpha = r`` per module
 (``rank_pattern`` = ``alpha_pattern``, ``use_rslora = False``), so peft's scale is exactly 1 and
 the stored ``B @ A`` is the merged update; fused parts (GPT-2 ``c_attn``, Phi-3 ``qkv_proj``) are put
 back into their fused module (:meth:`MergedAdapter.peft_updates`).
@@ -10,7 +11,7 @@ back into their fused module (:meth:`MergedAdapter.peft_updates`).
 Diffusion LoRAs (``config_raw["format"]`` ``kohya`` / ``diffusers``, :mod:`geometry.io.diffusion`) are
 written back in their format: ``lora.safetensors`` with kohya keys (``<name>.lora_down.weight``,
 ``.lora_up.weight``, ``.alpha = r``) or ``pytorch_lora_weights.safetensors`` with the inputs' diffusers keys,
-plus ``merge_info.json``; scale 1 as for peft. Conv modules get their 4-D shapes back.
+plus ``merge_info.json`` and ``README.md``; scale 1 as for peft. Conv modules get their 4-D shapes back.
 
 Rank of each written module:
 
@@ -35,7 +36,7 @@ import re
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -43,6 +44,7 @@ from geometry.device import default_device
 from geometry.errors import IncompatibleAdaptersError, MergeParameterError
 from geometry.io.config import PEFT_PREFIX
 from geometry.io.diffusion import diffusion_weights
+from geometry.merging.card import CARD_FILE, model_card
 from geometry.merging.truncate import factorize_dense, truncate_factored
 from geometry.merging.updates import PeftUpdate, jsonable
 
@@ -66,7 +68,8 @@ _DROPPED_CONFIG_FIELDS = {
 
 
 def to_peft_folder(
-    merged: MergedAdapter, path: str | Path, rank: int | None = None, head: str | None = None
+    merged: MergedAdapter, path: str | Path, rank: int | None = None, head: str | None = None, *,
+    scores: Any = None, recipe: Any = None, license: str | None = None,
 ) -> Path:
     """Write ``merged`` as a peft LoRA adapter folder loadable by ``PeftModel.from_pretrained``.
 
@@ -74,7 +77,8 @@ def to_peft_folder(
     their ``rank_sum``). ``head``: the source adapter whose head (``other_tensors``,
     ``modules_to_save``) is put in the weights file so the folder is a complete classifier for that
     task; every head is also written under ``heads/<name>.safetensors``. Default: the first source
-    that has a head.
+    that has a head. ``README.md`` is the model card (:func:`geometry.merging.card.model_card`, with
+    ``scores`` / ``recipe`` / ``license``; ``scores`` defaults to ``merged.card_scores``).
     """
     from safetensors.torch import save_file
 
@@ -87,10 +91,14 @@ def to_peft_folder(
         save_file(diffusion_payload(merged, weights), str(path / file))
         info["format"] = fmt
         (path / MERGE_INFO).write_text(json.dumps(info, indent=2, sort_keys=True))
+        card = model_card(merged, scores=scores, recipe=recipe, license=license, info=info)
+        (path / CARD_FILE).write_text(card, encoding="utf-8")
         return path
     save_file(weights, str(path / "adapter_model.safetensors"))
     (path / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     (path / MERGE_INFO).write_text(json.dumps(info, indent=2, sort_keys=True))
+    card = model_card(merged, scores=scores, recipe=recipe, license=license, info=info)
+    (path / CARD_FILE).write_text(card, encoding="utf-8")
     if merged.heads:
         (path / HEADS_DIR).mkdir(exist_ok=True)
         for name, tensors in merged.heads.items():
@@ -99,12 +107,14 @@ def to_peft_folder(
     return path
 
 
-def to_zip_bytes(merged: MergedAdapter, rank: int | None = None, head: str | None = None) -> bytes:
-    """The :func:`to_peft_folder` files as a zip (for a download button)."""
+def to_zip_bytes(merged: MergedAdapter, rank: int | None = None, head: str | None = None, *,
+                 scores: Any = None, recipe: Any = None, license: str | None = None) -> bytes:
+    """The :func:`to_peft_folder` files (model card included) as a zip (for a download button)."""
 
     buf = io.BytesIO()
     with tempfile.TemporaryDirectory() as tmp:
-        folder = to_peft_folder(merged, Path(tmp) / "merged", rank=rank, head=head)
+        folder = to_peft_folder(merged, Path(tmp) / "merged", rank=rank, head=head, scores=scores, recipe=recipe,
+                                license=license)
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
             for file in sorted(folder.rglob("*")):
                 if file.is_file():

@@ -211,6 +211,16 @@ class _Task:
     task_type: str | None
 
 
+def _check_not_diffusion(adapter: Adapter) -> None:
+    """A diffusion LoRA (kohya / diffusers file, or a UNet / DiT adapter) needs a diffusion model to be scored."""
+    fmt = getattr(adapter.config, "format", "peft")
+    stacks = {k.stack for k in adapter.modules}
+    if fmt in ("kohya", "diffusers") or stacks & {"unet", "transformer"}:
+        raise AtlasError(
+            f"{adapter.name} is a diffusion LoRA ({fmt} format): scoring it needs a diffusion model, which Adapter "
+            "Atlas does not run; its geometry, inclusion, anatomy and merges work without one")
+
+
 def _task(source: Any) -> _Task:
     if isinstance(source, (str, os.PathLike)):
         from geometry.io.loader import load_adapter
@@ -218,6 +228,7 @@ def _task(source: Any) -> _Task:
         source = load_adapter(source)
     if isinstance(source, Adapter):
         _check_not_dora(source)
+        _check_not_diffusion(source)
         groups: dict[tuple[str, int], list] = {}
         for mod in source.modules.values():
             groups.setdefault((mod.name, id(mod.A)), []).append(mod)
