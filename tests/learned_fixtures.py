@@ -89,3 +89,39 @@ def causal_study(root: Path, tasks: Sequence[str] = ("echo", "shout"), n_example
         (root / task / "training_info.json").write_text(json.dumps({"task": task}))
         folders.append(root / task)
     return folders, root / "tasks"
+
+
+def smollm2_lora_adapters(root: Path, model, tasks: Sequence[str] = ("sst2", "boolq"), r: int = 8, alpha: int = 16,
+                          b_scale: float = 0.2, seed: int = 0) -> list[Path]:
+    """Random peft LoRA adapters on SmolLM2-135M-Instruct's q_proj / v_proj (``init_lora_weights=False``:
+    random ``A`` and random non-zero ``B``, ``B`` times ``b_scale``), one per task, saved under ``root/<task>``
+    with the portable base name and a ``training_info.json`` naming the task. ``model`` (the de-quantized
+    base) is not modified: peft wraps a copy."""
+    import copy
+    import json
+    import warnings
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from geometry.runtime.base_models import SMOLLM2
+
+    root = Path(root)
+    folders = []
+    for t, task in enumerate(tasks):
+        torch.manual_seed(seed + 100 + t)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = get_peft_model(copy.deepcopy(model), LoraConfig(
+                r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                task_type="CAUSAL_LM"))
+            with torch.no_grad():
+                for name, p in pm.named_parameters():
+                    if "lora_B" in name:
+                        p.mul_(b_scale)
+            pm.peft_config["default"].base_model_name_or_path = SMOLLM2
+            pm.save_pretrained(root / task)
+        (root / task / "training_info.json").write_text(json.dumps({"task": task}))
+        folders.append(root / task)
+        del pm
+    return folders

@@ -208,3 +208,31 @@ def test_knots_density_follows_the_inner_merge(monkeypatch, tmp_path, samples):
     at.selectbox(key="merge_merge_method_knots").set_value("task_arithmetic").run()  # takes no density
     assert not [s for s in at.slider if s.key.startswith("merge_density")]
     assert not at.exception and not at.error
+
+
+def test_the_advisor_ranks_candidates_and_hands_its_pick_to_the_page(monkeypatch, tmp_path):
+    from tests.learned_fixtures import learned_study
+
+    folders, tasks = learned_study(tmp_path / "advise")
+    assert tasks.parent == folders[0].parent  # the sample folder holds the adapters and tasks/
+    at = _merge_page(monkeypatch, tmp_path, folders[0].parent)
+    assert not at.exception, at.exception
+    at.number_input(key="advise_budget").set_value(5)
+    at.number_input(key="advise_samples").set_value(4)
+    at.checkbox(key="advise_learned").uncheck()
+    at.checkbox(key="advise_measure").check()
+    at.number_input(key="merge_limit").set_value(10)
+    at.button(key="advise_run").click()
+    at.run()
+    assert not at.exception, at.exception
+    assert any(s.value.startswith("Recommended: **") for s in at.main.success)
+    table = next(df.value for df in at.dataframe if "criterion" in df.value.columns)
+    assert len(table) == 5 and table["criterion"].is_monotonic_increasing and "anp" in table.columns
+    best = table.iloc[0]
+    at.button(key="advise_take").click()
+    at.run()
+    assert not at.exception, at.exception
+    method = at.selectbox(key="merge_method").value
+    assert method == best["method"] or best["method"] in ("divmerge", "adamerging")
+    weights = at.text_input(key="merge_weights").value
+    assert weights and len(weights.split(",")) == len(folders)

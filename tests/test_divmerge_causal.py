@@ -4,6 +4,7 @@ the exported merge, ANP with ROUGE; ROUGE from rouge-score against the written-o
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -54,6 +55,44 @@ def test_gradients_equal_finite_differences_on_the_causal_lm(causal):
         fd = (run.objective_value(up)[0] - run.objective_value(down)[0]) / (2 * eps)
         assert fd == pytest.approx(grad[i, j], rel=5e-3, abs=1e-5)
     assert value > 0
+
+
+def test_output_layer_on_the_continuation_only_equals_the_full_logits(causal):
+    """``GenerationTerm._logp`` runs the output layer on the positions predicting the continuation only
+    (``logits_to_keep``): the same log-probabilities and the same coefficient gradients as the full
+    ``(b, L, V)`` logits gathered, for inputs of different prompt and continuation lengths (padding)."""
+    from geometry.learned.terms import _keeps_logits
+
+    adapters, tasks = causal
+    run = DivMerge(adapters, tasks, level="layer", samples=8, max_new_tokens=6)
+    run.prepare()
+    term = run._terms[1]
+    assert _keeps_logits(term.runtime.model)
+    idx = list(range(8))
+    conts = [len(term._continuations["continuation"][i]) for i in idx]
+    prompts = [len(term._continuations["prompt"][i]) for i in idx]
+    assert len(set(conts)) > 1 or len(set(prompts)) > 1  # padded rows
+    enc, pos, mask = term._batch(idx)
+    out = {}
+    for full in (False, True):
+        gamma = torch.tensor([[0.3, 0.8], [0.6, 0.4]], dtype=torch.float64, requires_grad=True)
+        with term.runtime.apply(adapters, coefficients=run.layout.runtime_coefficients(gamma), head=term.head):
+            logp = term._logp(enc, pos, full=full)
+        (logp.exp()[mask] * torch.arange(logp.shape[-1])).sum().backward()  # any scalar reaching every row
+        out[full] = (logp, gamma.grad)
+    (kept, g_kept), (full, g_full) = out[False], out[True]
+    assert kept.shape == full.shape == (8, pos.shape[1], term._vocab())
+    assert torch.allclose(kept[mask], full[mask], atol=1e-5, rtol=0)
+    assert torch.allclose(g_kept, g_full, rtol=1e-4, atol=1e-8) and float(g_full.abs().max()) > 0
+    value, grad = run.objective_value(np.array([[0.3, 0.8], [0.6, 0.4]]), grad=True)
+    for term_ in run._terms:  # the objective through full logits: the same value and gradient
+        term_._logp = functools.partial(type(term_)._logp, term_, full=True)
+    try:
+        value_full, grad_full = run.objective_value(np.array([[0.3, 0.8], [0.6, 0.4]]), grad=True)
+    finally:
+        for term_ in run._terms:
+            del term_._logp
+    assert value == pytest.approx(value_full, rel=1e-5) and np.allclose(grad, grad_full, rtol=1e-4, atol=1e-8)
 
 
 def test_merge_anp_with_rouge_and_adamerging(causal, tmp_path):

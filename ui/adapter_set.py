@@ -23,6 +23,7 @@ UPLOAD_TYPES = ("zip", "json", "safetensors", "bin")
 #: The bundled sample sets (folders of ``sample_adapters/``), the first the default.
 SAMPLE_SETS = {
     "real": "Real tasks: GLUE, AG News, emotion",
+    "smollm2": "SmolLM2-135M: GLUE as generation, BoolQ, ARC, OpenBookQA",
     "synthetic": "Synthetic tasks: template grammars",
 }
 DEFAULT_SET = next(iter(SAMPLE_SETS))
@@ -141,6 +142,9 @@ def training_records(root: Path | str, names: Sequence[str]):
             continue
         info = json.loads(file.read_text())
         test = info.get("scores", {}).get("test", {})
+        if "zero_shot_base" in test:  # the causal set (sample_adapters.causal): generated answers
+            rows.append(_causal_record(root, name, info, test))
+            continue
         base = info.get("baselines", {})
         head = base.get("head_only", {}).get("test", {}).get("accuracy", float("nan"))
         major = base.get("majority", {}).get("test", {}).get("accuracy", float("nan"))
@@ -154,6 +158,22 @@ def training_records(root: Path | str, names: Sequence[str]):
             "note": "near chance" if acc - major < NEAR_CHANCE else "",
         })
     return pd.DataFrame(rows)
+
+
+def _causal_record(root: Path | str, name: str, info: dict, test: dict) -> dict:
+    """One row of :func:`training_records` for an adapter of the causal set: its test score (the task's metric:
+    exact match of the generated label word, or ROUGE-1 of the generated answer) against the base model
+    prompted zero-shot with the same prompt, and the other scores of the generated answers."""
+    meta_file = Path(root) / "tasks" / info.get("task", "") / "labels.json"
+    metric = json.loads(meta_file.read_text()).get("metric", "rouge_l") if meta_file.is_file() else "rouge_l"
+    ours, base = test["adapter"], test["zero_shot_base"]
+    value, zero = ours.get(metric, float("nan")), base.get(metric, float("nan"))
+    return {
+        "adapter": name, "task": info.get("task"), "metric": metric, "test score": value, "zero-shot base": zero,
+        "exact match": ours.get("exact_match"), "ROUGE-1": ours.get("rouge_1"), "ROUGE-L": ours.get("rouge_l"),
+        "test examples": ours.get("n"), "steps": info.get("steps"), "training time (s)": info.get("train_seconds"),
+        "note": "" if value > zero else "not above the zero-shot base",
+    }
 
 
 #: an adapter within this of its majority class's test accuracy is labelled "near chance"

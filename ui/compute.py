@@ -348,6 +348,28 @@ def merge_scores(adapters: Sequence[Adapter], tasks: str, merged_adapter, limit:
             partial=_keep_partial("merge_scores", key), cache=cache.results()))
 
 
+def advice_key(adapters: Sequence[Adapter], tasks: str, settings: dict) -> tuple:
+    return (content_key(adapters), _task_files_key(adapters, tasks), tuple(sorted(settings.items())))
+
+
+def advice(adapters: Sequence[Adapter], tasks: str, settings: dict, *, run: bool):
+    """``geometry.advise`` (candidate merges ranked without labels) when cached, or when ``run`` (then with a
+    progress bar, time left and Cancel; every score it measures is cached on disk, so a cancelled run resumes
+    faster). ``settings``: ``budget``, ``criterion``, ``samples``, ``learned``, ``measure``, ``limit``.
+    ``None`` when neither cached nor run."""
+    from geometry.evaluation.advise import advise
+
+    key = advice_key(adapters, tasks, settings)
+    try:
+        return _disk_get("advice", key)
+    except _Miss:
+        if not run:
+            return None
+    with progress_bar("Ranking candidate merges", on_cancel=_mark_cancelled("advice", key)) as update, queued(update):
+        return _disk_compute("advice", key, lambda: advise(list(adapters), tasks, progress=update, cache=cache.results(),
+                                                           **settings))
+
+
 def pairwise_key(adapters: Sequence[Adapter], tasks: str, method: str, params: dict,
                  limit: int | None) -> tuple:
     return (*_merge_key(adapters, method, None, params), _task_files_key(adapters, tasks), limit)

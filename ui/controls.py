@@ -248,3 +248,20 @@ def merge_param(method: str, param, key: str):
     number = st.number_input(label, float(param.low), float(param.high), None if value is None else float(value),
                              step=0.01, key=key, help=param.help, format="%.3g", placeholder="method default")
     return None if number is None else float(number)
+
+
+def take_merge(method: str, params: dict, names) -> None:
+    """``on_click`` of the advisor's "Use the recommended merge": the Merge page's method, weights, density and
+    other parameter widgets set to ``method`` / ``params`` (a merge's ``params``: weights, density, alpha...)."""
+    from geometry.merging.params import PARAMS
+
+    st.session_state["merge_method"] = method
+    weights = params.get("weights")
+    numeric = isinstance(weights, (list, tuple)) and len(weights) == len(names) and all(
+        isinstance(w, (int, float)) for w in weights)
+    st.session_state["merge_weights"] = ", ".join(f"{float(w):.6g}" for w in weights) if numeric else ""
+    for name, value in params.items():
+        if name == "density" and value is not None:
+            st.session_state[f"merge_density_{method}"] = float(value)
+        elif name in PARAMS and name not in ("density", "seed", "rank", "keep_dense") and value is not None:
+            st.session_state[f"merge_{name}_{method}"] = value

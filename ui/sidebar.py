@@ -128,8 +128,10 @@ def render() -> None:
         st.session_state["sample_set_choice"] = current
         sb.selectbox("Sample set", list(sets), format_func=sets.get, key="sample_set_choice", on_change=on_switch_set,
                      help="The bundled sample adapters and their tasks. Real tasks: LoRA adapters trained on GLUE "
-                          "(SST-2, CoLA, MRPC, RTE, QNLI, STS-B), AG News and emotion; synthetic: template-grammar "
-                          "tasks. Switching keeps your uploads.")
+                          "(SST-2, CoLA, MRPC, RTE, QNLI, STS-B), AG News and emotion on all-MiniLM-L6-v2; SmolLM2-135M: "
+                          "LoRA adapters of a causal language model (SmolLM2-135M-Instruct) that generate the label "
+                          "word of five GLUE tasks or the answer of BoolQ, ARC-Easy and OpenBookQA; synthetic: "
+                          "template-grammar tasks. Switching keeps your uploads.")
     errors, notices = state.messages()
     for message in errors:
         sb.error(message, icon=":material/error:")

@@ -2,7 +2,7 @@
 
 Each subcommand is a ``cmd_<name>(args) -> int`` registered by ``_add_<name>_parser``, grouped by concept:
 :mod:`~geometry.cli.analysis` (``info``, ``inclusion``, ``anatomy``, ``distances``),
-:mod:`~geometry.cli.merging` (``evaluate``, ``merge``, ``pairwise``), :mod:`~geometry.cli.learned`
+:mod:`~geometry.cli.merging` (``evaluate``, ``merge``, ``pairwise``), :mod:`~geometry.cli.advise` (``advise``), :mod:`~geometry.cli.learned`
 (``divmerge``, ``adamerging``), :mod:`~geometry.cli.survey` (``survey``, ``neighbours``),
 :mod:`~geometry.cli.tokens` (``tokens``); what they share is in :mod:`~geometry.cli.common`. Every
 command calls the library's public functions. Bad input exits with status 2 and one line on stderr
@@ -15,7 +15,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from geometry.cli import analysis, learned, merging, survey, tokens
+from geometry.cli import advise, analysis, learned, merging, survey, tokens
 from geometry.cli.common import default_cache_dir  # noqa: F401  (part of the CLI module's surface)
 from geometry.errors import AtlasError
 from geometry.version import __version__
@@ -24,7 +24,7 @@ from geometry.version import __version__
 #: full parser (each module holds ``cmd_<name>(args) -> int`` and ``_add_<name>_parser``).
 COMMANDS: dict[str, tuple[str, Callable[[argparse._SubParsersAction], None]]] = {
     "info": ("describe adapters (modules, ranks, scales, unmapped and non-LoRA tensors)", analysis._add_info_parser),
-    "evaluate": ("score an adapter on a task split (accuracy + macro F1, or ROUGE-L)", merging._add_evaluate_parser),
+    "evaluate": ("score an adapter on a task split (accuracy + macro F1, or exact match + ROUGE-1 + ROUGE-L of generations)", merging._add_evaluate_parser),
     "merge": ("merge LoRA adapters into one peft adapter folder (with a model card)", merging._add_merge_parser),
     "pairwise": ("pairwise merge study: merge loss delta(i, j), pairwise ANP, geometry correlations",
                  merging._add_pairwise_parser),
@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse._SubParsersAction], None]]] = 
                 analysis._add_anatomy_parser),
     "distances": ("L2 / cosine / Grassmann distances between adapters, per layer or averaged",
                   analysis._add_distances_parser),
+    "advise": ("rank merge methods and settings without labels; write the recommended merge", advise._add_advise_parser),
     "divmerge": ("DivMerge: task-arithmetic coefficients learned without labels (JS / KL divergence)",
                  learned._add_divmerge_parser),
     "adamerging": ("AdaMerging: task-arithmetic coefficients minimising the merged model's prediction entropy",

@@ -83,11 +83,14 @@ def comma_list(choices: Sequence[str] | None):
 def load_adapters(paths: Sequence[str]) -> list:
     """The adapters at ``paths`` (folders, zips, weight files, ``hub:`` ids), DoRA ones with their exact updates
     where their base loads offline (``geometry.resolve_dora``); one ``note:`` line on stderr per DoRA adapter
-    saying whether its geometry is exact or the LoRA direction only."""
+    saying whether its geometry is exact or the LoRA direction only, and one per base that loads de-quantized
+    from a quantized GGUF file (:func:`geometry.runtime.base_models.base_note`)."""
     from geometry.api import resolve_dora_where_possible
     from geometry.io.loader import load_adapter
+    from geometry.runtime.base_models import base_note
 
     adapters, notes = resolve_dora_where_possible([load_adapter(p) for p in paths])
-    for note in notes:
+    bases = dict.fromkeys(ad.config.base_model_name_or_path for ad in adapters)
+    for note in [*notes, *(n for n in map(base_note, bases) if n)]:
         print(f"note: {note}", file=sys.stderr)
     return adapters

@@ -13,7 +13,7 @@ from geometry.errors import AtlasError
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Score a peft adapter on a task split: accuracy and macro F1, or ROUGE-L for generation."""
+    """Score a peft adapter on a task split: accuracy and macro F1, or exact match, ROUGE-1 and ROUGE-L of generations."""
 
     from geometry.evaluation.evaluate import evaluate
 
@@ -29,7 +29,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="score an adapter on a task split (accuracy + macro F1, or ROUGE-L)")
+    p = sub.add_parser("evaluate", help="score an adapter on a task split (accuracy + macro F1, or exact match + ROUGE-1 + ROUGE-L of generations)")
     p.add_argument("adapter", metavar="ADAPTER", help="peft adapter folder")
     p.add_argument("--tasks", "--task", dest="task", required=True, metavar="DIR_OR_JSONL",
                    help="task folder ({split}.jsonl + labels.json) or a .jsonl (--task: the old spelling)")

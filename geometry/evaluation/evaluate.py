@@ -36,7 +36,7 @@ import torch
 from geometry.cache import ResultCache, as_cache
 from geometry.device import default_device
 from geometry.errors import AdapterLoadError, AtlasError
-from geometry.evaluation.metrics import classification_scores, rouge_l
+from geometry.evaluation.metrics import classification_scores, exact_match, rouge_scores
 from geometry.evaluation.tasks import TaskData, load_task, task_file
 from geometry.runtime import (
     LoraUpdates,
@@ -57,7 +57,7 @@ from geometry.types import Adapter
 __all__ = ["EVAL_VERSION", "evaluate", "load_classifier", "load_peft_folder", "score_model", "source_hash"]
 #: Bump when the scoring changes, so that cached results are recomputed.
 #: 2: Adapter / LoraUpdates / merges scored through geometry.runtime (hooks, cached base, factored fused parts).
-EVAL_VERSION = "2"
+EVAL_VERSION = "3"  # 3: generation scores exact match, ROUGE-1 and ROUGE-L, and name the metric that counts
 
 # ---------------------------------------------------------------------------------------------- peft folders
 def _read_config(folder: Path) -> dict:
@@ -124,12 +124,20 @@ def load_classifier(
 
 # ---------------------------------------------------------------------------------------------- scoring
 def score_model(model: torch.nn.Module, tokenizer: Any, data: TaskData, batch_size: int = 64,
-                max_new_tokens: int = 32) -> dict[str, Any]:
-    """Metrics of a built model on one split (no caching)."""
+                max_new_tokens: int | None = None) -> dict[str, Any]:
+    """Metrics of a built model on one split (no caching).
+
+    Generation: greedy continuations (``max_new_tokens``, default the task's own or 32) scored by exact match,
+    ROUGE-1 and ROUGE-L F1 (means); ``metric`` names the one the task counts (:attr:`TaskData.metric`)."""
     if data.kind == "generation":
-        outputs = generate(model, tokenizer, data.texts, batch_size=batch_size, max_new_tokens=max_new_tokens)
-        scores = [rouge_l(o, r) for o, r in zip(outputs, data.references or [], strict=True)]
-        return {"rouge_l": float(np.mean(scores)), "n": len(data)}
+        budget = max_new_tokens or data.max_new_tokens or 32
+        outputs = generate(model, tokenizer, data.texts, batch_size=min(batch_size, 16), max_new_tokens=budget)
+        refs = data.references or []
+        rouge = [rouge_scores(o, r) for o, r in zip(outputs, refs, strict=True)]
+        return {"exact_match": float(np.mean([exact_match(o, r) for o, r in zip(outputs, refs)])),
+                "rouge_1": float(np.mean([x["rouge_1"] for x in rouge])),
+                "rouge_l": float(np.mean([x["rouge_l"] for x in rouge])),
+                "metric": data.metric or "rouge_l", "n": len(data)}
     preds = predict(model, tokenizer, data, batch_size=batch_size)
     labels = data.labels or []
     if len(preds) and int(preds.max()) >= max(len(data.label_names), 1) and data.label_names:
@@ -167,14 +175,15 @@ def evaluate(
     limit: int | None = None,
     head: str | None = None,
     tokenizer: Any = None,
-    max_new_tokens: int = 32,
+    max_new_tokens: int | None = None,
     device: torch.device | str | None = None,
     cache: ResultCache | str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Score ``source`` on ``split`` of ``task`` (a folder, a ``.jsonl`` file, or :class:`TaskData`).
 
     Returns ``{"accuracy", "macro_f1", "n", "task", "split"}`` for classification, or
-    ``{"rouge_l", "n", "task", "split"}`` for generation. ``limit`` scores the first ``limit`` examples.
+    ``{"exact_match", "rouge_1", "rouge_l", "metric", "n", "task", "split"}`` for generation (``metric``: the
+    task's own score, :attr:`TaskData.metric`; ``max_new_tokens`` default: the task's, else 32). ``limit`` scores the first ``limit`` examples.
     ``head`` picks one task's head of a merge. ``cache`` (a :class:`geometry.cache.ResultCache` or a
     folder) keeps the scores by content hash (source, task file, split, limit); ``None``, the default,
     touches no disk. A bare model or a :class:`TaskData` is never cached.
@@ -194,7 +203,7 @@ def evaluate(
 
 
 def _evaluate(source: Any, data: TaskData, batch_size: int, head: str | None, tokenizer: Any,
-              max_new_tokens: int, device: Any) -> dict[str, Any]:
+              max_new_tokens: int | None, device: Any) -> dict[str, Any]:
     if isinstance(source, torch.nn.Module):
         if tokenizer is None:
             raise AtlasError("evaluating a bare model needs tokenizer=")

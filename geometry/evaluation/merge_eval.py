@@ -3,7 +3,8 @@
 Definitions (DivMerge 2025; task-vector geometry paper, TALN 2024):
 
 - ``P(theta, t)``: performance of model ``theta`` on the test split of task ``t`` (accuracy for
-  classification, ROUGE-L F1 for generation), with task ``t``'s own head.
+  classification; for generation the task's metric: exact match of the generated answer for classification
+  cast as generation, ROUGE-1 / ROUGE-L F1 otherwise, ``labels.json``'s ``metric``), with task ``t``'s own head.
 - **ANP** (Average Normalized Performance) of a merge of ``T`` tasks:
   ``ANP = (1/T) sum_t P(merged, t) / P(theta_t, t)``, in %; ``theta_t`` is the fine-tuned model of
   task ``t`` (here: the base model plus adapter ``t``).
@@ -35,7 +36,7 @@ import pandas as pd
 
 from geometry.errors import IncompatibleAdaptersError, InvalidArgumentError
 from geometry.evaluation.evaluate import evaluate
-from geometry.evaluation.tasks import adapter_task_name, find_task_dir  # noqa: F401  (re-exported)
+from geometry.evaluation.tasks import adapter_task_name, find_task_dir, task_metric  # noqa: F401  (re-exported)
 from geometry.types import Adapter
 
 Progress = Callable[[int, int, str], None]
@@ -43,12 +44,14 @@ Progress = Callable[[int, int, str], None]
 
 # ------------------------------------------------------------------------------------------ tasks
 def _metric(result: dict[str, Any]) -> float:
+    if "metric" in result:  # generation: the task's own score (exact match, ROUGE-1 or ROUGE-L)
+        return float(result[result["metric"]])
     return float(result["rouge_l"] if "rouge_l" in result else result["accuracy"])
 
 
 def performance(source: Any, task: str | Path, head: str | None = None, limit: int | None = None, *,
                 split: str = "test", cache: Any = None) -> float:
-    """``P(source, task)``: accuracy (classification) or ROUGE-L (generation) on ``split`` (the test split).
+    """``P(source, task)``: accuracy (classification) or the task's metric (generation) on ``split`` (the test split).
 
     ``cache``: a :class:`geometry.cache.ResultCache` (or a folder) keeping the score; ``None`` touches no disk."""
     return _metric(evaluate(source, task, split, limit=limit, head=head, cache=cache))
@@ -74,7 +77,8 @@ def check_unique_names(adapters: Sequence[Adapter]) -> None:
 # ------------------------------------------------------------------------------- one merge, T tasks
 @dataclass
 class MergeEvaluation:
-    """Per-task scores of one merge: ``frame`` has task, adapter, finetuned, merged, normalized (%).
+    """Per-task scores of one merge: ``frame`` has task, adapter, finetuned, merged, normalized (%) and metric
+    (``accuracy``, or a generation task's ``exact_match`` / ``rouge_1`` / ``rouge_l``).
 
     ``tasks_total``: the tasks the run was asked to score; a run stopped half-way has fewer rows in
     ``frame`` (``complete`` is False) and its ``anp`` is over the scored tasks only.
@@ -131,7 +135,7 @@ def evaluate_merge(
             progress(2 * t + 1, total, f"{ad.name}: merged")
         mg = performance(merged, folder, head=ad.name, limit=limit, split=split, cache=cache)
         rows.append({"task": folder.name, "adapter": ad.name, "finetuned": ft, "merged": mg,
-                     "normalized": 100.0 * mg / ft if ft > 0 else math.nan})
+                     "normalized": 100.0 * mg / ft if ft > 0 else math.nan, "metric": task_metric(folder, split)})
         if partial and len(rows) < len(adapters):
             frame = pd.DataFrame(rows)
             partial(MergeEvaluation(merged.method, dict(merged.params), frame,

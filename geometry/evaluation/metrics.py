@@ -3,6 +3,9 @@
 * Accuracy: ``mean(pred == label)``.
 * Macro F1: per class ``c`` (the union of the classes in labels and predictions, as scikit-learn),
   ``F1_c = 2 TP / (2 TP + FP + FN)`` (0 when the denominator is 0), averaged over classes.
+* Exact match (DivMerge scores classification cast as generation with it): ``normalize(output) ==
+  normalize(reference)``, where ``normalize`` lower-cases, collapses white space and strips surrounding
+  white space, quotes and final punctuation (``"Positive."`` matches ``positive``; ``"It is positive"`` does not).
 * ROUGE-L F1 (Lin, 2004): with ``LCS`` the longest common subsequence of the candidate and reference
   tokens, ``P = LCS / |cand|``, ``R = LCS / |ref|``, ``F = 2 P R / (P + R)``. Tokens are the
   lower-cased alphanumeric runs (the reference scorer's tokenisation, no stemming).
@@ -41,6 +44,17 @@ def classification_scores(preds: Sequence[int], labels: Sequence[int]) -> dict[s
 
 
 _TOKEN_RE = re.compile(r"[a-z0-9]+")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-cased, white space collapsed, surrounding white space / quotes / final ``.!?,;:`` stripped."""
+    text = " ".join(str(text).lower().split())
+    return text.strip(" \"'`").rstrip(".!?,;:").strip(" \"'`")
+
+
+def exact_match(candidate: str, reference: str) -> float:
+    """1.0 when the normalized candidate equals the normalized reference, else 0.0 (:func:`normalize_answer`)."""
+    return float(normalize_answer(candidate) == normalize_answer(reference))
 
 
 def rouge_tokens(text: str) -> list[str]:

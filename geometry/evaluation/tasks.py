@@ -32,7 +32,10 @@ class TaskData:
     """One split of a task.
 
     Classification: ``texts``, optional ``text_pairs``, integer ``labels``, ``label_names``.
-    Generation (``kind == "generation"``): ``texts`` are prompts and ``references`` the target texts.
+    Generation (``kind == "generation"``): ``texts`` are prompts and ``references`` the target texts;
+    ``metric`` is the score that counts for the task (``labels.json``'s ``metric``: ``exact_match``,
+    ``rouge_1`` or ``rouge_l``, the default) and ``max_new_tokens`` the decoding budget it declares (``None``:
+    the caller's).
     """
 
     name: str
@@ -43,6 +46,8 @@ class TaskData:
     text_pairs: list[str] | None = None
     references: list[str] | None = None
     source: str = ""
+    metric: str | None = None
+    max_new_tokens: int | None = None
 
     @property
     def kind(self) -> str:
@@ -59,7 +64,8 @@ class TaskData:
         return TaskData(
             self.name, self.split, self.texts[cut], None if self.labels is None else self.labels[cut],
             self.label_names, None if self.text_pairs is None else self.text_pairs[cut],
-            None if self.references is None else self.references[cut], self.source,
+            None if self.references is None else self.references[cut], self.source, self.metric,
+            self.max_new_tokens,
         )
 
 
@@ -109,7 +115,7 @@ def load_task(dir_or_jsonl: str | os.PathLike[str], split: str = "test") -> Task
     split_name = file.stem if not Path(dir_or_jsonl).is_dir() else split
     first = rows[0]
     if "reference" in first or "target" in first:
-        return _generation(rows, file, name, split_name)
+        return _generation(rows, file, name, split_name, meta)
     for i, row in enumerate(rows, 1):
         if "text" not in row or "label" not in row:
             raise TaskLoadError(f"{file}: line {i} lacks 'text' or 'label' (expected text [, text_pair], label)")
@@ -137,7 +143,18 @@ def load_task(dir_or_jsonl: str | os.PathLike[str], split: str = "test") -> Task
     return TaskData(name, split_name, [str(r["text"]) for r in rows], labels, names, pairs, source=str(file))
 
 
-def _generation(rows: list[dict], file: Path, name: str, split: str) -> TaskData:
+#: the scores of a generation task (:mod:`geometry.evaluation.metrics`); ``labels.json``'s ``metric`` picks one
+GENERATION_METRICS = ("exact_match", "rouge_1", "rouge_l")
+
+
+def _generation(rows: list[dict], file: Path, name: str, split: str, meta: dict | None = None) -> TaskData:
+    meta = meta or {}
+    metric = str(meta.get("metric", "rouge_l")).split(",")[0].strip()
+    if metric not in GENERATION_METRICS:
+        raise TaskLoadError(f"{file.parent / 'labels.json'}: metric {metric!r} is not one of {', '.join(GENERATION_METRICS)}")
+    budget = meta.get("max_new_tokens")
+    if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 1):
+        raise TaskLoadError(f"{file.parent / 'labels.json'}: max_new_tokens must be a positive integer, got {budget!r}")
     prompts, refs = [], []
     for i, row in enumerate(rows, 1):
         prompt = row.get("prompt", row.get("text"))
@@ -146,7 +163,14 @@ def _generation(rows: list[dict], file: Path, name: str, split: str) -> TaskData
             raise TaskLoadError(f"{file}: line {i} needs string 'prompt' (or 'text') and 'reference' (or 'target')")
         prompts.append(prompt)
         refs.append(ref)
-    return TaskData(name, split, prompts, None, [], None, refs, source=str(file))
+    return TaskData(name, split, prompts, None, [], None, refs, source=str(file), metric=metric, max_new_tokens=budget)
+
+
+def task_metric(dir_or_jsonl: str | os.PathLike[str], split: str = "test") -> str:
+    """The score that counts for a task: ``accuracy`` for classification, else its generation metric
+    (:attr:`TaskData.metric`: ``exact_match``, ``rouge_1`` or ``rouge_l``)."""
+    data = load_task(dir_or_jsonl, split)
+    return (data.metric or "rouge_l") if data.kind == "generation" else "accuracy"
 
 
 def write_uploaded_task(data: bytes | str, name: str, folder: str | os.PathLike[str],

@@ -30,6 +30,7 @@ def adapter_summary(adapter: Adapter, modules: bool = True) -> dict:
     DoRA, AdaLoRA, LoHa, LoKr), base, r, alpha, scale rule, targets, counts, kinds, layers,
     unmapped names, other tensors (name -> shape), warnings, and (``modules=True``) one record per module."""
     from geometry.linalg.dora import dora_note  # torch: only when a summary is made
+    from geometry.runtime.base_models import base_note
 
     cfg = adapter.config
     out: dict[str, Any] = {
@@ -57,8 +58,9 @@ def adapter_summary(adapter: Adapter, modules: bool = True) -> dict:
         "unmapped": list(adapter.unmapped),
         "other_tensors": {k: list(v.shape) for k, v in adapter.other_tensors.items()},
         "warnings": list(adapter.warnings),
-        # e.g. "DoRA: direction only, base weights not loaded" (geometry.linalg.dora.dora_note)
-        "notes": [n for n in (dora_note(adapter),) if n],
+        # e.g. "DoRA: direction only, base weights not loaded" (geometry.linalg.dora.dora_note), and
+        # "base ...: de-quantized to float32 from ....gguf (4-bit Q4_1 ...)" (geometry.runtime.base_models.base_note)
+        "notes": [n for n in (dora_note(adapter), base_note(cfg.base_model_name_or_path)) if n],
     }
     if modules:
         out["modules"] = [

@@ -167,6 +167,16 @@ class ClassificationTerm(TaskTerm):
             logits = rt.forward(**enc).logits
         return torch.log_softmax(logits.double(), dim=-1), None
 
+    def candidate(self, idx: list[int], source: Any) -> tuple[torch.Tensor, None]:
+        """``log p`` of any merge ``source`` of these adapters (with this task's head), no gradient: the
+        advisor's candidates (:mod:`geometry.evaluation.advise`)."""
+        rt = self.runtime
+        texts, pairs = self._texts(idx)
+        enc = rt.encode(texts, pairs, self.max_length)
+        with torch.no_grad(), rt.apply(source, head=self.head):
+            logits = rt.forward(**enc).logits
+        return torch.log_softmax(logits.double(), dim=-1), None
+
 
 class GenerationTerm(TaskTerm):
     """Causal LM: the fine-tuned model's greedy continuation ``y`` of each input, its next-token
@@ -256,9 +266,22 @@ class GenerationTerm(TaskTerm):
         dev = self.runtime.device
         return {"input_ids": ids.to(dev), "attention_mask": att.to(dev)}, pos.to(dev), mask.to(dev)
 
-    def _logp(self, enc: dict, pos: torch.Tensor) -> torch.Tensor:
-        logits = self.runtime.forward(**enc).logits
-        picked = logits.gather(1, pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+    def _logp(self, enc: dict, pos: torch.Tensor, full: bool = False) -> torch.Tensor:
+        """``log p (b, Ly, V)`` at the positions ``pos (b, Ly)`` that predict the continuation's tokens.
+
+        The output layer runs on those positions only (transformers' ``logits_to_keep`` given the ``(b, Ly)``
+        positions: the backbone's last hidden states are picked, then the head and any logit post-processing
+        of the model run on them), which gives exactly the picked rows of the full logits without the
+        ``(b, L, V)`` product and its backward. Models without ``logits_to_keep`` (or ``full=True``) compute
+        the full logits and gather."""
+        picked = None
+        if not full and _keeps_logits(self.runtime.model):
+            logits = self.runtime.forward(**enc, logits_to_keep=pos).logits
+            if logits.dim() == 3 and tuple(logits.shape[:2]) == tuple(pos.shape):
+                picked = logits
+        if picked is None:  # full logits, then the rows wanted
+            logits = self.runtime.forward(**enc).logits
+            picked = logits.gather(1, pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
         return torch.log_softmax(picked.float(), dim=-1)
 
     def _compute_distributions(self) -> list[torch.Tensor]:
@@ -296,6 +319,26 @@ class GenerationTerm(TaskTerm):
         enc, pos, mask = self._batch(idx)
         with torch.set_grad_enabled(grad), rt.apply(self.adapters, coefficients=coefficients, head=self.head):
             return self._logp(enc, pos), mask
+
+    def candidate(self, idx: list[int], source: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced ``log p`` along the reference continuations of any merge ``source`` of these adapters,
+        no gradient (the advisor's candidates, :mod:`geometry.evaluation.advise`)."""
+        self.prepare(distributions=False)
+        rt = self.runtime
+        enc, pos, mask = self._batch(idx)
+        with torch.no_grad(), rt.apply(source, head=self.head):
+            return self._logp(enc, pos), mask
+
+
+def _keeps_logits(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s forward takes ``logits_to_keep`` (transformers' causal LMs do: a ``(b, k)`` tensor of
+    positions computes the output layer on those positions only)."""
+    import inspect
+
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _eos_id(rt: Runtime) -> int | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from geometry.merging.updates import jsonable
@@ -33,11 +34,21 @@ def _yaml_str(value: str) -> str:
 
 
 def _hub_id(name: str | None) -> str | None:
-    """``name`` when it reads as a Hub repository id (``owner/name``), else ``None`` (a local path)."""
+    """``name`` when it reads as a Hub repository id (``owner/name``), else ``None`` (a local path: one that
+    exists here, e.g. ``models/minilm`` relative to the working folder, is not advertised as a Hub id)."""
     if not name:
         return None
+    hub = name.startswith("hub:")
     name = name.removeprefix("hub:")
-    return name if _HUB_ID.match(name) and not name.startswith(".") else None
+    if not _HUB_ID.match(name) or name.startswith("."):
+        return None
+    if not hub:
+        try:
+            if Path(name).exists():
+                return None
+        except OSError:
+            pass
+    return name
 
 
 def _source_of(adapter: Any) -> str:

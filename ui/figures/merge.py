@@ -100,3 +100,26 @@ def method_comparison(frame: pd.DataFrame, anps: dict[str, float], *, title: str
                           yanchor="bottom", showarrow=False)],
     )
     return figures.figure(data, layout)
+
+
+def advice_scatter(table: pd.DataFrame, *, criterion: str) -> go.Figure:
+    """The advisor's check: each candidate's label-free criterion (x, lower is better) against its measured ANP
+    (y), one colour per method, the recommended candidate (rank 1) ringed; hover names the candidate."""
+    names = {"js": "mean JS divergence to the fine-tuned models (nats)", "kl": "mean KL divergence (nats)",
+             "entropy": "mean entropy of the merged predictions (nats)"}
+    data = []
+    for i, (method, sub) in enumerate(table.groupby("method", sort=False)):
+        data.append(dict(
+            type="scatter", mode="markers", x=sub["criterion"].to_numpy(), y=sub["anp"].to_numpy(), name=str(method),
+            text=sub["candidate"].tolist(), customdata=sub["rank"].to_numpy(),
+            marker=dict(size=9, color=QUALITATIVE[i % len(QUALITATIVE)]),
+            hovertemplate="%{text}<br>rank %{customdata}<br>" + criterion + ": %{x:.4g}<br>ANP: %{y:.2f}%<extra></extra>"))
+    best = table.iloc[0]
+    data.append(dict(type="scatter", mode="markers", x=[best["criterion"]], y=[best["anp"]], name="recommended",
+                     text=[best["candidate"]], marker=dict(size=18, color="rgba(0,0,0,0)", line=dict(width=2, color="black")),
+                     hovertemplate="recommended: %{text}<extra></extra>"))
+    layout = dict(title=_title("Label-free criterion against measured ANP, one point per candidate merge"),
+                  margin=MARGIN, height=440, xaxis=dict(title=dict(text=names.get(criterion, criterion))),
+                  yaxis=dict(title=dict(text="ANP on the test labels (%)")),
+                  legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0))
+    return figures.figure(data, layout)
