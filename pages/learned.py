@@ -42,6 +42,14 @@ adapters = controls.compared_adapters(key="learned_set", label="Adapters merged"
                                       max_count=caps.max_merged)
 names = [a.name for a in adapters]
 controls.demo_caps_note()
+causal = bool(adapters) and all((a.config.task_type or "").upper() == "CAUSAL_LM" for a in adapters)
+if causal:
+    st.info("Causal language model (DivMerge's appendix B.1): each fine-tuned model's greedy continuation of every "
+            "input is its reference (decoded once, then cached); the merged model reads the input and that "
+            "continuation teacher-forced, and the divergence is averaged over the continuation's tokens. ANP uses "
+            "each task's own metric (exact match of the generated label word, or ROUGE-1). On CPU a 135M model "
+            "takes seconds per step, so the defaults here are small: 16 inputs per task, 2 epochs, 50 test examples.",
+            icon=":material/text_fields:")
 
 c1, c2, c3, c4 = st.columns([3, 2, 2, 2])
 with c1:
@@ -59,19 +67,20 @@ d1, d2, d3, d4, d5 = st.columns(5)
 defaults = {"divmerge": (1e-2, 4), "adamerging": (1e-3, 5)}[method]
 with d1:
     top = caps.max_learned_samples or 400
-    samples = int(st.number_input("Inputs per task", 5, top, min(200 if level == "task" else 300, top), step=25,
-                                  key=f"learned_samples_{level}"))
+    samples = int(st.number_input("Inputs per task", 5, top, min(16 if causal else 200 if level == "task" else 300, top),
+                                  step=25, key=f"learned_samples_{level}{'_causal' if causal else ''}"))
 with d2:
     epochs = int(st.number_input("Epochs", 1, caps.max_learned_epochs or 50,
-                                 min(defaults[1], caps.max_learned_epochs or 50), key=f"learned_epochs_{method}"))
+                                 min(2 if causal else defaults[1], caps.max_learned_epochs or 50),
+                                 key=f"learned_epochs_{method}{'_causal' if causal else ''}"))
 with d3:
     lr = float(st.number_input("Learning rate", 1e-5, 1.0, defaults[0], format="%.4f", key=f"learned_lr_{method}"))
 with d4:
     init = st.selectbox("Initial Γ", ["0.5", "uniform"], key="learned_init",
                         help="0.5: the paper's Table 9 (default); uniform: 1/T, its Algorithm 1.")
 with d5:
-    limit = int(st.number_input("ANP test examples", 20, caps.max_test_examples or 2000, 100, step=20,
-                                key="learned_limit"))
+    limit = int(st.number_input("ANP test examples", 20, caps.max_test_examples or 2000, 50 if causal else 100, step=20,
+                                key=f"learned_limit{'_causal' if causal else ''}"))
 every = int(st.slider("Measure ANP every k steps", 5, 100, 25, step=5, key="learned_every"))
 
 # Unlabeled inputs of one's own (kept in this session's memory, never written to the server's disk).

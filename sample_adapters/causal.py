@@ -155,6 +155,7 @@ def train_task(task: str, tasks_dir: Path, out: Path, *, steps: int, lr: float, 
     model.eval()
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(folder))
+    (folder / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
     config_path = folder / "adapter_config.json"
     cfg = json.loads(config_path.read_text())
     cfg["base_model_name_or_path"] = SMOLLM2
@@ -186,6 +187,9 @@ def train_task(task: str, tasks_dir: Path, out: Path, *, steps: int, lr: float, 
 
 
 # ---------------------------------------------------------------------------------------------- the results file
+#: an adapter within this of always answering the test split's most common answer is labelled "near chance" (the
+#: real set's rule, sample_adapters.report.NEAR_CHANCE)
+NEAR_CHANCE = 0.03
 PAPER_NOTE = ("The DivMerge paper fine-tunes Qwen2.5-0.5B fully (classification cast as generation) and T5-base "
               "(generation); it reports no per-task single-model scores to compare with these.")
 
@@ -204,10 +208,10 @@ def results_markdown(out: Path = OUT) -> str:
              "lower-casing and stripping final punctuation; ROUGE-1 / ROUGE-L F1 from `rouge-score`. The zero-shot "
              "base reads the same chat prompt (which names the answer words or lists the choices) with the adapter "
              "disabled.", "",
-             "| task | kind | metric | adapter | zero-shot base | adapter EM | base EM | adapter ROUGE-1 | base ROUGE-1 "
-             "| test n | steps | training time | s / step |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    missing, worse = [], []
+             "| task | kind | metric | adapter | zero-shot base | majority answer | adapter EM | base EM | adapter ROUGE-1 "
+             "| base ROUGE-1 | test n | steps | training time | s / step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    missing, worse, near = [], [], []
     for task in causaldata.TASKS:
         file = out / task / "training_info.json"
         if not file.is_file():
@@ -220,7 +224,11 @@ def results_markdown(out: Path = OUT) -> str:
         kind = "classification as generation" if task in causaldata.CLASSIFICATION else "generation"
         if not ours[metric] > base[metric]:
             worse.append(task)
-        lines.append(f"| {task} | {kind} | {metric} | **{ours[metric]:.3f}** | {base[metric]:.3f} | "
+        refs = [json.loads(x)["reference"] for x in (out / "tasks" / task / "test.jsonl").read_text().splitlines()]
+        majority = max(refs.count(r) for r in set(refs)) / len(refs)
+        if ours["exact_match"] - majority < NEAR_CHANCE:
+            near.append(f"{task} (exact match {ours['exact_match']:.3f}, majority answer {majority:.3f})")
+        lines.append(f"| {task} | {kind} | {metric} | **{ours[metric]:.3f}** | {base[metric]:.3f} | {majority:.3f} | "
                      f"{ours['exact_match']:.3f} | {base['exact_match']:.3f} | {ours['rouge_1']:.3f} | "
                      f"{base['rouge_1']:.3f} | {ours['n']} | {info['steps']} | {info['train_seconds'] / 60:.1f} min | "
                      f"{info['seconds_per_step']:.2f} |")
@@ -229,6 +237,10 @@ def results_markdown(out: Path = OUT) -> str:
         lines.append(f"Not above the zero-shot base on the test split: {', '.join(worse)}.")
     else:
         lines.append("Every adapter scores above the zero-shot base on its test split.")
+    if near:
+        lines.append(f"Near chance (exact match within {NEAR_CHANCE} of always giving the test split's most common "
+                     f"answer): {'; '.join(near)}. Such a task can hardly lose in a merge, "
+                     "which inflates the ANP of any merge that includes it.")
     if missing:
         lines.append(f"Not trained yet: {', '.join(missing)}.")
     lines += ["", "Training times: one torch thread per adapter on a 2-core CPU machine, two adapters trained side by "

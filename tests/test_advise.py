@@ -120,3 +120,19 @@ def test_the_cli_prints_the_ranked_table_and_writes_the_recommended_merge(learne
     assert stop.value.code == 2
     assert main(["advise", str(folders[0]), str(folders[1]), "--tasks", str(tasks), "--out", str(out)]) == 2
     assert "not a new or empty folder" in capsys.readouterr().err
+
+
+def test_the_report_draws_every_pair_then_seeded_subsets_and_compares_pick_with_defaults():
+    from sample_adapters.advise_report import DEFAULTS, _summary, task_sets
+
+    sets = task_sets(5, 4, 2, seed=0)
+    assert sets[:10] == [(i, j) for i in range(5) for j in range(i + 1, 5)]
+    assert [len(s) for s in sets[10:]] == [3, 3, 4, 4] and sets == task_sets(5, 4, 2, seed=0)
+    rows = [{"method": "ties", "params": '{"lambda": 1.0, "density": 0.2}', "anp": 90.0, "validation_anp": 80.0},
+            {"method": "task_arithmetic", "params": '{"lambda": 1.0}', "anp": 95.0, "validation_anp": 85.0},
+            {"method": "divmerge", "params": '{"lambda": "1/T", "level": "task"}', "anp": 97.0,
+             "validation_anp": float("nan")}]
+    s = _summary([{"rows": rows, "spearman": -0.5, "p_value": 0.6}])
+    assert s["pick"][0] == 90.0 and s["hindsight"][0] == 97.0 and s["validation pick"][0] == 95.0
+    assert s["TIES (keep 20%, lambda = 1)"][0] == 90.0 and s["task arithmetic (lambda = 1)"][0] == 95.0
+    assert np.isnan(s["Multi-SLERP (1/T)"][0]) and set(DEFAULTS) <= set(s)

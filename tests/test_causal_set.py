@@ -154,8 +154,9 @@ def test_results_file_and_overview_rows_say_which_adapter_is_not_above_zero_shot
         (tmp_path / task / "training_info.json").write_text(json.dumps(_fake_info(task, ours, base)))
         (tmp_path / "tasks" / task).mkdir()
         (tmp_path / "tasks" / task / "labels.json").write_text((TASKS / task / "labels.json").read_text())
+        (tmp_path / "tasks" / task / "test.jsonl").write_text((TASKS / task / "test.jsonl").read_text())
     text = causal.results_markdown(tmp_path)
-    assert "| sst2 | classification as generation | exact_match | **0.900** | 0.500 |" in text
+    assert "| sst2 | classification as generation | exact_match | **0.900** | 0.500 | 0.550 |" in text
     assert "Not above the zero-shot base on the test split: boolq." in text
     assert "Not trained yet: cola" in text
     records = training_records(tmp_path, ["sst2", "boolq"]).set_index("adapter")

@@ -184,7 +184,9 @@ def test_runtime_requirements_leave_out_only_the_test_tools(dockerfile):
     runtime = {line.split("==")[0] for line in lines[:cut] if "==" in line}
     tools = {line.split("==")[0] for line in lines[cut:] if "==" in line}
     assert {"torch", "streamlit", "kaleido", "umap-learn", "numba", "plotly"} <= runtime
-    assert tools <= {"pytest", "pytest-xdist", "playwright", "ruff"}, tools
+    # after the cut: test runners and the documentation / notebook builders, which the image does not need
+    assert tools <= {"pytest", "pytest-xdist", "playwright", "ruff", "mkdocs", "mkdocs-material", "mkdocstrings",
+                     "mkdocstrings-python", "nbclient", "nbformat", "ipykernel", "jupyter_client"}, tools
 
 
 def test_runs_as_a_non_root_user_with_uid_1000(dockerfile):

@@ -49,7 +49,7 @@ def test_every_analysis_page_and_the_api_are_built(site):
             assert part in text, f"analyses/{name}.html has no '{part}' section"
     for name in PAGES:
         assert (site / f"{name}.html").is_file(), f"missing page {name}.html"
-    assert not (site / "README_draft.html").exists() and not (site / "hooks").exists()
+    assert not (site / "hooks").exists()
 
 
 def test_api_reference_documents_the_public_functions(site):
