@@ -57,7 +57,7 @@ from geometry.learned.divergences import js_divergence, kl_divergence
 from geometry.learned.terms import ClassificationTerm
 from geometry.runtime import adapter_updates
 from sample_adapters.merge_report import report_cache, task_adapters
-from sample_adapters.store import ResultStore
+from sample_adapters.store import MissingCell, ResultStore
 
 ROOT = Path(__file__).resolve().parent / "real"
 OUT_NAME = "LEARNED_RESULTS.md"
@@ -320,11 +320,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"comma-separated subset of {','.join(SECTIONS)} (Table 3 always runs: Figure 2 reuses it)")
     parser.add_argument("--root", type=Path, default=ROOT, help="folder of the adapters and tasks/ (default: the real set)")
+    parser.add_argument("--adapters", default=None,
+                        help="comma-separated task adapters to include (default: every task adapter under --root)")
     parser.add_argument("--pairs", choices=("all", "within"), default="all",
                         help="Table 3's pairs: all, or (the causal set) only pairs of two tasks of the same kind")
     parser.add_argument("--out", default=None, help=f"output Markdown file (default <root>/{OUT_NAME})")
     parser.add_argument("--store", type=Path, default=None,
                         help="result store (JSON Lines, one line per computed cell; default <root>/results/learned.jsonl)")
+    parser.add_argument("--skip-missing", action="store_true",
+                        help="with --store-only: leave out the pairs whose cells are not all in the store (and name them)")
     parser.add_argument("--store-only", action="store_true",
                         help="compute nothing: render from the store's cells (fails on a missing one)")
     args = parser.parse_args(argv)
@@ -341,6 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     start = time.perf_counter()
     folders = task_adapters(args.root)
+    if args.adapters:
+        wanted = [x.strip() for x in args.adapters.split(",") if x.strip()]
+        unknown = sorted(set(wanted) - {f.name for f in folders})
+        if unknown:
+            parser.error(f"--adapters: no task adapter {unknown} under {args.root}")
+        folders = [f for f in folders if f.name in wanted]
     args.out = args.out or str(args.root / OUT_NAME)
     args.cache = report_cache()  # every score and finished run kept on disk, on purpose: a re-run resumes
     args.store = ResultStore(args.store or args.root / "results" / ("learned_quick.jsonl" if args.quick else "learned.jsonl"),
@@ -385,11 +395,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.pairs == "within":
         pairs = [(i, j) for i, j in pairs if group_of.get(adapters[i].name, "") == group_of.get(adapters[j].name, "")]
     pair_anp: dict[str, list[float]] = {m: [] for m in methods}
+    done_pairs, missing_pairs = [], []
     for i, j in pairs:
+        try:
+            values = {m: merge_anp(m, [adapters[i], adapters[j]], args) for m in methods}
+        except MissingCell:
+            if not args.skip_missing:
+                raise
+            missing_pairs.append(f"{adapters[i].name} + {adapters[j].name}")
+            continue
         for m in methods:
-            pair_anp[m].append(merge_anp(m, [adapters[i], adapters[j]], args))
+            pair_anp[m].append(values[m])
+        done_pairs.append((i, j))
         _log(f"pair {adapters[i].name} + {adapters[j].name}", start)
+    pairs = done_pairs
     times["Table 3"] = args.store.tally - t0
+
     lines += ["## Table 3: pairwise ANP", "",
               f"Mean (std) over the {len(pairs)} pairs. The paper: Qwen2.5-0.5B fully fine-tuned on 7 GLUE tasks "
               "(classification column of its Table 3, which averages all pairs as here; the k = 2 row of its "
@@ -400,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {METHODS[m][0]} | {mean:.2f} ({std:.2f}) | {PAPER_TABLE3.get(m) or 'not reported'} |")
     if causal:
         lines += _causal_groups_table(adapters, pairs, pair_anp, methods, group_of)
+    if missing_pairs:
+        lines += ["", f"Pairs left out (their cells are not in the store: not computed yet; `--skip-missing` rendered "
+                  f"the others): {', '.join(missing_pairs)}."]
     baselines = [m for m in methods if METHODS[m][1][0] == "static" or m.startswith("ada")]
     ours = [m for m in methods if m not in baselines]
     if baselines and ours:

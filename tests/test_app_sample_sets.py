@@ -61,3 +61,28 @@ def test_task_folders_follow_the_set(monkeypatch, tmp_path):
     assert field.value == str(root / "real" / "tasks")
     at.sidebar.selectbox(key="sample_set_choice").set_value("synthetic").run()
     assert at.text_input(key="merge_tasks").value == str(root / "synthetic" / "tasks")
+
+
+def test_the_smollm2_set_opens_from_a_link_with_its_training_table(monkeypatch, tmp_path):
+    """The bundled causal set (SmolLM2-135M adapters) by link: the Overview lists how each adapter scored against
+    the zero-shot base (nothing loads the 135M model to draw it)."""
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    repo = Path(APP).parent
+    trained = sorted(p.parent.name for p in (repo / "sample_adapters" / "smollm2").glob("*/training_info.json"))
+    if not trained:
+        pytest.skip("no SmolLM2 sample adapter is trained in this checkout")
+    monkeypatch.delenv("ADAPTER_ATLAS_SAMPLES", raising=False)
+    monkeypatch.delenv("ADAPTER_ATLAS_SAMPLE_SETS", raising=False)
+    monkeypatch.setenv("ADAPTER_ATLAS_CACHE", str(tmp_path / "cache"))
+    at = AppTest.from_file(str(APP), default_timeout=300)
+    at.query_params["set"] = "smollm2"
+    at.run()
+    assert not at.exception, at.exception
+    present = sorted(p.parent.name for p in (repo / "sample_adapters" / "smollm2").glob("*/adapter_config.json"))
+    assert at.session_state["adapter_set"].names == present
+    table = next(df.value for df in at.dataframe if "zero-shot base" in df.value.columns)
+    assert list(table["adapter"]) == trained and table["test score"].notna().all()
+    assert any("zero-shot" in c.value for c in at.main.caption)

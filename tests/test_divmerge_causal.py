@@ -142,3 +142,17 @@ def test_rouge_from_rouge_score_equals_the_written_formulas():
         assert metrics.rouge_1(cand, ref) == pytest.approx(metrics.rouge_1_reference(cand, ref))
         assert metrics.rouge_l(cand, ref) == pytest.approx(metrics.rouge_l_reference(cand, ref))
     assert metrics.rouge_1("the cat sat on the mat", "the cat is on a mat") == pytest.approx(2 / 3)
+
+
+def test_a_static_merge_of_causal_adapters_is_scored_without_heads(causal):
+    """Causal LM adapters have no classification head: a merge of them is scored with the base's own output layer
+    (the merge evaluation asks for each task's head, which a headless merge ignores)."""
+    from geometry.evaluation.merge_eval import performance
+    from geometry.merging import merge
+
+    adapters, tasks = causal
+    merged = merge(adapters, "task_arithmetic", [0.5] * len(adapters))
+    assert not any(merged.heads.values())
+    for ad in adapters:  # the merge with each task's "head" asked for, as evaluate_merge does
+        score = performance(merged, tasks / ad.name, head=ad.name, limit=4)
+        assert 0.0 <= score <= 1.0

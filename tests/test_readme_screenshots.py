@@ -7,8 +7,9 @@ figure (Merge: score a TIES merge on 50 test examples per task; Learned merge: a
 checks that the page shows no exception and at least one Plotly figure, and saves a 1280 px wide PNG of
 the page from its heading down to the bottom of its main figure.
 
-The PNGs always go to ``test-artifacts/readme/`` (git-ignored). To regenerate the README's images in
-``docs/images/``, name that folder in ``ADAPTER_ATLAS_README_IMAGES``::
+The PNGs go to ``test-artifacts/readme/`` (git-ignored) and to the folder named by
+``ADAPTER_ATLAS_README_IMAGES``; without that variable the module is skipped (it is a regeneration tool, and
+the suite keeps its time: ``tests/test_readme.py`` checks the committed images). To regenerate them::
 
     ADAPTER_ATLAS_README_IMAGES=docs/images OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q tests/test_readme_screenshots.py
 
@@ -27,7 +28,13 @@ import pytest
 
 from tests.test_browser import ARGS, CHROMIUM, REPO, _idle, _nav, _streamlit, _wait_plots
 
-pytestmark = [pytest.mark.browser, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.browser, pytest.mark.slow,
+    # a regeneration tool more than a check (about 4 minutes of the suite on 2 cores, 15 under load): the README's
+    # images are checked by tests/test_readme.py (present, real PNGs); tests/test_browser.py opens every page
+    pytest.mark.skipif(not os.environ.get("ADAPTER_ATLAS_README_IMAGES"),
+                       reason="regenerates the README's screenshots: set ADAPTER_ATLAS_README_IMAGES=docs/images"),
+]
 
 OUT = REPO / "test-artifacts" / "readme"
 SAMPLES = REPO / "sample_adapters" / "real"
@@ -116,7 +123,7 @@ def _merge(page) -> int:
 
 def _learned(page) -> int:
     main = _main(page)
-    _set_number(page, "Inputs per task", 40)
+    _set_number(page, "Inputs per task", 40)  # 10 optimiser steps of 4 inputs per task
     _set_number(page, "Epochs", 1)
     _set_number(page, "ANP test examples", 40)
     slider = main.get_by_role("slider", name="Measure ANP every k steps")
@@ -124,9 +131,7 @@ def _learned(page) -> int:
     slider.press("Home")  # every 5 steps: the ANP curve gets points in a short run
     _idle(page, WAIT)
     main.get_by_role("button", name="Start", exact=True).click()
-    page.wait_for_function(
-        "() => Array.from(document.querySelectorAll('[data-testid=\"stProgress\"]'))"
-        ".some(p => / · (done|stopped)/.test(p.innerText))", timeout=WAIT * 1000)
+    main.get_by_text(re.compile(r"step \d+/\d+ · (done|stopped)")).first.wait_for(timeout=2 * WAIT * 1000)
     _idle(page, WAIT)
     _wait_plots(page, 3, WAIT)
     return 2  # the objective and the coefficients; the ANP curve is below them
@@ -190,7 +195,12 @@ def _screenshot(page, name: str, figures: int, anchor: str | None) -> Path:
 def test_readme_screenshot(page, name, label, heading, setup, anchor):
     _nav(page, label)
     _main(page).get_by_role("heading", name=re.compile(re.escape(heading))).first.wait_for()
-    figures = setup(page)
+    try:
+        figures = setup(page)
+    except Exception:
+        OUT.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(OUT / f"failure_{name}.png"))
+        raise
     _idle(page, WAIT)
     assert page.locator('[data-testid="stException"]').count() == 0, f"{label}: the page shows an exception"
     assert page.locator(".js-plotly-plot").count() >= 1, f"{label}: no Plotly figure"

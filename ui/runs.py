@@ -147,7 +147,8 @@ class LiveRun:
             if not self.coefficients:
                 self.coefficients.append((0, init))
         self.started, self.ended = time.perf_counter(), None
-        self.run.start(evaluate_every=self.evaluate_every, limit=self.limit, on_step=self.record)
+        # the ANP every k steps, and of the final coefficients (a run shorter than k steps still gets one)
+        self.run.start(evaluate_every=self.evaluate_every, limit=self.limit, on_step=self.record, evaluate_at_end=True)
         self.was_running = True
 
     def coefficient_frame(self) -> pd.DataFrame:

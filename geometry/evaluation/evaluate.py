@@ -216,7 +216,9 @@ def _evaluate(source: Any, data: TaskData, batch_size: int, head: str | None, to
                            max_new_tokens=max_new_tokens)
     if not isinstance(source, (Adapter, LoraUpdates)) and not _is_merge(source):
         as_updates(source)  # raises the "cannot evaluate a ..." error
-    pick = head if _is_merge(source) else None  # a merge task's head; an adapter's own head otherwise
+    # a merge task's head; an adapter's own head otherwise; a merge without heads (causal LMs: the output layer is
+    # the base's) has none to pick
+    pick = head if _is_merge(source) and any((getattr(source, "heads", None) or {}).values()) else None
     runtime = Runtime.for_sources(source, head=pick, device=device)
     with runtime.apply(source, head=pick):
         return score_model(runtime.model, tokenizer or runtime.tokenizer, data, batch_size=batch_size,

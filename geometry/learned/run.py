@@ -391,16 +391,17 @@ class LearnedMergeRun:
         return last is not None and last["step"] == self.step and last.get("limit") == limit
 
     def start(self, evaluate_every: int | None = None, limit: int | None = None,
-              on_step: Callable[[StepState], Any] | None = None) -> threading.Thread:
+              on_step: Callable[[StepState], Any] | None = None, evaluate_at_end: bool = False) -> threading.Thread:
         """Run :meth:`steps` in a background (daemon) thread; ``run.snapshot()`` reads the state,
-        ``run.stop()`` ends it, ``run.join()`` waits; an exception ends up in ``run.error``."""
+        ``run.stop()`` ends it, ``run.join()`` waits; an exception ends up in ``run.error``. ``evaluate_every``,
+        ``limit`` and ``evaluate_at_end`` as in :meth:`steps`."""
         if self.running:
             raise AtlasError(f"this {self.method} run is already running")
         self.error = None
 
         def work() -> None:
             try:
-                for state in self.steps(evaluate_every=evaluate_every, limit=limit):
+                for state in self.steps(evaluate_every=evaluate_every, limit=limit, evaluate_at_end=evaluate_at_end):
                     if on_step is not None:
                         on_step(state)
             except BaseException as exc:  # reported through run.error (a page shows it)
