@@ -17,16 +17,44 @@ st.markdown(
     "**τ = s·B·A** to one linear layer; every number here is computed exactly from the factors "
     "(no out × in matrix is formed), once per adapter set, and cached."
 )
-c1, c2, c3 = st.columns(3)
-with c1:
-    st.page_link("pages/anatomy.py", label="Anatomy", icon=":material/biotech:")
-    st.caption("Norms, singular spectra and ranks of each adapter's modules.")
-with c2:
-    st.page_link("pages/distances.py", label="Distances", icon=":material/grid_on:")
-    st.caption("L2, cosine and Grassmann distances per layer and projection; 2-D maps.")
-with c3:
-    st.page_link("pages/inclusion.py", label="Inclusion", icon=":material/join_inner:")
-    st.caption("Spectral inclusion τ1 → τ2: REC, L1, entropies, t-tests.")
+sets = sample_sets()
+if sets:
+    st.caption(f"Loaded: the **{sets.get(state.current_set(), state.current_set())}** sample set (switch in the "
+               "sidebar, or add your own adapters there).")
+st.markdown("**A first visit, in three steps** (each link keeps your adapter set and choices):")
+p1, p2, p3 = st.columns(3)
+with p1:
+    st.page_link("pages/distances.py", label="1. How far apart are the adapters?", icon=":material/grid_on:")
+    st.caption("Distances: L2, cosine and Grassmann distances per layer and projection, and a 2-D map. Related "
+               "tasks sit together.")
+with p2:
+    st.page_link("pages/merge.py", label="2. Merge two of them", icon=":material/merge:")
+    st.caption("Merge: 16 methods, scores per task and ANP; *Advise* ranks the methods without labels; download "
+               "the merge with its model card.")
+with p3:
+    st.page_link("pages/learned.py", label="3. Learn the merge", icon=":material/model_training:")
+    st.caption("Learned merge: DivMerge / AdaMerging fit the coefficients on unlabeled inputs; watch the ANP move.")
+with st.expander("What each page answers"):
+    for page, label, icon, text in (
+        ("pages/anatomy.py", "Anatomy", ":material/biotech:", "What does one adapter look like inside? Norms, "
+         "singular spectra, effective and stable ranks per module."),
+        ("pages/distances.py", "Distances", ":material/grid_on:", "How far apart are two adapters, per layer and "
+         "projection? L2, cosine, Grassmann; 2-D maps."),
+        ("pages/inclusion.py", "Inclusion", ":material/join_inner:", "Does one adapter's subspace contain the "
+         "other's? Spectral inclusion τ1 → τ2: REC, L1, entropies, t-tests."),
+        ("pages/tokens.py", "Token dynamics", ":material/scatter_plot:", "How does an adapter move a text's tokens, "
+         "layer by layer? Clusters and distances against the base."),
+        ("pages/merge.py", "Merge", ":material/merge:", "What does merging cost each task? 16 methods, ANP, the "
+         "pairwise study, the advisor."),
+        ("pages/learned.py", "Learned merge", ":material/model_training:", "Can coefficients learned without labels "
+         "do better? DivMerge and AdaMerging, live."),
+        ("pages/survey.py", "Survey", ":material/travel_explore:", "Hundreds of adapters: all-pairs distances out "
+         "of core, nearest neighbours."),
+    ):
+        a, b = st.columns([1, 3])
+        with a:
+            st.page_link(page, label=label, icon=icon)
+        b.caption(text)
 
 aset = state.adapter_set()
 st.subheader(f"Adapter set ({len(aset)})")

@@ -86,3 +86,15 @@ def test_the_smollm2_set_opens_from_a_link_with_its_training_table(monkeypatch, 
     table = next(df.value for df in at.dataframe if "zero-shot base" in df.value.columns)
     assert list(table["adapter"]) == trained and table["test score"].notna().all()
     assert any("zero-shot" in c.value for c in at.main.caption)
+
+
+def test_the_overview_guides_a_first_visit(monkeypatch, tmp_path):
+    """The Overview names the loaded sample set and suggests a path (distances, a merge, a learned merge), each a
+    page link (links keep the session's state), plus what every page answers."""
+    _, at = _sets(monkeypatch, tmp_path)
+    at.run()
+    assert not at.exception
+    assert any("Real tasks" in c.value and "sample set" in c.value for c in at.main.caption)
+    links = [el.proto.page for el in at.main.get("page_link")]
+    assert links[:3] == ["distances", "merge", "learned"]  # the pages' url paths
+    assert {"anatomy", "inclusion", "tokens", "survey"} <= set(links)
