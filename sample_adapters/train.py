@@ -5,7 +5,9 @@ tasks of :mod:`sample_adapters.realdata` (GLUE's SST-2, CoLA, MRPC, RTE, QNLI, S
 emotion), task folders rebuilt from ``../shared/datasets`` (or the committed ones), adapters in
 ``sample_adapters/real/``; steps and learning rate were chosen on the validation splits, the same for
 every task (``sample_adapters/real/TUNING.md``, ``--tune``). ``--set synthetic``: the template-grammar
-tasks of :data:`sample_adapters.taskgen.TASKS`, written to ``<out>/tasks/<task>/``.
+tasks of :data:`sample_adapters.taskgen.TASKS`, written to ``<out>/tasks/<task>/``. ``--set smollm2``: the causal
+set, LoRA adapters of SmolLM2-135M-Instruct that generate their answers (:mod:`sample_adapters.causal`, tasks from
+:mod:`sample_adapters.causaldata`; 120 steps of 8 examples, lr 1e-3, ``--jobs 2`` trains two at a time).
 
 For every task it trains one LoRA adapter ``<out>/<task>/`` on all-MiniLM-L6-v2 (the geometry paper's setting: r = 8,
 alpha = 16 on ``query`` and ``value``; the classification head is saved through peft's
