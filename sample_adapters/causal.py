@@ -244,7 +244,11 @@ def results_markdown(out: Path = OUT) -> str:
     if missing:
         lines.append(f"Not trained yet: {', '.join(missing)}.")
     lines += ["", "Training times: one torch thread per adapter on a 2-core CPU machine, two adapters trained side by "
-              "side (`--jobs 2`); the base loads in about 25 s (de-quantizing the GGUF file). " + PAPER_NOTE, ""]
+              "side (`--jobs 2`); about 4.5 to 7 s per step on a quiet core, more where other work shared the machine "
+              "(the first five adapters: up to 12.5 s per step); the base loads in about 25 s (de-quantizing the GGUF "
+              "file). Every task got the same 120 steps (960 examples; 200 were planned and cut to fit one session's "
+              "CPU), with no tuning on the validation splits: several classification adapters stay near the majority "
+              "answer, as listed above. " + PAPER_NOTE, ""]
     return "\n".join(lines)
 
 
