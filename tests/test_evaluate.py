@@ -258,7 +258,9 @@ def test_generation_rouge_l_on_tiny_causal_lm(tiny, tmp_path):
     data = tmp_path / "gen.jsonl"
     data.write_text("".join(json.dumps({"prompt": p, "reference": r}) + "\n" for p, r in zip(prompts, refs)))
     result = evaluate(folder, data, max_new_tokens=6, batch_size=4)
-    assert result == {"rouge_l": pytest.approx(1.0), "n": 4, "task": "gen", "split": "gen"}
+    assert result == {"exact_match": pytest.approx(1.0), "rouge_1": pytest.approx(1.0),
+                      "rouge_l": pytest.approx(1.0), "metric": "rouge_l", "n": 4, "task": "gen",
+                      "split": "gen"}
     wrong = tmp_path / "wrong.jsonl"
     wrong.write_text("".join(json.dumps({"prompt": p, "reference": "alpha beta " + r}) + "\n"
                              for p, r in zip(prompts, refs)))
