@@ -97,6 +97,7 @@ VOCABULARY: dict[str, str] = {
     "learned": "whether learned merges (DivMerge / AdaMerging) are among the candidates",
     "measure": "also measure true scores with the test labels (the advisor's check)",
     "should_stop": "a callable that returns True to stop after the current step",
+    "recipe": "a merge recipe: mergekit YAML (text or mapping) or one this tool wrote",
 }
 #: Spellings that the shared vocabulary replaced; none may appear in a public signature.
 RETIRED: dict[str, str] = {
@@ -488,17 +489,28 @@ def embed(matrix: Any, *, method: str = "pca", seed: int = 0) -> Map2D:
 
 
 # -------------------------------------------------------------------------------------------- merge
-def merge(adapters: Adapters, *, method: str = "task_arithmetic", weights: Any = None, **params: Any) -> MergedAdapter:
+def merge(adapters: Adapters, *, method: str = "task_arithmetic", weights: Any = None, recipe: Any = None,
+          **params: Any) -> MergedAdapter:
     """Merge adapters with a method of :data:`geometry.merging.MERGE_METHODS` (one call shape).
 
     Returns a :class:`geometry.merging.MergedAdapter` that knows its sources: ``m.save(path)`` writes a
-    peft folder, ``m.summary()`` describes it, ``geometry.evaluate_merge(m, tasks=...)`` scores it.
+    peft folder (with its model card and ``recipe.yaml``), ``m.summary()`` describes it,
+    ``m.recipe()`` is its recipe, ``geometry.evaluate_merge(m, tasks=...)`` scores it.
     ``weights``: one ``lambda_t`` per task (a list, a dict by name, or the text ``"0.5, 0.5"``).
+    ``recipe``: a merge recipe instead of ``method`` / ``weights`` / ``params`` (mergekit YAML text or
+    mapping, or a recipe this tool wrote: :mod:`geometry.merging.recipe`), run on ``adapters``
+    (matched to the recipe's models by name, else by position).
     """
     from geometry.merging import merge as run
     from geometry.merging.weights import parse_weights
 
     ads = as_adapters(adapters)
+    if recipe is not None:
+        from geometry.merging.replay import run_recipe
+
+        if weights is not None or params:
+            raise InvalidArgumentError("merge: give either recipe= or method / weights / parameters, not both")
+        return run_recipe(recipe, ads, device=params.get("device"))
     if isinstance(weights, str):
         weights = parse_weights(weights, [a.name for a in ads])
     return run(ads, method, weights, **params)

@@ -138,6 +138,21 @@ with m4:
     if rank and "rank" in takes:
         params["rank"] = rank
 
+with st.expander("Run a recipe instead (mergekit YAML, or the recipe.yaml of an export)",
+                 icon=":material/receipt_long:"):
+    st.caption("A mergekit recipe runs with mergekit's meaning (TIES elects on weighted deltas, DARE rescales by "
+               "the L1 ratio...; gradients over layers and filters are followed); a recipe this tool wrote replays "
+               "its merge exactly. Its models are matched to the adapters above by name, else by position.")
+    recipe_file = st.file_uploader("Recipe", type=["yaml", "yml"], key="merge_recipe_file",
+                                   help="Remove the file to go back to the controls above.")
+recipe_text = None
+if recipe_file is not None:
+    try:
+        recipe_text = recipe_file.getvalue().decode("utf-8")
+    except UnicodeDecodeError:
+        st.error(f"{recipe_file.name}: not UTF-8 text; a recipe is a YAML file", icon=":material/error:")
+        st.stop()
+
 try:
     weights = parse_weights(weights_text, names, label="Weights")
 except AtlasError as exc:
@@ -145,10 +160,18 @@ except AtlasError as exc:
     st.stop()
 
 try:
-    merged = compute.merged(adapters, method, weights, params)
+    if recipe_text is not None:
+        merged = compute.merged_from_recipe(adapters, recipe_text)
+        st.info(f"Merged by the recipe **{recipe_file.name}** (`{merged.method}`): the method controls above are not used "
+                "while it is loaded.", icon=":material/receipt_long:")
+    else:
+        merged = compute.merged(adapters, method, weights, params)
 except (AtlasError, ValueError) as exc:
-    st.error(str(exc), icon=":material/error:")
+    where = f"{recipe_file.name}: " if recipe_text is not None else ""
+    st.error(where + str(exc), icon=":material/error:")
     st.stop()
+merge_name = merged.method  # the control's method, or the recipe's ("mergekit:ties")
+file_stem = merge_name.replace(":", "_")
 
 write_rank = rank if rank and "rank" not in takes else None
 summary = compute.merged_summary(merged)
@@ -167,7 +190,7 @@ if by_module and min(by_module.values()) < 1.0:
     with st.expander("Energy kept per module"):
         energy = pd.DataFrame({"module": list(by_module), "energy kept (%)": [100 * v for v in by_module.values()]})
         st.dataframe(energy, hide_index=True, width="stretch")
-        downloads.csv_button(energy, f"merge_{method}_energy", key="csv_energy")
+        downloads.csv_button(energy, f"merge_{file_stem}_energy", key="csv_energy")
 st.caption(f"Weights used: {', '.join(f'{a}: {w:g}' for a, w in zip(names, merged.params.get('weights') or []))}"
            if merged.params.get("weights") else "Weights used: the method's default.")
 
@@ -198,18 +221,24 @@ if result is not None:
         n_done = len(result.frame)
         st.metric(f"ANP over the {n_done} task{'s' if n_done != 1 else ''} scored (partial)", f"{result.anp:.2f}%")
     metrics = ", ".join(dict.fromkeys(frame["metric"])) if "metric" in frame else "accuracy"
-    fig = merge_figures.performance_bars(frame, title=f"{METHOD_LABELS[method]}: merged vs fine-tuned, per task",
+    fig = merge_figures.performance_bars(frame, title=f"{METHOD_LABELS.get(merge_name, merge_name)}: merged vs fine-tuned, per task",
                                          metric_label=metrics.replace("_", " "))
-    downloads.show(fig, f"merge_{method}_performance", frame, key="merge_bars")
+    downloads.show(fig, f"merge_{file_stem}_performance", frame, key="merge_bars")
 with d2:  # drawn beside the head choice, once the scores (if measured) are known: they go in the model card
     st.download_button(
         ":material/download: Merged adapter (.zip, peft format)",
         compute.merged_zip(merged, write_rank, head,
                            None if result is None else replace(result, frame=result.frame.assign(
                                adapter=names[:len(result.frame)]))),
-        file_name=f"merged_{method}.zip", mime="application/zip", key="merge_zip", on_click="ignore",
-        help="peft folder with merge_info.json, every head under heads/ and README.md, a Hub model card (with "
-             "the scores and ANP once the merge is scored below)",
+        file_name=f"merged_{file_stem}.zip", mime="application/zip", key="merge_zip", on_click="ignore",
+        help="peft folder with merge_info.json, every head under heads/, recipe.yaml and README.md, a Hub model "
+             "card (with the scores and ANP once the merge is scored below)",
+    )
+    st.download_button(
+        ":material/receipt_long: Recipe (.yaml, mergekit's shape)", merged.recipe(),
+        file_name=f"recipe_{file_stem}.yaml", mime="application/x-yaml", key="merge_recipe", on_click="ignore",
+        help="Replay it with `python -m geometry merge --recipe FILE`, or bring it back here above; methods "
+             "mergekit also has are written so that mergekit reads them, with this tool's exact call beside.",
     )
 
 st.subheader("Methods side by side on these tasks")

@@ -236,3 +236,25 @@ def test_the_advisor_ranks_candidates_and_hands_its_pick_to_the_page(monkeypatch
     assert method == best["method"] or best["method"] in ("divmerge", "adamerging")
     weights = at.text_input(key="merge_weights").value
     assert weights and len(weights.split(",")) == len(folders)
+
+
+def test_merge_page_runs_and_writes_recipes(monkeypatch, tmp_path, samples):
+    """A mergekit recipe uploaded on the page merges the adapters it names (mergekit's meaning); the recipe of
+    the merge shown downloads; a bad recipe is one message naming the file and the field, and the page stays."""
+    at = _merge_page(monkeypatch, tmp_path, samples)
+    assert not at.exception, at.exception
+    downloads = [b for b in at.get("download_button") if b.proto.label.startswith(":material/receipt_long:")]
+    assert downloads, "the recipe download is on the page"
+    recipe = ("models:\n  - model: alpha\n    parameters: {weight: 1.0, density: 0.5}\n"
+              "  - model: beta\n    parameters: {weight: 0.5, density: [1, 0.5]}\n"
+              "merge_method: ties\nparameters: {normalize: true}\n")
+    at.file_uploader(key="merge_recipe_file").set_value(("mk.yaml", recipe.encode(), "application/x-yaml"))
+    at.run()
+    assert not at.exception, at.exception
+    assert any("Merged by the recipe **mk.yaml** (`mergekit:ties`)" in i.value for i in at.main.info)
+    bad = "models:\n  - model: alpha\n    parameters: {weight: 1.0, temperature: 2}\nmerge_method: ties\n"
+    at.file_uploader(key="merge_recipe_file").set_value(("bad.yaml", bad.encode(), "application/x-yaml"))
+    at.run()
+    assert not at.exception, at.exception
+    assert any("bad.yaml: recipe" in e.value and "models[0].parameters.temperature" in e.value for e in at.main.error)
+    assert at.selectbox(key="merge_method").value == "task_arithmetic"  # the controls' state is kept

@@ -242,7 +242,7 @@ def test_kohya_merge_round_trip_keys_shapes_and_updates(tmp_path, spec):
     a, b = load_adapter(save(sa), name="a"), load_adapter(save(sb), name="b")
     _, folder, back = _roundtrip(a, b, tmp_path)
     files = sorted(p.name for p in folder.iterdir())
-    assert files == ["README.md", "lora.safetensors", "merge_info.json"]  # README.md: the model card
+    assert files == ["README.md", "lora.safetensors", "merge_info.json", "recipe.yaml"]  # README.md: the model card
     assert "library_name: diffusers" in (folder / "README.md").read_text()
     written = st_load((folder / "lora.safetensors").read_bytes())
     factor_keys = {k for k in sa if not k.endswith(".alpha")}

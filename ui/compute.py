@@ -290,6 +290,18 @@ def merged(adapters: Sequence[Adapter], method: str, weights=None, params: dict 
     return _merged_memory(_merge_key(adapters, method, weights, params or {}), tuple(adapters))
 
 
+@st.cache_data(show_spinner=False, max_entries=8)
+def _recipe_memory(key: tuple, text: str, _adapters: tuple[Adapter, ...]):
+    import geometry
+
+    return geometry.merge(list(_adapters), recipe=text)
+
+
+def merged_from_recipe(adapters: Sequence[Adapter], text: str):
+    """``geometry.merge(adapters, recipe=text)`` once per (contents, recipe text); raises the library's error."""
+    return _recipe_memory(content_key(adapters), text, tuple(adapters))
+
+
 @st.cache_data(show_spinner=False, max_entries=32)
 def _summary_memory(content_hash: str, _merged) -> dict:
     return _merged.summary()

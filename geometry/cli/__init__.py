@@ -25,7 +25,7 @@ from geometry.version import __version__
 COMMANDS: dict[str, tuple[str, Callable[[argparse._SubParsersAction], None]]] = {
     "info": ("describe adapters (modules, ranks, scales, unmapped and non-LoRA tensors)", analysis._add_info_parser),
     "evaluate": ("score an adapter on a task split (accuracy + macro F1, or exact match + ROUGE-1 + ROUGE-L of generations)", merging._add_evaluate_parser),
-    "merge": ("merge LoRA adapters into one peft adapter folder (with a model card)", merging._add_merge_parser),
+    "merge": ("merge LoRA adapters into one peft adapter folder (with a model card and its recipe), or replay a recipe (--recipe FILE)", merging._add_merge_parser),
     "pairwise": ("pairwise merge study: merge loss delta(i, j), pairwise ANP, geometry correlations",
                  merging._add_pairwise_parser),
     "inclusion": ("spectral inclusion tau1 -> tau2 per module: S1, projected S2, L1, L2 (raw and normalized), REC, "

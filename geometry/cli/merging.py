@@ -66,11 +66,20 @@ def _merge_params(args: argparse.Namespace) -> tuple[list[float] | None, dict]:
     return weights, params
 
 
-def _add_merge_options(p: argparse.ArgumentParser) -> None:
+def _add_merge_options(p: argparse.ArgumentParser, recipe: bool = False) -> None:
     from geometry.merging import MERGE_METHODS
 
-    p.add_argument("paths", nargs="+", metavar="PATH", help="adapter folders or .zip files (same base model)")
-    p.add_argument("--method", required=True, choices=list(MERGE_METHODS), help="merge method")
+    if recipe:
+        p.add_argument("paths", nargs="*", metavar="PATH",
+                       help="adapter folders or .zip files (same base model); with --recipe: optional, in the "
+                       "recipe's order (default: the recipe's own references, relative to its folder)")
+        p.add_argument("--recipe", default=None, metavar="FILE",
+                       help="run a merge recipe (mergekit YAML, or the recipe.yaml of an export) instead of "
+                       "--method / --weights / parameters")
+    else:
+        p.add_argument("paths", nargs="+", metavar="PATH", help="adapter folders or .zip files (same base model)")
+    p.add_argument("--method", required=not recipe, default=None, choices=list(MERGE_METHODS),
+                   help="merge method" + (" (unless --recipe)" if recipe else ""))
     p.add_argument("--weights", default=None, metavar="W1,W2,...", help="one weight per adapter (method default if unset)")
     p.add_argument("--density", type=float, default=None, help="fraction of entries kept (ties, dare_*, magnitude_prune)")
     p.add_argument("--rank", type=int, default=None,
@@ -97,9 +106,19 @@ def cmd_merge(args: argparse.Namespace) -> int:
         raise AtlasError(f"--out {out} is {what}: choose a new folder, or pass --force to write into it")
     if args.limit is not None and args.tasks is None:
         raise AtlasError("--limit applies to the scores of --tasks DIR: give --tasks too")
-    weights, params = _merge_params(args)
-    adapters = load_adapters(args.paths)
-    merged = merge(adapters, args.method, weights, **params)
+    if args.recipe is not None:
+        adapters, merged, refs = _run_recipe_file(args)
+        params = {}
+    else:
+        if args.method is None:
+            raise AtlasError("merge: give --method NAME (or --recipe FILE)")
+        if not args.paths:
+            raise AtlasError("merge: give the adapters to merge (PATH ...)")
+        weights, params = _merge_params(args)
+        adapters = load_adapters(args.paths)
+        merged = merge(adapters, args.method, weights, **params)
+        refs = list(args.paths)
+    recipe = merged.recipe(refs=refs)
     write_rank = args.rank if "rank" not in params else None
     scores = None
     if args.tasks is not None:
@@ -108,10 +127,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
         scores = evaluate_merge(adapters, args.tasks, merged=merged, limit=args.limit, cache=result_cache(args))
         print(f"scored on {len(scores.frame)} tasks: ANP {scores.anp:.2f}% (in the model card, README.md)")
     if out is not None:
-        folder = merged.to_peft_folder(out, rank=write_rank, head=args.head, scores=scores)
+        folder = merged.to_peft_folder(out, rank=write_rank, head=args.head, scores=scores, recipe=recipe)
         info = json.loads((folder / "merge_info.json").read_text())
         ranks = sorted(set(info["ranks"].values()))
-        print(f"wrote {folder}: {args.method} of {len(args.paths)} adapters, {len(info['ranks'])} modules, "
+        print(f"wrote {folder}: {merged.method} of {len(adapters)} adapters, {len(info['ranks'])} modules, "
               f"rank {ranks[0] if len(ranks) == 1 else f'{ranks[0]}-{ranks[-1]}'}, "
               f"energy kept {100 * info['energy_kept_total']:.4g}%, head {info['head']}")
         energy = info["energy_kept"]
@@ -122,14 +141,56 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if args.push_to_hub is not None:
         token = args.token or os.environ.get("HF_TOKEN") or None
         url = merged.push_to_hub(args.push_to_hub, token=token, private=not args.public, rank=write_rank,
-                                 head=args.head, scores=scores)
+                                 head=args.head, scores=scores, recipe=recipe)
         print(f"pushed to {url}")
     return 0
 
 
+def _run_recipe_file(args: argparse.Namespace) -> tuple[list, object, list[str]]:
+    """``--recipe FILE``: read it, load its adapters (the PATHs given, else its references resolved
+    against the recipe's folder, then as given: a folder, a zip or a hub id), run it."""
+    from geometry.merging.recipe import read_recipe
+    from geometry.merging.replay import run_recipe
+
+    if args.method is not None or args.weights is not None or args.param or any(
+            getattr(args, n) is not None for n in ("density", "seed")):
+        raise AtlasError("--recipe replaces --method, --weights, --density, --seed and --param: give the recipe only")
+    path = Path(args.recipe)
+    if not path.is_file():
+        raise AtlasError(f"--recipe {path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AtlasError(f"--recipe {path}: cannot read it as text ({exc})") from None
+    recipe = read_recipe(text, where=str(path))
+    if args.paths:
+        sources = list(args.paths)
+    else:
+        sources = []
+        for m in recipe.adapters:
+            local = path.parent / m.ref
+            if local.exists():
+                sources.append(str(local))
+            elif Path(m.ref).exists() or m.ref.startswith("hub:"):
+                sources.append(m.ref)
+            elif "/" in m.ref and not m.ref.startswith((".", "/")):
+                sources.append(f"hub:{m.ref}")  # an owner/name reference: the hub, as mergekit reads it
+            else:
+                raise AtlasError(f"--recipe {path}: adapter {m.ref!r} is neither next to the recipe nor a path here; "
+                                 "give the adapters as PATH arguments, in the recipe's order")
+    adapters = load_adapters(sources)
+    merged = run_recipe(recipe, adapters)
+    refs = [m.ref for m in recipe.adapters]
+    print(f"recipe {path}: {recipe.merge_method} of {len(adapters)} adapters"
+          + (" (Adapter Atlas's own call, from its adapter_atlas block)" if (recipe.atlas or {}).get("method")
+             else " (mergekit's meaning)"))
+    return adapters, merged, refs
+
+
 def _add_merge_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("merge", help="merge LoRA adapters into one peft adapter folder (with a model card)")
-    _add_merge_options(p)
+    p = sub.add_parser("merge", help="merge LoRA adapters into one peft adapter folder (with a model card and "
+                       "its recipe), or replay a recipe (--recipe FILE)")
+    _add_merge_options(p, recipe=True)
     p.add_argument("--out", default=None, metavar="DIR", help="output peft adapter folder (new or empty)")
     p.add_argument("--force", action="store_true", help="write into --out even when it is not empty")
     p.add_argument("--head", default=None, metavar="NAME", help="whose head goes in the weights (default: first); all go to heads/")

@@ -222,6 +222,13 @@ class MergedAdapter:
         """The :meth:`to_peft_folder` files as a zip; see :func:`geometry.merging.export.to_zip_bytes`."""
         return export.to_zip_bytes(self, rank=rank, head=head, scores=scores, recipe=recipe, license=license)
 
+    def recipe(self, *, refs: Sequence[str] | None = None) -> str:
+        """This merge's recipe as YAML (mergekit's shape; :mod:`geometry.merging.recipe`): ``refs`` name
+        the adapters (default: their names); ``geometry.merge(adapters, recipe=...)`` replays it."""
+        from geometry.merging.recipe import recipe_yaml
+
+        return recipe_yaml(self, refs=refs)
+
     def model_card(self, *, scores: Any = None, recipe: Any = None, license: str | None = None) -> str:
         """The Hub model card (``README.md`` text) of this merge; see :func:`geometry.merging.card.model_card`."""
         from geometry.merging.card import model_card

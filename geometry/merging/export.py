@@ -44,7 +44,7 @@ from geometry.device import default_device
 from geometry.errors import IncompatibleAdaptersError, MergeParameterError
 from geometry.io.config import PEFT_PREFIX
 from geometry.io.diffusion import diffusion_weights
-from geometry.merging.card import CARD_FILE, model_card
+from geometry.merging.card import CARD_FILE, _recipe_text, model_card
 from geometry.merging.truncate import factorize_dense, truncate_factored
 from geometry.merging.updates import PeftUpdate, jsonable
 
@@ -55,6 +55,8 @@ if TYPE_CHECKING:
 DIFFUSION_FILES = {"kohya": "lora.safetensors", "diffusers": "pytorch_lora_weights.safetensors"}
 #: Files written next to the peft weights.
 MERGE_INFO = "merge_info.json"
+#: the merge's recipe (mergekit YAML; :mod:`geometry.merging.recipe`), in every export
+RECIPE_FILE = "recipe.yaml"
 HEADS_DIR = "heads"
 
 # config fields that describe the sources' placement or variants, not the merged adapter
@@ -85,6 +87,11 @@ def to_peft_folder(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     weights, config, info = peft_payload(merged, rank, head)
+    if recipe is None:  # every export carries its recipe (recipe.yaml, and in the card): a replay writes the same bytes
+        from geometry.merging.recipe import recipe_yaml
+
+        recipe = recipe_yaml(merged)
+    (path / RECIPE_FILE).write_text(recipe if isinstance(recipe, str) else _recipe_text(recipe), encoding="utf-8")
     fmt = merged.config_raw.get("format")
     if fmt in ("kohya", "diffusers"):  # a diffusion LoRA: written in the format its inputs came in
         file = DIFFUSION_FILES[fmt]
@@ -117,8 +124,11 @@ def to_zip_bytes(merged: MergedAdapter, rank: int | None = None, head: str | Non
                                 license=license)
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
             for file in sorted(folder.rglob("*")):
-                if file.is_file():
-                    zf.write(file, file.relative_to(folder).as_posix())
+                if file.is_file():  # a fixed date: the same merge gives the same zip bytes
+                    entry = zipfile.ZipInfo(file.relative_to(folder).as_posix(), date_time=(1980, 1, 1, 0, 0, 0))
+                    entry.compress_type = zipfile.ZIP_DEFLATED
+                    entry.external_attr = 0o644 << 16
+                    zf.writestr(entry, file.read_bytes())
     return buf.getvalue()
 
 
