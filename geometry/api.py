@@ -98,6 +98,7 @@ VOCABULARY: dict[str, str] = {
     "measure": "also measure true scores with the test labels (the advisor's check)",
     "should_stop": "a callable that returns True to stop after the current step",
     "recipe": "a merge recipe: mergekit YAML (text or mapping) or one this tool wrote",
+    "energy": "a fraction of ||tau||_F^2 kept (0 to 1]",
 }
 #: Spellings that the shared vocabulary replaced; none may appear in a public signature.
 RETIRED: dict[str, str] = {
@@ -379,6 +380,35 @@ def anatomy(adapter: Adapter, *, kind: str | Iterable[str] | None = None, device
     return frame
 
 
+def ranks(adapter: Adapter, *, energy: float = 0.9) -> pd.DataFrame:
+    """One row per module: rank, numerical rank, the ranks that keep ``energy`` and 99% of ``||tau||_F^2``, the
+    knee and the optimal-hard-threshold rank, exact from the factors (:mod:`geometry.analysis.ranks`)."""
+    from geometry.analysis.ranks import rank_table
+
+    if not isinstance(adapter, Adapter):
+        raise InvalidArgumentError("ranks(adapter): pass one Adapter (ads['name'])")
+    return rank_table(adapter, energy=energy)
+
+
+def compress(adapter: Adapter, *, rank: int | None = None, energy: float | None = None) -> MergedAdapter:
+    """``adapter`` truncated per module to ``rank``, or to the smallest rank keeping ``energy`` of each module's
+    ``||tau||_F^2`` (Eckart-Young, from the factors); ``.energy_by_module()`` reports what is kept, ``.save(path)``
+    writes a peft folder (:func:`geometry.analysis.ranks.compress`)."""
+    from geometry.analysis.ranks import compress as run
+
+    if not isinstance(adapter, Adapter):
+        raise InvalidArgumentError("compress(adapter): pass one Adapter (ads['name'])")
+    return run(adapter, rank=rank, energy=energy)
+
+
+def compatibility(adapters: Adapters, *, device: Any = None) -> pd.DataFrame:
+    """Per module shared by two or more adapters: subspace overlap, the dominant adapter and each one's share
+    of the update norms, and a reading label (:func:`geometry.analysis.ranks.compatibility`)."""
+    from geometry.analysis.ranks import compatibility as run
+
+    return run(as_adapters(adapters), device=device)
+
+
 def _dora_notes(adapters: Adapters | Adapter) -> list[str]:
     """``"<name>: DoRA: direction only, base weights not loaded"`` for each DoRA adapter analysed by its LoRA
     direction ``s B A`` (:func:`geometry.linalg.dora.resolve_dora` attaches the base's exact updates)."""
@@ -627,6 +657,8 @@ __all__ = [
     "advise",
     "anatomy",
     "as_adapters",
+    "compatibility",
+    "compress",
     "distance_table",
     "distance_tensors",
     "distances",
@@ -638,6 +670,7 @@ __all__ = [
     "interference",
     "load",
     "merge",
+    "ranks",
     "resolve_dora",
     "resolve_dora_where_possible",
 ]

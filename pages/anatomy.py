@@ -6,6 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from ui import compute, controls, downloads, figures, require_app, state
+from ui.figures import ranks as rank_figures
 
 require_app()  # a shared link opened first on a fresh server still gets the app around it
 
@@ -111,6 +112,32 @@ def view() -> None:
         downloads.show(fig_s, f"spectrum_{stack}_{layer}_{kind}", frame, key="spectrum")
     else:
         st.info(f"No {kind} module at layer {layer}.")
+
+    # Rank per module, and the adapter truncated
+    st.subheader("Rank per module, and a smaller adapter")
+    st.caption("Per module of the first adapter, from the exact spectrum of τ: the rank that keeps a fraction of "
+               "‖τ‖²_F, the knee of the energy curve, and Gavish–Donoho's optimal hard threshold (with a LoRA "
+               "update's r singular values, a heuristic: `geometry/analysis/ranks.py`). Truncating keeps each "
+               "module's top singular directions (the best approximation of that rank) and reports the energy kept.")
+    e1, e2 = st.columns([2, 3])
+    with e1:
+        keep = st.slider("Energy kept per module (%)", 50, 100, 90, 1, key="a_energy",
+                         help="The rank column and the download below use this fraction of ‖τ‖²_F.") / 100.0
+    table = compute.rank_table(aset[first], keep)
+    downloads.show(figures.built(rank_figures.rank_suggestions, table, adapter=first,
+                                 title=f"Rank kept for {100 * keep:g}% energy, by layer\n{first}",
+                                 energy=keep), f"ranks_{first}", table, key="rank_table")
+    small = compute.compressed(aset[first], keep)
+    kept = small.energy_by_module()
+    with e2:
+        st.metric(f"Sum of ranks at {100 * keep:g}% energy per module",
+                  f"{int(table[f'rank for {100 * keep:g}% energy'].sum())} of {int(table['r'].sum())}",
+                  help=f"Energy kept overall {100 * small.energy_kept:.2f}%, lowest module "
+                       f"{100 * min(kept.values()):.2f}%.")
+        st.download_button(":material/download: Truncated adapter (.zip, peft format)",
+                           compute.merged_zip(small, None, None), file_name=f"{first}_energy{round(100 * keep)}.zip",
+                           mime="application/zip", key="compress_zip", on_click="ignore",
+                           help="The same adapter with each module truncated to the rank above (its head kept).")
 
 
 view()

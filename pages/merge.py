@@ -327,6 +327,19 @@ if advice is not None:
                    "Spearman correlation undefined (a constant column).")
         fig = merge_figures.advice_scatter(advice.table, criterion=advice.criterion)
         downloads.show(fig, "merge_advice_scatter", advice.table, key="advice_scatter")
+    if advice.compatibility is not None and not advice.compatibility.empty:
+        with st.expander("What the adapters look like, module by module (the explanation beside the pick)"):
+            for line in advice.explanation():
+                st.markdown(f"- {line}")
+            st.caption("Overlap: the mean squared cosine of the principal angles between two adapters' column and row "
+                       "spaces at a module, averaged over pairs (TSV-M's overlap). Share: each adapter's ‖τ‖_F over "
+                       "the sum at that module. The labels use thresholds chosen as reading aids "
+                       "(`geometry/analysis/ranks.py`), not tested predictions of merge loss.")
+            st.dataframe(advice.compatibility, hide_index=True, width="stretch",
+                         column_config={c: st.column_config.NumberColumn(format="%.3f")
+                                        for c in advice.compatibility.columns
+                                        if c == "overlap" or "share" in c})
+            downloads.csv_button(advice.compatibility, "merge_advice_compatibility", key="csv_advice_compat")
     u1, u2 = st.columns(2)
     u1.button("Use the recommended merge above", key="advise_take", on_click=controls.take_merge,
               args=(pick.method, pick.params, names), icon=":material/input:",

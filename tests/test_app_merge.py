@@ -228,6 +228,9 @@ def test_the_advisor_ranks_candidates_and_hands_its_pick_to_the_page(monkeypatch
     assert any(s.value.startswith("Recommended: **") for s in at.main.success)
     table = next(df.value for df in at.dataframe if "criterion" in df.value.columns)
     assert len(table) == 5 and table["criterion"].is_monotonic_increasing and "anp" in table.columns
+    compat = next(df.value for df in at.dataframe if "overlap" in df.value.columns)  # the explanation beside the pick
+    assert {"module", "dominant", "dominant share", "label"} <= set(compat.columns) and len(compat)
+    assert any("mean subspace overlap" in m.value for m in at.main.markdown)
     best = table.iloc[0]
     at.button(key="advise_take").click()
     at.run()

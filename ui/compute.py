@@ -290,6 +290,30 @@ def merged(adapters: Sequence[Adapter], method: str, weights=None, params: dict 
     return _merged_memory(_merge_key(adapters, method, weights, params or {}), tuple(adapters))
 
 
+@st.cache_data(show_spinner=False, max_entries=32)
+def _rank_memory(content_hash: str, energy: float, _adapter: Adapter) -> pd.DataFrame:
+    import geometry
+
+    return geometry.ranks(_adapter, energy=energy)
+
+
+def rank_table(adapter: Adapter, energy: float) -> pd.DataFrame:
+    """``geometry.ranks`` of one adapter at ``energy``, once per (contents, energy)."""
+    return _rank_memory(adapter.content_hash, float(energy), adapter)
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _compressed_memory(content_hash: str, energy: float, _adapter: Adapter):
+    import geometry
+
+    return geometry.compress(_adapter, energy=energy)
+
+
+def compressed(adapter: Adapter, energy: float):
+    """``geometry.compress(adapter, energy=...)``, once per (contents, energy)."""
+    return _compressed_memory(adapter.content_hash, float(energy), adapter)
+
+
 @st.cache_data(show_spinner=False, max_entries=8)
 def _recipe_memory(key: tuple, text: str, _adapters: tuple[Adapter, ...]):
     import geometry

@@ -1,7 +1,7 @@
 """Command line: ``python -m geometry SUBCOMMAND ...`` (a stable contract; scripts rely on it).
 
 Each subcommand is a ``cmd_<name>(args) -> int`` registered by ``_add_<name>_parser``, grouped by concept:
-:mod:`~geometry.cli.analysis` (``info``, ``inclusion``, ``anatomy``, ``distances``),
+:mod:`~geometry.cli.analysis` (``info``, ``inclusion``, ``anatomy``, ``compress``, ``distances``),
 :mod:`~geometry.cli.merging` (``evaluate``, ``merge``, ``pairwise``), :mod:`~geometry.cli.advise` (``advise``), :mod:`~geometry.cli.learned`
 (``divmerge``, ``adamerging``), :mod:`~geometry.cli.survey` (``survey``, ``neighbours``),
 :mod:`~geometry.cli.tokens` (``tokens``); what they share is in :mod:`~geometry.cli.common`. Every
@@ -32,6 +32,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse._SubParsersAction], None]]] = 
                   "entropies", analysis._add_inclusion_parser),
     "anatomy": ("per-module anatomy: ||tau||_F, singular values, numerical / effective / stable rank",
                 analysis._add_anatomy_parser),
+    "compress": ("rank per module (energy ranks, knee, hard threshold); with --rank / --energy, truncate and write the adapter",
+                 analysis._add_compress_parser),
     "distances": ("L2 / cosine / Grassmann distances between adapters, per layer or averaged",
                   analysis._add_distances_parser),
     "advise": ("rank merge methods and settings without labels; write the recommended merge", advise._add_advise_parser),

@@ -48,6 +48,8 @@ def cmd_advise(args: argparse.Namespace) -> int:
               file=sys.stderr)
     for note in advice.notes:
         print(f"note: {note}", file=sys.stderr)
+    for line in advice.explanation():
+        print(f"why: {line}", file=sys.stderr)
     if out is not None:
         folder = advice.recommended.to_peft_folder(out)
         print(f"wrote {folder}", file=sys.stderr)

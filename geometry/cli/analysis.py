@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 
 from geometry.cli.common import comma_list, kinds_option, load_adapters, write_records
 from geometry.errors import AtlasError, IncompatibleAdaptersError
@@ -133,6 +134,51 @@ def _add_anatomy_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=("csv", "json"), default="csv", help="csv (default; singular_values as JSON arrays) or json records")
     p.add_argument("--out", default=None, metavar="FILE", help="write to FILE instead of stdout")
     p.set_defaults(func=cmd_anatomy)
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    """Rank per module (energy ranks, knee, hard threshold) and, with --rank or --energy, the truncated adapter."""
+
+    from geometry.api import compress, ranks
+
+    adapter = load_adapters([args.path])[0]
+    table = ranks(adapter, energy=args.energy if args.energy is not None else 0.9)
+    if args.rank is not None or args.energy is not None:
+        if args.out is None:
+            raise AtlasError("compress: --rank / --energy writes a peft folder: give --out DIR")
+        out = Path(args.out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise AtlasError(f"--out {out} exists and is not an empty folder: choose a new folder")
+        small = compress(adapter, rank=args.rank, energy=args.energy)
+        kept = small.energy_by_module()
+        new_rank = {key.label: int(mod.B.shape[1]) for key, mod in small.modules.items()}
+        table = table.assign(**{"kept rank": table["module"].map(new_rank), "energy kept": table["module"].map(kept)})
+        small.to_peft_folder(out)
+        before = int(table["r"].sum())
+        print(f"wrote {out}: {args.path} truncated to {'rank ' + str(args.rank) if args.rank else f'{100 * args.energy:g}% energy per module'}; "
+              f"sum of ranks {before} -> {int(table['kept rank'].sum())}, energy kept {100 * small.energy_kept:.4g}% of "
+              f"sum ||tau||_F^2 (lowest {100 * min(kept.values()):.4g}% at {min(kept, key=kept.get)})", file=sys.stderr)
+    write_records(table, args.format, args.table, [])
+    return 0
+
+
+def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compress",
+        help="rank per module (energy ranks, knee, hard threshold); with --rank / --energy, truncate and write the adapter",
+        description=("Prints one row per module: r, numerical rank, the ranks keeping --energy (default 90%%) and 99%% "
+                     "of ||tau||_F^2, knee, Gavish-Donoho hard threshold, energy at the knee; with --rank R or "
+                     "--energy E writes the truncated peft adapter to --out (exact factored SVD, Eckart-Young) and "
+                     "adds the kept rank and energy per module."),
+    )
+    p.add_argument("path", metavar="ADAPTER", help="adapter folder, .zip or hub:<repo_id>")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--rank", type=int, default=None, help="keep this rank in every module")
+    group.add_argument("--energy", type=float, default=None, help="keep this fraction of each module's ||tau||_F^2 (0 to 1]")
+    p.add_argument("--out", default=None, metavar="DIR", help="with --rank / --energy: the new peft adapter folder")
+    p.add_argument("--format", choices=("csv", "json"), default="csv")
+    p.add_argument("--table", default=None, metavar="FILE", help="write the table to FILE instead of stdout")
+    p.set_defaults(func=cmd_compress)
 
 
 def cmd_distances(args: argparse.Namespace) -> int:

@@ -43,6 +43,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from geometry.analysis.ranks import compatibility
 from geometry.errors import InvalidArgumentError
 
 Progress = Callable[[int, int, str], None]
@@ -139,10 +140,35 @@ class Advice:
     spearman: float = math.nan
     p_value: float = math.nan
     notes: list[str] = field(default_factory=list)
+    #: per module: subspace overlap of the adapters and which one dominates the update norms
+    #: (:func:`geometry.analysis.ranks.compatibility`), the explanation beside the pick
+    compatibility: pd.DataFrame | None = None
 
     @property
     def best(self) -> pd.Series:
         return self.table.iloc[0]
+
+    def explanation(self, top: int = 3) -> list[str]:
+        """A few lines on what the adapters look like module by module (measured, labelled by what they measure):
+        the most overlapping modules, the modules one adapter dominates, and the mean overlap."""
+        frame = self.compatibility
+        if frame is None or frame.empty:
+            return []
+        lines = [f"mean subspace overlap over {len(frame)} modules: {frame['overlap'].mean():.3f} "
+                 "(mean cos^2 of the principal angles; 0 = orthogonal updates, 1 = nested)"]
+        worst = frame.sort_values("overlap", ascending=False).head(top)
+        lines.append("most overlapping modules (where the updates share directions and can conflict): "
+                     + ", ".join(f"{r.module} ({r.overlap:.2f})" for r in worst.itertuples()))
+        dominated = frame[frame["label"].str.contains("dominated", na=False)]
+        if len(dominated):
+            counts = dominated["dominant"].value_counts()
+            lines.append("modules where one adapter holds most of the update norm: "
+                         + ", ".join(f"{name}: {n}" for name, n in counts.items()))
+        else:
+            by = frame["dominant"].value_counts()
+            lines.append(f"no adapter dominates a module (largest share {frame['dominant share'].max():.2f}; "
+                         f"largest in most modules: {by.index[0]}, {by.iloc[0]} of {len(frame)})")
+        return lines
 
 
 def _terms(adapters: list, tasks: Any, samples: int, seed: int, cache: Any, max_length: int, max_new_tokens: int):
@@ -277,4 +303,5 @@ def advise(adapters: Sequence[Any], tasks: Any = None, *, budget: int | None = 2
 
         res = spearmanr(-table["criterion"], table["anp"])
         rho, p = float(res.statistic), float(res.pvalue)
-    return Advice(table, recommended, criterion, rho, p, notes)
+    compat = compatibility(adapters) if len(adapters) > 1 else None
+    return Advice(table, recommended, criterion, rho, p, notes, compat)

@@ -112,7 +112,8 @@ def model_card(merged: MergedAdapter, *, scores: Any = None, recipe: Any = None,
     front += [f"- {_yaml_str(t)}" for t in tags]
     front.append("---")
 
-    title = f"Merged LoRA adapter: {merged.method} of {len(merged.sources)} adapter{'s' if len(merged.sources) != 1 else ''}"
+    title = (f"Compressed LoRA adapter: {merged.sources[0]} truncated" if merged.method == "compress" else
+             f"Merged LoRA adapter: {merged.method} of {len(merged.sources)} adapter{'s' if len(merged.sources) != 1 else ''}")
     lines = [*front, "", f"# {title}", ""]
     lines.append(f"A merge of LoRA adapters made with [Adapter Atlas](https://pypi.org/project/adapter-atlas/) "
                  f"{__version__}, method `{merged.method}`, on the base model "

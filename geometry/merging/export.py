@@ -87,11 +87,12 @@ def to_peft_folder(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     weights, config, info = peft_payload(merged, rank, head)
-    if recipe is None:  # every export carries its recipe (recipe.yaml, and in the card): a replay writes the same bytes
-        from geometry.merging.recipe import recipe_yaml
+    if recipe is None and merged.method != "compress":  # every merge carries its recipe (recipe.yaml, and in the
+        from geometry.merging.recipe import recipe_yaml  # card): a replay writes the same bytes
 
         recipe = recipe_yaml(merged)
-    (path / RECIPE_FILE).write_text(recipe if isinstance(recipe, str) else _recipe_text(recipe), encoding="utf-8")
+    if recipe is not None:
+        (path / RECIPE_FILE).write_text(recipe if isinstance(recipe, str) else _recipe_text(recipe), encoding="utf-8")
     fmt = merged.config_raw.get("format")
     if fmt in ("kohya", "diffusers"):  # a diffusion LoRA: written in the format its inputs came in
         file = DIFFUSION_FILES[fmt]
