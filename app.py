@@ -8,15 +8,9 @@ from __future__ import annotations
 
 import streamlit as st
 
-from ui import app_run, quiet_environment
+from ui import app_run, loading, quiet_environment
 
 quiet_environment()
-
-from geometry.device import configure_threads  # noqa: E402  (after the environment is set)
-from ui import sidebar, warmup  # noqa: E402
-
-configure_threads()  # every core, or $ADAPTER_ATLAS_THREADS
-warmup.start()  # UMAP's numba compile, once per server process, in the background
 
 st.set_page_config(
     layout="wide", page_title="Adapter Atlas", page_icon=":material/hub:", initial_sidebar_state=360
@@ -35,6 +29,15 @@ PAGES = [
 ]
 
 page = st.navigation(PAGES, position="sidebar")
+# A server's first visit: the page's title and what loads, at once (then the heavy imports, step by step).
+screen = loading.first_run(page.title)
+
+from geometry.device import configure_threads  # noqa: E402  (after the environment is set and the title is up)
+from ui import sidebar, warmup  # noqa: E402
+
+configure_threads()  # every core, or $ADAPTER_ATLAS_THREADS
 sidebar.render()
+screen.clear()
 with app_run():  # pages check they run inside the app (see ui.require_app)
     page.run()
+warmup.start()  # UMAP's numba compile, once per server process, in the background: after the first page is drawn

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from ui import require_app
+
+require_app()  # first: a shared link opened first on a fresh server gets the app (and its loading page) around it
+
 import pandas as pd
 import streamlit as st
 
-from ui import compute, controls, downloads, figures, require_app, state
+from ui import compute, controls, downloads, figures, state
 from ui.figures import ranks as rank_figures
-
-require_app()  # a shared link opened first on a fresh server still gets the app around it
 
 st.title("Adapter anatomy")
 st.caption("Per module: the size of the update (‖τ‖_F), its singular spectrum and its effective / stable rank.")

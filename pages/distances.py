@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from ui import require_app
+
+require_app()  # first: a shared link opened first on a fresh server gets the app (and its loading page) around it
+
 import itertools
 
 import pandas as pd
 import streamlit as st
 
 from geometry.errors import AtlasError
-from ui import compute, controls, downloads, figures, require_app, views, warmup
-
-require_app()  # a shared link opened first on a fresh server still gets the app around it
+from ui import compute, controls, downloads, figures, views, warmup
 
 st.title("Distances between adapters")
 st.caption(

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from ui import require_app
+
+require_app()  # first: a shared link opened first on a fresh server gets the app (and its loading page) around it
+
 import streamlit as st
 
 from geometry.linalg.dora import dora_note
 from geometry.runtime.base_models import base_note
-from ui import downloads, require_app, state
+from ui import downloads, state
 from ui.adapter_set import sample_sets, training_records
-
-require_app()  # a shared link opened first on a fresh server still gets the app around it
 
 st.title("Adapter Atlas")
 st.markdown(

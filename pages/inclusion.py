@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from ui import require_app
+
+require_app()  # first: a shared link opened first on a fresh server gets the app (and its loading page) around it
+
 import itertools
 
 import pandas as pd
@@ -15,9 +19,7 @@ from geometry.analysis.inclusion_summary import (
 )
 from geometry.analysis.stats import ttest
 from geometry.types import ordered_kinds
-from ui import compute, controls, downloads, figures, require_app, views
-
-require_app()  # a shared link opened first on a fresh server still gets the app around it
+from ui import compute, controls, downloads, figures, views
 
 st.title("Spectral inclusion")
 st.caption("τ1 → τ2: project τ2 on the singular basis of τ1 and compare the two spectra, module by module.")

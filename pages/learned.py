@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from ui import require_app
+
+require_app()  # first: a shared link opened first on a fresh server gets the app (and its loading page) around it
+
 import hashlib
 
 import streamlit as st
@@ -9,11 +13,9 @@ import streamlit as st
 from geometry.errors import AtlasError
 from geometry.evaluation.merge_eval import methods_matrix, methods_table
 from geometry.learned.data import parse_unlabeled
-from ui import compute, controls, demo, downloads, figures, require_app
+from ui import compute, controls, demo, downloads, figures
 from ui.figures import merge as merge_figures
 from ui.runs import LiveRun, make_run
-
-require_app()  # a shared link opened first on a fresh server still gets the app around it
 
 RUN_KEY = "learned_run"
 METHODS = {"divmerge": "DivMerge (divergence to each fine-tuned model)", "adamerging": "AdaMerging (entropy)"}

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from ui import require_app
+
+require_app()  # first: a shared link opened first on a fresh server gets the app (and its loading page) around it
+
 from dataclasses import replace
 
 import numpy as np
@@ -19,10 +23,8 @@ from geometry.evaluation.tasks import find_task_dir
 from geometry.merging import MERGE_METHODS, METHOD_PARAMS
 from geometry.merging import params as merge_params
 from geometry.merging.weights import parse_weights
-from ui import compute, controls, demo, downloads, figures, require_app, runs
+from ui import compute, controls, demo, downloads, figures, runs
 from ui.figures import merge as merge_figures
-
-require_app()  # a shared link opened first on a fresh server still gets the app around it
 
 METHOD_LABELS = {
     "lora_average": "LoRA-level average (paper; cross terms)",

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from ui import require_app
+
+require_app()  # first: a shared link opened first on a fresh server gets the app (and its loading page) around it
+
 import numpy as np
 import pandas as pd
 import streamlit as st
 
 from geometry import survey as sv
 from geometry.errors import AtlasError
-from ui import compute, controls, demo, downloads, require_app, runs, state, views
+from ui import compute, controls, demo, downloads, runs, state, views
 from ui.figures import survey as survey_figures
-
-require_app()
 
 st.title("Survey: geometry over many adapters")
 st.caption(

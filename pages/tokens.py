@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from ui import require_app
+
+require_app()  # first: a shared link opened first on a fresh server gets the app (and its loading page) around it
+
 import streamlit as st
 
 from geometry.errors import AtlasError
-from ui import compute, controls, downloads, figures, require_app, state
+from ui import compute, controls, downloads, figures, state
 from ui.figures import tokens as token_figures
-
-require_app()  # a shared link opened first on a fresh server still gets the app around it
 
 st.title("Token dynamics")
 st.caption("Layers as time, tokens as particles: does the adapter follow the base model's clustering of the tokens, "
