@@ -35,7 +35,7 @@ import torch
 from geometry.evaluation.advise import advise
 from geometry.io.loader import load_adapter
 from sample_adapters.merge_report import report_cache, task_adapters
-from sample_adapters.store import ResultStore
+from sample_adapters.store import MissingCell, ResultStore
 
 ROOT = Path(__file__).resolve().parent / "real"
 OUT_NAME = "ADVISE_RESULTS.md"
@@ -100,17 +100,58 @@ def _summary(cells: list[dict]) -> dict[str, np.ndarray]:
 
 
 def _paired(a: np.ndarray, b: np.ndarray) -> str:
+    verdict, diff, p = _verdict(a, b)
+    if verdict == "undefined":
+        return "no task set has both"
+    ok = np.isfinite(a) & np.isfinite(b)
+    a, b = a[ok], b[ok]
+    return (f"{diff:+.2f} ANP points ({verdict}; higher on {int(np.sum(a > b))}, lower on {int(np.sum(a < b))} of "
+            f"{len(a)} task sets; Wilcoxon p = {p:.2g})")
+
+
+def _verdict(a: np.ndarray, b: np.ndarray) -> tuple[str, float, float]:
+    """(``"higher"`` / ``"lower"`` / ``"not distinguishable"``, mean difference, p) of paired ``a - b``."""
     from scipy.stats import wilcoxon
 
     ok = np.isfinite(a) & np.isfinite(b)
     a, b = a[ok], b[ok]
     if len(a) == 0:
-        return "no task set has both"
+        return "undefined", math.nan, math.nan
     diff = float(np.mean(a - b))
     p = float(wilcoxon(a, b).pvalue) if np.any(a != b) else 1.0
-    verdict = ("higher" if diff > 0 else "lower") if p < 0.05 else "not distinguishable"
-    return (f"{diff:+.2f} ANP points ({verdict}; higher on {int(np.sum(a > b))}, lower on {int(np.sum(a < b))} of "
-            f"{len(a)} task sets; Wilcoxon p = {p:.2g})")
+    return (("higher" if diff > 0 else "lower") if p < 0.05 else "not distinguishable"), diff, p
+
+
+def _verdicts(s: dict[str, np.ndarray]) -> list[str]:
+    """Plain sentences from the numbers: the pick against each default, labelled selection and hindsight, and
+    whether the criterion orders the candidates as ANP does."""
+    out = []
+    by = {"higher": [], "lower": [], "not distinguishable": []}
+    for name in DEFAULTS:
+        verdict, diff, p = _verdict(s["pick"], s[name])
+        if verdict in by:
+            by[verdict].append(f"{name} ({diff:+.2f}, p = {p:.2g})")
+    if by["higher"]:
+        out.append("The label-free pick beats " + "; ".join(by["higher"]) + ".")
+    if by["lower"]:
+        out.append("It falls short of " + "; ".join(by["lower"]) + ": there, a fixed default is the better choice.")
+    if by["not distinguishable"]:
+        out.append("It is not distinguishable from " + "; ".join(by["not distinguishable"]) + ".")
+    verdict, diff, p = _verdict(s["pick"], s["validation pick"])
+    if verdict != "undefined":
+        out.append(f"Against choosing with labelled validation data: {diff:+.2f} ANP points, {verdict} (p = {p:.2g}).")
+    gap = s["hindsight"] - s["pick"]
+    ok = np.isfinite(gap)
+    if ok.any():
+        out.append(f"The pick is {float(np.mean(gap[ok])):.2f} points below the best candidate in hindsight on average "
+                   f"and is that candidate in {int(np.sum(gap[ok] <= 1e-9))} of {int(ok.sum())} task sets.")
+    rho = s["spearman"][np.isfinite(s["spearman"])]
+    if len(rho):
+        works = "orders the candidates as their ANP does" if np.median(rho) > 0.3 else (
+            "orders them only weakly" if np.median(rho) > 0 else "does not order them as their ANP does")
+        out.append(f"Across a task set's candidates the criterion {works} (median Spearman {np.median(rho):.2f}, "
+                   f"positive in {int(np.sum(rho > 0))} of {len(rho)}).")
+    return out
 
 
 def render(cells_by_group: dict[str, list[dict]], args: argparse.Namespace, names: list[str], seconds: float) -> str:
@@ -143,10 +184,15 @@ def render(cells_by_group: dict[str, list[dict]], args: argparse.Namespace, name
                   f"median {np.median(rho):.3f}, positive in {int(np.sum(rho > 0))} of {len(rho)}"
                   + (f" ({undefined} undefined: a constant column)" if undefined else "") + "." if len(rho) else
                   "Spearman undefined everywhere.", ""]
-    lines += ["## Where label-free choice works and where it does not", "",
-              "Read from the tables above: the pick beats a default where its paired difference is positive with "
-              "p < 0.05, and falls short of labelled selection where the validation pick's row is higher. The "
-              "hindsight row is an upper bound: no method sees the test labels.", "",
+    if getattr(args, "missing", None):
+        lines += [f"Task sets left out (not computed yet; `--skip-missing` rendered the others): "
+                  f"{', '.join(args.missing)}.", ""]
+    lines += ["## Where label-free choice works and where it does not", ""]
+    for group, cells in cells_by_group.items():
+        if cells:
+            lines += [f"**{group}.** " + " ".join(_verdicts(_summary(cells))), ""]
+    lines += ["The hindsight row is an upper bound (it sees the test labels); the validation pick needs labelled "
+              "validation data the advisor does not use.", "",
               f"Time: {seconds:.0f} s of computation for the cells (recorded in the store), 1 torch thread.", ""]
     return "\n".join(lines)
 
@@ -165,8 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs-only", action="store_true", help="only the pairs (no larger subsets)")
     p.add_argument("--max-sets", type=int, default=None, help="stop after this many task sets (smoke runs)")
     p.add_argument("--store-only", action="store_true", help="compute nothing: render from the store")
+    p.add_argument("--skip-missing", action="store_true",
+                   help="with --store-only: leave out the task sets not in the store (and name them)")
+    p.add_argument("--reverse", action="store_true",
+                   help="compute the task sets last to first (a second process on the same store meets the first)")
     args = p.parse_args(argv)
-    args.argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--store-only"]
+    args.argv = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("--store-only", "--reverse")]
     torch.set_num_threads(1)
     args.cache = report_cache()
     store = ResultStore(args.root / "results" / "advise.jsonl", store_only=args.store_only)
@@ -174,13 +224,20 @@ def main(argv: list[str] | None = None) -> int:
     names = [a.name for a in adapters]
     sets = task_sets(len(adapters), 2 if args.pairs_only else args.max_k, args.subsets, args.seed)[:args.max_sets]
     groups: dict[str, list[dict]] = {"Pairs": [], "Subsets of 3 or more tasks": []}
+    args.missing = []
     t0 = time.perf_counter()
-    for k, idx in enumerate(sets):
+    for k, idx in (reversed(list(enumerate(sets))) if args.reverse else enumerate(sets)):
         chosen = [adapters[i] for i in idx]
         key = {"study": "advise", "adapters": [a.name for a in chosen], "hashes": [a.content_hash for a in chosen],
                "criterion": args.criterion, "samples": args.samples, "budget": args.budget, "limit": args.limit,
                "seed": args.seed, "learned": not args.no_learned}
-        cell = store.get(key, lambda chosen=chosen: _cell(chosen, args.root / "tasks", args))
+        try:
+            cell = store.get(key, lambda chosen=chosen: _cell(chosen, args.root / "tasks", args))
+        except MissingCell:
+            if not args.skip_missing:
+                raise
+            args.missing.append("+".join(a.name for a in chosen))
+            continue
         groups["Pairs" if len(idx) == 2 else "Subsets of 3 or more tasks"].append(cell)
         print(f"[{time.perf_counter() - t0:7.1f} s] {k + 1}/{len(sets)} {'+'.join(a.name for a in chosen)}",
               file=sys.stderr, flush=True)
