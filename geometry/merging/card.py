@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from geometry.merging.recipe import recipe_yaml
 from geometry.merging.updates import jsonable
 from geometry.tables import table_markdown
 from geometry.version import __version__
@@ -82,12 +83,14 @@ def model_card(merged: MergedAdapter, *, scores: Any = None, recipe: Any = None,
 
     ``scores``: a :class:`~geometry.evaluation.merge_eval.MergeEvaluation` (its ``frame`` with task, adapter,
     finetuned, merged, normalized, and its ``anp``); default ``merged.card_scores``; without one the card says
-    the merge was not scored. ``recipe``: the merge recipe (a mapping, written as YAML, or text), when there is
-    one. ``license``: a Hub licence id (``apache-2.0``...) when known. ``info``: the export's
+    the merge was not scored. ``recipe``: the merge recipe (a mapping, written as YAML, or text); default: the
+    merge's own (:func:`geometry.merging.recipe.recipe_yaml`). ``license``: a Hub licence id (``apache-2.0``...) when known. ``info``: the export's
     ``merge_info.json`` content (ranks and energy as written); default: computed from ``merged``.
     """
     if scores is None:
         scores = getattr(merged, "card_scores", None)
+    if recipe is None and merged.method != "compress":  # a merge's card shows its recipe (recipe.yaml in exports)
+        recipe = recipe_yaml(merged)
     if info is None:
         info = merged._peft_payload(None, None)[2]
         fmt = merged.config_raw.get("format")
