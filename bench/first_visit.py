@@ -77,7 +77,7 @@ def cold(target: str, link: str, cache: Path, samples: Path) -> dict[str, float]
             browser.close()
 
 
-def warm(cache: Path, samples: Path) -> dict[str, dict[str, float]]:
+def warm(cache: Path, samples: Path, repeats: int = 3) -> dict[str, dict[str, float]]:
     from playwright.sync_api import sync_playwright
 
     from bench.soak import wait_until_idle
@@ -92,8 +92,11 @@ def warm(cache: Path, samples: Path) -> dict[str, dict[str, float]]:
                 first.goto(f"{url}/{name}")
                 _idle(first)
             wait_until_idle(url.pid)
-            for name in WARM_PAGES:
-                out[name or "overview"] = _times(browser, f"{url}/{name}", settle=True)
+            runs: dict[str, list[dict]] = {}
+            for _ in range(repeats):  # the pages in turn, each a new session; medians
+                for name in WARM_PAGES:
+                    runs.setdefault(name or "overview", []).append(_times(browser, f"{url}/{name}", settle=True))
+            out = {k: {m: statistics.median(r[m] for r in v) for m in ("heading", "settled")} for k, v in runs.items()}
         finally:
             browser.close()
     with streamlit_server(cache, cache, app=REPO / "bench" / "latency_floor_app.py") as url, \
@@ -101,7 +104,8 @@ def warm(cache: Path, samples: Path) -> dict[str, dict[str, float]]:
         browser = pw.chromium.launch(executable_path=chromium(), args=ARGS, headless=True)
         try:
             _times(browser, url, settle=True)
-            out["floor"] = _times(browser, url, settle=True)
+            floor = [_times(browser, url, settle=True) for _ in range(repeats)]
+            out["floor"] = {m: statistics.median(r[m] for r in floor) for m in ("heading", "settled")}
         finally:
             browser.close()
     return out
@@ -126,7 +130,8 @@ def prime(cache: Path, samples: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=3, help="cold starts per target (medians reported)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="cold starts per target, and warm visits per page (medians reported)")
     p.add_argument("--samples", type=Path, default=SAMPLES)
     p.add_argument("--no-warm", action="store_true")
     p.add_argument("--no-cold", action="store_true")
@@ -155,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
             result["cold"] = {k: {**v, "heading_ratio": v["heading"] / floor["heading"],
                                   "figure_ratio": v["figure"] / floor["figure"]} for k, v in med.items()}
         if not args.no_warm:
-            w = warm(cache, args.samples)
+            w = warm(cache, args.samples, args.repeats)
             floor = w.pop("floor")
             print(f"warm floor: heading {floor['heading']:.2f} s, settled {floor['settled']:.2f} s")
             for name, v in w.items():

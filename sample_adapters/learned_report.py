@@ -153,6 +153,42 @@ def _merge_anp(method: str, adapters: Sequence, args: argparse.Namespace, sample
     return float(result.anp)
 
 
+def _paper_mean(text: str | None) -> float:
+    return float(text.split()[0]) if text else math.nan
+
+
+def _reproduces(methods: list[str], pair_anp: dict, pairs: list, adapters: Sequence, group_of: dict | None) -> list[str]:
+    """What reproduces, in plain words: per column of the paper, whether the methods rank as the paper's means do
+    (Spearman over the methods both report) and whether DivMerge comes out on top, as it does in the paper."""
+    from scipy.stats import spearmanr
+
+    columns = [("all pairs", list(range(len(pairs))), PAPER_TABLE3)]
+    if group_of is not None:
+        columns = []
+        for label, paper in (("classification as generation", PAPER_TABLE3), ("generation", PAPER_TABLE3_GENERATION)):
+            idx = [k for k, (i, j) in enumerate(pairs) if group_of.get(adapters[i].name, "").startswith(label[:10])]
+            if idx:
+                columns.append((label, idx, paper))
+    out = ["", "**What reproduces and what does not.**"]
+    for label, idx, paper in columns:
+        both = [m for m in methods if not math.isnan(_paper_mean(paper.get(m)))]
+        ours = {m: float(np.mean([pair_anp[m][k] for k in idx])) for m in methods}
+        top_ours = max(methods, key=ours.get)
+        top_paper = max(both, key=lambda m: _paper_mean(paper.get(m))) if both else None
+        text = f"- {label} ({len(idx)} pairs): "
+        if len(both) >= 3:
+            rho = spearmanr([ours[m] for m in both], [_paper_mean(paper[m]) for m in both]).statistic
+            text += (f"the {len(both)} methods the paper reports rank here with Spearman {rho:.2f} against its means "
+                     f"({'the same order broadly' if rho >= 0.7 else 'a different order'}); ")
+        text += (f"the best mean here is {METHODS[top_ours][0]} ({ours[top_ours]:.2f})"
+                 + (f", in the paper {METHODS[top_paper][0]} ({_paper_mean(paper[top_paper]):.2f})" if top_paper else "")
+                 + ("; DivMerge's lead does not reproduce (by mean)" if not top_ours.startswith("js") and top_paper
+                    and top_paper.startswith("js") else "; DivMerge leads as in the paper (by mean; the paired tests above say whether the lead is distinguishable)" if top_ours.startswith("js")
+                    else "") + ".")
+        out.append(text)
+    return out
+
+
 def _causal_groups_table(adapters: Sequence, pairs: list, pair_anp: dict, methods: list[str], group_of: dict) -> list[str]:
     """Table 3 by kind of pair on the causal set: both tasks classification cast as generation (against the
     paper's classification column: its Qwen2.5-0.5B emits label words too), both generation (against its
@@ -440,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
             verdict = ("beats it" if diff > 0 else "is below it") if p < 0.05 else "is not distinguishable from it"
             lines.append(f"- {METHODS[m][0]} {verdict}: {diff:+.2f} ANP points on average, higher on {wins} and "
                          f"lower on {losses} of {len(pairs)} pairs, p = {p:.2g}.")
+    lines += _reproduces(methods, pair_anp, pairs, adapters, group_of if causal else None)
     lines.append("")
 
     out = Path(args.out)
