@@ -5,12 +5,26 @@ demo mode, and the upload of a merged adapter (:func:`upload`, ``MergedAdapter.p
 from __future__ import annotations
 
 import fnmatch
-
-from huggingface_hub import HfApi, snapshot_download
+import importlib
+from typing import Any
 
 from geometry.errors import AdapterLoadError
 from geometry.io.limits import is_demo
 from geometry.io.limits import limits as current_limits
+
+
+def __getattr__(name: str) -> Any:
+    """``hub.snapshot_download`` / ``hub.HfApi``, imported on first use: importing huggingface_hub costs about
+    0.4 s that a dashboard's first visit, which loads local adapters only, does not need. Tests replace them with
+    ``monkeypatch.setattr(hub, name, fake)``."""
+    if name in ("snapshot_download", "HfApi"):
+        return getattr(importlib.import_module("huggingface_hub"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _hf(name: str) -> Any:
+    """The replaced function when a test set one on this module, else huggingface_hub's own."""
+    return globals()[name] if name in globals() else __getattr__(name)
 
 #: peft adapter files, and diffusers' LoRA file (a diffusion LoRA with no config, geometry.io.diffusion).
 HUB_PATTERNS = ["*adapter_config.json", "*adapter_model.safetensors", "*adapter_model.bin",
@@ -20,7 +34,7 @@ HUB_PATTERNS = ["*adapter_config.json", "*adapter_model.safetensors", "*adapter_
 def _hub_size(repo_id: str, revision: str | None) -> int:
     """Total bytes of the adapter files of ``repo_id`` (``HfApi.model_info`` with file sizes), before download."""
 
-    info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+    info = _hf("HfApi")().model_info(repo_id, revision=revision, files_metadata=True)
     sizes = [f.size for f in info.siblings or [] if any(fnmatch.fnmatch(f.rfilename, p) for p in HUB_PATTERNS)]
     if any(size is None for size in sizes):
         raise AdapterLoadError(f"hub:{repo_id}: the hub does not say how large its adapter files are, so this "
@@ -42,7 +56,7 @@ def download(repo_id: str, revision: str | None = None, max_bytes: int | None = 
         if total is not None and total > max_bytes:
             raise AdapterLoadError(f"hub:{repo_id}: its adapter files are {total} bytes, more than this server's "
                                    f"limit of {max_bytes} bytes; nothing was downloaded")
-        folder = snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
+        folder = _hf("snapshot_download")(repo_id=repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
     except AdapterLoadError:
         raise
     except Exception as exc:  # network, auth, missing repo: one sentence for the user
@@ -60,7 +74,7 @@ def upload(folder: str, repo_id: str, *, token: str | None = None, private: bool
     from geometry.errors import AtlasError
 
     try:
-        api = HfApi(token=token)
+        api = _hf("HfApi")(token=token)
         repo = api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True, token=token)
         api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(folder), token=token,
                           commit_message=commit_message or "Upload merged LoRA adapter (Adapter Atlas)")
