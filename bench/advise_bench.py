@@ -41,10 +41,9 @@ ROOT = Path(__file__).resolve().parents[1] / "sample_adapters" / "real"
 TASKS = ("sst2", "mrpc", "qnli", "rte", "cola", "stsb", "agnews", "emotion")
 
 
-def dense_criterion(terms, merged, batch_size: int = 16) -> float:
-    """The JS criterion with ``W0 + dense(B A)`` per adapted module through ``functional_call``."""
-    rt = terms[0].runtime
-    params = dict(rt.model.named_parameters())
+def dense_weights(model: torch.nn.Module, merged) -> dict[str, torch.Tensor]:
+    """``{param: W0 + dense(B A)}`` for every module ``merged`` adapts (the baseline's per-candidate build)."""
+    params = dict(model.named_parameters())
     weights = {}
     for name, up in merged.peft_updates().items():
         path = _module_path(name) + ".weight"
@@ -53,10 +52,19 @@ def dense_criterion(terms, merged, batch_size: int = 16) -> float:
         if up.fan_in_fan_out:
             delta = delta.T
         weights[path] = (W0.double() + delta).to(W0.dtype)
+    return weights
+
+
+def dense_criterion(terms, merged, batch_size: int = 16) -> float:
+    """The JS criterion with ``W0 + dense(B A)`` per adapted module through ``functional_call`` (the weights built
+    once per candidate and base model: the terms share a runtime when their heads have as many labels)."""
+    built: dict[int, dict] = {}
     values = []
     for term in terms:
+        rt = term.runtime
+        weights = built.setdefault(id(rt), dense_weights(rt.model, merged))
         total, count = 0.0, 0
-        with torch.no_grad(), term.runtime.apply([], head=merged.heads.get(term.name) or False):
+        with torch.no_grad(), rt.apply([], head=merged.heads.get(term.name) or False):
             for start in range(0, len(term), batch_size):
                 idx = list(range(start, min(len(term), start + batch_size)))
                 texts, pairs = term._texts(idx)
