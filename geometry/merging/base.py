@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +33,10 @@ import torch
 
 from geometry.device import default_device
 from geometry.errors import IncompatibleAdaptersError, MergeParameterError
+from geometry.io import hub  # light: huggingface_hub itself is imported on first use
 from geometry.linalg.dora import dora_status
 from geometry.merging import export
+from geometry.merging.recipe import recipe_yaml
 from geometry.merging.updates import PeftUpdate, factored_norm2, jsonable  # noqa: F401  (re-exported)
 from geometry.types import Adapter, ModuleKey, row_index, row_stop
 
@@ -225,8 +228,6 @@ class MergedAdapter:
     def recipe(self, *, refs: Sequence[str] | None = None) -> str:
         """This merge's recipe as YAML (mergekit's shape; :mod:`geometry.merging.recipe`): ``refs`` name
         the adapters (default: their names); ``geometry.merge(adapters, recipe=...)`` replays it."""
-        from geometry.merging.recipe import recipe_yaml
-
         return recipe_yaml(self, refs=refs)
 
     def model_card(self, *, scores: Any = None, recipe: Any = None, license: str | None = None) -> str:
@@ -245,10 +246,6 @@ class MergedAdapter:
         then ``upload_folder``. ``token``: a Hub token (default: ``huggingface_hub``'s own, e.g. ``HF_TOKEN``).
         A failure of the hub is one :class:`~geometry.errors.AtlasError` line.
         """
-        import tempfile
-
-        from geometry.io import hub
-
         with tempfile.TemporaryDirectory() as tmp:
             folder = self.to_peft_folder(Path(tmp) / "merged", rank=rank, head=head, scores=scores, recipe=recipe,
                                          license=license)

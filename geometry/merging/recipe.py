@@ -44,13 +44,12 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from geometry.errors import MergeParameterError
 from geometry.version import __version__
 
-if TYPE_CHECKING:
-    from geometry.merging.base import MergedAdapter
+MergedAdapter = Any  # geometry.merging.base.MergedAdapter (not imported: base imports this module)
 
 #: method -> (sparsification, consensus, default normalize, default rescale), as mergekit registers them
 GTA_METHODS: dict[str, tuple[str | None, str | None, bool, bool]] = {
