@@ -39,7 +39,7 @@ with p3:
 with st.expander("What each page answers"):
     for page, label, icon, text in (
         ("pages/anatomy.py", "Anatomy", ":material/biotech:", "What does one adapter look like inside? Norms, "
-         "singular spectra, effective and stable ranks per module."),
+         "singular spectra, effective and stable ranks per module; the rank worth keeping, and a truncated copy."),
         ("pages/distances.py", "Distances", ":material/grid_on:", "How far apart are two adapters, per layer and "
          "projection? L2, cosine, Grassmann; 2-D maps."),
         ("pages/inclusion.py", "Inclusion", ":material/join_inner:", "Does one adapter's subspace contain the "
@@ -47,7 +47,7 @@ with st.expander("What each page answers"):
         ("pages/tokens.py", "Token dynamics", ":material/scatter_plot:", "How does an adapter move a text's tokens, "
          "layer by layer? Clusters and distances against the base."),
         ("pages/merge.py", "Merge", ":material/merge:", "What does merging cost each task? 16 methods, ANP, the "
-         "pairwise study, the advisor."),
+         "pairwise study, the advisor, mergekit recipes in and out."),
         ("pages/learned.py", "Learned merge", ":material/model_training:", "Can coefficients learned without labels "
          "do better? DivMerge and AdaMerging, live."),
         ("pages/survey.py", "Survey", ":material/travel_explore:", "Hundreds of adapters: all-pairs distances out "
