@@ -231,6 +231,17 @@ class ResultCache:
         self._sweep_in_background()
         return stored
 
+    def delete(self, namespace: str, key_parts: Iterable[Any]) -> bool:
+        """Drop the entry for ``(namespace, key_parts)``; whether one was there (``False`` also when the store
+        cannot be opened or stayed busy)."""
+        cache = self.store()
+        if cache is None:
+            return False
+        try:
+            return bool(cache.delete(self.key(namespace, tuple(key_parts))))
+        except Exception:
+            return False
+
     def get_or_compute(self, namespace: str, key_parts: Iterable[Any], compute: Callable[[], T]) -> T:
         """The stored value for ``(namespace, key_parts)``, or ``compute()`` stored then returned.
 

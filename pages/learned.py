@@ -146,6 +146,11 @@ def _draw(live: LiveRun) -> None:
     prep = " (computing the fine-tuned models' reference distributions first)" if snap.step == 0 and run.running else ""
     st.progress(frac, text=f"{run.method}: step {snap.step}/{snap.total_steps} · {state}{prep} · "
                 f"{live.wall_seconds():.0f} s" + (" · finished run read from the cache" if snap.cached else ""))
+    if snap.resumed_from:
+        st.info(f"Resumed at step {snap.resumed_from}: a run with these adapters, inputs and settings was interrupted "
+                "there (a server restart or a closed run), and its checkpoint was kept in the disk cache. The steps "
+                "before it are not redrawn in the coefficient chart; the result is the one an uninterrupted run "
+                "reaches.", icon=":material/restore:")
     if run.stopped and not run.running and snap.step == 0 and run.error is None:
         st.info("Stopped before the first optimiser step: no coefficients were learned, nothing to show yet. The "
                 "fine-tuned models' reference distributions computed so far are cached on disk, so Start continues "

@@ -370,6 +370,11 @@ if res is None and can_score and runs.cancelled(
     st.info("Cancelled before the first pair was merged and scored: nothing to show yet. The evaluations that "
             "finished are cached, so running the study again continues from there.", icon=":material/pause_circle:")
 if res is not None:
+    if res.extra.get("resumed_pairs"):
+        st.info(f"Resumed: {res.extra['resumed_pairs']} of {res.pairs_total} pairs were finished by an earlier run "
+                "with these adapters, method, parameters and task files that was interrupted (stopped, or a server "
+                "restart); their scores came from its checkpoint in the disk cache and the study went on from there.",
+                icon=":material/restore:")
     if res.complete:
         st.metric("Mean pairwise ANP", f"{res.mean_anp:.2f}%", help=f"std over pairs {res.std_anp:.2f}")
     else:

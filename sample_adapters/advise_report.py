@@ -34,6 +34,7 @@ import torch
 
 from geometry.evaluation.advise import advise
 from geometry.io.loader import load_adapter
+from sample_adapters.learned_report import CAUSAL_GROUPS
 from sample_adapters.merge_report import report_cache, task_adapters
 from sample_adapters.store import MissingCell, ResultStore
 
@@ -209,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-learned", action="store_true")
     p.add_argument("--pairs-only", action="store_true", help="only the pairs (no larger subsets)")
+    p.add_argument("--within-kind", action="store_true",
+                   help="the causal set: only pairs of two tasks of the same kind (classification as generation, "
+                        "generation), as its Table 3; implies --pairs-only")
     p.add_argument("--max-sets", type=int, default=None, help="stop after this many task sets (smoke runs)")
     p.add_argument("--store-only", action="store_true", help="compute nothing: render from the store")
     p.add_argument("--skip-missing", action="store_true",
@@ -222,8 +226,15 @@ def main(argv: list[str] | None = None) -> int:
     store = ResultStore(args.root / "results" / "advise.jsonl", store_only=args.store_only)
     adapters = [load_adapter(f) for f in task_adapters(args.root)]
     names = [a.name for a in adapters]
-    sets = task_sets(len(adapters), 2 if args.pairs_only else args.max_k, args.subsets, args.seed)[:args.max_sets]
+    sets = task_sets(len(adapters), 2 if args.pairs_only or args.within_kind else args.max_k, args.subsets,
+                     args.seed)
+    kind_of = {task: kind for kind, tasks in CAUSAL_GROUPS.items() for task in tasks}
+    if args.within_kind:
+        sets = [idx for idx in sets if kind_of.get(names[idx[0]], "?") == kind_of.get(names[idx[1]], "")]
+    sets = sets[:args.max_sets]
     groups: dict[str, list[dict]] = {"Pairs": [], "Subsets of 3 or more tasks": []}
+    if args.within_kind:
+        groups.update({f"Pairs of {kind} tasks": [] for kind in CAUSAL_GROUPS})
     args.missing = []
     t0 = time.perf_counter()
     for k, idx in (reversed(list(enumerate(sets))) if args.reverse else enumerate(sets)):
@@ -239,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
             args.missing.append("+".join(a.name for a in chosen))
             continue
         groups["Pairs" if len(idx) == 2 else "Subsets of 3 or more tasks"].append(cell)
+        if args.within_kind:
+            groups[f"Pairs of {kind_of[names[idx[0]]]} tasks"].append(cell)
         print(f"[{time.perf_counter() - t0:7.1f} s] {k + 1}/{len(sets)} {'+'.join(a.name for a in chosen)}",
               file=sys.stderr, flush=True)
     out = args.root / OUT_NAME

@@ -177,3 +177,33 @@ def test_merge_report_on_a_study(tmp_path, monkeypatch):
     assert "| v | grassmann |" in text and "Merge loss delta(i, j)" in text
     assert merge_report.main(["--root", str(tmp_path / "nothing")]) == 2
     assert len(merge_report.report_cache()) > 0  # on purpose: a re-run reads them back
+
+
+def test_an_interrupted_pairwise_study_resumes_after_its_last_finished_pair(study, tmp_path, monkeypatch):
+    """Killed after two of three pairs (an exception from the progress callback, as a dying process leaves it):
+    the next run with the same inputs merges only the third pair, says it resumed, and equals an uninterrupted
+    study; the checkpoint is gone once the study is complete."""
+    from geometry import merging
+    from geometry.cache import ResultCache
+
+    adapters, tasks = study
+    whole = pairwise_study(adapters, tasks, "ties", density=0.5, show_progress=False)
+    cache = ResultCache(tmp_path / "cache")
+
+    def die(done, total, msg):
+        if done == len(adapters) + 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pairwise_study(adapters, tasks, "ties", density=0.5, show_progress=False, progress=die, cache=cache)
+    merges = []
+    real_merge = merging.merge
+    monkeypatch.setattr(merging, "merge", lambda *a, **k: merges.append(a) or real_merge(*a, **k))
+    again = pairwise_study(adapters, tasks, "ties", density=0.5, show_progress=False, cache=cache)
+    assert again.extra["resumed_pairs"] == 2 and len(merges) == 1
+    np.testing.assert_array_equal(again.merged, whole.merged)
+    assert again.params == whole.params and not whole.extra
+    assert cache.get("pairwise_checkpoint", ("anything",)) is None and len(
+        [k for k in cache.store() if str(k).startswith("pairwise_checkpoint/")]) == 0
+    other = pairwise_study(adapters, tasks, "ties", density=0.6, show_progress=False, cache=cache)
+    assert "resumed_pairs" not in other.extra  # other parameters: nothing to resume

@@ -24,6 +24,7 @@ source adapters; task file; example limit) only when a ``cache=`` is given (:mod
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,8 +36,8 @@ import numpy as np
 import pandas as pd
 
 from geometry.errors import IncompatibleAdaptersError, InvalidArgumentError
-from geometry.evaluation.evaluate import evaluate
-from geometry.evaluation.tasks import adapter_task_name, find_task_dir, task_metric  # noqa: F401  (re-exported)
+from geometry.evaluation.evaluate import evaluate, source_hash
+from geometry.evaluation.tasks import adapter_task_name, find_task_dir, task_file, task_metric  # noqa: F401  (re-exported)
 from geometry.types import Adapter
 
 Progress = Callable[[int, int, str], None]
@@ -274,6 +275,10 @@ def pairwise_study(
 
     ``partial``: called after each pair with the result so far, the pairs not merged yet NaN
     (``PairwiseResult.complete`` is False until the last), so that a stopped run can show them.
+
+    With a ``cache``, a checkpoint of the pairs finished is kept there after each pair: a study interrupted
+    (stopped, or killed with its process) and run again with the same adapters, method, parameters, task files
+    and ``limit`` goes on after its last finished pair, and says so (``result.extra["resumed_pairs"]``).
     """
     from tqdm.auto import tqdm
 
@@ -291,6 +296,12 @@ def pairwise_study(
     total = n + len(pairs)
     bar = tqdm(total=total, desc=f"pairwise {method}", unit="eval", disable=not show_progress, leave=False)
     done = 0
+    checkpoint_key = (_pairwise_checkpoint_key(adapters, dirs, method, weights, limit, params)
+                      if cache is not None else None)
+    saved = cache.get("pairwise_checkpoint", checkpoint_key) if cache is not None else None
+    resumed: dict[tuple[int, int], tuple[float, float]] = {}
+    if isinstance(saved, dict) and saved.get("n") == n:
+        resumed = {tuple(k): tuple(v) for k, v in saved.get("pairs", [])}
 
     def tick(message: str) -> None:
         nonlocal done
@@ -307,18 +318,39 @@ def pairwise_study(
     merged_scores = np.full((n, n), np.nan)  # NaN: this pair is not merged yet
     np.fill_diagonal(merged_scores, finetuned)
     params_used: dict[str, Any] = {}
+    finished: list[tuple[tuple[int, int], tuple[float, float]]] = []
+    extra = {"resumed_pairs": len(resumed)} if resumed else {}
     for i, j in pairs:
-        m = merge([adapters[i], adapters[j]], method, weights, **params)
-        params_used = dict(m.params)
-        merged_scores[i, j] = performance(m, dirs[i], head=adapters[i].name, limit=limit, cache=cache)
-        merged_scores[j, i] = performance(m, dirs[j], head=adapters[j].name, limit=limit, cache=cache)
+        if (i, j) in resumed:  # finished by an interrupted run with the same inputs (its checkpoint)
+            merged_scores[i, j], merged_scores[j, i] = resumed[(i, j)]
+            if not params_used:
+                params_used = dict(saved.get("params", {}))
+        else:
+            m = merge([adapters[i], adapters[j]], method, weights, **params)
+            params_used = dict(m.params)
+            merged_scores[i, j] = performance(m, dirs[i], head=adapters[i].name, limit=limit, cache=cache)
+            merged_scores[j, i] = performance(m, dirs[j], head=adapters[j].name, limit=limit, cache=cache)
+        finished.append(((i, j), (float(merged_scores[i, j]), float(merged_scores[j, i]))))
+        if cache is not None and (i, j) != pairs[-1]:
+            cache.set("pairwise_checkpoint", checkpoint_key, {"n": n, "pairs": finished, "params": params_used})
         tick(f"{adapters[i].name} + {adapters[j].name}")
         if partial and (i, j) != pairs[-1]:
             partial(PairwiseResult([a.name for a in adapters], [d.name for d in dirs], method, params_used,
-                                   finetuned.copy(), merged_scores.copy(), limit))
+                                   finetuned.copy(), merged_scores.copy(), limit, dict(extra)))
     bar.close()
+    if cache is not None:
+        cache.delete("pairwise_checkpoint", checkpoint_key)
     return PairwiseResult([a.name for a in adapters], [d.name for d in dirs], method, params_used,
-                          finetuned, merged_scores, limit)
+                          finetuned, merged_scores, limit, extra)
+
+
+def _pairwise_checkpoint_key(adapters: Sequence[Adapter], dirs: Sequence[Path], method: str, weights: Any,
+                             limit: int | None, params: dict[str, Any]) -> tuple:
+    """What a pairwise study's scores depend on: the adapters' content, the test files' bytes, the method, its
+    weights and parameters, and ``limit``."""
+    files = tuple(hashlib.sha256(task_file(d, "test").read_bytes()).hexdigest() for d in dirs)
+    return ("1", tuple(source_hash(a) for a in adapters), files, method, repr(weights),
+            repr(sorted(params.items())), limit)
 
 
 # ---------------------------------------------------------------------------- geometry vs loss

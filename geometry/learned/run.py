@@ -32,7 +32,11 @@ background thread (``run.snapshot()`` reads the state meanwhile, ``run.stop()`` 
 A run given a ``cache`` (a :class:`geometry.cache.ResultCache` or a folder) keeps there the fine-tuned
 models' references, the scores, and, when it reaches its last step, its result (keyed by the adapters'
 content, the inputs' content and the settings); a new run with the same key and cache starts from it
-(``state.cached``). Without one (the default) nothing is written to disk.
+(``state.cached``). Until then it keeps a **checkpoint** there after every step (the coefficients, the optimiser's
+state, the history and the evaluations): a run killed with its process (a server restart, a crash) and started
+again with the same key resumes after its last finished step (``state.resumed_from``) and reaches exactly the
+coefficients an uninterrupted run reaches (the mini-batches are a function of the step). Without a cache (the
+default) nothing is written to disk.
 """
 
 from __future__ import annotations
@@ -64,7 +68,8 @@ class StepState:
     """Where a run stands after a step: ``step`` of ``total_steps`` (1-based), ``epoch`` (0-based), the
     mini-batch ``objective`` and its per-adapter ``terms``, the ``coefficients`` after the update
     (a ``(T, L)`` copy; rows ``adapters``, columns ``layers``), ``anp`` when an evaluation ran at this
-    step, ``done`` at the last step, ``cached`` when the state comes from a stored finished run."""
+    step, ``done`` at the last step, ``cached`` when the state comes from a stored finished run, ``resumed_from``
+    the step an interrupted run with the same key was resumed at (its checkpoint in the cache), else ``None``."""
 
     step: int
     epoch: int
@@ -78,6 +83,7 @@ class StepState:
     anp: dict[str, Any] | None = None
     done: bool = False
     cached: bool = False
+    resumed_from: int | None = None
 
 
 @dataclass
@@ -196,6 +202,8 @@ class LearnedMergeRun:
         self._elapsed = 0.0
         self.error: BaseException | None = None
         self.from_cache = False
+        #: the step this run resumed at from a checkpoint in its cache (``None``: started from the beginning)
+        self.resumed_from: int | None = None
 
     # ------------------------------------------------------------------------------------ defaults
     @classmethod
@@ -347,14 +355,19 @@ class LearnedMergeRun:
             yield state
             return
         self.prepare()
+        if self.step == 0 and self.cache is not None:
+            self._load_checkpoint()
         self._started = time.perf_counter()
         try:
             while not self.done and not self._stop.is_set():
                 state = self._one_step()
                 if (evaluate_every and state.step % evaluate_every == 0) or (evaluate_at_end and state.done):
                     state.anp = self.evaluate(limit=limit)
+                state.resumed_from = self.resumed_from
                 if state.done:
                     self._store_cached()
+                else:
+                    self._store_checkpoint()
                 yield state
         finally:
             self._elapsed += time.perf_counter() - self._started
@@ -423,7 +436,8 @@ class LearnedMergeRun:
             anp = self.evaluations[-1] if self.evaluations and self.evaluations[-1]["step"] == self.step else None
             return StepState(self.step, int(last["epoch"]), self.total_steps, float(last["objective"]),
                              dict(last["terms"]), self.coefficients, list(self.names), self.layout.layers,
-                             self._elapsed, anp=anp, done=self.done, cached=self.from_cache)
+                             self._elapsed, anp=anp, done=self.done, cached=self.from_cache,
+                             resumed_from=self.resumed_from)
 
     # ------------------------------------------------------------------------------------ objective
     def objective_value(self, coefficients: Any = None, grad: bool = False,
@@ -526,6 +540,46 @@ class LearnedMergeRun:
         payload = {"coefficients": self.coefficients, "history": self.history, "notes": self.notes,
                    "evaluations": self.evaluations, "step": self.step}
         self.cache.set("learned_merge", self.cache_key(), payload)
+        self.cache.delete("learned_checkpoint", self.cache_key())  # finished: the result replaces the checkpoint
+
+    def _store_checkpoint(self) -> None:
+        """Keep where an unfinished run stands (after each step): what :meth:`_load_checkpoint` needs to go on
+        exactly as if never interrupted. A few kilobytes: ``Gamma`` and Adam's two moments are ``(T, L)``."""
+        if self.cache is None:
+            return
+        with self._lock:
+            optimizer = self._optimizer.state_dict()
+            payload = {"step": self.step, "coefficients": self.coefficients, "history": list(self.history),
+                       "evaluations": list(self.evaluations), "notes": list(self.notes),
+                       "elapsed": self._elapsed + time.perf_counter() - self._started,
+                       "optimizer": {"state": {k: {n: (v.detach().cpu().clone() if torch.is_tensor(v) else v)
+                                                   for n, v in st.items()} for k, st in optimizer["state"].items()},
+                                     "param_groups": optimizer["param_groups"]}}
+        self.cache.set("learned_checkpoint", self.cache_key(), payload)
+
+    def _load_checkpoint(self) -> bool:
+        """Resume from the checkpoint of an interrupted run with the same key (after :meth:`prepare`, so the
+        optimiser's state lands on the runtime's device); ``False`` when there is none."""
+        payload = self.cache.get("learned_checkpoint", self.cache_key())
+        try:
+            gamma = np.asarray(payload["coefficients"], dtype=float)
+            step = int(payload["step"])
+            if gamma.shape != self.layout.shape or not 0 < step < self.total_steps:
+                return False
+        except Exception:  # no checkpoint (None) or another shape: start from the beginning
+            return False
+        with self._lock:
+            self._gamma.data.copy_(torch.as_tensor(gamma, dtype=torch.float64))
+            self._optimizer.load_state_dict(payload["optimizer"])
+            self.history = list(payload["history"])
+            self.evaluations = list(payload.get("evaluations", []))
+            for note in payload.get("notes", []):
+                if note not in self.notes:
+                    self.notes.append(note)
+            self.step = step
+            self._elapsed = float(payload.get("elapsed", 0.0))
+            self.resumed_from = step
+        return True
 
     def _load_cached(self) -> bool:
         if self.cache is None:
