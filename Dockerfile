@@ -54,7 +54,14 @@ USER user
 # for a private deployment. Both caches live under $HOME (mount a volume on /home/user/.cache/adapter-atlas
 # to keep them). NUMBA_CPU_NAME=generic makes numba's cache valid on any x86-64 CPU, so the build-time
 # compile is reused on whatever machine runs the container (UMAP on a few dozen points: no speed lost).
+# glibc's allocator told to give freed memory back: visitors' uploads (tens of MB each, freed by many threads)
+# otherwise stay in per-thread arenas, and the RSS keeps ~40 % more than the memory budget counts
+# (bench/memory_pressure.py). ADAPTER_ATLAS_MEMORY_BUDGET (default: half the container's memory) caps what
+# every visitor's uploads, the loaded models and the caches hold together (ui/memory.py).
 ENV HOME=/home/user \
+    MALLOC_ARENA_MAX=2 \
+    MALLOC_MMAP_THRESHOLD_=1048576 \
+    MALLOC_TRIM_THRESHOLD_=1048576 \
     ADAPTER_ATLAS_DEMO=1 \
     ADAPTER_ATLAS_CACHE=/home/user/.cache/adapter-atlas/results \
     NUMBA_CACHE_DIR=/home/user/.cache/adapter-atlas/numba \

@@ -13,7 +13,7 @@ import streamlit as st
 from geometry.errors import AtlasError
 from geometry.evaluation.merge_eval import methods_matrix, methods_table
 from geometry.learned.data import parse_unlabeled
-from ui import compute, controls, demo, downloads, figures
+from ui import compute, controls, demo, downloads, figures, memory
 from ui.figures import merge as merge_figures
 from ui.runs import LiveRun, make_run
 
@@ -121,6 +121,10 @@ if start:
     try:
         if not tasks:
             raise AtlasError("no task data to measure ANP on")
+        if memory.enforced() and not memory.ledger().wait_for(memory.HEAVY_RUN_BYTES, timeout=0):
+            raise AtlasError(f"this server's memory budget is full ({memory.fmt(max(memory.ledger().headroom(), 0))} "
+                             "free): a learned merge needs room for its working memory. Try again in a few minutes "
+                             "(idle visitors' uploads are released), or remove adapters you no longer need.")
         run = make_run(method, adapters, tasks, data=uploaded or None, **kwargs)
     except (AtlasError, ValueError, OSError) as exc:
         st.error(str(exc), icon=":material/error:")

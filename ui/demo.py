@@ -107,20 +107,26 @@ def _slots() -> threading.BoundedSemaphore:
 
 
 @contextmanager
-def heavy_slot(waiting=None, poll: float = 0.5):
-    """Hold one of the server's heavy-run slots (demo mode; a no-op otherwise).
+def heavy_slot(waiting=None, poll: float = 0.5, need: int | None = None, waiting_memory=None):
+    """Hold one of the server's heavy-run slots (demo mode; a no-op otherwise), then wait until the server's
+    memory budget (``ui.memory``) has room for the run's working memory ``need`` (default
+    ``ui.memory.HEAVY_RUN_BYTES``).
 
     ``waiting(seconds)`` is called while another session's run holds every slot (the page shows
-    "queued"); the caller's Streamlit calls in it let a Cancel click or a closed tab stop the wait.
+    "queued"), ``waiting_memory(seconds, free_bytes)`` while the budget is full; the caller's Streamlit calls
+    in them let a Cancel click or a closed tab stop the wait.
     """
     if not demo_mode():
         yield
         return
+    from ui import memory
+
     slots, start = _slots(), time.perf_counter()
     while not slots.acquire(timeout=poll):
         if waiting is not None:
             waiting(time.perf_counter() - start)
     try:
+        memory.ledger().wait_for(memory.HEAVY_RUN_BYTES if need is None else need, waiting_memory, poll=poll)
         yield
     finally:
         slots.release()

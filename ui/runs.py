@@ -73,8 +73,12 @@ def queued(update):
     """A heavy run's slot in the server-wide queue of a demo server (``ui.demo.heavy_slot``); while it
     waits, the progress bar says so (and its Cancel button still works)."""
     from ui import demo
+    from ui.memory import fmt
 
-    return demo.heavy_slot(waiting=lambda s: update(0, 1, f"queued behind another visitor's run ({s:.0f} s)"))
+    return demo.heavy_slot(
+        waiting=lambda s: update(0, 1, f"queued behind another visitor's run ({s:.0f} s)"),
+        waiting_memory=lambda s, free: update(0, 1, f"waiting for memory: this server's budget is full ({fmt(max(free, 0))} "
+                                                    f"free; idle visitors' uploads are released in time) ({s:.0f} s)"))
 
 
 def _keep_partial(namespace: str, key: tuple):

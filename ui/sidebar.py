@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import os
 import re
+from contextlib import contextmanager
 
 import streamlit as st
 
@@ -37,10 +38,56 @@ def on_upload() -> None:
         st.session_state[UPLOAD_COUNTER] = st.session_state.get(UPLOAD_COUNTER, 0) + 1
         return
     aset = state.adapter_set()
-    added, errors = load_uploads(aset, [(f.name, f.getvalue()) for f in files])
+    payload = [(f.name, f.getvalue()) for f in files]
+    st.session_state[UPLOAD_COUNTER] = st.session_state.get(UPLOAD_COUNTER, 0) + 1  # a fresh uploader next run
+    _drop_raw_uploads(files)
+    with _budgeted(payload) as refused:
+        if refused:
+            state.report([refused], [])
+            return
+        added, errors = load_uploads(aset, payload)
     st.session_state[NEWEST_KEY] = added
     state.report(errors, [f"loaded {n}" for n in added])
-    st.session_state[UPLOAD_COUNTER] = st.session_state.get(UPLOAD_COUNTER, 0) + 1
+
+
+def _drop_raw_uploads(files) -> None:
+    """Let Streamlit's upload manager forget the raw bytes of ``files`` once read: it keeps every uploaded file
+    until the browser deletes it or the session ends (Streamlit 1.67 has no clean-up of a file uploader that is
+    no longer drawn), so a visitor uploading 48 files of 16 MB held 770 MB of bytes already loaded or refused."""
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    ctx = get_script_run_ctx()
+    if ctx is None or ctx.uploaded_file_mgr is None:
+        return
+    for f in files:
+        file_id = getattr(f, "file_id", None)
+        if file_id:
+            ctx.uploaded_file_mgr.remove_file(session_id=ctx.session_id, file_id=file_id)
+
+
+@contextmanager
+def _budgeted(payload):
+    """Admit an upload into the server's memory budget (``ui.memory``; where it is enforced): yields ``None``,
+    or the message saying why it was refused. The reservation is replaced by the session's real holding on the
+    next script run."""
+    from ui import memory
+
+    if not memory.enforced() or state._session_id() is None:
+        yield None
+        return
+    sid, need = state._session_id(), memory.upload_size(payload)
+    label = ", ".join(name for name, _ in payload)
+    with memory.LOAD_LOCK:  # one upload decoded at a time: its transient copies are not multiplied by visitors
+        try:
+            memory.ledger().admit(sid, need, label)
+        except memory.OverBudget as exc:
+            yield str(exc)
+            return
+        try:
+            yield None
+        finally:
+            memory.ledger().cancel(sid, need)
+            state.track_memory()  # what the session holds now (the upload loaded or not)
 
 
 def _demo_upload_mb() -> int | None:
@@ -66,7 +113,11 @@ def on_hub() -> None:
     if not ok or full:
         state.report([f"{repo_id or 'hub'}: {why or full}"], [])
         return
-    added, errors = load_hub_id(aset, repo_id)
+    with _budgeted([(repo_id, b"")]) as refused:  # its size is known after the download: admitted when not full
+        if refused:
+            state.report([refused], [])
+            return
+        added, errors = load_hub_id(aset, repo_id)
     st.session_state[NEWEST_KEY] = added
     state.report(errors, [f"loaded {n}" for n in added])
 
@@ -132,6 +183,9 @@ def render() -> None:
                           "LoRA adapters of a causal language model (SmolLM2-135M-Instruct) that generate the label "
                           "word of five GLUE tasks or the answer of BoolQ, ARC-Easy and OpenBookQA; synthetic: "
                           "template-grammar tasks. Switching keeps your uploads.")
+    released = state.track_memory()
+    if released:
+        sb.warning(released, icon=":material/memory:")
     errors, notices = state.messages()
     for message in errors:
         sb.error(message, icon=":material/error:")

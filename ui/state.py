@@ -52,6 +52,10 @@ def _sample_set(paths: tuple[str, ...], stamps: tuple[float, ...], root: str) ->
     :func:`fresh_sample_set`). ``st.cache_data`` would unpickle a copy of every tensor for each new
     session, 0.3 s of the server's time per visitor."""
     aset, errors = load_sample_set([Path(p) for p in paths], root)
+    from ui import memory
+
+    held = sum(memory.adapter_bytes(a) for a in aset.adapters)  # shared by every session: counted once
+    memory.ledger().add_gauge(f"sample set {root} ({len(paths)} adapters)", lambda: held)
     return aset, tuple(errors)
 
 
@@ -106,6 +110,49 @@ def adapter_set() -> AdapterSet:
         st.session_state[SET_KEY] = aset
         st.session_state[ERRORS_KEY] = list(errors)
     return st.session_state[SET_KEY]
+
+
+def _session_id() -> str | None:
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    ctx = get_script_run_ctx()
+    return None if ctx is None else ctx.session_id
+
+
+def track_memory() -> str | None:
+    """Count this session's uploads in the server's memory budget (``ui.memory``) on each script run, release
+    idle sessions' uploads, and return the notice for a visitor whose uploads were released while away. Nothing
+    where the budget is not enforced (a researcher's own machine)."""
+    from ui import memory
+
+    sid = _session_id()
+    if sid is None or not memory.enforced():
+        return None
+    aset = adapter_set()
+    uploads = [(n, a) for n, a in aset.items() if not aset.origin.get(n, "upload").startswith("sample:")]
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    ss = get_script_run_ctx().session_state  # the session's own (lock-protected) state, for another thread
+
+    names = [n for n, _ in uploads]  # the closure holds names, not the adapters it is to let go of
+
+    def release() -> None:  # runs in another session's thread, while this one is idle
+        aset.remove(names)
+        live = ss["learned_run"] if "learned_run" in ss else None
+        if live is not None and not live.run.running:
+            del ss["learned_run"]  # it holds the adapters too
+    book = memory.ledger()
+    book.touch(sid, sum(memory.adapter_bytes(a) for _, a in uploads), names, release)
+    del uploads
+    try:
+        from streamlit.runtime import Runtime, exists
+
+        if exists():
+            book.forget_ended(Runtime.instance().is_active_session)
+    except Exception:  # noqa: BLE001  (no runtime: nothing ended)
+        pass
+    book.expire_idle()
+    return book.notice(sid)
 
 
 def replace_set(aset: AdapterSet) -> None:

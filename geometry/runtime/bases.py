@@ -109,6 +109,20 @@ def cached_runtimes() -> int:
         return len(_RUNTIMES)
 
 
+def loaded_bytes() -> int:
+    """Bytes of the parameters and buffers of the base models this process holds (each runtime's model once)."""
+    with _CACHE_LOCK:
+        models = {id(rt.model): rt.model for rt in _RUNTIMES.values() if getattr(rt, "model", None) is not None}
+    total = 0
+    for model in models.values():
+        seen = set()
+        for t in (*model.parameters(), *model.buffers()):
+            if t.data_ptr() not in seen:  # tied weights counted once
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total
+
+
 def clear_cache() -> None:
     """Forget the cached base models and tokenizers (they are reloaded on next use)."""
     with _CACHE_LOCK:
