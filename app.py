@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from ui import app_run, loading, quiet_environment
+from ui import PageDone, app_run, loading, quiet_environment
 
 quiet_environment()
 
@@ -36,8 +36,13 @@ from geometry.device import configure_threads  # noqa: E402  (after the environm
 from ui import sidebar, warmup  # noqa: E402
 
 configure_threads()  # every core, or $ADAPTER_ATLAS_THREADS
-sidebar.render()
 screen.clear()
-with app_run():  # pages check they run inside the app (see ui.require_app)
-    page.run()
+try:
+    with app_run():  # pages check they run inside the app (see ui.require_app)
+        page.run()
+except PageDone:  # the page's stop (ui.stop_page): the sidebar is still drawn
+    pass
+# The sidebar after the page: the page's heading and first figure reach the browser before the sidebar's widgets
+# (its callbacks ran before this script run, so the page already sees what they changed).
+sidebar.render()
 warmup.start()  # UMAP's numba compile, once per server process, in the background: after the first page is drawn

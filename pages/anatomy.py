@@ -9,7 +9,7 @@ require_app()  # first: a shared link opened first on a fresh server gets the ap
 import pandas as pd
 import streamlit as st
 
-from ui import compute, controls, downloads, figures, state
+from ui import compute, controls, downloads, figures, state, stop_page
 from ui.figures import ranks as rank_figures
 
 st.title("Adapter anatomy")
@@ -35,7 +35,7 @@ Each LoRA module adds the task vector **τ = s·B·A** (shape out × in, rank �
 aset = state.adapter_set()
 if not len(aset):
     st.info("No adapters loaded: add some in the sidebar.")
-    st.stop()
+    stop_page()
 
 @st.fragment
 def view() -> None:

@@ -12,7 +12,7 @@ import pandas as pd
 import streamlit as st
 
 from geometry.errors import AtlasError
-from ui import compute, controls, downloads, figures, views, warmup
+from ui import compute, controls, downloads, figures, stop_page, views, warmup
 
 st.title("Distances between adapters")
 st.caption(
@@ -48,7 +48,7 @@ names = [a.name for a in adapters]
 dists = compute.distances(adapters, within=controls.comparable_set())
 if not dists:
     st.warning("These adapters have no module in common.")
-    st.stop()
+    stop_page()
 
 @st.fragment(run_every=2)
 def _await_umap() -> None:
@@ -119,7 +119,7 @@ def view() -> None:
     tensor = dists.get((metric, factor, stack, kind))
     if tensor is None:
         st.warning(f"No {metric} / {factor} distances for {stack} · {kind}.")
-        st.stop()
+        stop_page()
     choice = controls.layer_control(tensor.layers)
     matrix, used = views.distance_matrix(tensor, choice)
     where = choice.describe(used)

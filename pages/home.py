@@ -10,7 +10,7 @@ import streamlit as st
 
 from geometry.linalg.dora import dora_note
 from geometry.runtime.base_models import base_note
-from ui import downloads, state
+from ui import downloads, state, stop_page
 from ui.adapter_set import sample_sets, training_records
 
 st.title("Adapter Atlas")
@@ -63,7 +63,7 @@ st.subheader(f"Adapter set ({len(aset)})")
 if not len(aset):
     st.info("No adapters loaded. Use the sidebar to upload a .zip, a config + weights pair, a kohya / diffusers "
             ".safetensors LoRA, or a hub id.")
-    st.stop()
+    stop_page()
 summary = aset.summary()
 st.dataframe(summary, hide_index=True, width="stretch")
 for base in dict.fromkeys(aset[name].config.base_model_name_or_path for name in aset.names):

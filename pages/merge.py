@@ -23,7 +23,7 @@ from geometry.evaluation.tasks import find_task_dir
 from geometry.merging import MERGE_METHODS, METHOD_PARAMS
 from geometry.merging import params as merge_params
 from geometry.merging.weights import parse_weights
-from ui import compute, controls, demo, downloads, figures, runs
+from ui import compute, controls, demo, downloads, figures, runs, stop_page
 from ui.figures import merge as merge_figures
 
 METHOD_LABELS = {
@@ -153,13 +153,13 @@ if recipe_file is not None:
         recipe_text = recipe_file.getvalue().decode("utf-8")
     except UnicodeDecodeError:
         st.error(f"{recipe_file.name}: not UTF-8 text; a recipe is a YAML file", icon=":material/error:")
-        st.stop()
+        stop_page()
 
 try:
     weights = parse_weights(weights_text, names, label="Weights")
 except AtlasError as exc:
     st.error(str(exc))
-    st.stop()
+    stop_page()
 
 try:
     if recipe_text is not None:
@@ -171,7 +171,7 @@ try:
 except (AtlasError, ValueError) as exc:
     where = f"{recipe_file.name}: " if recipe_text is not None else ""
     st.error(where + str(exc), icon=":material/error:")
-    st.stop()
+    stop_page()
 merge_name = merged.method  # the control's method, or the recipe's ("mergekit:ties")
 file_stem = merge_name.replace(":", "_")
 

@@ -12,7 +12,7 @@ import streamlit as st
 
 from geometry import survey as sv
 from geometry.errors import AtlasError
-from ui import compute, controls, demo, downloads, runs, state, views
+from ui import compute, controls, demo, downloads, runs, state, stop_page, views
 from ui.figures import survey as survey_figures
 
 st.title("Survey: geometry over many adapters")
@@ -50,12 +50,12 @@ if source == "file":
             path = typed.strip()
     except AtlasError as exc:
         st.error(str(exc))
-        st.stop()
+        stop_page()
 else:
     adapters = state.adapter_set().adapters
     if len(adapters) < 2:
         st.info("A survey needs at least 2 adapters in the set (sidebar: Add adapters).")
-        st.stop()
+        stop_page()
     st.caption(f"{len(adapters)} adapters in this session; the survey is written under the app's cache and "
                "resumes where a cancelled run stopped.")
     if st.button(f"Run the survey on the {len(adapters)} adapters", key="survey_run", icon=":material/play_arrow:"):
@@ -64,17 +64,17 @@ else:
                 st.session_state["survey_run_path"] = str(compute.run_survey_on(adapters, progress=update))
         except AtlasError as exc:
             st.error(str(exc))
-            st.stop()
+            stop_page()
     path = st.session_state.get("survey_run_path")
 
 if not path:
     st.info("Open a survey file, or run one on the session's adapters.")
-    st.stop()
+    stop_page()
 try:
     survey = compute.open_survey(path)
 except AtlasError as exc:
     st.error(str(exc))
-    st.stop()
+    stop_page()
 
 info = survey.adapters
 mods = compute.survey_modules(survey)

@@ -41,6 +41,21 @@ def quiet_environment() -> None:
 _RUN = threading.local()
 
 
+class PageDone(Exception):
+    """Raised by :func:`stop_page` and caught by ``app.py``: the page has drawn all it can."""
+
+
+def stop_page():
+    """A page's ``st.stop()``. Inside ``app.py`` the page ends here and ``app.py`` still draws the shared sidebar,
+    which it draws after the page (so that the page's heading and first figure reach the browser before the
+    sidebar's widgets; ``st.stop()`` would stop the sidebar too). A page run on its own stops as with ``st.stop()``."""
+    if getattr(_RUN, "inside", False):
+        raise PageDone
+    import streamlit as st
+
+    st.stop()
+
+
 @contextmanager
 def app_run():
     """``app.py`` runs the chosen page inside this block: :func:`require_app` then knows the app is around it."""

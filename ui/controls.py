@@ -19,7 +19,7 @@ from geometry.errors import AtlasError
 from geometry.evaluation.tasks import TaskLoadError, load_task, write_uploaded_task
 from geometry.merging.params import choices, default
 from geometry.types import Adapter
-from ui import compute, state
+from ui import compute, state, stop_page
 from ui.views import LAYER_MODES, LayerChoice
 
 URL = "query-params"
@@ -44,7 +44,7 @@ def compared_adapters(key: str = "compare", min_count: int = 2, label: str = "Ad
     aset = state.adapter_set()
     if len(aset) < min_count:
         st.info(f"This page needs at least {min_count} adapters in the set (sidebar: Add adapters).")
-        st.stop()
+        stop_page()
     default = compute.compatible_default(aset.adapters)
     if max_default is not None:
         default = default[:max_default]
@@ -69,7 +69,7 @@ def compared_adapters(key: str = "compare", min_count: int = 2, label: str = "Ad
         st.caption(f":material/block: Not compared, on another base model than the others: {detail}.")
     if len(chosen) < min_count:
         st.info(f"Choose at least {min_count} adapters.")
-        st.stop()
+        stop_page()
     if max_count is not None and len(chosen) > max_count:
         st.warning(f"This demo server merges at most {max_count} adapters at once: using the first {max_count} "
                    f"({', '.join(chosen[:max_count])}).", icon=":material/speed:")
@@ -79,7 +79,7 @@ def compared_adapters(key: str = "compare", min_count: int = 2, label: str = "Ad
         notes = compute.check(adapters)
     except AtlasError as exc:
         st.error(str(exc), icon=":material/error:")
-        st.stop()
+        stop_page()
     if notes:
         with st.expander(f"{len(notes)} note(s) on comparing these adapters", icon=":material/warning:"):
             for note in notes:
