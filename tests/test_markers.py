@@ -4,9 +4,8 @@
   module, or a module constant it uses);
 * ``cuda``: every test of a ``*cuda*`` file, and every test that reaches ``torch.cuda`` / ``.cuda()`` or
   asks for ``device="cuda"``;
-* ``docker``: every test of ``test_dockerfile.py`` (the Dockerfile's parser and its replayed build), and
-  every test that reaches ``deploy.replay`` / ``deploy.dockerfile_steps`` or a ``docker`` / ``podman``
-  executable;
+* ``docker``: every test that reaches ``deploy.image_check`` (the real image build) or a ``docker`` /
+  ``podman`` executable;
 * the four markers (and ``slow``) are registered, and ``--strict-markers`` refuses any other.
 
 The fast subset ``-m "not slow and not browser and not docker"`` then leaves out every test that needs a
@@ -42,8 +41,7 @@ class Found:
             out.add("browser")
         if "cuda" in self.file or {"attr:cuda", "device:cuda", "HAS_CUDA"} & self.tokens:
             out.add("cuda")
-        if self.file == "test_dockerfile.py" or {"deploy.replay", "deploy.dockerfile_steps", "which:docker",
-                                                 "which:podman"} & self.tokens:
+        if {"deploy.image_check", "which:docker", "which:podman"} & self.tokens:
             out.add("docker")
         return out
 
@@ -149,7 +147,7 @@ def test_the_policy_sees_the_known_cases():
     assert "cuda" in needs["test_runtime.py", "test_cuda_matches_cpu_and_memory_is_factored"]
     assert "cuda" in needs["test_gram.py", "test_cuda_distances_equal_cpu"]
     assert "cuda" not in needs["test_gram.py", "test_auto_gram_dtype_rule_and_errors"]
-    assert "docker" in needs["test_dockerfile.py", "test_replayed_build_serves_the_health_endpoint"]
+    assert "docker" in needs["test_image_check.py", "test_no_podman_and_no_way_to_install_it_is_a_skip_with_the_reason"]
     assert len(ALL) > 500
 
 
