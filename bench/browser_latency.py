@@ -59,8 +59,11 @@ def streamlit_server(samples: Path, cache: Path, env: dict[str, str] | None = No
                PYTHONPATH=str(REPO), **(env or {}))
     cache.mkdir(parents=True, exist_ok=True)
     log = open(cache.parent / "streamlit.log", "w")
+    # the dashboard as its container starts it (ui.serve: the heavy imports begin with the process); another app
+    # (the latency floor) with plain `streamlit run`
+    launch = ["-m", "ui.serve"] if app is None else ["-m", "streamlit", "run", str(app)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(app or REPO / "app.py"), "--server.headless", "true",
+        [sys.executable, *launch, "--server.headless", "true",
          "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
          "--server.fileWatcherType", "none"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = ServerURL(f"http://127.0.0.1:{port}")

@@ -66,3 +66,36 @@ def test_pages_call_require_app_before_their_heavy_imports():
         kinds = [ast.unparse(n)[:60] for n in body if not isinstance(n, ast.Expr) or isinstance(n.value, ast.Call)]
         kinds = [k for k in kinds if not k.startswith("from __future__")]
         assert kinds[0] == "from ui import require_app" and kinds[1] == "require_app()", (page.name, kinds[:3])
+
+
+def test_preload_imports_every_step_and_marks_the_process_done():
+    """``ui.loading.preload`` (what ``ui.serve`` runs in a thread at server start), in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from ui import loading; assert not loading.done(); loading.preload(); "
+            "assert loading.done(); missing = [m for _, m in loading.STEPS if m not in sys.modules]; "
+            "assert not missing, missing")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_serve_starts_the_preload_then_runs_streamlit_on_app_py(monkeypatch):
+    import sys
+    import threading
+
+    from streamlit.web import cli
+
+    from ui import loading, serve
+
+    seen = {}
+    monkeypatch.setattr(loading, "preload", lambda: seen.setdefault("preload", threading.current_thread().name))
+    monkeypatch.setattr(cli, "main", lambda: seen.setdefault("argv", list(sys.argv)))
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    serve.main(["--server.port", "8600"])
+    for t in threading.enumerate():
+        if t.name == "atlas-preload":
+            t.join(10)
+    assert seen["preload"] == "atlas-preload"  # in its own thread, not the server's
+    assert seen["argv"] == ["streamlit", "run", str(ROOT / "app.py"), "--server.port", "8600"]
+    assert "python -m ui.serve" in (ROOT / "Dockerfile").read_text()  # the container starts the server this way

@@ -29,6 +29,20 @@ _DONE = threading.Event()
 _LOCK = threading.Lock()
 
 
+def preload() -> None:
+    """Import :data:`STEPS` now, in the calling thread (``ui.serve`` runs it in a thread as the server process
+    starts, so that a freshly started server has them, or most of them, before its first visitor's script run
+    needs them). Holds the lock :func:`first_run` takes, so a first visitor waits for it instead of importing the
+    same modules from a second thread; a failed import is left for the page to report."""
+    with _LOCK:
+        for _, module in STEPS:
+            try:
+                importlib.import_module(module)
+            except Exception:  # noqa: BLE001  (the page's own import says what is wrong)
+                return
+        _DONE.set()
+
+
 def done() -> bool:
     """Whether this process has imported what a page needs (a later run draws at once)."""
     return _DONE.is_set()
