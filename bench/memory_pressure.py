@@ -156,7 +156,13 @@ async def _scenario(url: str, pid: int, sessions: int, uploads: int, mb: float, 
         for k, rec in out.items():
             run = await rec["session"].visit("", timeout=120)
             names = {n for n in sidebar_names(run.texts) if n.startswith("visitor")}
-            if names != set(rec["loaded"]):
+            if any("were released after" in t for t in run.texts):
+                # idle past the stated time while the others were still uploading (a slow machine): released, and
+                # told so; nothing else may take a visitor's adapters
+                rec["told"] = True
+                if names:
+                    mismatches.append(f"visitor {k}: told its uploads were released, still lists {sorted(names)}")
+            elif names != set(rec["loaded"]):
                 mismatches.append(f"visitor {k}: sidebar {sorted(names)} != loaded {sorted(rec['loaded'])}")
         upload_seconds = time.perf_counter() - t0
         stages = {"after the uploads": rss_bytes(pid), "peak during the uploads": watch.peak}
@@ -164,16 +170,17 @@ async def _scenario(url: str, pid: int, sessions: int, uploads: int, mb: float, 
         await asyncio.sleep(idle + 1.0)
         newcomer: dict = {}
         await _visitor(url, sessions, [adapter_zip(9999, mb)], newcomer)
-        told, kept_after = 0, []
+        kept_after = []
         for k, rec in out.items():
             run = await rec["session"].visit("", timeout=120)
             names = {n for n in sidebar_names(run.texts) if n.startswith("visitor")}
             if any("were released after" in t for t in run.texts):
-                told += 1
-            elif rec["loaded"]:
+                rec["told"] = True
+                if names:
+                    mismatches.append(f"visitor {k}: told its uploads were released, still lists {sorted(names)}")
+            elif rec["loaded"] and not rec.get("told"):
                 kept_after.append(k)
-            if names and any("were released after" in t for t in run.texts):
-                mismatches.append(f"visitor {k}: told its uploads were released, still lists {sorted(names)}")
+        told = sum(1 for rec in out.values() if rec.get("told"))
         peak = watch.peak
         stages["after the expiry"] = rss_bytes(pid)
     for rec in [*out.values(), *newcomer.values()]:
