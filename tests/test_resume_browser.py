@@ -55,7 +55,8 @@ def test_a_learned_run_killed_with_the_server_resumes_on_the_next_one(tmp_path):
         finally:
             browser.close()
     resumed = int(re.search(r"Resumed at step (\d+)", text).group(1))
-    # the checkpoint is written after every step: at least the step the page showed before the kill
-    assert resumed >= before >= 5
+    # the checkpoint is written after every step: the step the page showed before the kill, or the one before it
+    # (the page can show a step whose checkpoint the kill interrupted)
+    assert before >= 5 and resumed >= before - 1
     step, total, _ = STEP.search(text).groups()
     assert int(step) >= resumed and int(total) > resumed
