@@ -132,6 +132,18 @@ async def _visitor(url: str, k: int, zips: list[bytes], out: dict) -> None:
             record["errors"].append(f"{name}: neither loaded nor refused ({said[:2]})")
 
 
+async def _revisit(k: int, rec: dict, mismatches: list[str]) -> set[str]:
+    """Visitor ``k`` comes back: the visitor uploads its sidebar lists. Told that its uploads were released
+    (``rec["told"]``), it must list none; nothing else may take a visitor's adapters."""
+    run = await rec["session"].visit("", timeout=120)
+    names = {n for n in sidebar_names(run.texts) if n.startswith("visitor")}
+    if any("were released after" in t for t in run.texts):
+        rec["told"] = True
+        if names:
+            mismatches.append(f"visitor {k}: told its uploads were released, still lists {sorted(names)}")
+    return names
+
+
 async def _scenario(url: str, pid: int, sessions: int, uploads: int, mb: float, idle: float) -> dict:
     zips = [[adapter_zip(100 * k + j, mb) for j in range(uploads)] for k in range(sessions)]
     offered = sum(len(z) for row in zips for z in row)
@@ -152,17 +164,11 @@ async def _scenario(url: str, pid: int, sessions: int, uploads: int, mb: float, 
     with RssWatch(pid) as watch:
         await asyncio.gather(*(_visitor(url, k, zips[k], out) for k in range(sessions)))
         # 1. held: each visitor's set is what it was told
-        mismatches = []
+        mismatches: list[str] = []
         for k, rec in out.items():
-            run = await rec["session"].visit("", timeout=120)
-            names = {n for n in sidebar_names(run.texts) if n.startswith("visitor")}
-            if any("were released after" in t for t in run.texts):
-                # idle past the stated time while the others were still uploading (a slow machine): released, and
-                # told so; nothing else may take a visitor's adapters
-                rec["told"] = True
-                if names:
-                    mismatches.append(f"visitor {k}: told its uploads were released, still lists {sorted(names)}")
-            elif names != set(rec["loaded"]):
+            # told of a release: idle past the stated time while the others were still uploading (a slow machine)
+            names = await _revisit(k, rec, mismatches)
+            if not rec.get("told") and names != set(rec["loaded"]):
                 mismatches.append(f"visitor {k}: sidebar {sorted(names)} != loaded {sorted(rec['loaded'])}")
         upload_seconds = time.perf_counter() - t0
         stages = {"after the uploads": rss_bytes(pid), "peak during the uploads": watch.peak}
@@ -172,13 +178,8 @@ async def _scenario(url: str, pid: int, sessions: int, uploads: int, mb: float, 
         await _visitor(url, sessions, [adapter_zip(9999, mb)], newcomer)
         kept_after = []
         for k, rec in out.items():
-            run = await rec["session"].visit("", timeout=120)
-            names = {n for n in sidebar_names(run.texts) if n.startswith("visitor")}
-            if any("were released after" in t for t in run.texts):
-                rec["told"] = True
-                if names:
-                    mismatches.append(f"visitor {k}: told its uploads were released, still lists {sorted(names)}")
-            elif rec["loaded"] and not rec.get("told"):
+            await _revisit(k, rec, mismatches)
+            if rec["loaded"] and not rec.get("told"):
                 kept_after.append(k)
         told = sum(1 for rec in out.values() if rec.get("told"))
         peak = watch.peak
